@@ -1,0 +1,139 @@
+"""The `zotune` command: exit codes, messages without tracebacks, no weights before validation."""
+
+import os
+import subprocess
+import sys
+import types
+
+import pytest
+from typer.testing import CliRunner
+
+from zotune import recipe as recipe_mod
+from zotune.cli import app
+from zotune.errors import UserError
+from zotune.recipe import shipped_recipes
+from zotune.schema import Recipe
+
+from test_recipe import TINY, line_of
+
+# Runs the CLI, then reports on stderr whether anything imported torch or transformers.
+PROBE = (
+    "import atexit, sys\n"
+    "heavy = lambda: {'torch', 'transformers'} & set(sys.modules)\n"
+    "atexit.register(lambda: print('HEAVY' if heavy() else 'LIGHT', file=sys.stderr))\n"
+    "from zotune.cli import main\n"
+    "sys.argv[0] = 'zotune'\n"
+    "main()\n"
+)
+
+
+@pytest.fixture
+def tiny(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("train.jsonl", "validation.jsonl"):
+        (tmp_path / name).write_text('{"text": "good", "label": 1}\n')
+    (tmp_path / "tiny.yaml").write_text(TINY)
+    return tmp_path / "tiny.yaml"
+
+
+def zotune(*args, probe=False):
+    command = [sys.executable, "-c", PROBE] if probe else [sys.executable, "-m", "zotune.cli"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", COLUMNS="200")
+    return subprocess.run(command + list(args), capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_version():
+    r = zotune("--version")
+    assert r.returncode == 0 and r.stdout.startswith("zotune ")
+
+
+def test_validate_ok_without_loading_torch(tiny):
+    r = zotune("validate", "tiny.yaml", "train.max_steps=7", probe=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "ok: tiny.yaml (zo, random llama, classification, 7 steps)"
+    assert r.stderr.strip() == "LIGHT"
+
+
+def test_validate_bad_recipe(tiny):
+    text = TINY.replace("schedule: sequential", "schedule: dual-ish").replace("  max_steps: 5", "  max_step: 5")
+    tiny.write_text(text)
+    r = zotune("validate", "tiny.yaml")
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.splitlines() == [
+        f"error: tiny.yaml:{line_of(text, 'schedule')}: zo.schedule: 'dual-ish' is not one of: sequential, fused",
+        f"error: tiny.yaml:{line_of(text, 'max_step:')}: train.max_step: unknown key; did you mean 'max_steps'?",
+    ]
+    assert "Traceback" not in r.stderr
+
+
+def test_ls_lists_shipped_recipes():
+    r = zotune("ls")
+    assert r.returncode == 0, r.stderr
+    for name, file in shipped_recipes().items():
+        assert name in r.stdout
+        assert file.read_text().splitlines()[0].lstrip("# ").strip() in r.stdout
+
+
+def test_unknown_recipe_name():
+    r = zotune("validate", "no-such-recipe")
+    assert r.returncode == 2
+    assert r.stderr.startswith("error: no recipe 'no-such-recipe': it is not a file and not a shipped recipe")
+    assert "Traceback" not in r.stderr
+
+
+def test_unknown_recipe_name_suggests_a_shipped_one(tiny, monkeypatch):
+    monkeypatch.setattr(recipe_mod, "shipped_recipes", lambda: {"quickstart": tiny})
+    r = CliRunner().invoke(app, ["train", "quikstart"])
+    assert r.exit_code == 2
+    assert "did you mean 'quickstart'?" in r.stderr
+
+
+def test_train_with_bad_override_exits_before_loading_a_model(tiny):
+    r = zotune("train", "tiny.yaml", "train.max_steps=abc", probe=True)
+    assert r.returncode == 2
+    assert r.stderr.splitlines() == [
+        "error: <override train.max_steps=abc>: train.max_steps: expected an integer, got 'abc'",
+        "LIGHT",
+    ]
+
+
+@pytest.fixture
+def fake_run(monkeypatch):
+    """Stands in for zotune.run, recording calls; `raises` makes train raise."""
+    calls, module = [], types.ModuleType("zotune.run")
+
+    def train(recipe, source):
+        calls.append((recipe, source))
+        if module.raises:
+            raise module.raises
+
+    module.train, module.raises, module.calls = train, None, calls
+    monkeypatch.setitem(sys.modules, "zotune.run", module)
+    return module
+
+
+def test_train_passes_the_validated_recipe_and_source(tiny, fake_run):
+    r = CliRunner().invoke(app, ["train", "tiny.yaml", "train.max_steps=9", "zo.eps=1e-4"])
+    assert r.exit_code == 0, r.output
+    [(recipe, source)] = fake_run.calls
+    assert isinstance(recipe, Recipe) and recipe.train.max_steps == 9 and recipe.zo.eps == 1e-4
+    assert source == "tiny.yaml"
+
+
+@pytest.mark.parametrize("error, code", [(UserError("data.jsonl:3: no 'text' column"), 2), (KeyboardInterrupt(), 130)])
+def test_train_errors_exit_codes(tiny, fake_run, error, code):
+    fake_run.raises = error
+    r = CliRunner().invoke(app, ["train", "tiny.yaml"])
+    assert r.exit_code == code
+    if code == 2:
+        assert r.stderr == "error: data.jsonl:3: no 'text' column\n"
+
+
+def test_replay_calls_replay(monkeypatch):
+    calls = []
+    module = types.ModuleType("zotune.replay")
+    module.replay = lambda base, trajectory, out_dir: calls.append((base, trajectory, out_dir))
+    monkeypatch.setitem(sys.modules, "zotune.replay", module)
+    r = CliRunner().invoke(app, ["replay", "gpt2", "runs/x/trajectory.jsonl", "out"])
+    assert r.exit_code == 0, r.output
+    assert calls == [("gpt2", "runs/x/trajectory.jsonl", "out")]

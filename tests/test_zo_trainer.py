@@ -1,0 +1,240 @@
+"""ZOTrainer on tiny models: every property is checked against an independent reference."""
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import CORE_ARCHS, tiny_causal_lm
+from datasets import Dataset
+from transformers import default_data_collator
+
+from zotune.noise import noise_like, seed_for, step_seed
+from zotune.optim import ZOSGD
+from zotune.trainer import NonFiniteLossError, ZOConfig, ZOTrainer
+from zotune.trajectory import read_trajectory
+
+SEQ = 12
+
+
+def counting_dataset(n: int = 32, seed: int = 0) -> Dataset:
+    """Sequences that count up by 3 (mod 256): a task a tiny model can learn."""
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, 256, (n,), generator=g)
+    ids = (starts[:, None] + 3 * torch.arange(SEQ)) % 256
+    return Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist(), "attention_mask": [[1] * SEQ] * n})
+
+
+def make_trainer(model, out, train=None, **overrides) -> ZOTrainer:
+    fields = dict(
+        output_dir=str(out),
+        max_steps=4,
+        per_device_train_batch_size=8,
+        learning_rate=1e-3,
+        zo_eps=1e-3,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        train_sampling_strategy="sequential",
+        seed=0,
+    )
+    fields.update(overrides)
+    return ZOTrainer(
+        model=model,
+        args=ZOConfig(**fields),
+        train_dataset=train if train is not None else counting_dataset(),
+        data_collator=default_data_collator,
+    )
+
+
+def weights(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def mean_loss(model, data: Dataset) -> float:
+    batch = default_data_collator([data[i] for i in range(len(data))])
+    model.eval()
+    with torch.no_grad():
+        return model(**batch).loss.item()
+
+
+@pytest.mark.parametrize("arch", CORE_ARCHS)
+def test_training_lowers_loss_and_moves_weights(arch, tmp_path):
+    data = counting_dataset(16)
+    model = tiny_causal_lm(arch)
+    before, w0 = mean_loss(model, data), weights(model)
+    make_trainer(
+        model, tmp_path, data, max_steps=200, learning_rate=2e-3, zo_eps=1e-2, zo_perturbation="rademacher"
+    ).train()
+    after = mean_loss(model, data)
+    assert after < before - 0.05, (before, after)
+    assert any(not torch.equal(w0[n], p) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("arch", CORE_ARCHS)
+def test_sequential_equals_fused(arch, tmp_path):
+    models = {}
+    for schedule in ("sequential", "fused"):
+        models[schedule] = tiny_causal_lm(arch)
+        make_trainer(models[schedule], tmp_path / schedule, zo_schedule=schedule, zo_num_directions=2,
+                     gradient_accumulation_steps=2, per_device_train_batch_size=4).train()
+    for (n, a), b in zip(models["sequential"].named_parameters(), models["fused"].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=n)
+    records = [read_trajectory(tmp_path / s)[1] for s in ("sequential", "fused")]
+    for r_seq, r_fused in zip(*records):
+        assert r_seq["g"] == pytest.approx(r_fused["g"], rel=1e-6)
+
+
+@pytest.mark.parametrize("arch", CORE_ARCHS)
+def test_resume_equals_uninterrupted(arch, tmp_path):
+    straight = tiny_causal_lm(arch)
+    make_trainer(straight, tmp_path / "straight", max_steps=6, lr_scheduler_type="linear").train()
+
+    interrupted = tiny_causal_lm(arch)
+    common = dict(max_steps=6, lr_scheduler_type="linear", save_strategy="steps", save_steps=3)
+    make_trainer(interrupted, tmp_path / "resumed", **common).train()
+    resumed = tiny_causal_lm(arch, seed=123)  # different init: everything must come from the checkpoint
+    make_trainer(resumed, tmp_path / "resumed", **common).train(
+        resume_from_checkpoint=str(tmp_path / "resumed" / "checkpoint-3")
+    )
+    for (n, a), b in zip(straight.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), n
+    header, records = read_trajectory(tmp_path / "resumed")
+    assert [r["step"] for r in records] == list(range(6))
+
+
+@pytest.mark.parametrize("arch", CORE_ARCHS)
+def test_replay_equals_trained(arch, tmp_path):
+    trained = tiny_causal_lm(arch)
+    make_trainer(trained, tmp_path, max_steps=5, zo_schedule="fused", gradient_accumulation_steps=2,
+                 per_device_train_batch_size=4, weight_decay=0.1, lr_scheduler_type="linear").train()
+    header, records = read_trajectory(tmp_path)
+
+    base = tiny_causal_lm(arch)
+    named = [(n, p) for n, p in base.named_parameters() if n in set(header["params"])]
+    r0 = records[0]
+    opt = ZOSGD(named, lr=r0["lr"], weight_decay=r0["wd"], no_decay=header["no_decay"], eps=r0["eps"],
+                num_directions=r0["q"], perturbation=r0["perturbation"], schedule=r0["schedule"])
+    for record in records:
+        opt.replay(record)
+    for (n, a), b in zip(trained.named_parameters(), base.parameters()):
+        assert torch.equal(a, b), n
+
+
+@pytest.mark.parametrize("arch", CORE_ARCHS)
+def test_gradient_accumulation_2x4_equals_batch_of_8(arch, tmp_path):
+    eps, runs = 1e-2, {}
+    for name, (bs, ga) in {"8x1": (8, 1), "4x2": (4, 2)}.items():
+        model = tiny_causal_lm(arch)
+        make_trainer(model, tmp_path / name, per_device_train_batch_size=bs, gradient_accumulation_steps=ga,
+                     zo_eps=eps).train()
+        runs[name] = model, read_trajectory(tmp_path / name)[1]
+    (m8, rec8), (m4, rec4) = runs["8x1"], runs["4x2"]
+    for a, b in zip(rec8, rec4):
+        assert a["seed"] == b["seed"] and b["micro_batches"] == 2
+        # the two means of 4 and the mean of 8 round differently: a few float32 ulps of the
+        # loss, divided by 2ε in g. Summing instead of averaging the micro-batches would be off by |g|.
+        tol = 16 * torch.finfo(torch.float32).eps * max(a["loss_plus"]) / (2 * eps)
+        assert a["g"] == pytest.approx(b["g"], rel=0, abs=tol)
+    for (n, a), b in zip(m8.named_parameters(), m4.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=n)
+
+
+@pytest.mark.parametrize("arch", CORE_ARCHS)
+def test_frozen_parameters_are_bit_unchanged(arch, tmp_path):
+    model = tiny_causal_lm(arch)
+    w0 = weights(model)
+    make_trainer(model, tmp_path, zo_include=[r"\.1\."], zo_exclude=["bias"]).train()
+    trained = set(read_trajectory(tmp_path)[0]["params"])
+    assert trained and all(".1." in n and "bias" not in n for n in trained)
+    for n, p in model.named_parameters():
+        if n in trained:
+            assert not torch.equal(w0[n], p), f"{n} should have been trained"
+        else:
+            assert torch.equal(w0[n], p), f"{n} is frozen but changed"
+
+
+def test_one_step_matches_the_formula(tmp_path):
+    """θ1 = θ0 − lr·g·z with g from two forwards at θ0 ± εz, computed here independently."""
+    model, data = tiny_causal_lm("llama"), counting_dataset(8)
+    reference = tiny_causal_lm("llama")
+    eps, lr = 1e-3, 1e-2
+    make_trainer(model, tmp_path, data, max_steps=1, learning_rate=lr, zo_eps=eps).train()
+
+    s = step_seed(0, 0)
+    z = {n: noise_like(p, seed_for(s, 0, n)) for n, p in reference.named_parameters()}
+    losses = []
+    for sign in (1, -1):
+        shifted = tiny_causal_lm("llama")
+        with torch.no_grad():
+            for n, p in shifted.named_parameters():
+                p.add_(sign * eps * z[n])
+        losses.append(mean_loss(shifted, data))
+    g = (losses[0] - losses[1]) / (2 * eps)
+    for n, p in reference.named_parameters():
+        torch.testing.assert_close(model.get_parameter(n), p.detach() - lr * g * z[n], rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_weights_restore_exactly_with_fp32_master(tmp_path):
+    model = tiny_causal_lm("llama", dtype=torch.bfloat16)
+    w0 = weights(model)
+    trainer = make_trainer(model, tmp_path, max_steps=3, learning_rate=1e-12, lr_scheduler_type="constant")
+    trainer.train()
+    # the updates are far below bf16 resolution, and the ± perturbations must leave no trace
+    for n, p in model.named_parameters():
+        assert p.dtype == torch.bfloat16 and torch.equal(w0[n], p), n
+    masters = [s["master"] for s in trainer.zo.state.values()]
+    assert masters and all(m.dtype == torch.float32 for m in masters)
+
+
+def test_bf16_training_moves_master_and_resumes_it(tmp_path):
+    straight = tiny_causal_lm("llama", dtype=torch.bfloat16)
+    make_trainer(straight, tmp_path / "a", max_steps=4, learning_rate=1e-2).train()
+    resumed = tiny_causal_lm("llama", dtype=torch.bfloat16)
+    common = dict(max_steps=4, learning_rate=1e-2, save_strategy="steps", save_steps=2)
+    make_trainer(resumed, tmp_path / "b", **common).train()
+    fresh = tiny_causal_lm("llama", dtype=torch.bfloat16)
+    trainer = make_trainer(fresh, tmp_path / "b", **common)
+    trainer.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-2"))
+    for (n, a), b in zip(straight.named_parameters(), fresh.parameters()):
+        assert torch.equal(a, b), n
+    assert all(s["master"].dtype == torch.float32 for s in trainer.zo.state.values())
+
+
+def test_nonfinite_losses_skip_and_stop(tmp_path):
+    model = tiny_causal_lm("llama")
+    w0 = weights(model)
+    trainer = make_trainer(model, tmp_path, max_steps=10, zo_max_nonfinite=3)
+    trainer.compute_loss_func = lambda outputs, labels, num_items_in_batch=None: torch.tensor(math.nan)
+    with pytest.raises(NonFiniteLossError, match="3 steps in a row"):
+        trainer.train()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p, w0[n], rtol=0, atol=1e-6)  # only restore drift, no update
+    records = read_trajectory(tmp_path)[1]
+    assert len(records) == 3 and all(r["g"] is None for r in records)
+
+
+def test_hf_scheduler_logging_and_eval_work_unchanged(tmp_path):
+    model = tiny_causal_lm("gpt2")
+    trainer = make_trainer(model, tmp_path, max_steps=6, lr_scheduler_type="linear", warmup_steps=2,
+                           eval_strategy="steps", eval_steps=3)
+    trainer.eval_dataset = counting_dataset(8, seed=1)
+    trainer.train()
+    lrs = [r["lr"] for r in read_trajectory(tmp_path)[1]]
+    assert lrs[0] < lrs[1] and lrs[2] > lrs[3] > lrs[4] > lrs[5]  # warm-up, then linear decay
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logged) == 6 and all({"loss_plus", "loss_minus", "projected_grad"} <= h.keys() for h in logged)
+    assert all("grad_norm" not in h for h in logged)
+    assert sum("eval_loss" in h for h in trainer.state.log_history) == 2
+
+
+def test_trajectory_lines_are_flushed_records(tmp_path):
+    make_trainer(tiny_causal_lm("opt"), tmp_path, max_steps=3).train()
+    lines = (tmp_path / "zo_trajectory.jsonl").read_text().splitlines()
+    header, steps = json.loads(lines[0]), [json.loads(ln) for ln in lines[1:]]
+    assert header["format"].startswith("zotune-trajectory") and header["start_step"] == 0
+    assert [s["step"] for s in steps] == [0, 1, 2]
+    assert {"step", "seed", "q", "g", "lr", "wd", "eps", "rule"} <= steps[0].keys()

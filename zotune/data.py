@@ -1,0 +1,446 @@
+"""Rows to tokenized datasets, collators and losses for the three tasks.
+
+- classification: a prompt scored on one label word per class (MeZO-style) for causal LMs, or the
+  model's own head for `...ForSequenceClassification` models;
+- sft: prompt + completion, loss on the completion only;
+- lm: texts packed into fixed-size blocks.
+
+Files are read with `datasets`, whose caches go to `datasets.config.HF_DATASETS_CACHE`, never next
+to the data files.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import re
+import string
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+import torch.nn.functional as F
+
+from zotune.errors import UserError
+from zotune.schema import DataSection, DataSource
+
+logger = logging.getLogger(__name__)
+
+LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+
+
+@dataclass
+class TaskData:
+    train_dataset: datasets.Dataset
+    eval_dataset: datasets.Dataset | None
+    data_collator: Callable
+    compute_loss_func: Callable | None
+    compute_metrics: Callable | None
+    preprocess_logits_for_metrics: Callable | None
+    sequential_sampling: bool
+    metric: str
+
+
+# ---------------------------------------------------------------- loading
+
+
+def describe(source: DataSource) -> str:
+    """Where `source`'s rows come from, as error messages name it."""
+    path = Path(source.path).expanduser()
+    if path.exists():
+        return str(path)
+    name = source.fallback or source.path
+    config = f", config {source.name!r}" if source.name else ""
+    return f"hub dataset {name!r} (split {source.split!r}{config})"
+
+
+def _load_named(name: str, source: DataSource, key: str) -> datasets.Dataset:
+    """A hub dataset, or a local folder of data files."""
+    try:
+        return datasets.load_dataset(name, source.name, split=source.split)
+    except (OSError, ValueError, datasets.exceptions.DatasetsError) as e:
+        raise UserError(f"{key}.path: cannot load dataset {name!r} (split {source.split!r}): {e}") from e
+
+
+def load_rows(source: DataSource, key: str) -> datasets.Dataset:
+    """The rows of one data source; `key` ("data.train") is the recipe key named in errors."""
+    path = Path(source.path).expanduser()
+    if path.is_file():
+        builder = LOCAL_BUILDERS.get(path.suffix.lower())
+        if builder is None:
+            raise UserError(
+                f"{key}.path: {path}: unsupported file type {path.suffix!r} (use {', '.join(LOCAL_BUILDERS)})"
+            )
+        if path.stat().st_size == 0:
+            raise UserError(f"{key}: {path}: the file is empty")
+        try:
+            rows = datasets.load_dataset(builder, data_files=str(path), split="train")
+        except Exception as e:  # noqa: BLE001 -- any failure to parse the user's file is reported as theirs
+            raise UserError(f"{key}: cannot read {path}: {type(e).__name__}: {e}") from e
+    elif path.is_dir():
+        rows = _load_named(str(path), source, key)
+    elif source.fallback:
+        logger.info("%s: %s not found, reading hub dataset %r", key, path, source.fallback)
+        rows = _load_named(source.fallback, source, key)
+    elif path.suffix.lower() in LOCAL_BUILDERS or source.path.startswith((".", "/", "~")):
+        looked = "" if str(path) == source.path else f" (looked for {path.absolute()})"
+        raise UserError(f"{key}.path: file not found: {source.path}{looked}")
+    else:
+        rows = _load_named(source.path, source, key)
+
+    if source.max_samples is not None:
+        rows = rows.select(range(min(source.max_samples, len(rows))))
+    if len(rows) == 0:
+        raise UserError(f"{key}: {describe(source)} has no rows")
+    return rows
+
+
+# ---------------------------------------------------------------- checks shared by the tasks
+
+
+def _require_column(rows: datasets.Dataset, column: str, field_key: str, data_key: str, where: str) -> None:
+    if column not in rows.column_names:
+        raise UserError(
+            f"{data_key}: {where}: column {column!r} not found (columns: {', '.join(rows.column_names)}); "
+            f"set {field_key}"
+        )
+
+
+def _check_template(template: str, rows: datasets.Dataset, data_key: str, where: str) -> None:
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as e:
+        raise UserError(f"data.template: {template!r} is not a valid format string: {e}") from e
+    for field in fields:
+        column = re.split(r"[.\[]", field, maxsplit=1)[0]
+        if column == "" or column.isdigit():
+            raise UserError(f"data.template: {template!r}: use column names in braces, e.g. {{text}}, not {{{field}}}")
+        if column not in rows.column_names:
+            raise UserError(
+                f"data.template: column {column!r} not found in {where} ({data_key}) "
+                f"(columns: {', '.join(rows.column_names)})"
+            )
+
+
+def _fill(template: str, batch: dict[str, list]) -> list[str]:
+    columns = list(batch)
+    try:
+        return [template.format(**dict(zip(columns, values))) for values in zip(*batch.values())]
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError) as e:
+        raise UserError(f"data.template: {template!r} cannot be filled from a row: {type(e).__name__}: {e}") from e
+
+
+def _forward_accepts(model, name: str) -> bool:
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT forwards take **kwargs
+    return name in inspect.signature(inner.forward).parameters
+
+
+def _is_sequence_classifier(model) -> bool:
+    return model is not None and type(model).__name__.endswith("ForSequenceClassification")
+
+
+def _pad_id(tokenizer) -> int:
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return candidate
+    return 0
+
+
+# ---------------------------------------------------------------- collators, losses, metrics
+
+
+@dataclass
+class LeftPadCollator:
+    """Left padding so that the last position of every row is its last prompt token."""
+
+    pad_id: int
+    position_ids: bool = True
+    logits_to_keep: bool = True
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        width = max(len(f["input_ids"]) for f in features)
+        input_ids = torch.full((len(features), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(features), width), dtype=torch.long)
+        for row, f in enumerate(features):
+            n = len(f["input_ids"])
+            input_ids[row, width - n :] = torch.as_tensor(f["input_ids"], dtype=torch.long)
+            mask[row, width - n :] = 1
+        batch = {"input_ids": input_ids, "attention_mask": mask}
+        if self.position_ids:
+            # without them absolute-position models (GPT-2, OPT) would count the padding as positions
+            batch["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+        batch["labels"] = torch.as_tensor([f["labels"] for f in features], dtype=torch.long)
+        if self.logits_to_keep:
+            batch["logits_to_keep"] = 1  # only the last position is scored; skips the LM head elsewhere
+        return batch
+
+
+@dataclass
+class RightPadCollator:
+    """Right padding; token labels (lists) are padded with -100, class labels (ints) are stacked."""
+
+    pad_id: int
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        width = max(len(f["input_ids"]) for f in features)
+        input_ids = torch.full((len(features), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(features), width), dtype=torch.long)
+        token_labels = np.ndim(features[0]["labels"]) > 0
+        labels = torch.full((len(features), width), -100, dtype=torch.long) if token_labels else None
+        for row, f in enumerate(features):
+            n = len(f["input_ids"])
+            input_ids[row, :n] = torch.as_tensor(f["input_ids"], dtype=torch.long)
+            mask[row, :n] = 1
+            if token_labels:
+                labels[row, :n] = torch.as_tensor(f["labels"], dtype=torch.long)
+        if not token_labels:
+            labels = torch.as_tensor([f["labels"] for f in features], dtype=torch.long)
+        return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+def _logits(outputs) -> torch.Tensor:
+    """The logits from a model output, a tuple of outputs (Trainer's prediction_step) or a tensor."""
+    if torch.is_tensor(outputs):
+        return outputs
+    if isinstance(outputs, (tuple, list)):
+        return outputs[0]
+    return outputs["logits"]
+
+
+def label_word_loss(outputs, labels, num_items_in_batch=None, *, label_word_ids: list[int]) -> torch.Tensor:
+    """Cross entropy over the label words' logits at the last position, mean over the batch.
+
+    `num_items_in_batch` is ignored: for causal LMs transformers counts `labels[..., 1:]`, which
+    for one class index per row is the batch size minus one.
+    """
+    scores = _logits(outputs)[:, -1, label_word_ids].float()
+    return F.cross_entropy(scores, labels.to(scores.device))
+
+
+def label_word_logits(logits, labels, *, label_word_ids: list[int]) -> torch.Tensor:
+    """`preprocess_logits_for_metrics`: keep only the label words' logits at the last position."""
+    return _logits(logits)[:, -1, label_word_ids]
+
+
+def accuracy(prediction) -> dict[str, float]:
+    scores = prediction.predictions
+    if isinstance(scores, (tuple, list)):
+        scores = scores[0]
+    return {"accuracy": float((np.asarray(scores).argmax(-1) == np.asarray(prediction.label_ids)).mean())}
+
+
+# ---------------------------------------------------------------- classification
+
+
+def _class_values(rows: datasets.Dataset, section: DataSection) -> list[str]:
+    if section.verbalizer is not None:
+        return list(section.verbalizer)
+    values = set(rows[section.label_field])
+    try:
+        ordered = sorted(values)
+    except TypeError:
+        ordered = sorted(values, key=str)
+    return [str(v) for v in ordered]
+
+
+def _class_indices(rows: datasets.Dataset, section: DataSection, classes: list[str], where: str) -> list[int]:
+    index = {c: i for i, c in enumerate(classes)}
+    out = []
+    for row, value in enumerate(rows[section.label_field]):
+        i = index.get(str(value))
+        if i is None:
+            key, what = (("data.verbalizer", "has no label word") if section.verbalizer is not None
+                         else ("data.label_field", "is not a label of data.train"))
+            raise UserError(f"{key}: label {str(value)!r} in {where} row {row} (column {section.label_field!r}) "
+                            f"{what} (known: {', '.join(classes)})")
+        out.append(i)
+    return out
+
+
+def _label_word_ids(tokenizer, verbalizer: dict[str, str]) -> list[int]:
+    ids = []
+    for label, word in verbalizer.items():
+        tokens = tokenizer(word, add_special_tokens=False)["input_ids"]
+        if len(tokens) != 1:
+            raise UserError(
+                f"data.verbalizer: label word {word!r} (label {label!r}) is {len(tokens)} tokens {tokens} for this "
+                "tokenizer; each label word must be exactly one token (a leading space often helps)"
+            )
+        ids.append(tokens[0])
+    if len(set(ids)) != len(ids):
+        raise UserError(f"data.verbalizer: two label words are the same token: {verbalizer}")
+    return ids
+
+
+def _keep_end(ids: list[int], max_length: int, bos_id: int | None) -> list[int]:
+    """Truncate from the left, keeping a leading BOS: the scored position is the last token."""
+    if len(ids) <= max_length:
+        return ids
+    head = ids[:1] if bos_id is not None and ids[0] == bos_id else []
+    return head + ids[len(ids) - (max_length - len(head)) :]
+
+
+def _encode_classification(rows, data_key, where, section, tokenizer, classes, encoder: bool):
+    _require_column(rows, section.label_field, "data.label_field", data_key, where)
+    _check_template(section.template, rows, data_key, where)
+    labels = _class_indices(rows, section, classes, where)
+
+    def encode(batch, indices):
+        prompts = _fill(section.template, batch)
+        if encoder:  # the tokenizer truncates, keeping its own special tokens ([CLS] ... [SEP])
+            input_ids = tokenizer(prompts, truncation=True, max_length=section.max_length)["input_ids"]
+        else:
+            input_ids = [
+                _keep_end(ids, section.max_length, tokenizer.bos_token_id)
+                for ids in tokenizer(prompts)["input_ids"]
+            ]
+        return {"input_ids": input_ids, "labels": [labels[i] for i in indices]}
+
+    return rows.map(encode, batched=True, with_indices=True, remove_columns=rows.column_names,
+                    desc=f"Tokenizing {data_key}")
+
+
+def _balanced_order(labels: np.ndarray, num_classes: int, batch_size: int, num_rows: int | None, seed: int):
+    """Row indices whose every run of `batch_size` holds batch_size/K rows of each class."""
+    per_class = batch_size // num_classes
+    pools = [np.flatnonzero(labels == k) for k in range(num_classes)]
+    if num_rows is None:
+        num_batches = max(1, min(len(p) for p in pools) // per_class)
+    else:
+        num_batches = max(1, -(-num_rows // batch_size))
+    need = num_batches * per_class
+    rng = np.random.default_rng(seed)
+    columns = []
+    for pool in pools:  # each class is drawn without replacement, reshuffled on every pass
+        passes = -(-need // len(pool))
+        draws = np.concatenate([rng.permutation(pool) for _ in range(passes)])[:need]
+        columns.append(draws.reshape(num_batches, per_class))
+    batches = rng.permuted(np.concatenate(columns, axis=1), axis=1)
+    return batches.reshape(-1)
+
+
+def _classification(section, tokenizer, model, train_rows, eval_rows, *, seed, batch_size, num_rows_needed):
+    train_where = describe(section.train)
+    encoder = _is_sequence_classifier(model)
+    if not encoder and section.verbalizer is None:
+        raise UserError("data.verbalizer: task classification with a causal LM needs label words, "
+                        "e.g. verbalizer: {'0': ' terrible', '1': ' great'}")
+    _require_column(train_rows, section.label_field, "data.label_field", "data.train", train_where)
+    classes = _class_values(train_rows, section)
+    if encoder:
+        num_labels = model.config.num_labels
+        if num_labels != len(classes):
+            raise UserError(
+                f"data.verbalizer: {len(classes)} classes ({', '.join(classes)}) in {train_where}, but the model's "
+                f"classifier has {num_labels} outputs (model.config.num_labels)"
+            )
+    if section.balanced and batch_size % len(classes):
+        raise UserError(
+            f"train.per_device_train_batch_size: {batch_size} is not a multiple of the {len(classes)} classes "
+            f"({', '.join(classes)}) of {train_where}, as data.balanced needs"
+        )
+    word_ids = None if encoder else _label_word_ids(tokenizer, section.verbalizer)
+
+    train = _encode_classification(train_rows, "data.train", train_where, section, tokenizer, classes, encoder)
+    evaluation = None
+    if eval_rows is not None:
+        evaluation = _encode_classification(eval_rows, "data.eval", describe(section.eval), section, tokenizer,
+                                            classes, encoder)
+    if section.balanced:
+        labels = np.asarray(train["labels"])
+        for k, c in enumerate(classes):
+            if not (labels == k).any():
+                raise UserError(f"data.balanced: class {c!r} has no rows in {train_where}")
+        train = train.select(_balanced_order(labels, len(classes), batch_size, num_rows_needed, seed))
+
+    pad_id = _pad_id(tokenizer)
+    if encoder:
+        return TaskData(train, evaluation, RightPadCollator(pad_id), None, accuracy, None,
+                        section.balanced, "accuracy")
+    collator = LeftPadCollator(pad_id, _forward_accepts(model, "position_ids"),
+                               _forward_accepts(model, "logits_to_keep"))
+    return TaskData(train, evaluation, collator, partial(label_word_loss, label_word_ids=word_ids), accuracy,
+                    partial(label_word_logits, label_word_ids=word_ids), section.balanced, "accuracy")
+
+
+# ---------------------------------------------------------------- sft and lm
+
+
+def _encode_sft(rows, data_key, where, section, tokenizer):
+    _require_column(rows, section.completion_field, "data.completion_field", data_key, where)
+    _check_template(section.template, rows, data_key, where)
+    eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+
+    def encode(batch):
+        prompts = tokenizer(_fill(section.template, batch))["input_ids"]
+        completions = tokenizer([str(c) for c in batch[section.completion_field]],
+                                add_special_tokens=False)["input_ids"]
+        out = {"input_ids": [], "labels": []}
+        for prompt, completion in zip(prompts, completions):
+            if len(prompt) >= section.max_length:
+                continue  # nothing of the completion would be left to score
+            out["input_ids"].append((prompt + completion + eos)[: section.max_length])
+            out["labels"].append(([-100] * len(prompt) + completion + eos)[: section.max_length])
+        return out
+
+    encoded = rows.map(encode, batched=True, remove_columns=rows.column_names, desc=f"Tokenizing {data_key}")
+    if len(encoded) < len(rows):
+        logger.warning("%s: dropped %d of %d rows of %s whose prompt fills data.max_length=%d",
+                       data_key, len(rows) - len(encoded), len(rows), where, section.max_length)
+    if len(encoded) == 0:
+        raise UserError(f"data.max_length: every prompt in {where} ({data_key}) is at least {section.max_length} "
+                        "tokens, leaving no completion to train on")
+    return encoded
+
+
+def _encode_lm(rows, data_key, where, section, tokenizer):
+    _check_template(section.template, rows, data_key, where)
+    eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+
+    def encode(batch):
+        texts = tokenizer(_fill(section.template, batch), add_special_tokens=False)["input_ids"]
+        return {"input_ids": [ids + eos for ids in texts]}
+
+    tokens = rows.map(encode, batched=True, remove_columns=rows.column_names, desc=f"Tokenizing {data_key}")
+    stream = pc.list_flatten(tokens.with_format("arrow")["input_ids"])
+    size = section.block_size
+    num_blocks = len(stream) // size
+    if num_blocks == 0:
+        raise UserError(f"data.block_size: {where} ({data_key}) has {len(stream)} tokens, fewer than one block "
+                        f"of {size}")
+    values = stream.slice(0, num_blocks * size).combine_chunks().cast(pa.int64())
+    blocks = pa.FixedSizeListArray.from_arrays(values, size)
+    return datasets.Dataset(pa.table({"input_ids": blocks, "labels": blocks}))
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def build_task_data(section: DataSection, tokenizer, model, *, seed: int, batch_size: int,
+                    num_rows_needed: int | None = None) -> TaskData:
+    """Load, tokenize and arrange the data of `section` for `transformers.Trainer`.
+
+    `batch_size` is the per-device train batch size; `num_rows_needed` (max_steps x batch x
+    gradient accumulation) is how many rows a balanced arrangement must cover.
+    """
+    if section.balanced and section.task != "classification":
+        raise UserError(f"data.balanced: only for task classification, not {section.task!r}")
+    train_rows = load_rows(section.train, "data.train")
+    eval_rows = load_rows(section.eval, "data.eval") if section.eval is not None else None
+
+    if section.task == "classification":
+        return _classification(section, tokenizer, model, train_rows, eval_rows, seed=seed,
+                               batch_size=batch_size, num_rows_needed=num_rows_needed)
+
+    encode = _encode_sft if section.task == "sft" else _encode_lm
+    train = encode(train_rows, "data.train", describe(section.train), section, tokenizer)
+    evaluation = None
+    if eval_rows is not None:
+        evaluation = encode(eval_rows, "data.eval", describe(section.eval), section, tokenizer)
+    return TaskData(train, evaluation, RightPadCollator(_pad_id(tokenizer)), None, None, None, False, "loss")

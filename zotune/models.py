@@ -1,0 +1,333 @@
+"""Load the model and tokenizer a recipe's `model` section names, and pick the parameters that train.
+
+Three sources:
+- `name_or_path`: a hub name or a local directory, loaded with `from_pretrained`;
+- `gguf_file` / `gguf_package`: a GGUF checkpoint, converted once to a safetensors folder in
+  the cache (`$ZOTUNE_CACHE`, default ~/.cache/zotune) and loaded from there afterwards;
+- `config`: a model with random weights, seeded, with a byte-level tokenizer (for tests).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import importlib.metadata
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+)
+
+from zotune.errors import UserError
+from zotune.schema import ModelSection
+
+log = logging.getLogger("zotune")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+WRAPPER_PREFIXES = ("base_model.model.", "module.", "_orig_mod.")  # peft, DDP, torch.compile
+BYTE_SPECIALS = ("<bos>", "<eos>", "<pad>", "<unk>")  # ids 256..259 of the byte tokenizer
+
+
+def load_model(
+    section: ModelSection, *, num_labels: int | None = None, seed: int = 0
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The model (with its peft adapter, if any) and tokenizer that `section` describes."""
+    dtype = DTYPES[section.dtype]
+    if section.config is not None:
+        model, tokenizer = _from_config(section.config, dtype, num_labels, seed)
+    else:
+        if section.gguf_file is not None or section.gguf_package is not None:
+            path, trust = str(_converted_gguf(section)), False
+        else:
+            path, trust = _check_name_or_path(section.name_or_path), section.trust_remote_code
+        model, tokenizer = _from_pretrained(path, dtype, num_labels, trust)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id  # classifiers find the last token by it
+    if section.peft is not None:
+        model = _add_adapter(model, section.peft, seed)
+    return model, tokenizer
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A tokenizer whose ids 0-255 are the bytes of the UTF-8 text, then <bos> <eos> <pad> <unk>.
+
+    Every text encodes and decodes back unchanged. Built as a BPE with no merges and byte
+    fallback, so each character becomes the ids of its UTF-8 bytes.
+    """
+    from tokenizers import Tokenizer, decoders, models
+
+    vocab = {f"<0x{b:02X}>": b for b in range(256)}
+    vocab.update({tok: 256 + i for i, tok in enumerate(BYTE_SPECIALS)})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+    tok.add_special_tokens(list(BYTE_SPECIALS))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def stable_name(name: str) -> str:
+    """`name` without the prefixes that peft, DDP and torch.compile put in front of it."""
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in WRAPPER_PREFIXES:
+            if name.startswith(prefix):
+                name, stripped = name[len(prefix):], True
+    return name
+
+
+def trainable_parameters(
+    model: torch.nn.Module, include: list[str], exclude: list[str]
+) -> list[tuple[str, torch.nn.Parameter]]:
+    """The parameters that train, as (stable name, parameter) in model order; freezes all others.
+
+    Starts from those with requires_grad (peft has already frozen its base model). A parameter
+    is kept when one of its names matches an `include` pattern (or `include` is empty) and none
+    matches an `exclude` pattern. A tied parameter appears once, under its first name, but any
+    of its names may match.
+    """
+    includes = _compile(include, "params.include")
+    excludes = _compile(exclude, "params.exclude")
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(stable_name(name))
+
+    chosen, dropped = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        aliases = names[id(param)]
+        keep = not includes or any(p.search(a) for p in includes for a in aliases)
+        keep = keep and not any(p.search(a) for p in excludes for a in aliases)
+        (chosen if keep else dropped).append((stable_name(name), param))
+    if not chosen:
+        raise UserError(f"params: no trainable parameter matches include={include} and exclude={exclude}")
+    for _, param in dropped:
+        param.requires_grad_(False)
+    return chosen
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("ZOTUNE_CACHE") or Path.home() / ".cache" / "zotune").expanduser()
+
+
+def gguf_cache_dir(section: ModelSection) -> Path:
+    """Where the safetensors conversion of the section's GGUF lives (whether or not it exists yet)."""
+    if section.gguf_package is not None:
+        module = _import_gguf_package(section.gguf_package)
+        key = f"{section.gguf_package}-{_package_version(module)}"
+    else:
+        path = _gguf_path(section)
+        stat = path.stat()
+        digest = hashlib.blake2b(f"{path}|{stat.st_size}|{stat.st_mtime_ns}".encode(), digest_size=8)
+        key = f"{path.stem}-{digest.hexdigest()}"
+    return cache_root() / "gguf" / key
+
+
+# --- sources ---------------------------------------------------------------------------
+
+
+def _from_config(fields: dict[str, Any], dtype, num_labels, seed):
+    fields = dict(fields)
+    model_type = fields.pop("model_type", None)
+    if model_type is None:
+        raise UserError("model.config.model_type: missing; give the architecture, e.g. llama")
+    if model_type not in CONFIG_MAPPING:
+        raise UserError(f"model.config.model_type: unknown model type {model_type!r}")
+    tokenizer = byte_tokenizer()
+    special = dict(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
+    try:
+        config = AutoConfig.for_model(model_type, **{**special, **fields})
+    except Exception as e:  # transformers' strict config validation raises several kinds
+        raise UserError(f"model.config: {e}") from e
+    if getattr(config, "vocab_size", None) is not None and config.vocab_size < len(tokenizer):
+        raise UserError(
+            f"model.config.vocab_size: {config.vocab_size} is smaller than the byte tokenizer's {len(tokenizer)} tokens"
+        )
+    auto = _head(config, num_labels)
+    torch.manual_seed(seed)
+    return auto.from_config(config, dtype=dtype), tokenizer
+
+
+def _from_pretrained(path: str, dtype, num_labels, trust_remote_code: bool):
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(f"model.name_or_path: cannot load a model config from {path!r}: {e}") from e
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(f"model.name_or_path: cannot load a tokenizer from {path!r}: {e}") from e
+    auto = _head(config, num_labels)
+    model = auto.from_pretrained(path, config=config, dtype=dtype, trust_remote_code=trust_remote_code)
+    return model, tokenizer
+
+
+def _head(config: PreTrainedConfig, num_labels: int | None):
+    """AutoModelForCausalLM, or AutoModelForSequenceClassification for encoders and classifiers."""
+    classifier = any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
+    # bert & co. are in the causal-LM mapping too (usable as decoders), but they are masked LMs
+    # first; `is_decoder` does not tell them apart (gpt_neox's config says False as well)
+    model_type = config.model_type
+    causal = model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    if causal and not classifier:
+        return AutoModelForCausalLM
+    if num_labels is None and not classifier:
+        raise UserError(
+            f"model: {model_type} is not a causal LM, so it gets a classification head, "
+            "which needs the number of labels (a classification task)"
+        )
+    if num_labels is not None:
+        config.num_labels = num_labels
+    return AutoModelForSequenceClassification
+
+
+def _check_name_or_path(name: str) -> str:
+    if name.startswith((".", "/", "~")):
+        path = Path(name).expanduser()
+        if not path.exists():
+            raise UserError(f"model.name_or_path: directory not found: {path}")
+        return str(path)
+    return name
+
+
+# --- GGUF ------------------------------------------------------------------------------
+
+
+def _gguf_path(section: ModelSection) -> Path:
+    path = Path(section.gguf_file).expanduser()
+    if section.name_or_path is not None:
+        path = Path(section.name_or_path).expanduser() / path
+    if not path.is_file():
+        raise UserError(f"model.gguf_file: file not found: {path}")
+    return path.resolve()
+
+
+def _import_gguf_package(name: str):
+    try:
+        module = importlib.import_module(name)
+    except ImportError as e:
+        raise UserError(f"model.gguf_package: cannot import {name!r}: {e}") from e
+    if not callable(getattr(module, "assemble", None)):
+        raise UserError(f"model.gguf_package: {name!r} has no assemble(path) function")
+    return module
+
+
+def _package_version(module) -> str:
+    version = getattr(module, "__version__", None)
+    if version is None:
+        top = module.__name__.split(".")[0]
+        dists = importlib.metadata.packages_distributions().get(top, [top])
+        version = importlib.metadata.version(dists[0])
+    return version
+
+
+def _converted_gguf(section: ModelSection) -> Path:
+    """The cached safetensors folder for the GGUF, converting it first if there is none."""
+    target = gguf_cache_dir(section)
+    if target.is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    source = section.gguf_package or section.gguf_file
+    log.info("Converting GGUF %s to safetensors in %s; this happens once, later loads use the cache", source, target)
+    start = time.perf_counter()
+    # build in a temp folder beside the target and rename it into place, so an interrupted
+    # conversion never leaves a half-written entry behind
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        if section.gguf_package is not None:
+            module = _import_gguf_package(section.gguf_package)
+            name = getattr(module, "MODEL_NAME", f"{section.gguf_package}.gguf")
+            gguf = Path(module.assemble(tmp / "gguf" / name))
+        else:
+            gguf = _gguf_path(section)
+        _convert_gguf(gguf, tmp / "model")
+        try:
+            os.rename(tmp / "model", target)
+        except OSError:
+            if not target.is_dir():  # else another process finished first, and its copy is as good
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("Converted GGUF %s in %.1f s", source, time.perf_counter() - start)
+    return target
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # save_pretrained refuses a model loaded from GGUF: copy its weights into a plain model
+    config = loaded.config
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    del loaded
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+# --- peft ------------------------------------------------------------------------------
+
+
+def _add_adapter(model: PreTrainedModel, spec: dict[str, Any], seed: int):
+    import peft
+
+    spec = dict(spec)
+    peft_type = str(spec.pop("peft_type", "")).upper()
+    if peft_type not in peft.PEFT_TYPE_TO_CONFIG_MAPPING:
+        known = ", ".join(sorted(str(t.value) for t in peft.PEFT_TYPE_TO_CONFIG_MAPPING))
+        raise UserError(f"model.peft.peft_type: unknown or missing {peft_type!r}; known: {known}")
+    config_cls = peft.PEFT_TYPE_TO_CONFIG_MAPPING[peft_type]
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    for key in spec:
+        if key not in fields:
+            raise UserError(f"model.peft.{key}: not a field of {config_cls.__name__}")
+    is_classifier = type(model).__name__.endswith("ForSequenceClassification")
+    spec.setdefault("task_type", "SEQ_CLS" if is_classifier else "CAUSAL_LM")
+    try:
+        config = peft.get_peft_config({"peft_type": peft_type, **spec})
+        torch.manual_seed(seed)  # adapter init (e.g. LoRA's A) follows the recipe seed
+        return peft.get_peft_model(model, config)
+    except (ValueError, TypeError) as e:
+        raise UserError(f"model.peft: {e}") from e
+
+
+def _compile(patterns: list[str], key: str) -> list[re.Pattern]:
+    compiled = []
+    for pattern in patterns:
+        try:
+            compiled.append(re.compile(pattern))
+        except re.error as e:
+            raise UserError(f"{key}: {pattern!r} is not a valid regular expression: {e}") from e
+    return compiled

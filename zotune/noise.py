@@ -1,0 +1,174 @@
+"""The one noise function: the eager PyTorch reference every other implementation is held to.
+
+Every ZO direction is a pure function of (seed, element index)::
+
+    z[name].flatten()[i] == noise(seed_for(step_seed, k, name), 1, offset=i)[0]
+
+where ``i`` is the element's index in the flattened *full* tensor. Nothing depends on
+generator state, so a block offloaded to the CPU, a resident block, a shard holding a
+slice of a tensor, a tied weight used twice and a run resumed from its seeds all see
+exactly the same z.
+
+The generator is counter-based Philox4x32-10 (Salmon et al., "Parallel random numbers:
+as easy as 1, 2, 3", SC'11), with the same seed/counter mapping as Triton's ``tl.philox``:
+the 64-bit seed is the key (low word, high word).
+
+- ``gaussian``: element i uses counter (i_lo, i_hi, 0, 0) and is the Box-Muller cosine
+  of the first two output words, in float32. This is Triton's ``tl.randn(seed, i)``.
+- ``rademacher``: one Philox call gives 128 bits; element i takes bit ``i & 31`` of word
+  ``(i >> 5) & 3`` of counter ``i >> 7`` as -1/+1. Exact on every device and ~128x
+  fewer Philox calls than gaussian.
+
+Unsigned 32-bit arithmetic is done in int64 tensors and masked: the low 64 bits of a
+32x32-bit product are exact under int64 wraparound.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import operator
+
+import torch
+
+__all__ = ["step_seed", "seed_for", "philox4x32", "noise", "noise_like", "KINDS"]
+
+KINDS = ("gaussian", "rademacher")
+
+_MASK32 = 0xFFFFFFFF
+_ROUND_A = 0xD2511F53  # multiplies counter word 0
+_ROUND_B = 0xCD9E8D57  # multiplies counter word 2
+_KEY_A = 0x9E3779B9  # golden ratio, added to key word 0 after every round
+_KEY_B = 0xBB67AE85  # sqrt(3) - 1, added to key word 1
+
+# Elements generated per internal chunk, to bound temporary memory. Multiples of 128, so a
+# rademacher counter is never split between chunks. Results do not depend on them.
+_CHUNK = {"gaussian": 1 << 16, "rademacher": 1 << 20}
+
+# ---------------------------------------------------------------------------------------
+# seeds
+
+
+def _hash63(domain: bytes, text: str) -> int:
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8, person=domain).digest()
+    return int.from_bytes(digest, "little") >> 1  # in [0, 2**63): fits a signed int64
+
+
+def step_seed(run_seed: int, step: int) -> int:
+    """Seed of one optimizer step, shared by all its micro-batches. In [0, 2**63)."""
+    return _hash63(b"zotune.step", f"{operator.index(run_seed)}:{operator.index(step)}")
+
+
+def seed_for(step_seed: int, direction: int, name: str) -> int:
+    """Seed of one parameter for direction ``direction`` of a step. In [0, 2**63).
+
+    ``name`` is the parameter's stable qualified name. The two integers are decimal and
+    come first, so the string "seed:direction:name" is unambiguous whatever the name holds.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str, got {type(name).__name__}")
+    return _hash63(b"zotune.param", f"{operator.index(step_seed)}:{operator.index(direction)}:{name}")
+
+
+# ---------------------------------------------------------------------------------------
+# Philox4x32-10
+
+
+def _key(seed: int) -> tuple[int, int]:
+    seed = operator.index(seed)
+    if not 0 <= seed < 1 << 64:
+        raise ValueError(f"seed must be in [0, 2**64), got {seed}")
+    return seed & _MASK32, seed >> 32
+
+
+def _philox(c0, c1, c2, c3, seed: int, rounds: int = 10):
+    """Philox4x32 on four int64 tensors of uint32 values; returns the four output words."""
+    k0, k1 = _key(seed)
+    for _ in range(rounds):
+        prod_a = c0 * _ROUND_A  # may wrap past 2**63; the low 64 bits stay exact
+        prod_b = c2 * _ROUND_B
+        c0, c1, c2, c3 = (
+            ((prod_b >> 32) & _MASK32) ^ c1 ^ k0,
+            prod_b & _MASK32,
+            ((prod_a >> 32) & _MASK32) ^ c3 ^ k1,
+            prod_a & _MASK32,
+        )
+        k0 = (k0 + _KEY_A) & _MASK32
+        k1 = (k1 + _KEY_B) & _MASK32
+    return c0, c1, c2, c3
+
+
+def philox4x32(counters: torch.Tensor, seed: int, rounds: int = 10) -> torch.Tensor:
+    """Philox4x32-``rounds`` of int64 ``counters`` (..., 4) holding uint32 values.
+
+    The key is (seed & 0xffffffff, seed >> 32), as Triton maps its seed. Returns an int64
+    tensor (..., 4) of uint32 values.
+    """
+    if counters.dtype != torch.int64 or counters.shape[-1:] != (4,):
+        raise ValueError("counters must be an int64 tensor of shape (..., 4)")
+    return torch.stack(_philox(*counters.unbind(-1), seed, rounds), dim=-1)
+
+
+# ---------------------------------------------------------------------------------------
+# noise
+
+
+def _uniform(x: torch.Tensor) -> torch.Tensor:
+    """Triton's uint_to_uniform_float for 32-bit words: [0, 1) in float32."""
+    # As int32, x >= 2**31 is negative and Triton takes ~x, which is 0xffffffff - x.
+    x = torch.where(x >= 1 << 31, _MASK32 - x, x)
+    return x.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
+
+
+def _gaussian(start: int, stop: int, seed: int, device) -> torch.Tensor:
+    i = torch.arange(start, stop, dtype=torch.int64, device=device)
+    zero = torch.zeros_like(i)
+    x0, x1, _, _ = _philox(i & _MASK32, i >> 32, zero, zero, seed)
+    # Box-Muller, every operation in float32 like tl.randn (constants rounded to float32).
+    f32 = dict(dtype=torch.float32, device=device)
+    u1 = torch.maximum(_uniform(x0), torch.tensor(1e-7, **f32))
+    theta = torch.tensor(6.283185307179586, **f32) * _uniform(x1)
+    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(theta)
+
+
+def _rademacher(start: int, stop: int, seed: int, device) -> torch.Tensor:
+    first, last = start >> 7, (stop - 1) >> 7  # the counters covering [start, stop)
+    c = torch.arange(first, last + 1, dtype=torch.int64, device=device)
+    zero = torch.zeros_like(c)
+    words = torch.stack(_philox(c & _MASK32, c >> 32, zero, zero, seed), dim=-1)  # (m, 4)
+    shifts = torch.arange(32, dtype=torch.int64, device=device)
+    # (m, 4, 32) flattened puts element i of counter c at position i & 127 = word*32 + bit.
+    bits = ((words.unsqueeze(-1) >> shifts) & 1).flatten()
+    bits = bits[start - (first << 7) : stop - (first << 7)]
+    return bits.to(torch.float32) * 2.0 - 1.0
+
+
+_GENERATORS = {"gaussian": _gaussian, "rademacher": _rademacher}
+
+
+def noise(seed: int, numel: int, kind: str = "gaussian", offset: int = 0, device=None) -> torch.Tensor:
+    """Flat float32 z for elements ``offset .. offset+numel-1`` of a flattened tensor.
+
+    ``kind`` is "gaussian" (N(0, 1), as tl.randn) or "rademacher" (-1/+1). The result does
+    not depend on how a tensor is cut into calls: any slice equals the same call's slice.
+    """
+    if kind not in _GENERATORS:
+        raise ValueError(f"unknown noise kind {kind!r}; expected one of {KINDS}")
+    numel, offset = operator.index(numel), operator.index(offset)
+    if numel < 0 or offset < 0:
+        raise ValueError(f"numel and offset must be >= 0, got numel={numel}, offset={offset}")
+    _key(seed)  # validate the seed even when numel == 0
+    generate, chunk = _GENERATORS[kind], _CHUNK[kind]
+    out = torch.empty(numel, dtype=torch.float32, device=device)
+    stop = offset + numel
+    # Pieces end on multiples of the chunk in the global index: no counter is generated twice.
+    start = offset
+    while start < stop:
+        end = min(stop, (start // chunk + 1) * chunk)
+        out[start - offset : end - offset] = generate(start, end, seed, out.device)
+        start = end
+    return out
+
+
+def noise_like(param: torch.Tensor, seed: int, kind: str = "gaussian") -> torch.Tensor:
+    """float32 z shaped like ``param``, on its device (element i of its flattened view)."""
+    return noise(seed, param.numel(), kind, device=param.device).view(param.shape)

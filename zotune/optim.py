@@ -1,0 +1,205 @@
+"""The zeroth-order step, top to bottom.
+
+For a step with seed s and directions k = 0..q-1 (DESIGN §3):
+
+    g_k = (L(θ + ε z_k) − L(θ − ε z_k)) / (2ε)        one scalar per direction
+    θ  ← θ − lr · ((1/q) Σ_k g_k z_k + wd · θ)          MeZO's ZO-SGD
+
+z_k is never stored: every pass over the parameters regenerates it from
+(step seed, k, parameter name) with the counter-based noise of `zotune.noise`.
+
+The weights only ever sit at θ + Σ c·z for a short list of (seed, k, c) terms,
+the *displacement*. Every pass over the parameters moves them from one
+displacement to the next, optionally applying the update to θ on the way:
+
+    sequential (MeZO):  [] → [+εz_k] → [−εz_k] → [] per direction, then update
+    fused:              the restore to [] is deferred and merged into the next
+                        pass (the next +ε, or the update): 3 noise draws a step
+                        instead of 4.
+
+Both give the same numbers: every parameter sees the same float operations in
+the same order, only the number of times z is regenerated differs.
+
+16-bit parameters keep an fp32 master copy of θ in the optimizer state: the
+working copy is written as round(master + displacement), so a restore is exact
+and the update accumulates at full precision. fp32 parameters are moved in
+place; +εz −2εz +εz may drift by an ulp, which is why `replay` repeats the
+perturbation passes rather than only the updates.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+
+import torch
+
+from zotune.noise import noise_like, seed_for, step_seed
+
+Term = tuple[int, int, float]  # (step seed, direction k, coefficient of z_k)
+SCHEDULES = ("sequential", "fused")
+
+
+class ZOSGD(torch.optim.Optimizer):
+    """ZO-SGD with SPSA gradient estimates (Malladi et al., 2023, "Fine-Tuning
+    Language Models with Just Forward Passes", arXiv:2305.17333).
+
+    Call `estimate(loss_fn, step)` once per micro-batch; micro-batches of one
+    step share its seed and their projected gradients are averaged. `step()`
+    then applies the update and returns the step's trajectory record.
+    """
+
+    def __init__(
+        self,
+        named_params: Iterable[tuple[str, torch.nn.Parameter]],
+        *,
+        lr: float,
+        weight_decay: float = 0.0,
+        no_decay: Iterable[str] = (),
+        eps: float = 1e-3,
+        num_directions: int = 1,
+        perturbation: str = "gaussian",
+        schedule: str = "sequential",
+        seed: int = 0,
+    ):
+        if schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        named = list(named_params)
+        no_decay = set(no_decay)
+        groups = [
+            {"names": [n for n, _ in named if n not in no_decay], "weight_decay": weight_decay},
+            {"names": [n for n, _ in named if n in no_decay], "weight_decay": 0.0},
+        ]
+        self.no_decay = groups[1]["names"]
+        by_name = dict(named)
+        for group in groups:
+            group["params"] = [by_name[n] for n in group["names"]]
+        super().__init__([g for g in groups if g["params"]], {"lr": lr, "weight_decay": weight_decay})
+        self.eps, self.q, self.kind, self.schedule, self.seed = eps, num_directions, perturbation, schedule, seed
+        for _, p in named:
+            if p.dtype in (torch.float16, torch.bfloat16):
+                self.state[p]["master"] = p.detach().float().clone()
+        self.nonfinite_in_a_row = 0
+        self.last_record: dict | None = None
+        self._displacement: list[Term] = []
+        self._reset_step()
+
+    def _reset_step(self) -> None:
+        self._step: int | None = None
+        self._g_sum = [0.0] * self.q
+        self._losses: list[tuple[float, float]] = []
+
+    # -- the passes over the parameters ---------------------------------------------
+
+    def _move(self, to: list[Term], update: tuple[list[float], int] | None = None) -> None:
+        """One pass: take every parameter from the current displacement to `to`.
+
+        `update = (g, step)` also applies the SGD update with projected gradients
+        g (one per direction of that step) to θ on the way.
+        """
+        frm = self._displacement
+        for group in self.param_groups:
+            lr, wd = group["lr"], group["weight_decay"]
+            for name, p in zip(group["names"], group["params"]):
+                z_cache: dict[tuple[int, int], torch.Tensor] = {}
+
+                def z(seed: int, k: int) -> torch.Tensor:
+                    if (seed, k) not in z_cache:
+                        z_cache[seed, k] = noise_like(p, seed_for(seed, k, name), self.kind)
+                    return z_cache[seed, k]
+
+                master = self.state[p].get("master")
+                theta = p.data if master is None else master
+                if master is None:
+                    for s, k, c in frm:
+                        theta.add_(z(s, k).to(p.dtype), alpha=-c)
+                if update is not None:
+                    g, step = update
+                    s = step_seed(self.seed, step)
+                    if wd:
+                        theta.mul_(1.0 - lr * wd)
+                    for k, g_k in enumerate(g):
+                        theta.add_(z(s, k).to(theta.dtype), alpha=-lr * g_k / len(g))
+                if master is None:
+                    for s, k, c in to:
+                        theta.add_(z(s, k).to(p.dtype), alpha=c)
+                else:
+                    moved = master.clone()
+                    for s, k, c in to:
+                        moved.add_(z(s, k), alpha=c)
+                    p.data.copy_(moved)
+        self._displacement = to
+
+    def _perturbation_passes(self, step: int, loss_fn: Callable[[], float] | None) -> list[tuple[float, float]]:
+        """The ± passes of one micro-batch; `loss_fn=None` repeats the passes without forwards (replay)."""
+        s = step_seed(self.seed, step)
+        losses = []
+        for k in range(self.q):
+            self._move([(s, k, self.eps)])
+            loss_plus = loss_fn() if loss_fn else math.nan
+            self._move([(s, k, -self.eps)])
+            loss_minus = loss_fn() if loss_fn else math.nan
+            if self.schedule == "sequential":
+                self._move([])
+            losses.append((loss_plus, loss_minus))
+        return losses
+
+    # -- the public step ------------------------------------------------------------
+
+    @torch.no_grad()
+    def estimate(self, loss_fn: Callable[[], float], step: int) -> list[tuple[float, float]]:
+        """Run the ± forwards of one micro-batch and accumulate g_k. Returns the (L+, L−) pairs."""
+        if self._step not in (None, step):
+            raise RuntimeError(f"estimate() for step {step} while step {self._step} is not applied yet")
+        self._step = step
+        losses = self._perturbation_passes(step, loss_fn)
+        for k, (loss_plus, loss_minus) in enumerate(losses):
+            self._g_sum[k] += (loss_plus - loss_minus) / (2 * self.eps)
+        self._losses.extend(losses)
+        return losses
+
+    @torch.no_grad()
+    def step(self, closure=None) -> dict:
+        """Apply the averaged projected gradient (or skip a non-finite step) and return its record."""
+        if self._step is None:
+            raise RuntimeError("step() called before estimate()")
+        micro_batches = len(self._losses) // self.q
+        g = [g_sum / micro_batches for g_sum in self._g_sum]
+        finite = all(math.isfinite(v) for v in g)
+        self._move([], (g, self._step) if finite else None)
+        self.nonfinite_in_a_row = 0 if finite else self.nonfinite_in_a_row + 1
+        record = {
+            "step": self._step,
+            "seed": step_seed(self.seed, self._step),
+            "q": self.q,
+            "g": g if finite else None,
+            "lr": self.param_groups[0]["lr"],
+            "wd": self.defaults["weight_decay"],
+            "eps": self.eps,
+            "rule": "sgd",
+            "perturbation": self.kind,
+            "schedule": self.schedule,
+            "micro_batches": micro_batches,
+            "loss_plus": [lp for lp, _ in self._losses],
+            "loss_minus": [lm for _, lm in self._losses],
+        }
+        self._reset_step()
+        self.last_record = record
+        return record
+
+    @torch.no_grad()
+    def replay(self, record: dict) -> None:
+        """Repeat a recorded step's passes, without forwards: θ ends bit-equal to training's."""
+        for group in self.param_groups:
+            group["lr"] = record["lr"]
+        for _ in range(record["micro_batches"]):
+            self._perturbation_passes(record["step"], None)
+        self._move([], (record["g"], record["step"]) if record["g"] is not None else None)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        # torch casts floating state to the parameter's dtype on load; the fp32 master must stay fp32
+        masters = {i: s["master"] for i, s in state_dict["state"].items() if "master" in s}
+        super().load_state_dict(state_dict)
+        params = [p for group in self.param_groups for p in group["params"]]
+        for i, master in masters.items():
+            self.state[params[int(i)]]["master"] = master.to(params[int(i)].device, torch.float32)

@@ -1,0 +1,367 @@
+"""Load recipes: YAML -> `Recipe`, with errors that name the file, the line and the key.
+
+A recipe is a path or the name of a shipped recipe (`zotune.recipes`). Loading keeps the
+line of every key, applies `section.key=value` overrides from the command line, validates
+with pydantic and checks that local files exist, all before any weights load. Every
+problem found becomes one line `FILE:LINE: key.path: what is wrong`; they are raised
+together as one `RecipeError`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from importlib.resources import files
+from pathlib import Path
+from typing import Any, Literal, NamedTuple, Sequence, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from zotune.errors import UserError
+from zotune.schema import Recipe
+
+try:
+    from importlib.resources.abc import Traversable
+except ImportError:  # Python 3.10
+    from importlib.abc import Traversable
+
+LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
+LOCAL_PREFIXES = ("./", "../", "/", "~")
+
+
+class RecipeError(UserError):
+    """One or more problems in a recipe; `problems` holds one `WHERE: key: what` line each."""
+
+    def __init__(self, problems: Sequence[str]):
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads `1e-3` as a float (YAML 1.1 wants `1.0e-3`)."""
+
+
+_Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$"),
+    list("-+.0123456789"),
+)
+
+
+# ---------------------------------------------------------------- finding recipes
+
+
+def shipped_recipes() -> dict[str, Traversable]:
+    """Name (file name without .yaml) -> file, for every recipe shipped in `zotune.recipes`."""
+    found = {p.name[: -len(".yaml")]: p for p in files("zotune.recipes").iterdir() if p.name.endswith(".yaml")}
+    return dict(sorted(found.items()))
+
+
+def resolve(name_or_path: str) -> Path | Traversable:
+    """An existing file, else the shipped recipe of that name (with or without .yaml)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path
+    shipped = shipped_recipes()
+    name = name_or_path[: -len(".yaml")] if name_or_path.endswith(".yaml") else name_or_path
+    if name in shipped:
+        return shipped[name]
+    message = f"no recipe '{name_or_path}': it is not a file and not a shipped recipe"
+    close = difflib.get_close_matches(name, list(shipped), n=1)
+    if close:
+        message += f"; did you mean '{close[0]}'?"
+    message += f"\nshipped recipes: {', '.join(shipped) or '(none)'} (see `zotune ls`)"
+    raise UserError(message)
+
+
+class RecipeInfo(NamedTuple):
+    name: str
+    method: str
+    task: str
+    command: str  # the first comment line, e.g. `zotune train quickstart`
+    description: str  # the second comment line
+
+
+def describe(name: str, file: Path | Traversable) -> RecipeInfo:
+    """What `zotune ls` shows. Reads the YAML without validating, so a broken recipe still lists."""
+    text = file.read_text(encoding="utf-8")
+    comments = []
+    for line in text.splitlines():
+        if not line.strip().startswith("#"):
+            break
+        comments.append(line.strip().lstrip("#").strip())
+    try:
+        raw = yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError:
+        raw = None
+    raw = raw if isinstance(raw, dict) else {}
+    data = raw.get("data") if isinstance(raw.get("data"), dict) else {}
+    return RecipeInfo(
+        name=name,
+        method=str(raw.get("method", "zo")),
+        task=str(data.get("task", "?")),
+        command=comments[0] if comments else "",
+        description=comments[1] if len(comments) > 1 else "",
+    )
+
+
+# ---------------------------------------------------------------- loading
+
+
+KeyPath = tuple[str, ...]  # a key path, e.g. ("train", "max_steps")
+
+
+def load_recipe(name_or_path: str, overrides: Sequence[str] = ()) -> Recipe:
+    """Load, override and validate a recipe; raise `RecipeError` listing every problem."""
+    file = resolve(name_or_path)
+    label = name_or_path if isinstance(file, Path) else str(file)
+    data, where, problems = _parse(file.read_text(encoding="utf-8"), label)
+    for text in overrides:
+        problems += _apply_override(data, where, text)
+    problems += _check_files(data, where)
+    recipe = None
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as e:
+        problems += [_describe_error(err, where) for err in e.errors()]
+    if problems:
+        raise RecipeError(_sorted(problems, overrides))
+    return recipe
+
+
+def dump_recipe(recipe: Recipe, source: str | None = None, overrides: Sequence[str] = ()) -> str:
+    """The resolved recipe (defaults filled in) as YAML, to save next to a run.
+
+    Unset optional keys are left out: all of them default to null, so nothing is lost."""
+    header = ""
+    if source is not None:
+        header = f"# resolved from {source}" + (f" with {' '.join(overrides)}" if overrides else "") + "\n"
+    data = recipe.model_dump(mode="json", exclude_none=True)
+    return header + yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+
+
+def _parse(text: str, label: str) -> tuple[Any, dict[KeyPath, str], list[str]]:
+    """YAML -> (data, key path -> "FILE:LINE", problems such as duplicate keys)."""
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        where: dict[KeyPath, str] = {(): f"{label}:1"}
+        problems: list[str] = []
+        if node is not None:
+            _record_lines(node, (), label, where, problems)
+        data = loader.construct_document(node) if node is not None else None
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line = mark.line + 1 if mark else 1
+        raise RecipeError([f"{label}:{line}: invalid YAML: {e.problem or e.context}"]) from None
+    finally:
+        loader.dispose()
+    if not isinstance(data, dict):
+        raise RecipeError([f"{label}:1: a recipe is a YAML mapping of sections (model, data, train, ...)"])
+    return _str_keys(data), where, problems
+
+
+def _record_lines(node: yaml.Node, path: KeyPath, label: str, where: dict, problems: list) -> None:
+    if isinstance(node, yaml.MappingNode):
+        first_seen: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key, line = key_node.value, key_node.start_mark.line + 1
+            if key in first_seen:
+                first = first_seen[key]
+                problems.append(f"{label}:{line}: {_dotted(path + (key,))}: duplicate key (first at line {first})")
+            first_seen.setdefault(key, line)
+            where[path + (key,)] = f"{label}:{line}"
+            _record_lines(value_node, path + (key,), label, where, problems)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            where[path + (str(i),)] = f"{label}:{item.start_mark.line + 1}"
+            _record_lines(item, path + (str(i),), label, where, problems)
+
+
+def _str_keys(value: Any) -> Any:
+    # Label values are often written unquoted (`verbalizer: {1: " great"}`), but every
+    # mapping in the schema is keyed by strings.
+    if isinstance(value, dict):
+        return {_str_key(k): _str_keys(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_str_keys(v) for v in value]
+    return value
+
+
+def _str_key(key: Any) -> Any:
+    return str(key) if isinstance(key, int) and not isinstance(key, bool) else key
+
+
+def _apply_override(data: dict, where: dict[KeyPath, str], text: str) -> list[str]:
+    """Set `a.b.c=value` in data (value read as YAML); return problems with it, if any."""
+    label = f"<override {text}>"
+    key, sep, raw = text.partition("=")
+    parts = tuple(key.strip().split("."))
+    if not sep or not all(parts):
+        return [f"{label}: expected KEY=VALUE with a dotted key, e.g. train.max_steps=50"]
+    try:
+        value = _str_keys(yaml.load(raw, Loader=_Loader))
+    except yaml.YAMLError as e:
+        return [f"{label}: {key}: the value is not valid YAML ({getattr(e, 'problem', None) or e})"]
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+            where[parts[: i + 1]] = label
+        elif not isinstance(child, dict):
+            return [f"{label}: {_dotted(parts[: i + 1])} is {child!r}, not a section with keys"]
+        node = child
+    node[parts[-1]] = value
+    for p in [p for p in where if p[: len(parts)] == parts]:
+        del where[p]  # the file's lines under this key no longer apply
+    where[parts] = label
+    return []
+
+
+# ---------------------------------------------------------------- local files
+
+
+def _looks_local(path: Any) -> bool:
+    return isinstance(path, str) and (path.startswith(LOCAL_PREFIXES) or path.lower().endswith(LOCAL_SUFFIXES))
+
+
+def _check_files(data: dict, where: dict[KeyPath, str]) -> list[str]:
+    """Local files the recipe names must exist (checked on the raw data, so it runs even
+    when the schema has other problems)."""
+    missing = []
+
+    def check(key: KeyPath, path: str, kind: str) -> None:
+        full = Path(path).expanduser()
+        if not full.exists():
+            rel = "" if full.is_absolute() else f" (relative to {os.getcwd()})"
+            missing.append(f"{_where(key, where)}: {_dotted(key)}: {kind} not found: {path}{rel}")
+
+    model = data.get("model")
+    if isinstance(model, dict):
+        name = model.get("name_or_path")
+        if _looks_local(name):
+            check(("model", "name_or_path"), name, "local model")
+        gguf = model.get("gguf_file")
+        if isinstance(gguf, str) and name is None:
+            check(("model", "gguf_file"), gguf, "GGUF file")
+    section = data.get("data")
+    if isinstance(section, dict):
+        for split in ("train", "eval"):
+            source = section.get(split)
+            if isinstance(source, dict) and not source.get("fallback") and _looks_local(source.get("path")):
+                check(("data", split, "path"), source["path"], "data file")
+    return missing
+
+
+# ---------------------------------------------------------------- pydantic errors -> lines
+
+_EXPECTED = {
+    "int": "an integer",
+    "float": "a number",
+    "bool": "true or false",
+    "string_type": "a string",
+    "list_type": "a list",
+    "dict_type": "a mapping of keys",
+    "model_type": "a mapping of keys",
+    "model_attributes_type": "a mapping of keys",
+}
+
+
+def _describe_error(err: dict, where: dict[KeyPath, str]) -> str:
+    loc = tuple(str(p) for p in err["loc"])
+    kind, value = err["type"], err.get("input")
+    if loc and loc[-1] == "[key]":  # a mapping key of the wrong type
+        loc = loc[:-1]
+        return f"{_where(loc, where)}: {_dotted(loc)}: keys must be strings, got {_short(value)}"
+    head = f"{_where(loc, where)}: {_dotted(loc)}"
+    if kind == "extra_forbidden":
+        return f"{head}: unknown key{_suggest_key(loc)}"
+    if kind == "missing":
+        return f"{head}: required key is missing"
+    if kind == "literal_error":
+        allowed = _literal_values(loc) or ()
+        message = f"{_short(value)} is not one of: {', '.join(map(str, allowed))}" if allowed else err["msg"]
+        close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+        return f"{head}: {message}" + (f"; did you mean '{close[0]}'?" if close else "")
+    expected = next((v for k, v in _EXPECTED.items() if kind == k or kind.startswith(k + "_")), None)
+    if expected:
+        got = "nothing (the value is empty)" if value is None else _short(value)
+        return f"{head}: expected {expected}, got {got}"
+    if kind in ("value_error", "assertion_error"):
+        return f"{head}: {err['msg'].split(', ', 1)[-1]}"
+    return f"{head}: {err['msg'][0].lower()}{err['msg'][1:]}, got {_short(value)}"
+
+
+def _suggest_key(loc: KeyPath) -> str:
+    key, model = loc[-1], _model_at(loc[:-1])
+    valid = list(model.model_fields) if model else []
+    close = difflib.get_close_matches(key, valid, n=1)
+    if close:
+        return f"; did you mean '{close[0]}'?"
+    homes = [s for s in Recipe.model_fields if (s,) != loc[:-1] and key in getattr(_model_at((s,)), "model_fields", {})]
+    if homes:
+        return f"; it belongs in the {homes[0]} section ({homes[0]}.{key})"
+    return f"; valid keys: {', '.join(valid)}" if valid else ""
+
+
+def _model_class(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return next((m for a in get_args(annotation) if (m := _model_class(a))), None)
+
+
+def _model_at(path: KeyPath) -> type[BaseModel] | None:
+    """The schema model describing the mapping at this key path, if there is one."""
+    model: type[BaseModel] | None = Recipe
+    for part in path:
+        field = model.model_fields.get(part) if model else None
+        model = _model_class(field.annotation) if field else None
+    return model
+
+
+def _literal_values(loc: KeyPath) -> tuple | None:
+    model = _model_at(loc[:-1])
+    field = model.model_fields.get(loc[-1]) if model and loc else None
+    stack = [field.annotation] if field else []
+    while stack:
+        annotation = stack.pop()
+        if get_origin(annotation) is Literal:
+            return get_args(annotation)
+        stack.extend(get_args(annotation))
+    return None
+
+
+def _where(loc: KeyPath, where: dict[KeyPath, str]) -> str:
+    """Where the longest known prefix of this key path was written (a missing key: its section)."""
+    for n in range(len(loc), -1, -1):
+        if loc[:n] in where:
+            return where[loc[:n]]
+    return where[()]
+
+
+def _dotted(loc: KeyPath) -> str:
+    return ".".join(loc) or "(recipe)"
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _sorted(problems: list[str], overrides: Sequence[str]) -> list[str]:
+    """The file's problems in line order, then the command line's in its order."""
+    labels = [f"<override {o}>: " for o in overrides]
+
+    def key(problem: str) -> tuple[int, int]:
+        if problem.startswith("<override"):
+            return (1, next((i for i, l in enumerate(labels) if problem.startswith(l)), 0))
+        m = re.match(r"^.*?:(\d+): ", problem)
+        return (0, int(m.group(1)) if m else 0)
+
+    return sorted(problems, key=key)

@@ -1,0 +1,57 @@
+"""`zotune replay`: rebuild fine-tuned weights from a base model and a trajectory log."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.progress import track
+
+from zotune.errors import UserError
+from zotune.models import load_model, trainable_parameters
+from zotune.optim import ZOSGD
+from zotune.recipe import load_recipe, shipped_recipes
+from zotune.schema import ModelSection
+from zotune.trajectory import params_digest, read_trajectory
+
+
+def _base_model(base: str):
+    """BASE is a run directory (its recipe.yaml), a recipe, or a model directory / hub name."""
+    from zotune.run import build_model
+
+    path = Path(base)
+    if (path / "recipe.yaml").is_file():
+        return build_model(load_recipe(str(path / "recipe.yaml")))
+    if path.suffix in (".yaml", ".yml") or base in shipped_recipes():
+        return build_model(load_recipe(base))
+    return load_model(ModelSection(name_or_path=base))
+
+
+def replay(base: str, trajectory: str, out_dir: str) -> None:
+    header, records = read_trajectory(trajectory)
+    if header["start_step"] != 0:
+        raise UserError(f"{trajectory}: the log starts at step {header['start_step']}, not at the base model")
+    model, tokenizer = _base_model(base)
+    available = dict(trainable_parameters(model, [], []))
+    missing = [n for n in header["params"] if n not in available]
+    if missing:
+        raise UserError(f"{base}: has no parameter {missing[0]!r} named in {trajectory} ({len(missing)} missing)")
+    named = [(n, available[n]) for n in header["params"]]
+    if params_digest(named) != header["init_sha256"]:
+        raise UserError(f"{base}: its initial weights differ from those {trajectory} was recorded from")
+
+    opt = header["optimizer"]
+    zo = ZOSGD(
+        named,
+        lr=0.0,
+        weight_decay=opt["weight_decay"],
+        no_decay=header["no_decay"],
+        eps=opt["eps"],
+        num_directions=opt["num_directions"],
+        perturbation=opt["perturbation"],
+        schedule=opt["schedule"],
+        seed=opt["seed"],
+    )
+    for record in track(records, description="replaying"):
+        zo.replay(record)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)

@@ -1,0 +1,136 @@
+"""`zotune train`: a validated recipe in, a fine-tuned model and a summary out."""
+
+from __future__ import annotations
+
+import logging
+import resource
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from transformers import Trainer, TrainingArguments
+from transformers.utils import logging as hf_logging
+
+from zotune.data import TaskData, build_task_data
+from zotune.models import load_model, trainable_parameters
+from zotune.recipe import dump_recipe
+from zotune.schema import Recipe
+from zotune.trainer import ZOConfig, ZOTrainer
+
+console = Console()
+RUN_ONLY = {"evaluate_before", "resume_from_checkpoint"}  # TrainSection keys that are not TrainingArguments
+
+
+def build_model(recipe: Recipe):
+    """The model and tokenizer of a recipe, with only the recipe's parameters left trainable."""
+    verbalizer = recipe.data.verbalizer
+    model, tokenizer = load_model(
+        recipe.model, num_labels=len(verbalizer) if verbalizer else None, seed=recipe.train.seed
+    )
+    trainable_parameters(model, recipe.params.include, recipe.params.exclude)
+    return model, tokenizer
+
+
+def training_arguments(recipe: Recipe, task: TaskData) -> TrainingArguments:
+    fields = recipe.train.model_dump(exclude=RUN_ONLY)
+    fields.update(
+        remove_unused_columns=False,  # the collators pick their columns themselves
+        train_sampling_strategy="sequential" if task.sequential_sampling else "random",
+    )
+    if recipe.method == "fo":
+        return TrainingArguments(**fields)
+    zo = recipe.zo
+    return ZOConfig(
+        **fields,
+        zo_eps=zo.eps,
+        zo_num_directions=zo.num_directions,
+        zo_perturbation=zo.perturbation,
+        zo_schedule=zo.schedule,
+        zo_max_nonfinite=zo.max_nonfinite,
+        zo_include=recipe.params.include,
+        zo_exclude=recipe.params.exclude,
+    )
+
+
+def build_trainer(recipe: Recipe, model, tokenizer) -> tuple[Trainer, str]:
+    """The trainer of the recipe's method, and the name of the eval metric to report."""
+    train = recipe.train
+    task = build_task_data(
+        recipe.data,
+        tokenizer,
+        model,
+        seed=train.seed,
+        batch_size=train.per_device_train_batch_size,
+        num_rows_needed=train.max_steps * train.per_device_train_batch_size * train.gradient_accumulation_steps,
+    )
+    trainer_class = ZOTrainer if recipe.method == "zo" else Trainer
+    trainer = trainer_class(
+        model=model,
+        args=training_arguments(recipe, task),
+        train_dataset=task.train_dataset,
+        eval_dataset=task.eval_dataset,
+        data_collator=task.data_collator,
+        processing_class=tokenizer,
+        compute_loss_func=task.compute_loss_func,
+        compute_metrics=task.compute_metrics,
+        preprocess_logits_for_metrics=task.preprocess_logits_for_metrics,
+    )
+    if task.compute_loss_func is not None:
+        # our loss is a per-micro-batch mean: let the Trainer divide by the accumulation steps
+        trainer.loss_is_scaled_for_ga = False
+    return trainer, f"eval_{task.metric}"
+
+
+def peak_memory_gib() -> float:
+    """Peak resident memory of this process (and, on CUDA, peak allocated GPU memory)."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def train(recipe: Recipe, source: str) -> dict:
+    """Run a recipe end to end; returns the summary it prints."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    hf_logging.set_verbosity_warning()
+    out = Path(recipe.train.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "recipe.yaml").write_text(dump_recipe(recipe, source))
+
+    console.print(f"[bold]zotune[/] {recipe.method} · loading the model")
+    model, tokenizer = build_model(recipe)
+    trainer, metric = build_trainer(recipe, model, tokenizer)
+    has_eval = trainer.eval_dataset is not None
+
+    before = trainer.evaluate() if has_eval and recipe.train.evaluate_before else {}
+    start = time.perf_counter()
+    resume = recipe.train.resume_from_checkpoint
+    trainer.train(resume_from_checkpoint=True if resume == "latest" else resume)
+    elapsed = time.perf_counter() - start
+    after = trainer.evaluate() if has_eval else {}
+    trainer.save_model(str(out))
+    tokenizer.save_pretrained(str(out))
+
+    summary = {
+        "method": recipe.method,
+        "steps": trainer.state.global_step,
+        "train_seconds": round(elapsed, 1),
+        "seconds_per_step": round(elapsed / max(trainer.state.global_step, 1), 3),
+        "peak_memory_gib": round(peak_memory_gib(), 2),
+        f"{metric}_before": before.get(metric),
+        f"{metric}_after": after.get(metric),
+        "output_dir": str(out),
+    }
+    if isinstance(trainer, ZOTrainer):
+        summary["nonfinite_steps"] = trainer.nonfinite_steps
+    _print_summary(summary)
+    return summary
+
+
+def _print_summary(summary: dict) -> None:
+    table = Table(title="zotune summary", show_header=False, box=None)
+    for key, value in summary.items():
+        shown = "-" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
+        table.add_row(key, shown)
+    console.print(table)
