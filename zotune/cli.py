@@ -105,7 +105,7 @@ def list_recipes() -> None:
     table = Table(box=None, header_style="bold")
     table.add_column("recipe", no_wrap=True)
     table.add_column("method")
-    table.add_column("task")
+    table.add_column("task", no_wrap=True)
     table.add_column("run with", no_wrap=True)
     table.add_column("description")
     shipped = shipped_recipes()

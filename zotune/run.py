@@ -37,6 +37,7 @@ def training_arguments(recipe: Recipe, task: TaskData) -> TrainingArguments:
     fields = recipe.train.model_dump(exclude=RUN_ONLY)
     fields.update(
         remove_unused_columns=False,  # the collators pick their columns themselves
+        dataloader_pin_memory=torch.cuda.is_available(),
         train_sampling_strategy="sequential" if task.sequential_sampling else "random",
     )
     if recipe.method == "fo":

@@ -104,7 +104,8 @@ class ZOTrainer(Trainer):
         inputs = self._prepare_inputs(inputs)
 
         def loss_fn() -> float:
-            return self.compute_loss(model, inputs).item()
+            # a copy: compute_loss pops "labels" from the dict it is given
+            return self.compute_loss(model, dict(inputs)).item()
 
         losses = self.zo.estimate(loss_fn, self.state.global_step)
         mean = sum(lp + lm for lp, lm in losses) / (2 * len(losses))

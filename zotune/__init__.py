@@ -1,0 +1,19 @@
+"""zotune: zeroth-order fine-tuning of language models in about the memory of inference.
+
+The trainer classes are imported on first use, so `zotune validate` and `zotune ls` stay
+fast and never import torch.
+"""
+
+__all__ = ["ZOConfig", "ZOTrainer", "ZOSGD"]
+
+
+def __getattr__(name: str):
+    if name in ("ZOConfig", "ZOTrainer"):
+        from zotune import trainer
+
+        return getattr(trainer, name)
+    if name == "ZOSGD":
+        from zotune.optim import ZOSGD
+
+        return ZOSGD
+    raise AttributeError(f"module 'zotune' has no attribute {name!r}")
