@@ -12,7 +12,7 @@ from conftest import tiny_config
 from safetensors.torch import load_file
 
 from zotune.recipe import load_recipe
-from zotune.run import train
+from zotune.run import build_model, train
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason="needs ../shared/data")
@@ -27,7 +27,7 @@ def write_recipe(tmp_path: Path, **sections) -> Path:
             "train": {"path": str(DATA / "rotten_tomatoes/train.jsonl"), "max_samples": 64},
             "eval": {"path": str(DATA / "rotten_tomatoes/validation.jsonl"), "max_samples": 16},
             "template": "{text} It was",
-            "verbalizer": {"0": " terrible", "1": " great"},
+            "verbalizer": {"0": "n", "1": "y"},  # one byte each: single tokens
             "balanced": True,
             "max_length": 48,
         },
@@ -40,6 +40,12 @@ def write_recipe(tmp_path: Path, **sections) -> Path:
     path = tmp_path / "recipe.yaml"
     path.write_text("# zotune train recipe.yaml\n" + yaml.safe_dump(recipe))
     return path
+
+
+def moved(recipe, saved: dict) -> bool:
+    """Whether the saved weights differ from the recipe's initial model."""
+    initial = build_model(recipe)[0].state_dict()
+    return any(not torch.equal(initial[name], tensor) for name, tensor in saved.items())
 
 
 def cli(*args) -> subprocess.CompletedProcess:
@@ -60,8 +66,7 @@ def test_zo_run_reports_before_after_and_replays_bit_exact(tmp_path):
     assert trained.keys() == replayed.keys()
     for name in trained:
         assert torch.equal(trained[name], replayed[name]), name
-    base = load_file(tmp_path / "replayed/model.safetensors")  # sanity: training moved something
-    assert base.keys()
+    assert moved(load_recipe(str(path)), trained)  # else replay equal to trained would prove nothing
 
 
 def test_replay_refuses_a_different_base(tmp_path):
@@ -77,7 +82,7 @@ def test_fo_baseline_runs_the_same_recipe(tmp_path):
     recipe = load_recipe(str(path))
     summary = train(recipe, str(path))
     assert summary["method"] == "fo" and summary["steps"] == 6
-    assert summary["eval_loss_before"] if "eval_loss_before" in summary else summary["eval_accuracy_before"] >= 0
+    assert moved(recipe, load_file(Path(summary["output_dir"]) / "model.safetensors"))
     assert not (Path(summary["output_dir"]) / "zo_trajectory.jsonl").exists()
 
 
