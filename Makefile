@@ -17,7 +17,7 @@ $(VENV)/.demo: $(BIN)/python pyproject.toml
 	touch $@
 
 $(VENV)/.test: $(BIN)/python pyproject.toml
-	$(BIN)/pip install -e ".[test,demo,quant]"
+	$(BIN)/pip install -e ".[test]"
 	touch $@
 
 demo: $(VENV)/.demo
