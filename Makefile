@@ -17,14 +17,16 @@ $(VENV)/.demo: $(BIN)/python pyproject.toml
 	touch $@
 
 $(VENV)/.test: $(BIN)/python pyproject.toml
-	$(BIN)/pip install -e ".[test]"
+	$(BIN)/pip install -e ".[test,demo]"
 	touch $@
 
 demo: $(VENV)/.demo
 	$(BIN)/zotune train quickstart
 
+# unit tests on tiny models, then the integration tests on the real Gemma 3 270M (a bare
+# `pytest` skips those: see addopts in pyproject.toml)
 test: $(VENV)/.test
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest -m "integration or not integration" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

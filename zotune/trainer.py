@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from zotune.errors import UserError
 from zotune.models import stable_name, trainable_parameters
 from zotune.optim import SCHEDULES, ZOSGD
 from zotune.trajectory import TrajectoryWriter, params_digest
@@ -20,8 +21,8 @@ from zotune.trajectory import TrajectoryWriter, params_digest
 PERTURBATIONS = ("gaussian", "rademacher")
 
 
-class NonFiniteLossError(RuntimeError):
-    """Training produced non-finite losses for too many steps in a row."""
+class NonFiniteLossError(UserError):
+    """Training produced non-finite losses for too many steps in a row (the CLI prints it, no traceback)."""
 
 
 @dataclass
