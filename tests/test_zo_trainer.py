@@ -82,11 +82,12 @@ def test_sequential_equals_fused(arch, tmp_path):
         models[schedule] = tiny_causal_lm(arch)
         make_trainer(models[schedule], tmp_path / schedule, zo_schedule=schedule, zo_num_directions=2,
                      gradient_accumulation_steps=2, per_device_train_batch_size=4).train()
+    # fused only merges passes: each parameter sees the same float operations in the same
+    # order, so the two schedules agree bit for bit, not just within tolerance
     for (n, a), b in zip(models["sequential"].named_parameters(), models["fused"].parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=n)
+        assert torch.equal(a, b), n
     records = [read_trajectory(tmp_path / s)[1] for s in ("sequential", "fused")]
-    for r_seq, r_fused in zip(*records):
-        assert r_seq["g"] == pytest.approx(r_fused["g"], rel=1e-6)
+    assert [r["g"] for r in records[0]] == [r["g"] for r in records[1]]
 
 
 @pytest.mark.parametrize("arch", CORE_ARCHS)
