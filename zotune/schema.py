@@ -94,7 +94,9 @@ class ZOSection(Section):
     eps: float = Field(1e-3, gt=0, description="Perturbation scale epsilon.")
     num_directions: int = Field(1, ge=1, description="Directions q per step; the update averages them.")
     perturbation: Literal["gaussian", "rademacher"] = Field("gaussian", description="Distribution of z.")
-    schedule: Literal["sequential", "fused"] = Field("sequential", description="Order of the in-place passes.")
+    schedule: Literal["sequential", "fused"] = Field(
+        "fused", description="Order of the in-place passes; fused equals sequential with one noise pass fewer."
+    )
     max_nonfinite: int = Field(5, ge=1, description="Stop after this many non-finite steps in a row.")
 
 

@@ -37,7 +37,7 @@ class ZOConfig(TrainingArguments):
         default="gaussian", metadata={"help": "Distribution of z: 'gaussian' or 'rademacher' (±1, cheaper)."}
     )
     zo_schedule: str = field(
-        default="sequential",
+        default="fused",
         metadata={"help": "'sequential' (MeZO: restore after each − pass) or 'fused' (restore merged into the next pass)."},
     )
     zo_include: list[str] = field(
