@@ -1,1 +1,30 @@
-"""Triton kernels and their pure-PyTorch twins (installed as zotune.kernels)."""
+"""Triton kernels and their pure-PyTorch twins (installed as zotune.kernels).
+
+In-place passes over one parameter (or a shard: ``offset`` is the shard's first element in
+the full tensor), each regenerating z = zotune.noise.noise(seed, numel, kind, offset) on the
+fly. One file per op holds its Triton kernel, its PyTorch twin (the reference) and the
+public function, which picks an implementation with `_dispatch.choose`:
+
+- `perturb_`                  param += scale·z
+- `restore_and_update_`       fused schedule: restore from θ − εz and apply ZO-SGD
+- `lazy_update_and_perturb_`  dual schedule: pending update and next +εz in one pass
+- `momentum_update_`          ZO-SGD with momentum
+- `adam_update_`              AdamW on ĝ = g·z
+
+Every op takes float32, bfloat16 or float16 params, an optional float32 ``master`` copy of
+θ for 16-bit params, any shape (non-contiguous ones are worked on as a contiguous copy) and
+``kind`` "gaussian" or "rademacher". Importing this package does not import triton.
+
+Numerics: every implementation does the same float32 operations in the same order, each
+rounded (no fused multiply-add), with scalar coefficients computed in double on the host and
+rounded to float32 once. So rademacher results are bit-equal across implementations; with
+gaussian noise they differ only through z's last bits (log/cos differ between libraries).
+"""
+
+from zotune.kernels.adam import adam_update_
+from zotune.kernels.lazy_update import lazy_update_and_perturb_
+from zotune.kernels.momentum import momentum_update_
+from zotune.kernels.perturb import perturb_
+from zotune.kernels.restore_and_update import restore_and_update_
+
+__all__ = ["perturb_", "restore_and_update_", "lazy_update_and_perturb_", "momentum_update_", "adam_update_"]

@@ -59,7 +59,7 @@ class ZOSGD(torch.optim.Optimizer):
         eps: float = 1e-3,
         num_directions: int = 1,
         perturbation: str = "gaussian",
-        schedule: str = "sequential",
+        schedule: str = "fused",
         seed: int = 0,
     ):
         if schedule not in SCHEDULES:
