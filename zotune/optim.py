@@ -6,16 +6,18 @@ For a step with seed s and directions k = 0..q-1 (DESIGN §3):
     θ  ← θ − lr · ((1/q) Σ_k g_k z_k + wd · θ)          MeZO's ZO-SGD
 
 z_k is never stored: every pass over the parameters regenerates it from
-(step seed, k, parameter name) with the counter-based noise of `zotune.noise`.
+(step seed, k, parameter name) with the counter-based noise of `zotune.noise`,
+inside the in-place kernels of `zotune.kernels`.
 
-The weights only ever sit at θ + Σ c·z for a short list of (seed, k, c) terms,
-the *displacement*. Every pass over the parameters moves them from one
+The weights only ever sit at θ or at θ + c·z_k for one (seed, k, c) term, the
+*displacement*. Every pass over the parameters moves them from one
 displacement to the next, optionally applying the update to θ on the way:
 
-    sequential (MeZO):  [] → [+εz_k] → [−εz_k] → [] per direction, then update
-    fused:              the restore to [] is deferred and merged into the next
-                        pass (the next +ε, or the update): 3 noise draws a step
-                        instead of 4.
+    sequential (MeZO):  θ → θ+εz_k → θ−εz_k → θ per direction, then update
+    fused:              the restore from θ−εz_k is deferred and merged into the
+                        next pass (the next +ε with `lazy_update_and_perturb_`,
+                        or the update with `restore_and_update_`): 3 noise
+                        draws a step instead of 4.
 
 Both give the same numbers: every parameter sees the same float operations in
 the same order, only the number of times z is regenerated differs.
@@ -34,7 +36,8 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from zotune.noise import noise_like, seed_for, step_seed
+from zotune.kernels import lazy_update_and_perturb_, perturb_, restore_and_update_
+from zotune.noise import seed_for, step_seed
 
 Term = tuple[int, int, float]  # (step seed, direction k, coefficient of z_k)
 SCHEDULES = ("sequential", "fused")
@@ -81,7 +84,7 @@ class ZOSGD(torch.optim.Optimizer):
                 self.state[p]["master"] = p.detach().float().clone()
         self.nonfinite_in_a_row = 0
         self.last_record: dict | None = None
-        self._displacement: list[Term] = []
+        self._displacement: Term | None = None
         self._reset_step()
 
     def _reset_step(self) -> None:
@@ -91,43 +94,46 @@ class ZOSGD(torch.optim.Optimizer):
 
     # -- the passes over the parameters ---------------------------------------------
 
-    def _move(self, to: list[Term], update: tuple[list[float], int] | None = None) -> None:
+    def _move(self, to: Term | None, update: tuple[list[float], int] | None = None) -> None:
         """One pass: take every parameter from the current displacement to `to`.
 
         `update = (g, step)` also applies the SGD update with projected gradients
-        g (one per direction of that step) to θ on the way.
+        g (one per direction of that step) to θ on the way. Each call below is one
+        in-place kernel that regenerates its z (zotune.kernels).
         """
         frm = self._displacement
         for group in self.param_groups:
             lr, wd = group["lr"], group["weight_decay"]
             for name, p in zip(group["names"], group["params"]):
-                z_cache: dict[tuple[int, int], torch.Tensor] = {}
-
-                def z(seed: int, k: int) -> torch.Tensor:
-                    if (seed, k) not in z_cache:
-                        z_cache[seed, k] = noise_like(p, seed_for(seed, k, name), self.kind)
-                    return z_cache[seed, k]
-
                 master = self.state[p].get("master")
-                theta = p.data if master is None else master
-                if master is None:
-                    for s, k, c in frm:
-                        theta.add_(z(s, k).to(p.dtype), alpha=-c)
+                kw = {"kind": self.kind, "master": master}
+                pending = frm if master is None else None  # a master copy is never displaced
                 if update is not None:
                     g, step = update
-                    s = step_seed(self.seed, step)
-                    if wd:
-                        theta.mul_(1.0 - lr * wd)
-                    for k, g_k in enumerate(g):
-                        theta.add_(z(s, k).to(theta.dtype), alpha=-lr * g_k / len(g))
-                if master is None:
-                    for s, k, c in to:
-                        theta.add_(z(s, k).to(p.dtype), alpha=c)
-                else:
-                    moved = master.clone()
-                    for s, k, c in to:
-                        moved.add_(z(s, k), alpha=c)
-                    p.data.copy_(moved)
+                    s, q = step_seed(self.seed, step), len(g)
+                    # the last direction goes first: the fused schedule's pending restore is along it
+                    lead = q - 1
+                    restore = -pending[2] if pending is not None else 0.0
+                    restore_and_update_(p.data, seed_for(s, lead, name), restore, g[lead] / q, lr, wd, **kw)
+                    for k in range(lead):
+                        if master is None:
+                            perturb_(p.data, seed_for(s, k, name), -lr * g[k] / q, kind=self.kind)
+                        else:  # wd was applied with the lead direction
+                            restore_and_update_(p.data, seed_for(s, k, name), 0.0, g[k] / q, lr, 0.0, **kw)
+                    pending = None
+                if pending is not None and to is not None and pending[:2] == to[:2]:
+                    perturb_(p.data, seed_for(*to[:2], name), to[2] - pending[2], kind=self.kind)
+                elif pending is not None and to is not None:
+                    lazy_update_and_perturb_(
+                        p.data, seed_for(*pending[:2], name), -pending[2], seed_for(*to[:2], name), to[2],
+                        kind=self.kind,
+                    )
+                elif pending is not None:
+                    perturb_(p.data, seed_for(*pending[:2], name), -pending[2], kind=self.kind)
+                elif to is not None:
+                    perturb_(p.data, seed_for(*to[:2], name), to[2], **kw)
+                elif master is not None:
+                    p.data.copy_(master)
         self._displacement = to
 
     def _perturbation_passes(self, step: int, loss_fn: Callable[[], float] | None) -> list[tuple[float, float]]:
@@ -135,12 +141,12 @@ class ZOSGD(torch.optim.Optimizer):
         s = step_seed(self.seed, step)
         losses = []
         for k in range(self.q):
-            self._move([(s, k, self.eps)])
+            self._move((s, k, self.eps))
             loss_plus = loss_fn() if loss_fn else math.nan
-            self._move([(s, k, -self.eps)])
+            self._move((s, k, -self.eps))
             loss_minus = loss_fn() if loss_fn else math.nan
             if self.schedule == "sequential":
-                self._move([])
+                self._move(None)
             losses.append((loss_plus, loss_minus))
         return losses
 
@@ -166,7 +172,7 @@ class ZOSGD(torch.optim.Optimizer):
         micro_batches = len(self._losses) // self.q
         g = [g_sum / micro_batches for g_sum in self._g_sum]
         finite = all(math.isfinite(v) for v in g)
-        self._move([], (g, self._step) if finite else None)
+        self._move(None, (g, self._step) if finite else None)
         self.nonfinite_in_a_row = 0 if finite else self.nonfinite_in_a_row + 1
         record = {
             "step": self._step,
@@ -194,7 +200,7 @@ class ZOSGD(torch.optim.Optimizer):
             group["lr"] = record["lr"]
         for _ in range(record["micro_batches"]):
             self._perturbation_passes(record["step"], None)
-        self._move([], (record["g"], record["step"]) if record["g"] is not None else None)
+        self._move(None, (record["g"], record["step"]) if record["g"] is not None else None)
 
     def load_state_dict(self, state_dict: dict) -> None:
         # torch casts floating state to the parameter's dtype on load; the fp32 master must stay fp32

@@ -1,0 +1,78 @@
+"""lazy_update_and_perturb_: the dual schedule's pass that applies the previous step's pending
+update and the next step's +ε perturbation together, generating both z streams in registers::
+
+    θ = θ·decay + prev_coef·z_prev
+    param = θ + next_scale·z_next
+
+Without ``master`` θ is read from param (fp32, or 16-bit rounded once at the end). With an fp32
+``master``, master holds θ and is updated; param = round(master + next_scale·z_next).
+
+A param left at θ − ε·z_prev after the − half, with update θ·(1 − lr·wd) − lr·g·z_prev pending,
+takes decay = 1 − lr·wd and prev_coef = ε·decay − lr·g (equal in exact arithmetic to a restore
+then the update; in float it is a different rounding sequence, so replay must use the same op).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from zotune.kernels import _dispatch
+from zotune.kernels._dispatch import f32, store, tile, triton_jit
+from zotune.kernels._philox import KIND_ID, noise_tile
+
+if TYPE_CHECKING:
+    import triton.language as tl
+
+__all__ = ["lazy_update_and_perturb_"]
+
+
+@triton_jit(do_not_specialize=["prev_seed", "next_seed", "n", "offset"])
+def _lazy_kernel(p_ptr, m_ptr, prev_seed, prev_coef, next_seed, next_scale, decay, n, offset, KIND: tl.constexpr,
+                 HAS_MASTER: tl.constexpr, ROWS: tl.constexpr):
+    rows, idx, mask = tile(n, offset, ROWS)
+    z_prev = noise_tile(prev_seed, rows, KIND)
+    z_next = noise_tile(next_seed, rows, KIND)
+    if HAS_MASTER:
+        theta = tl.load(m_ptr + idx, mask=mask)
+    else:
+        theta = tl.load(p_ptr + idx, mask=mask).to(tl.float32)
+    theta = theta * decay + prev_coef * z_prev
+    if HAS_MASTER:
+        tl.store(m_ptr + idx, theta, mask=mask)
+    store(p_ptr + idx, theta + next_scale * z_next, mask)
+
+
+def lazy_update_and_perturb_twin(param, prev_seed, prev_coef, next_seed, next_scale, decay, kind, offset, master=None,
+                                 impl="eager"):
+    """The reference, on flat contiguous tensors; coefficients already rounded to float32."""
+    n, device = param.numel(), param.device
+    prev = _dispatch.pieces(n, prev_seed, kind, offset, impl, device)
+    nxt = _dispatch.pieces(n, next_seed, kind, offset, impl, device)
+    for (lo, hi, z_prev), (_, _, z_next) in zip(prev, nxt):
+        theta = master[lo:hi] if master is not None else param[lo:hi].float()
+        theta = theta * decay + prev_coef * z_prev
+        if master is not None:
+            master[lo:hi] = theta
+        param[lo:hi] = theta + next_scale * z_next
+
+
+@torch.no_grad()
+def lazy_update_and_perturb_(param: torch.Tensor, prev_seed: int, prev_coef: float, next_seed: int, next_scale: float,
+                             *, decay: float = 1.0, kind: str, offset: int = 0,
+                             master: torch.Tensor | None = None) -> torch.Tensor:
+    """In place: θ = θ·decay + prev_coef·z(prev_seed); param = θ + next_scale·z(next_seed). θ is
+    param itself, or ``master`` when given (param = round(master + next_scale·z_next)). Returns param."""
+    prev_seed, offset = _dispatch.check(param, prev_seed, kind, offset, master=master)
+    next_seed, _ = _dispatch.check(param, next_seed, kind, offset)
+    prev_coef, next_scale, decay = f32(prev_coef), f32(next_scale), f32(decay)
+    impl = _dispatch.choose(param.device)
+    with _dispatch.flat(param, master) as (p, m):
+        if impl == "triton":
+            _dispatch.launch(_lazy_kernel, p.numel(), offset, p, p if m is None else m, prev_seed, prev_coef,
+                             next_seed, next_scale, decay, KIND=KIND_ID[kind], HAS_MASTER=m is not None)
+        else:
+            lazy_update_and_perturb_twin(p, prev_seed, prev_coef, next_seed, next_scale, decay, kind, offset,
+                                         master=m, impl=impl)
+    return param

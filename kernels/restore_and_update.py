@@ -1,0 +1,71 @@
+"""restore_and_update_: the fused schedule's single pass that restores θ and applies ZO-SGD.
+
+The param sits at θ − εz. In one pass (one regeneration of z)::
+
+    θ = param + ε·z
+    param = θ·(1 − lr·wd) − lr·g·z
+
+With an fp32 ``master`` (which holds θ itself, not the perturbed value) the restore is
+exact: master = master·(1 − lr·wd) − lr·g·z, param = round(master).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from zotune.kernels import _dispatch
+from zotune.kernels._dispatch import f32, store, tile, triton_jit
+from zotune.kernels._philox import KIND_ID, noise_tile
+
+if TYPE_CHECKING:
+    import triton.language as tl
+
+__all__ = ["restore_and_update_"]
+
+
+@triton_jit(do_not_specialize=["seed", "n", "offset"])
+def _restore_and_update_kernel(p_ptr, m_ptr, seed, eps, decay, coef, n, offset, KIND: tl.constexpr,
+                               HAS_MASTER: tl.constexpr, ROWS: tl.constexpr):
+    rows, idx, mask = tile(n, offset, ROWS)
+    z = noise_tile(seed, rows, KIND)
+    if HAS_MASTER:
+        theta = tl.load(m_ptr + idx, mask=mask)
+    else:
+        theta = tl.load(p_ptr + idx, mask=mask).to(tl.float32) + eps * z
+    theta = theta * decay - coef * z
+    if HAS_MASTER:
+        tl.store(m_ptr + idx, theta, mask=mask)
+    store(p_ptr + idx, theta, mask)
+
+
+def restore_and_update_twin(param, seed, eps, decay, coef, kind, offset, master=None, impl="eager"):
+    """The reference, on flat contiguous tensors; coefficients already rounded to float32
+    (decay = 1 − lr·wd, coef = lr·g)."""
+    for lo, hi, z in _dispatch.pieces(param.numel(), seed, kind, offset, impl, param.device):
+        if master is None:
+            theta = param[lo:hi].float() + eps * z
+        else:
+            theta = master[lo:hi]
+        theta = theta * decay - coef * z
+        if master is not None:
+            master[lo:hi] = theta
+        param[lo:hi] = theta
+
+
+@torch.no_grad()
+def restore_and_update_(param: torch.Tensor, seed: int, eps: float, g: float, lr: float, wd: float, *, kind: str,
+                        offset: int = 0, master: torch.Tensor | None = None) -> torch.Tensor:
+    """In place: param (at θ − εz) becomes (θ)·(1 − lr·wd) − lr·g·z; with ``master`` (holding θ),
+    master gets that value and param = round(master). Returns param."""
+    seed, offset = _dispatch.check(param, seed, kind, offset, master=master)
+    eps, decay, coef = f32(eps), f32(1.0 - lr * wd), f32(lr * g)
+    impl = _dispatch.choose(param.device)
+    with _dispatch.flat(param, master) as (p, m):
+        if impl == "triton":
+            _dispatch.launch(_restore_and_update_kernel, p.numel(), offset, p, p if m is None else m, seed, eps, decay,
+                             coef, KIND=KIND_ID[kind], HAS_MASTER=m is not None)
+        else:
+            restore_and_update_twin(p, seed, eps, decay, coef, kind, offset, master=m, impl=impl)
+    return param

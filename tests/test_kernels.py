@@ -1,0 +1,458 @@
+"""zotune.kernels: every op x implementation x dtype x noise kind x shape, against the twin.
+
+The twin (each op's PyTorch code fed by zotune.noise, i.e. ZOTUNE_KERNELS=eager) is the
+reference. Tolerances of the other implementations (Triton under TRITON_INTERPRET=1, compiled):
+
+| noise      | output                | tolerance                       | why                                     |
+|------------|-----------------------|---------------------------------|-----------------------------------------|
+| rademacher | every dtype           | bit-equal                       | z is exact (bits of Philox); every path |
+|            |                       |                                 | does the same float32 ops in the same   |
+|            |                       |                                 | order, each correctly rounded, no FMA   |
+| gaussian   | float32 (param,       | abs 1e-5                        | z differs by <= 8 eps32 relative (log & |
+|            | master, optimizer     |                                 | cos: numpy in the interpreter, inductor |
+|            | state)                |                                 | vs torch/MKL); the largest z term here  |
+|            |                       |                                 | is |1.7 z| < 9.7, so < 9.3e-6 (measured |
+|            |                       |                                 | <= 4.8e-7)                              |
+| gaussian   | bfloat16 / float16    | abs 1e-5 + 1 ulp of the dtype   | that pre-rounding difference can flip   |
+|            | param                 | (rel 2**-7 / 2**-10)            | the final rounding by one ulp           |
+| gaussian   | any, given the same z | bit-equal                       | the arithmetic itself is identical      |
+
+Independent checks: the twin against the formulas in float64, Adam against torch.optim.AdamW,
+momentum against torch.optim.SGD, shards against the whole tensor, and a wrong seed or offset
+failing the same comparison the matrix uses.
+"""
+
+import contextlib
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+from zotune.kernels import (
+    _dispatch,
+    _philox,
+    adam_update_,
+    lazy_update_and_perturb_,
+    momentum_update_,
+    perturb_,
+    restore_and_update_,
+)
+from zotune.noise import KINDS, noise
+
+EPS32 = torch.finfo(torch.float32).eps
+SEED, SEED2 = 2**40 + 3, 0x5EED_0000_0001  # both past 2**32: the key's high word matters
+ENV = _dispatch.ENV
+
+IMPLS = [pytest.param("triton", marks=pytest.mark.triton), "compiled", "eager"]
+FAST_IMPLS = [pytest.param("triton", marks=pytest.mark.triton), "compiled"]  # the ones held to the twin
+DTYPES = {  # name -> (param dtype, with fp32 master)
+    "fp32": (torch.float32, False),
+    "bf16": (torch.bfloat16, False),
+    "fp16": (torch.float16, False),
+    "bf16+master": (torch.bfloat16, True),
+}
+SHAPES = {  # name -> (shape, offset, transposed view)
+    "3x5x7@77": ((3, 5, 7), 77, False),
+    "1@0": ((1,), 0, False),
+    "130@2^33+5": ((130,), 2**33 + 5, False),  # the counter's high word; rademacher counters past 2**32 too
+    "9x5.T@1000": ((9, 5), 1000, True),  # non-contiguous: a (5, 9) view of a (9, 5) tensor
+    "41x53@3000": ((41, 53), 3000, False),  # 3 Triton programs
+}
+
+
+@contextlib.contextmanager
+def forced(impl):
+    old = os.environ.get(ENV)
+    os.environ[ENV] = impl
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[ENV]
+        else:
+            os.environ[ENV] = old
+
+
+def needs(impl):
+    if impl == "triton":
+        pytest.importorskip("triton")
+
+
+# ---------------------------------------------------------------------------------------
+# the ops, with coefficients that make z visible at every dtype, and none a power of two
+# (a product with one would be exact, and a fused multiply-add would go unnoticed)
+
+
+def _perturb(t, kind, offset, seed=SEED):
+    perturb_(t["param"], seed, 0.37, kind=kind, offset=offset, master=t.get("master"))
+
+
+def _restore(t, kind, offset, seed=SEED):  # eps, g, lr, wd
+    restore_and_update_(t["param"], seed, 0.3, 1.7, 0.1, 0.5, kind=kind, offset=offset, master=t.get("master"))
+
+
+def _lazy(t, kind, offset, seed=SEED):
+    lazy_update_and_perturb_(t["param"], seed, 0.6, SEED2, 0.4, decay=0.95, kind=kind, offset=offset,
+                             master=t.get("master"))
+
+
+def _momentum(t, kind, offset, seed=SEED):  # g, lr, wd, beta
+    momentum_update_(t["param"], t["buf"], seed, 1.7, 0.1, 0.5, 0.9, kind=kind, offset=offset, master=t.get("master"))
+
+
+def _adam(t, kind, offset, seed=SEED):  # g, lr, wd, beta1, beta2, adam_eps, step
+    adam_update_(t["param"], t["m"], t["v"], seed, 1.7, 0.1, 0.5, 0.9, 0.99, 1e-3, 3, kind=kind, offset=offset,
+                 master=t.get("master"))
+
+
+OPS = {"perturb": _perturb, "restore_and_update": _restore, "lazy_update_and_perturb": _lazy,
+       "momentum": _momentum, "adam": _adam}
+STATE = {"momentum": ("buf",), "adam": ("m", "v")}
+
+
+def make(op, dtype_key, shape_key, gen_seed=0):
+    """Fresh tensors for one case: param (+ master) (+ optimizer state), all of one shape."""
+    dtype, with_master = DTYPES[dtype_key]
+    shape, _, transposed = SHAPES[shape_key]
+    gen = torch.Generator().manual_seed(gen_seed)
+
+    def new(dtype, positive=False):
+        t = torch.randn(shape, generator=gen)
+        t = (t.abs() + 0.1 if positive else t).to(dtype)
+        return t.t() if transposed else t
+
+    t = {"param": new(dtype)}
+    if with_master:
+        t["master"] = new(torch.float32)  # deliberately not param's value: param must not be read
+    for name in STATE.get(op, ()):
+        t[name] = new(torch.float32, positive=name == "v")
+    return t
+
+
+def run(op, impl, tensors, kind, offset, seed=SEED):
+    with forced(impl):
+        OPS[op](tensors, kind, offset, seed)
+    return tensors
+
+
+def compare(actual, expected, kind):
+    """The tolerance of the table above; both dicts of tensors, compared in row-major order."""
+    for name, exp in expected.items():
+        act = actual[name].reshape(-1)
+        exp = exp.reshape(-1)
+        assert act.dtype == exp.dtype
+        if kind == "rademacher":
+            bad = (act != exp).nonzero()
+            assert bad.numel() == 0, f"{name}: {bad.numel()} of {exp.numel()} elements differ, first at {bad[0].item()}"
+            continue
+        rtol = 0.0 if exp.dtype == torch.float32 else torch.finfo(exp.dtype).eps
+        err = (act.float() - exp.float()).abs() - (1e-5 + rtol * exp.float().abs())
+        worst = err.argmax().item()
+        assert err[worst] <= 0, f"{name}: element {worst}: {act[worst].item()} vs {exp[worst].item()}"
+
+
+# ---------------------------------------------------------------------------------------
+# the matrix
+
+
+@pytest.mark.parametrize("shape_key", SHAPES)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype_key", DTYPES)
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("op", OPS)
+def test_op_matches_twin(op, impl, dtype_key, kind, shape_key):
+    needs(impl)
+    offset = SHAPES[shape_key][1]
+    tensors = make(op, dtype_key, shape_key)
+    # the reference runs on contiguous copies, so the non-contiguous case checks the write-back
+    expected = run(op, "eager", {k: v.contiguous().clone() for k, v in tensors.items()}, kind, offset)
+    actual = run(op, impl, tensors, kind, offset)
+    assert actual["param"].shape == expected["param"].shape
+    compare(actual, expected, kind)
+
+
+def implementation_noise(impl, seed, n, offset):
+    if impl == "compiled":
+        return _philox.noise(seed, n, "gaussian", offset)
+    z = torch.zeros(n)
+    with forced("triton"):
+        perturb_(z, seed, 1.0, kind="gaussian", offset=offset)  # 0 + 1*z is exact
+    return z
+
+
+@pytest.mark.parametrize("dtype_key", DTYPES)
+@pytest.mark.parametrize("impl", FAST_IMPLS)
+@pytest.mark.parametrize("op", OPS)
+def test_gaussian_arithmetic_is_bit_equal_given_the_same_z(op, impl, dtype_key, monkeypatch):
+    needs(impl)
+    shape_key = "41x53@3000"
+    shape, offset, _ = SHAPES[shape_key]
+    n = torch.Size(shape).numel()
+    z = {seed: implementation_noise(impl, seed, n, offset) for seed in (SEED, SEED2)}
+    actual = run(op, impl, make(op, dtype_key, shape_key), "gaussian", offset)
+
+    def same_z(seed, numel, kind, start, device):
+        return z[seed][start - offset : start - offset + numel].clone()
+
+    monkeypatch.setattr(_philox, "eager_piece", same_z)
+    expected = run(op, "eager", make(op, dtype_key, shape_key), "gaussian", offset)
+    for name in expected:
+        assert torch.equal(actual[name], expected[name]), name
+
+
+# ---------------------------------------------------------------------------------------
+# the twin against the formulas, in float64
+
+
+def formula(op, t, z, z2):
+    """Expected θ (or param) and state in float64, from the op's definition."""
+    src = t["master"] if "master" in t else t["param"]
+    src = src.double()
+    out = {}
+    if op == "perturb":
+        theta = src + 0.37 * z
+    elif op == "restore_and_update":
+        restored = src if "master" in t else src + 0.3 * z  # master holds θ; param is at θ − εz
+        theta = restored * (1 - 0.1 * 0.5) - 0.1 * 1.7 * z
+    elif op == "lazy_update_and_perturb":
+        theta = src * 0.95 + 0.6 * z
+        if "master" in t:
+            out["master"] = theta
+        out["param"] = theta + 0.4 * z2
+        return out
+    elif op == "momentum":
+        out["buf"] = 0.9 * t["buf"].double() + 1.7 * z
+        theta = src * (1 - 0.1 * 0.5) - 0.1 * out["buf"]
+    else:
+        ghat = 1.7 * z
+        out["m"] = 0.9 * t["m"].double() + 0.1 * ghat
+        out["v"] = 0.99 * t["v"].double() + 0.01 * ghat**2
+        m_hat, v_hat = out["m"] / (1 - 0.9**3), out["v"] / (1 - 0.99**3)
+        theta = src * (1 - 0.1 * 0.5) - 0.1 * m_hat / (v_hat.sqrt() + 1e-3)
+    if op != "perturb" and "master" in t:
+        out["master"] = theta
+    out["param"] = theta
+    return out
+
+
+@pytest.mark.parametrize("dtype_key", ["fp32", "bf16+master"])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("op", OPS)
+def test_twin_follows_the_formula(op, kind, dtype_key):
+    shape, offset, _ = SHAPES["3x5x7@77"]
+    t = make(op, dtype_key, "3x5x7@77")
+    z = noise(SEED, 105, kind, offset).double().view(shape)  # element i of the row-major flattening
+    z2 = noise(SEED2, 105, kind, offset).double().view(shape)
+    expected = formula(op, t, z, z2)
+    actual = run(op, "eager", t, kind, offset)
+    for name, exp in expected.items():
+        act = actual[name]
+        rtol = 1e-5 if act.dtype == torch.float32 else torch.finfo(act.dtype).eps / 2 + 1e-5
+        torch.testing.assert_close(act.double(), exp, rtol=rtol, atol=1e-5, msg=name)
+    if op == "perturb" and "master" in t:
+        assert torch.equal(actual["master"], make(op, dtype_key, "3x5x7@77")["master"])  # unchanged
+
+
+def test_adam_matches_torch_adamw():
+    lr, wd, betas, adam_eps = 0.01, 0.1, (0.9, 0.999), 1e-6
+    theta0 = torch.randn(300, generator=torch.Generator().manual_seed(3))
+    ours, m, v = theta0.clone(), torch.zeros(300), torch.zeros(300)
+    theirs = theta0.clone().requires_grad_()
+    opt = torch.optim.AdamW([theirs], lr=lr, betas=betas, eps=adam_eps, weight_decay=wd, foreach=False)
+    for step, g in enumerate([0.7, -1.3, 2.1], start=1):
+        with forced("eager"):
+            adam_update_(ours, m, v, SEED + step, g, lr, wd, *betas, adam_eps, step, kind="gaussian", offset=11)
+        theirs.grad = g * noise(SEED + step, 300, "gaussian", 11)
+        opt.step()
+    # a few ulp apart: torch updates m by lerp (another rounding order), and its float32 sqrt
+    # is not correctly rounded on this CPU (see adam.py)
+    torch.testing.assert_close(ours, theirs.detach(), rtol=4 * EPS32, atol=1e-7)
+    torch.testing.assert_close(m, opt.state[theirs]["exp_avg"], rtol=4 * EPS32, atol=1e-7)
+    torch.testing.assert_close(v, opt.state[theirs]["exp_avg_sq"], rtol=4 * EPS32, atol=1e-9)
+
+
+def test_momentum_matches_torch_sgd():
+    lr, beta = 0.05, 0.9
+    theta0 = torch.randn(300, generator=torch.Generator().manual_seed(4))
+    ours, buf = theta0.clone(), torch.zeros(300)
+    theirs = theta0.clone().requires_grad_()
+    opt = torch.optim.SGD([theirs], lr=lr, momentum=beta, foreach=False)
+    for step, g in enumerate([0.7, -1.3, 2.1]):
+        with forced("eager"):
+            momentum_update_(ours, buf, SEED + step, g, lr, 0.0, beta, kind="rademacher")
+        theirs.grad = g * noise(SEED + step, 300, "rademacher")
+        opt.step()
+    torch.testing.assert_close(ours, theirs.detach(), rtol=4 * EPS32, atol=1e-7)
+
+
+def test_lazy_pass_equals_restore_update_then_perturb():
+    """The dual schedule's use: a param at θ − εz with an update pending."""
+    eps, g, lr, wd = 1e-3, 2.5, 0.1, 0.3
+    decay = 1 - lr * wd
+    theta = torch.randn(500, generator=torch.Generator().manual_seed(5))
+    at_minus = theta - eps * noise(SEED, 500)
+    two_passes, one_pass = at_minus.clone(), at_minus.clone()
+    with forced("eager"):
+        restore_and_update_(two_passes, SEED, eps, g, lr, wd, kind="gaussian")
+        perturb_(two_passes, SEED2, eps, kind="gaussian")
+        lazy_update_and_perturb_(one_pass, SEED, eps * decay - lr * g, SEED2, eps, decay=decay, kind="gaussian")
+    torch.testing.assert_close(one_pass, two_passes, rtol=0, atol=4 * EPS32 * 4)
+
+
+# ---------------------------------------------------------------------------------------
+# offsets, seeds and shards
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("op", ["perturb", "lazy_update_and_perturb", "adam"])
+def test_shards_equal_the_whole(op, impl, kind):
+    needs(impl)
+    whole = make(op, "fp32", "41x53@3000")
+    flat = {k: v.reshape(-1).clone() for k, v in whole.items()}
+    run(op, impl, whole, kind, 40)
+    for lo, hi in [(0, 77), (77, 1100), (1100, 2173)]:  # cuts inside 128-element counters
+        run(op, impl, {k: v[lo:hi] for k, v in flat.items()}, kind, 40 + lo)
+    for name in whole:
+        assert torch.equal(whole[name].reshape(-1), flat[name]), name
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("impl", FAST_IMPLS)
+def test_a_wrong_seed_or_offset_is_caught(impl, kind):
+    needs(impl)
+    expected = run("perturb", "eager", make("perturb", "bf16", "130@2^33+5"), kind, 2**33 + 5)
+    compare(run("perturb", impl, make("perturb", "bf16", "130@2^33+5"), kind, 2**33 + 5), expected, kind)
+    for seed, offset in [(SEED + 1, 2**33 + 5), (SEED + 2**32, 2**33 + 5), (SEED, 2**33 + 6), (SEED, 5)]:
+        wrong = run("perturb", impl, make("perturb", "bf16", "130@2^33+5"), kind, offset, seed=seed)
+        with pytest.raises(AssertionError):
+            compare(wrong, expected, kind)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("seed,offset,n", [(SEED, 77, 70_000), (2**64 - 1, 2**39 - 300, 600), (0, 0, 1)])
+def test_compiled_noise_matches_eager(kind, seed, offset, n):
+    z = _philox.noise(seed, n, kind, offset)  # 70_000 spans three compiled chunks
+    if kind == "rademacher":
+        assert torch.equal(z, noise(seed, n, kind, offset))  # every bit of the integer stream
+    else:
+        torch.testing.assert_close(z, noise(seed, n, kind, offset), rtol=8 * EPS32, atol=0)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("seed,offset", [(2**64 - 1, 2**39 - 300), (0, 0), (SEED, 2**32 - 100)])
+def test_triton_noise_matches_eager(kind, seed, offset):
+    pytest.importorskip("triton")
+    z = torch.zeros(600)
+    with forced("triton"):
+        perturb_(z, seed, 1.0, kind=kind, offset=offset)
+    if kind == "rademacher":
+        assert torch.equal(z, noise(seed, 600, kind, offset))
+    else:
+        torch.testing.assert_close(z, noise(seed, 600, kind, offset), rtol=8 * EPS32, atol=0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_empty_tensors(impl):
+    needs(impl)
+    p = torch.zeros(0, 3, dtype=torch.bfloat16)
+    with forced(impl):
+        assert perturb_(p, SEED, 1.0, kind="gaussian", master=torch.zeros(0, 3)) is p
+
+
+def test_arguments_are_checked():
+    p = torch.zeros(4, dtype=torch.bfloat16)
+    with forced("eager"):
+        with pytest.raises(ValueError, match="kind"):
+            perturb_(p, 0, 1.0, kind="normal")
+        with pytest.raises(ValueError, match="offset"):
+            perturb_(p, 0, 1.0, kind="gaussian", offset=-1)
+        with pytest.raises(ValueError, match="seed"):
+            perturb_(p, -1, 1.0, kind="gaussian")
+        with pytest.raises(TypeError, match="master"):
+            perturb_(p, 0, 1.0, kind="gaussian", master=torch.zeros(4, dtype=torch.bfloat16))
+        with pytest.raises(ValueError, match="master"):
+            perturb_(p, 0, 1.0, kind="gaussian", master=torch.zeros(5))
+        with pytest.raises(TypeError, match="param"):
+            perturb_(torch.zeros(4, dtype=torch.float64), 0, 1.0, kind="gaussian")
+        with pytest.raises(ValueError, match="buf"):
+            momentum_update_(p, torch.zeros(2, 2), 0, 1.0, 0.1, 0.0, 0.9, kind="gaussian")
+        with pytest.raises(ValueError, match="step"):
+            adam_update_(p, torch.zeros(4), torch.zeros(4), 0, 1.0, 0.1, 0.0, 0.9, 0.99, 1e-8, 0, kind="gaussian")
+
+
+# ---------------------------------------------------------------------------------------
+# dispatch
+
+
+def test_default_dispatch(monkeypatch):
+    monkeypatch.delenv(ENV, raising=False)
+    assert _dispatch.choose(torch.device("cpu")) == "compiled"
+    assert _dispatch.choose(torch.device("meta")) == "eager"
+    monkeypatch.setattr(_dispatch, "triton_available", lambda: True)
+    assert _dispatch.choose(torch.device("cuda")) == "triton"
+    monkeypatch.setattr(_dispatch, "triton_available", lambda: False)
+    assert _dispatch.choose(torch.device("cuda")) == "eager"
+
+
+def test_env_var_is_checked(monkeypatch):
+    monkeypatch.setenv(ENV, "cuda")
+    with pytest.raises(ValueError, match=ENV):
+        _dispatch.choose(torch.device("cpu"))
+    monkeypatch.setenv(ENV, "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        perturb_(torch.zeros(3), 0, 1.0, kind="gaussian")
+
+
+@pytest.mark.parametrize("setting", [None, "compiled", "eager", pytest.param("triton", marks=pytest.mark.triton)])
+def test_ops_use_the_chosen_implementation(setting, monkeypatch):
+    """The generators the PyTorch paths call show which path ran."""
+    needs(setting)
+    calls = []
+    for name in ("noise_piece", "eager_piece"):
+        real = getattr(_philox, name)
+        monkeypatch.setattr(_philox, name, lambda *a, _n=name, _f=real: calls.append(_n) or _f(*a))
+    if setting is None:
+        monkeypatch.delenv(ENV, raising=False)
+    else:
+        monkeypatch.setenv(ENV, setting)
+    p = torch.zeros(300)
+    perturb_(p, SEED, 1.0, kind="rademacher")
+    assert torch.equal(p, noise(SEED, 300, "rademacher"))
+    expected = {None: {"noise_piece"}, "compiled": {"noise_piece"}, "eager": {"eager_piece"}, "triton": set()}
+    assert set(calls) == expected[setting]
+
+
+def test_compile_failure_falls_back_to_eager(monkeypatch):
+    monkeypatch.setattr(_philox, "_compile_failed", [])
+
+    def broken(kind):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(_philox, "_compiled_chunk", broken)
+    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):
+        z = _philox.noise(SEED, 300, "gaussian", 5)
+    assert torch.equal(z, noise(SEED, 300, "gaussian", 5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once only
+        assert torch.equal(_philox.noise(SEED, 300, "rademacher", 5), noise(SEED, 300, "rademacher", 5))
+
+
+def test_import_and_eager_ops_do_not_import_triton():
+    code = (
+        "import os, sys, torch, zotune, zotune.optim, zotune.kernels\n"
+        "from zotune.kernels import perturb_, restore_and_update_, lazy_update_and_perturb_, momentum_update_, "
+        "adam_update_\n"
+        "assert 'triton' not in sys.modules, 'import'\n"
+        "os.environ['ZOTUNE_KERNELS'] = 'eager'\n"
+        "perturb_(torch.zeros(10), 1, 1.0, kind='gaussian')\n"
+        "assert 'triton' not in sys.modules, 'eager op'\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", ENV)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
