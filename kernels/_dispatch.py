@@ -4,8 +4,9 @@ Implementations (DESIGN §2):
 
 - ``triton``: the fused kernel. The default for CUDA tensors when triton is installed. Forcing
   it on CPU tensors is allowed only under ``TRITON_INTERPRET=1`` (how the tests run it).
-- ``compiled``: the op's PyTorch twin fed by the ``torch.compile``'d Philox of `_philox`.
-  The default for CPU tensors.
+- ``compiled``: the op's PyTorch twin, ``torch.compile``'d whole (Philox noise + arithmetic +
+  stores, one fused graph per aligned piece, see `_fused`); ragged ends use the compiled Philox
+  of `_philox` with eager arithmetic. The default for CPU tensors.
 - ``eager``: the op's PyTorch twin fed by `zotune.noise`; the reference, runs anywhere.
 
 ``ZOTUNE_KERNELS=triton|compiled|eager`` forces one (read at every call).

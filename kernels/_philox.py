@@ -9,7 +9,8 @@ bits over the row's columns (column c takes bit c & 31 of word c >> 5).
 Compiled PyTorch: `noise_piece` runs a ``torch.compile``'d Philox on FIXED-size chunks of
 `_dispatch.CHUNK` elements (a piece is a slice of one full chunk; a short tensor pays for a
 padded chunk), so each kind compiles once whatever the tensor sizes and seeds. If compiling fails, or torch.compile is missing,
-it warns once and falls back to `zotune.noise`.
+it warns once and falls back to `zotune.noise`. The ops' compiled path (`_fused`) uses these
+chunk functions at larger fixed sizes inside its fused graphs, and `noise_piece` for ragged ends.
 """
 
 from __future__ import annotations
@@ -71,9 +72,9 @@ def _philox(c0, c1, c2, c3, k0, k1):
     return c0, c1, c2, c3
 
 
-def _gaussian_chunk(start, k0, k1):
-    """Normals of elements start .. start + CHUNK - 1 (start, k0, k1: int64 0-dim tensors)."""
-    i = start + torch.arange(CHUNK, dtype=torch.int64, device=start.device)
+def _gaussian_chunk(start, k0, k1, size=CHUNK):
+    """Normals of elements start .. start + size - 1 (start, k0, k1: int64 0-dim tensors)."""
+    i = start + torch.arange(size, dtype=torch.int64, device=start.device)
     zero = torch.zeros_like(i)
     x0, x1, _, _ = _philox(i & _MASK32, i >> 32, zero, zero, k0, k1)
     f32 = dict(dtype=torch.float32, device=start.device)
@@ -82,9 +83,9 @@ def _gaussian_chunk(start, k0, k1):
     return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(theta)
 
 
-def _rademacher_chunk(row, k0, k1):
-    """Signs of elements 128*row .. 128*row + CHUNK - 1, from counters row .. row + CHUNK/128 - 1."""
-    c = row + torch.arange(CHUNK // 128, dtype=torch.int64, device=row.device)
+def _rademacher_chunk(row, k0, k1, size=CHUNK):
+    """Signs of elements 128*row .. 128*row + size - 1, from counters row .. row + size/128 - 1."""
+    c = row + torch.arange(size // 128, dtype=torch.int64, device=row.device)
     zero = torch.zeros_like(c)
     words = torch.stack(_philox(c & _MASK32, c >> 32, zero, zero, k0, k1), dim=-1)
     shifts = torch.arange(32, dtype=torch.int64, device=row.device)
@@ -99,7 +100,8 @@ _compile_failed: list[str] = []  # the error, once compiling has failed
 
 def _compiled_chunk(kind: str):
     if kind not in _compiled:
-        _compiled[kind] = torch.compile(_CHUNK_FNS[kind], dynamic=False, fullgraph=True)
+        _compiled[kind] = torch.compile(_CHUNK_FNS[kind], dynamic=False, fullgraph=True,
+                                        options={"cpp.enable_floating_point_contract_flag": "off"})
     return _compiled[kind]
 
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from zotune.kernels import _dispatch
+from zotune.kernels import _dispatch, _fused
 from zotune.kernels._dispatch import f32, store, tile, triton_jit
 from zotune.kernels._philox import KIND_ID, noise_tile
 
@@ -53,20 +53,27 @@ def _adam_kernel(p_ptr, m_ptr, exp_avg_ptr, exp_avg_sq_ptr, seed, g, beta1, one_
 def adam_update_twin(param, exp_avg, exp_avg_sq, seed, g, beta1, one_minus_beta1, beta2, one_minus_beta2, sqrt_bc2,
                      adam_eps, step_size, decay, kind, offset, master=None, impl="eager"):
     """The reference, on flat contiguous tensors; coefficients already rounded to float32."""
-    for lo, hi, z in _dispatch.pieces(param.numel(), seed, kind, offset, impl, param.device):
-        ghat = g * z
-        m = beta1 * exp_avg[lo:hi].float() + one_minus_beta1 * ghat
-        v = beta2 * exp_avg_sq[lo:hi].float() + one_minus_beta2 * (ghat * ghat)
-        exp_avg[lo:hi] = m
-        exp_avg_sq[lo:hi] = v
-        # torch's float32 CPU sqrt is not always correctly rounded (MKL; ~17% of inputs off by an
-        # ulp here); the float64 sqrt rounded once to float32 is, as tl.sqrt_rn is.
-        denom = v.double().sqrt().float() / sqrt_bc2 + adam_eps
-        theta = master[lo:hi] if master is not None else param[lo:hi].float()
-        theta = theta * decay - step_size * (m / denom)
-        if master is not None:
-            master[lo:hi] = theta
-        param[lo:hi] = theta
+    _fused.run("adam", adam_update_math,
+               {"param": param, "master": master, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}, (seed,), kind,
+               offset, (g, beta1, one_minus_beta1, beta2, one_minus_beta2, sqrt_bc2, adam_eps, step_size, decay),
+               impl)
+
+
+def adam_update_math(zs, t, c):
+    """One piece's float32 arithmetic (see `_fused`)."""
+    (z,), (g, beta1, one_minus_beta1, beta2, one_minus_beta2, sqrt_bc2, adam_eps, step_size, decay) = zs, c
+    ghat = g * z
+    m = beta1 * t["exp_avg"].float() + one_minus_beta1 * ghat
+    v = beta2 * t["exp_avg_sq"].float() + one_minus_beta2 * (ghat * ghat)
+    # torch's float32 CPU sqrt is not always correctly rounded (MKL; ~17% of inputs off by an
+    # ulp here); the float64 sqrt rounded once to float32 is, as tl.sqrt_rn is.
+    denom = v.double().sqrt().float() / sqrt_bc2 + adam_eps
+    theta = t["master"] if t["master"] is not None else t["param"].float()
+    theta = theta * decay - step_size * (m / denom)
+    out = {"exp_avg": m, "exp_avg_sq": v, "param": theta}
+    if t["master"] is not None:
+        out["master"] = theta
+    return out
 
 
 @torch.no_grad()

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from zotune.kernels import _dispatch
+from zotune.kernels import _dispatch, _fused
 from zotune.kernels._dispatch import f32, store, tile, triton_jit
 from zotune.kernels._philox import KIND_ID, noise_tile
 
@@ -47,15 +47,18 @@ def _lazy_kernel(p_ptr, m_ptr, prev_seed, prev_coef, next_seed, next_scale, deca
 def lazy_update_and_perturb_twin(param, prev_seed, prev_coef, next_seed, next_scale, decay, kind, offset, master=None,
                                  impl="eager"):
     """The reference, on flat contiguous tensors; coefficients already rounded to float32."""
-    n, device = param.numel(), param.device
-    prev = _dispatch.pieces(n, prev_seed, kind, offset, impl, device)
-    nxt = _dispatch.pieces(n, next_seed, kind, offset, impl, device)
-    for (lo, hi, z_prev), (_, _, z_next) in zip(prev, nxt):
-        theta = master[lo:hi] if master is not None else param[lo:hi].float()
-        theta = theta * decay + prev_coef * z_prev
-        if master is not None:
-            master[lo:hi] = theta
-        param[lo:hi] = theta + next_scale * z_next
+    _fused.run("lazy_update_and_perturb", lazy_update_and_perturb_math, {"param": param, "master": master},
+               (prev_seed, next_seed), kind, offset, (prev_coef, next_scale, decay), impl)
+
+
+def lazy_update_and_perturb_math(zs, t, c):
+    """One piece's float32 arithmetic (see `_fused`)."""
+    (z_prev, z_next), (prev_coef, next_scale, decay) = zs, c
+    theta = t["master"] if t["master"] is not None else t["param"].float()
+    theta = theta * decay + prev_coef * z_prev
+    out = {} if t["master"] is None else {"master": theta}
+    out["param"] = theta + next_scale * z_next
+    return out
 
 
 @torch.no_grad()

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from zotune.kernels import _dispatch
+from zotune.kernels import _dispatch, _fused
 from zotune.kernels._dispatch import f32, store, tile, triton_jit
 from zotune.kernels._philox import KIND_ID, noise_tile
 
@@ -43,14 +43,20 @@ def _momentum_kernel(p_ptr, m_ptr, buf_ptr, seed, g, lr, decay, beta, n, offset,
 
 def momentum_update_twin(param, buf, seed, g, lr, decay, beta, kind, offset, master=None, impl="eager"):
     """The reference, on flat contiguous tensors; coefficients already rounded to float32."""
-    for lo, hi, z in _dispatch.pieces(param.numel(), seed, kind, offset, impl, param.device):
-        b = beta * buf[lo:hi].float() + g * z
-        buf[lo:hi] = b
-        theta = master[lo:hi] if master is not None else param[lo:hi].float()
-        theta = theta * decay - lr * b
-        if master is not None:
-            master[lo:hi] = theta
-        param[lo:hi] = theta
+    _fused.run("momentum", momentum_update_math, {"param": param, "master": master, "buf": buf}, (seed,), kind,
+               offset, (g, lr, decay, beta), impl)
+
+
+def momentum_update_math(zs, t, c):
+    """One piece's float32 arithmetic (see `_fused`)."""
+    (z,), (g, lr, decay, beta) = zs, c
+    b = beta * t["buf"].float() + g * z
+    theta = t["master"] if t["master"] is not None else t["param"].float()
+    theta = theta * decay - lr * b
+    out = {"buf": b, "param": theta}
+    if t["master"] is not None:
+        out["master"] = theta
+    return out
 
 
 @torch.no_grad()

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from zotune.kernels import _dispatch
+from zotune.kernels import _dispatch, _fused
 from zotune.kernels._dispatch import f32, store, tile, triton_jit
 from zotune.kernels._philox import KIND_ID, noise_tile
 
@@ -32,11 +32,16 @@ def _perturb_kernel(p_ptr, m_ptr, seed, scale, n, offset, KIND: tl.constexpr, HA
     store(p_ptr + idx, x + scale * z, mask)
 
 
+def perturb_math(zs, t, c):
+    """One piece's float32 arithmetic (see `_fused`)."""
+    (z,), (scale,) = zs, c
+    x = t["master"] if t["master"] is not None else t["param"].float()
+    return {"param": x + scale * z}  # float32, then one rounding to param's dtype
+
+
 def perturb_twin(param, seed, scale, kind, offset, master=None, impl="eager"):
     """The reference, on flat contiguous tensors; ``scale`` already rounded to float32."""
-    for lo, hi, z in _dispatch.pieces(param.numel(), seed, kind, offset, impl, param.device):
-        x = master[lo:hi] if master is not None else param[lo:hi].float()
-        param[lo:hi] = x + scale * z  # float32, then one rounding to param's dtype
+    _fused.run("perturb", perturb_math, {"param": param, "master": master}, (seed,), kind, offset, (scale,), impl)
 
 
 @torch.no_grad()

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from zotune.kernels import _dispatch
+from zotune.kernels import _dispatch, _fused
 from zotune.kernels._dispatch import f32, store, tile, triton_jit
 from zotune.kernels._philox import KIND_ID, noise_tile
 
@@ -40,18 +40,22 @@ def _restore_and_update_kernel(p_ptr, m_ptr, seed, eps, decay, coef, n, offset, 
     store(p_ptr + idx, theta, mask)
 
 
+def restore_and_update_math(zs, t, c):
+    """One piece's float32 arithmetic (see `_fused`)."""
+    (z,), (eps, decay, coef) = zs, c
+    if t["master"] is None:
+        theta = t["param"].float() + eps * z
+    else:
+        theta = t["master"]
+    theta = theta * decay - coef * z
+    return {"param": theta} if t["master"] is None else {"master": theta, "param": theta}
+
+
 def restore_and_update_twin(param, seed, eps, decay, coef, kind, offset, master=None, impl="eager"):
     """The reference, on flat contiguous tensors; coefficients already rounded to float32
     (decay = 1 − lr·wd, coef = lr·g)."""
-    for lo, hi, z in _dispatch.pieces(param.numel(), seed, kind, offset, impl, param.device):
-        if master is None:
-            theta = param[lo:hi].float() + eps * z
-        else:
-            theta = master[lo:hi]
-        theta = theta * decay - coef * z
-        if master is not None:
-            master[lo:hi] = theta
-        param[lo:hi] = theta
+    _fused.run("restore_and_update", restore_and_update_math, {"param": param, "master": master}, (seed,), kind,
+               offset, (eps, decay, coef), impl)
 
 
 @torch.no_grad()

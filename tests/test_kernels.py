@@ -33,6 +33,7 @@ import torch
 
 from zotune.kernels import (
     _dispatch,
+    _fused,
     _philox,
     adam_update_,
     lazy_update_and_perturb_,
@@ -172,6 +173,53 @@ def test_op_matches_twin(op, impl, dtype_key, kind, shape_key):
     actual = run(op, impl, tensors, kind, offset)
     assert actual["param"].shape == expected["param"].shape
     compare(actual, expected, kind)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype_key", ["fp32", "bf16+master"])
+@pytest.mark.parametrize("op", OPS)
+def test_fused_compiled_pieces_match_twin(op, dtype_key, kind, monkeypatch):
+    """The compiled path's fused graphs (noise + arithmetic + stores, one per full aligned piece),
+    made small enough that 41x53@3000 has full pieces between ragged ends: same tolerances, so
+    rademacher bit-equal (no FMA contraction in inductor's C++)."""
+    monkeypatch.setattr(_fused, "FUSED_SIZES", (256,))
+    offset = SHAPES["41x53@3000"][1]
+    tensors = make(op, dtype_key, "41x53@3000")
+    expected = run(op, "eager", {k: v.clone() for k, v in tensors.items()}, kind, offset)
+    actual = run(op, "compiled", tensors, kind, offset)
+    compare(actual, expected, kind)
+
+
+def test_fused_graphs_compile_once_per_combination(monkeypatch):
+    monkeypatch.setattr(_fused, "FUSED_SIZES", (1024, 256))
+    t = torch.randn(5000)
+    with forced("compiled"), torch._dynamo.config.patch(error_on_recompile=True):
+        perturb_(t[:3000], SEED, 0.37, kind="rademacher", offset=0)  # both sizes, then a ragged end
+        graphs = len(_fused._graphs)
+        for seed, scale, lo, hi, offset in [(SEED2, 0.5, 1000, 4000, 3), (1, -2.0, 7, 3000, 2**33 + 1)]:
+            expected = t[lo:hi].clone()
+            with forced("eager"):
+                perturb_(expected, seed, scale, kind="rademacher", offset=offset)
+            perturb_(t[lo:hi], seed, scale, kind="rademacher", offset=offset)
+            assert torch.equal(t[lo:hi], expected)
+        assert len(_fused._graphs) == graphs
+
+
+def test_fused_compile_failure_falls_back_to_eager(monkeypatch):
+    monkeypatch.setattr(_philox, "_compile_failed", [])
+    monkeypatch.setattr(_fused, "FUSED_SIZES", (256,))
+
+    def broken(*args):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(_fused, "_graph", broken)
+    p = torch.randn(1000)
+    expected = p.clone()
+    with forced("eager"):
+        perturb_(expected, SEED, 0.37, kind="rademacher", offset=5)
+    with forced("compiled"), pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):
+        perturb_(p, SEED, 0.37, kind="rademacher", offset=5)
+    assert torch.equal(p, expected)
 
 
 def implementation_noise(impl, seed, n, offset):
