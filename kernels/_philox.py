@@ -55,42 +55,19 @@ def noise_tile(seed, rows, KIND: tl.constexpr):
 _MASK32 = 0xFFFFFFFF
 
 
-def _philox(c0, c1, c2, c3, k0, k1):
-    # Philox4x32-10 on int64 tensors of uint32 values, as zotune.noise._philox but with the key
-    # as tensors, so the seed is an input of the compiled graph instead of a constant.
-    for _ in range(10):
-        prod_a = c0 * 0xD2511F53
-        prod_b = c2 * 0xCD9E8D57
-        c0, c1, c2, c3 = (
-            ((prod_b >> 32) & _MASK32) ^ c1 ^ k0,
-            prod_b & _MASK32,
-            ((prod_a >> 32) & _MASK32) ^ c3 ^ k1,
-            prod_a & _MASK32,
-        )
-        k0 = (k0 + 0x9E3779B9) & _MASK32
-        k1 = (k1 + 0xBB67AE85) & _MASK32
-    return c0, c1, c2, c3
-
-
 def _gaussian_chunk(start, k0, k1, size=CHUNK):
     """Normals of elements start .. start + size - 1 (start, k0, k1: int64 0-dim tensors)."""
     i = start + torch.arange(size, dtype=torch.int64, device=start.device)
     zero = torch.zeros_like(i)
-    x0, x1, _, _ = _philox(i & _MASK32, i >> 32, zero, zero, k0, k1)
-    f32 = dict(dtype=torch.float32, device=start.device)
-    u1 = torch.maximum(_noise._uniform(x0), torch.tensor(1e-7, **f32))
-    theta = torch.tensor(6.283185307179586, **f32) * _noise._uniform(x1)
-    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(theta)
+    x0, x1, _, _ = _noise._philox(i & _MASK32, i >> 32, zero, zero, k0, k1)
+    return _noise._normals(x0, x1)
 
 
 def _rademacher_chunk(row, k0, k1, size=CHUNK):
     """Signs of elements 128*row .. 128*row + size - 1, from counters row .. row + size/128 - 1."""
     c = row + torch.arange(size // 128, dtype=torch.int64, device=row.device)
     zero = torch.zeros_like(c)
-    words = torch.stack(_philox(c & _MASK32, c >> 32, zero, zero, k0, k1), dim=-1)
-    shifts = torch.arange(32, dtype=torch.int64, device=row.device)
-    bits = (words.unsqueeze(-1) >> shifts) & 1  # (rows, word, bit): element 128*r + 32*word + bit
-    return bits.flatten().to(torch.float32) * 2.0 - 1.0
+    return _noise._signs(torch.stack(_noise._philox(c & _MASK32, c >> 32, zero, zero, k0, k1), dim=-1))
 
 
 _CHUNK_FNS = {"gaussian": _gaussian_chunk, "rademacher": _rademacher_chunk}

@@ -80,9 +80,12 @@ def _key(seed: int) -> tuple[int, int]:
     return seed & _MASK32, seed >> 32
 
 
-def _philox(c0, c1, c2, c3, seed: int, rounds: int = 10):
-    """Philox4x32 on four int64 tensors of uint32 values; returns the four output words."""
-    k0, k1 = _key(seed)
+def _philox(c0, c1, c2, c3, k0, k1, rounds: int = 10):
+    """Philox4x32 on four int64 tensors of uint32 values; returns the four output words.
+
+    The key words k0, k1 are Python ints, or int64 tensors where the seed must be an input
+    of a compiled graph rather than a constant (zotune.kernels).
+    """
     for _ in range(rounds):
         prod_a = c0 * _ROUND_A  # may wrap past 2**63; the low 64 bits stay exact
         prod_b = c2 * _ROUND_B
@@ -105,7 +108,7 @@ def philox4x32(counters: torch.Tensor, seed: int, rounds: int = 10) -> torch.Ten
     """
     if counters.dtype != torch.int64 or counters.shape[-1:] != (4,):
         raise ValueError("counters must be an int64 tensor of shape (..., 4)")
-    return torch.stack(_philox(*counters.unbind(-1), seed, rounds), dim=-1)
+    return torch.stack(_philox(*counters.unbind(-1), *_key(seed), rounds), dim=-1)
 
 
 # ---------------------------------------------------------------------------------------
@@ -119,27 +122,35 @@ def _uniform(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
 
 
-def _gaussian(start: int, stop: int, seed: int, device) -> torch.Tensor:
-    i = torch.arange(start, stop, dtype=torch.int64, device=device)
-    zero = torch.zeros_like(i)
-    x0, x1, _, _ = _philox(i & _MASK32, i >> 32, zero, zero, seed)
-    # Box-Muller, every operation in float32 like tl.randn (constants rounded to float32).
-    f32 = dict(dtype=torch.float32, device=device)
+def _normals(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
+    """Box-Muller on two Philox words, every operation in float32 like tl.randn (constants
+    rounded to float32)."""
+    f32 = dict(dtype=torch.float32, device=x0.device)
     u1 = torch.maximum(_uniform(x0), torch.tensor(1e-7, **f32))
     theta = torch.tensor(6.283185307179586, **f32) * _uniform(x1)
     return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(theta)
+
+
+def _signs(words: torch.Tensor) -> torch.Tensor:
+    """±1 from the 128 bits of each counter's words (m, 4): element 128*r + 32*word + bit."""
+    shifts = torch.arange(32, dtype=torch.int64, device=words.device)
+    bits = ((words.unsqueeze(-1) >> shifts) & 1).flatten()  # (m, 4, 32) flattened
+    return bits.to(torch.float32) * 2.0 - 1.0
+
+
+def _gaussian(start: int, stop: int, seed: int, device) -> torch.Tensor:
+    i = torch.arange(start, stop, dtype=torch.int64, device=device)
+    zero = torch.zeros_like(i)
+    x0, x1, _, _ = _philox(i & _MASK32, i >> 32, zero, zero, *_key(seed))
+    return _normals(x0, x1)
 
 
 def _rademacher(start: int, stop: int, seed: int, device) -> torch.Tensor:
     first, last = start >> 7, (stop - 1) >> 7  # the counters covering [start, stop)
     c = torch.arange(first, last + 1, dtype=torch.int64, device=device)
     zero = torch.zeros_like(c)
-    words = torch.stack(_philox(c & _MASK32, c >> 32, zero, zero, seed), dim=-1)  # (m, 4)
-    shifts = torch.arange(32, dtype=torch.int64, device=device)
-    # (m, 4, 32) flattened puts element i of counter c at position i & 127 = word*32 + bit.
-    bits = ((words.unsqueeze(-1) >> shifts) & 1).flatten()
-    bits = bits[start - (first << 7) : stop - (first << 7)]
-    return bits.to(torch.float32) * 2.0 - 1.0
+    words = torch.stack(_philox(c & _MASK32, c >> 32, zero, zero, *_key(seed)), dim=-1)  # (m, 4)
+    return _signs(words)[start - (first << 7) : stop - (first << 7)]
 
 
 _GENERATORS = {"gaussian": _gaussian, "rademacher": _rademacher}
