@@ -40,7 +40,8 @@ from zotune.kernels import lazy_update_and_perturb_, perturb_, restore_and_updat
 from zotune.noise import seed_for, step_seed
 
 Term = tuple[int, int, float]  # (step seed, direction k, coefficient of z_k)
-SCHEDULES = ("sequential", "fused")
+Update = tuple[list[float], int, float, float]  # (g, step, lr, weight decay)
+SCHEDULES = ("dual", "sequential", "fused")
 
 
 class ZOSGD(torch.optim.Optimizer):
@@ -63,10 +64,13 @@ class ZOSGD(torch.optim.Optimizer):
         num_directions: int = 1,
         perturbation: str = "gaussian",
         schedule: str = "fused",
+        lazy_update: bool = False,
         seed: int = 0,
     ):
         if schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        if lazy_update and schedule != "dual":
+            raise ValueError("lazy_update needs the dual schedule")
         named = list(named_params)
         no_decay = set(no_decay)
         groups = [
@@ -79,68 +83,119 @@ class ZOSGD(torch.optim.Optimizer):
             group["params"] = [by_name[n] for n in group["names"]]
         super().__init__([g for g in groups if g["params"]], {"lr": lr, "weight_decay": weight_decay})
         self.eps, self.q, self.kind, self.schedule, self.seed = eps, num_directions, perturbation, schedule, seed
+        self.lazy_update = lazy_update
         for _, p in named:
             if p.dtype in (torch.float16, torch.bfloat16):
                 self.state[p]["master"] = p.detach().float().clone()
         self.nonfinite_in_a_row = 0
         self.last_record: dict | None = None
-        self._displacement: Term | None = None
+        self._flushed = self._flushed_before = False
         self._reset_step()
 
     def _reset_step(self) -> None:
         self._step: int | None = None
+        self.forward_uses: list[dict[str, int]] = []
         self._g_sum = [0.0] * self.q
         self._losses: list[tuple[float, float]] = []
 
     # -- the passes over the parameters ---------------------------------------------
 
-    def _move(self, to: Term | None, update: tuple[list[float], int] | None = None) -> None:
-        """One pass: take every parameter from the current displacement to `to`.
-
-        `update = (g, step)` also applies the SGD update with projected gradients
-        g (one per direction of that step) to θ on the way. Each call below is one
-        in-place kernel that regenerates its z (zotune.kernels).
-        """
-        frm = self._displacement
-        if update is not None:
-            g, step = update
-            s, q = step_seed(self.seed, step), len(g)
-            lead = q - 1  # goes first: the fused schedule's pending restore is along the last direction
+    def named_params(self) -> Iterable[tuple[str, torch.nn.Parameter, dict]]:
         for group in self.param_groups:
-            lr, wd = group["lr"], group["weight_decay"]
             for name, p in zip(group["names"], group["params"]):
-                master = self.state[p].get("master")
-                kw = {"kind": self.kind, "master": master}
-                pending = frm if master is None else None  # a master copy is never displaced
-                if update is not None:
-                    restore = -pending[2] if pending is not None else 0.0
-                    restore_and_update_(p.data, seed_for(s, lead, name), restore, g[lead] / q, lr, wd, **kw)
-                    for k in range(lead):
-                        if master is None:
-                            perturb_(p.data, seed_for(s, k, name), -lr * g[k] / q, kind=self.kind)
-                        else:  # wd was applied with the lead direction
-                            restore_and_update_(p.data, seed_for(s, k, name), 0.0, g[k] / q, lr, 0.0, **kw)
-                    pending = None
-                if pending is not None and to is not None and pending[:2] == to[:2]:
-                    perturb_(p.data, seed_for(*to[:2], name), to[2] - pending[2], kind=self.kind)
-                elif pending is not None and to is not None:
-                    lazy_update_and_perturb_(
-                        p.data, seed_for(*pending[:2], name), -pending[2], seed_for(*to[:2], name), to[2],
-                        kind=self.kind,
-                    )
-                elif pending is not None:
-                    perturb_(p.data, seed_for(*pending[:2], name), -pending[2], kind=self.kind)
-                elif to is not None:
-                    perturb_(p.data, seed_for(*to[:2], name), to[2], **kw)
-                elif master is not None:
-                    p.data.copy_(master)
-        self._displacement = to
+                yield name, p, group
 
-    def _perturbation_passes(self, step: int, loss_fn: Callable[[], float] | None) -> list[tuple[float, float]]:
-        """The ± passes of one micro-batch; `loss_fn=None` repeats the passes without forwards (replay)."""
+    def _update_of(self, group: dict, g: list[float], step: int) -> Update:
+        return g, step, group["lr"], group["weight_decay"]
+
+    def _move(self, to: Term | None, g: list[float] | None = None, step: int | None = None) -> None:
+        """One pass over every parameter: to displacement `to`, applying the update (g, step) on the way."""
+        for name, p, group in self.named_params():
+            self._move_param(name, p, to, None if g is None else self._update_of(group, g, step))
+
+    def _move_param(self, name: str, p: torch.nn.Parameter, to: Term | None, update: Update | None = None) -> None:
+        """Take one parameter from its displacement to `to`, applying `update` to θ on the way.
+
+        Each call below is one in-place kernel that regenerates its z (zotune.kernels).
+        """
+        state = self.state[p]
+        master = state.get("master")
+        pending = state.get("at") if master is None else None  # a master copy is never displaced
+        kw = {"kind": self.kind, "master": master}
+        if update is not None:
+            g, step, lr, wd = update
+            s, q = step_seed(self.seed, step), len(g)
+            restore = -pending[2] if pending is not None else 0.0
+            if self.lazy_update and q == 1 and to is not None:  # the update rides on the next +ε pass
+                decay = 1.0 - lr * wd
+                lazy_update_and_perturb_(p.data, seed_for(s, 0, name), restore * decay - lr * g[0],
+                                         seed_for(*to[:2], name), to[2], decay=decay, **kw)
+                state["at"] = to
+                return
+            lead = q - 1  # goes first: a pending restore is along the last direction
+            restore_and_update_(p.data, seed_for(s, lead, name), restore, g[lead] / q, lr, wd, **kw)
+            for k in range(lead):
+                if master is None:
+                    perturb_(p.data, seed_for(s, k, name), -lr * g[k] / q, kind=self.kind)
+                else:  # wd was applied with the lead direction
+                    restore_and_update_(p.data, seed_for(s, k, name), 0.0, g[k] / q, lr, 0.0, **kw)
+            pending = None
+        if pending is not None and to is not None and pending[:2] == to[:2]:
+            perturb_(p.data, seed_for(*to[:2], name), to[2] - pending[2], kind=self.kind)
+        elif pending is not None and to is not None:
+            lazy_update_and_perturb_(
+                p.data, seed_for(*pending[:2], name), -pending[2], seed_for(*to[:2], name), to[2], kind=self.kind
+            )
+        elif pending is not None:
+            perturb_(p.data, seed_for(*pending[:2], name), -pending[2], kind=self.kind)
+        elif to is not None:
+            perturb_(p.data, seed_for(*to[:2], name), to[2], **kw)
+        elif master is not None:
+            p.data.copy_(master)
+        state["at"] = to
+
+    def touch(self, params: list[tuple[str, torch.nn.Parameter]], to: Term) -> None:
+        """dual: move one module's parameters to `to`, first applying any update they still owe."""
+        for name, p in params:
+            state = self.state[p]
+            if state.get("at") != to or "owed" in state:
+                self._move_param(name, p, to, state.pop("owed", None))
+                state["moves"] = state.get("moves", 0) + 1
+
+    def discard(self, params: list[torch.nn.Parameter]) -> None:
+        """The displaced copies of `params` were dropped (16-bit offload transfer): their weights are at θ."""
+        for p in params:
+            self.state[p]["at"] = None
+
+    def flush(self) -> bool:
+        """Bring every parameter to θ with all updates applied (before anything reads the weights).
+
+        Returns whether there was anything to do."""
+        dirty = False
+        for name, p, _ in self.named_params():
+            state = self.state[p]
+            if "owed" in state or state.get("at") is not None:
+                self._move_param(name, p, None, state.pop("owed", None))
+                dirty = True
+        self._flushed = self._flushed or dirty
+        return dirty
+
+    def _perturbation_passes(self, step: int, loss_fn: Callable | None, uses: list[dict] | None = None) -> list:
+        """The ± passes of one micro-batch, one direction after the other.
+
+        sequential / fused: `loss_fn()` is the loss at the current weights, and the
+        weights are moved around it. dual: `loss_fn(s, k)` runs one forward of the
+        doubled batch that returns (L+, L−); the engine moves each module's weights
+        around its own call (`touch`). `loss_fn=None` replays the moves without
+        forwards; for dual, `uses` then says how often each weight was touched.
+        """
         s = step_seed(self.seed, step)
         losses = []
         for k in range(self.q):
+            if self.schedule == "dual":
+                losses.append(loss_fn(s, k) if loss_fn else self._replay_touches(s, k, uses.pop(0)))
+                self.forward_uses.append(self._collect_uses())
+                continue
             self._move((s, k, self.eps))
             loss_plus = loss_fn() if loss_fn else math.nan
             self._move((s, k, -self.eps))
@@ -150,13 +205,44 @@ class ZOSGD(torch.optim.Optimizer):
             losses.append((loss_plus, loss_minus))
         return losses
 
+    def _collect_uses(self) -> dict[str, int]:
+        """dual: the weights a forward touched a number of times other than once (tied, shared, unused)."""
+        uses = {}
+        for name, p, _ in self.named_params():
+            moves = self.state[p].pop("moves", 0)
+            if moves != 2:
+                uses[name] = moves // 2
+        return uses
+
+    def _replay_touches(self, s: int, k: int, uses: dict[str, int]) -> tuple[float, float]:
+        for name, p, _ in self.named_params():
+            for _ in range(uses.get(name, 1)):
+                self.touch([(name, p)], (s, k, self.eps))
+                self.touch([(name, p)], (s, k, -self.eps))
+        return math.nan, math.nan
+
+    def _apply(self, g: list[float], step: int) -> None:
+        """The update of a step, now or, with `lazy_update`, owed until each weight's next touch."""
+        if not self.lazy_update:
+            self._move(None, g, step)
+            return
+        for name, p, group in self.named_params():
+            state = self.state[p]
+            if "owed" in state:  # not touched since its previous update
+                self._move_param(name, p, None, state.pop("owed"))
+            state["owed"] = self._update_of(group, g, step)
+
     # -- the public step ------------------------------------------------------------
 
     @torch.no_grad()
-    def estimate(self, loss_fn: Callable[[], float], step: int) -> list[tuple[float, float]]:
-        """Run the ± forwards of one micro-batch and accumulate g_k. Returns the (L+, L−) pairs."""
+    def estimate(self, loss_fn: Callable, step: int) -> list[tuple[float, float]]:
+        """Run the ± forwards of one micro-batch and accumulate g_k. Returns the (L+, L−) pairs.
+
+        `loss_fn` is called as described in `_perturbation_passes` for this schedule."""
         if self._step not in (None, step):
             raise RuntimeError(f"estimate() for step {step} while step {self._step} is not applied yet")
+        if self._step is None:
+            self._flushed_before, self._flushed = self._flushed, False
         self._step = step
         losses = self._perturbation_passes(step, loss_fn)
         for k, (loss_plus, loss_minus) in enumerate(losses):
@@ -172,7 +258,10 @@ class ZOSGD(torch.optim.Optimizer):
         micro_batches = len(self._losses) // self.q
         g = [g_sum / micro_batches for g_sum in self._g_sum]
         finite = all(math.isfinite(v) for v in g)
-        self._move(None, (g, self._step) if finite else None)
+        if finite:
+            self._apply(g, self._step)
+        else:
+            self.flush()
         self.nonfinite_in_a_row = 0 if finite else self.nonfinite_in_a_row + 1
         record = {
             "step": self._step,
@@ -189,6 +278,8 @@ class ZOSGD(torch.optim.Optimizer):
             "loss_plus": [lp for lp, _ in self._losses],
             "loss_minus": [lm for _, lm in self._losses],
         }
+        if self.schedule == "dual":
+            record.update(lazy_update=self.lazy_update, flushed_before=self._flushed_before, uses=self.forward_uses)
         self._reset_step()
         self.last_record = record
         return record
@@ -198,9 +289,18 @@ class ZOSGD(torch.optim.Optimizer):
         """Repeat a recorded step's passes, without forwards: θ ends bit-equal to training's."""
         for group in self.param_groups:
             group["lr"] = record["lr"]
+        # a dual run that fell back records its steps as fused
+        self.schedule, self.lazy_update = record["schedule"], record.get("lazy_update", False)
+        if record.get("flushed_before"):
+            self.flush()
+        uses = list(record.get("uses", []))
         for _ in range(record["micro_batches"]):
-            self._perturbation_passes(record["step"], None)
-        self._move(None, (record["g"], record["step"]) if record["g"] is not None else None)
+            self._perturbation_passes(record["step"], None, uses)
+        if record["g"] is not None:
+            self._apply(record["g"], record["step"])
+        else:
+            self.flush()
+        self._reset_step()
 
     def load_state_dict(self, state_dict: dict) -> None:
         # torch casts floating state to the parameter's dtype on load; the fp32 master must stay fp32

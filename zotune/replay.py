@@ -48,9 +48,11 @@ def replay(base: str, trajectory: str, out_dir: str) -> None:
         num_directions=opt["num_directions"],
         perturbation=opt["perturbation"],
         schedule=opt["schedule"],
+        lazy_update=opt.get("lazy_update", False),
         seed=opt["seed"],
     )
     for record in track(records, description="replaying"):
         zo.replay(record)
+    zo.flush()  # training flushed a pending lazy update before saving
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)

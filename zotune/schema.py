@@ -94,8 +94,25 @@ class ZOSection(Section):
     eps: float = Field(1e-3, gt=0, description="Perturbation scale epsilon.")
     num_directions: int = Field(1, ge=1, description="Directions q per step; the update averages them.")
     perturbation: Literal["gaussian", "rademacher"] = Field("gaussian", description="Distribution of z.")
-    schedule: Literal["sequential", "fused"] = Field(
-        "fused", description="Order of the in-place passes; fused equals sequential with one noise pass fewer."
+    schedule: Literal["dual", "sequential", "fused"] = Field(
+        "dual",
+        description="dual: one forward of the doubled batch, each module perturbed around its own call; "
+        "sequential: MeZO's two forwards; fused: sequential with one noise pass fewer.",
+    )
+    lazy_update: bool = Field(
+        False,
+        description="dual only: apply each step's update inside the next step's +eps pass (one pass over the "
+        "weights fewer; flushed before evaluation and saving).",
+    )
+    offload: Literal["none", "cpu"] = Field(
+        "none",
+        description="cpu: keep the transformer blocks in CPU memory and stream each one to the compute device "
+        "for its forward (trades transfer time for device memory).",
+    )
+    offload_transfer_dtype: Literal["bfloat16", "float16"] | None = Field(
+        None,
+        description="offload: send blocks in this 16-bit dtype (half the transfer) while the CPU keeps "
+        "the full-precision copy.",
     )
     max_nonfinite: int = Field(5, ge=1, description="Stop after this many non-finite steps in a row.")
 

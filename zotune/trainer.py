@@ -12,13 +12,19 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.utils import logging
 
+from zotune.dual import DualEngine, DualRefused, half_losses, losses_agree
 from zotune.errors import UserError
 from zotune.models import stable_name, trainable_parameters
+from zotune.offload import BlockOffloader
 from zotune.optim import SCHEDULES, ZOSGD
 from zotune.trajectory import TrajectoryWriter, params_digest
 
+logger = logging.get_logger("zotune")
 PERTURBATIONS = ("gaussian", "rademacher")
+OFFLOADS = ("none", "cpu")
+TRANSFER_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class NonFiniteLossError(UserError):
@@ -37,8 +43,25 @@ class ZOConfig(TrainingArguments):
         default="gaussian", metadata={"help": "Distribution of z: 'gaussian' or 'rademacher' (±1, cheaper)."}
     )
     zo_schedule: str = field(
-        default="fused",
-        metadata={"help": "'sequential' (MeZO: restore after each − pass) or 'fused' (restore merged into the next pass)."},
+        default="dual",
+        metadata={"help": "'dual' (one forward of the doubled batch, each module perturbed around its own call), "
+                  "'sequential' (MeZO: two forwards, restore after each − pass) or 'fused' (sequential with the "
+                  "restore merged into the next pass)."},
+    )
+    zo_lazy_update: bool = field(
+        default=False,
+        metadata={"help": "dual only: apply each update inside the next step's +ε pass (one weight pass fewer); "
+                  "flushed before evaluation, saving and the end of training."},
+    )
+    zo_offload: str = field(
+        default="none",
+        metadata={"help": "'cpu': keep the transformer blocks in CPU memory and stream each one to the compute "
+                  "device for its forward (device memory for transfer time)."},
+    )
+    zo_offload_transfer_dtype: str | None = field(
+        default=None,
+        metadata={"help": "With zo_offload: send blocks as 'bfloat16' or 'float16' (half the transfer); the CPU "
+                  "keeps full precision. Not with zo_lazy_update."},
     )
     zo_include: list[str] = field(
         default_factory=list, metadata={"help": "Regexes: train only parameters whose stable name matches one."}
@@ -60,6 +83,16 @@ class ZOConfig(TrainingArguments):
             raise ValueError(f"zo_schedule must be one of {SCHEDULES}, got {self.zo_schedule!r}")
         if self.zo_perturbation not in PERTURBATIONS:
             raise ValueError(f"zo_perturbation must be one of {PERTURBATIONS}, got {self.zo_perturbation!r}")
+        if self.zo_lazy_update and self.zo_schedule != "dual":
+            raise ValueError("zo_lazy_update needs zo_schedule='dual'")
+        if self.zo_offload not in OFFLOADS:
+            raise ValueError(f"zo_offload must be one of {OFFLOADS}, got {self.zo_offload!r}")
+        if self.zo_offload_transfer_dtype is not None:
+            if self.zo_offload_transfer_dtype not in TRANSFER_DTYPES or self.zo_offload == "none":
+                raise ValueError("zo_offload_transfer_dtype must be 'bfloat16' or 'float16', with zo_offload='cpu'")
+            if self.zo_lazy_update:
+                raise ValueError("zo_offload_transfer_dtype cannot be combined with zo_lazy_update: the 16-bit "
+                                 "copies are dropped after each block, and with them any update they carried")
         if self.zo_eps <= 0 or self.zo_num_directions < 1 or self.zo_max_nonfinite < 1:
             raise ValueError("zo_eps must be > 0, zo_num_directions and zo_max_nonfinite >= 1")
 
@@ -70,10 +103,14 @@ class ZOTrainer(Trainer):
     args: ZOConfig
 
     def __init__(self, *args, **kwargs):
+        self.offloader: BlockOffloader | None = None
         super().__init__(*args, **kwargs)
         if not isinstance(self.args, ZOConfig):
             raise TypeError("ZOTrainer needs a ZOConfig, not a plain TrainingArguments")
+        if self.args.zo_offload == "cpu" and self.offloader is None:
+            self._attach_offloader(self.model, self.args.device)
         self.zo: ZOSGD | None = None
+        self.dual: DualEngine | None = None
         self._zo_log = {"loss_plus": [], "loss_minus": [], "projected_grad": []}
         self.nonfinite_steps = 0
         self.trajectory = TrajectoryWriter(self.args.output_dir) if self.args.zo_trajectory else None
@@ -95,25 +132,109 @@ class ZOTrainer(Trainer):
                 num_directions=self.args.zo_num_directions,
                 perturbation=self.args.zo_perturbation,
                 schedule=self.args.zo_schedule,
+                lazy_update=self.args.zo_lazy_update,
                 seed=self.args.seed,
             )
             self.optimizer = self.zo
+            if self.args.zo_schedule == "dual":
+                self.dual = DualEngine(model, self.zo)
+                if self.offloader is not None and self.offloader.transfer_dtype is not None:
+                    self.offloader.on_discard = self.zo.discard
         return self.optimizer
+
+    # -- offloading: blocks stay home instead of moving to the device -------------------
+
+    def _attach_offloader(self, model, device) -> None:
+        dtype = TRANSFER_DTYPES.get(self.args.zo_offload_transfer_dtype)
+        self.offloader = BlockOffloader(model, device, transfer_dtype=dtype)
+
+    def _move_model_to_device(self, model, device) -> None:
+        if self.args.zo_offload == "cpu":
+            self._attach_offloader(model, device)
+        else:
+            super()._move_model_to_device(model, device)
+
+    # -- the step -------------------------------------------------------------------------
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         model.eval()  # dropout off: both passes must see the same function
         inputs = self._prepare_inputs(inputs)
+        if self.dual is not None and self.zo.schedule == "dual" and not self._dual_probed:
+            self._probe_dual(model, inputs)
 
-        def loss_fn() -> float:
-            # a copy: compute_loss pops "labels" from the dict it is given
-            return self.compute_loss(model, dict(inputs)).item()
+        if self.zo.schedule == "dual":
+            def loss_fn(s: int, k: int) -> tuple[float, float]:
+                return half_losses(self, model, inputs, (s, k))
+        else:
+            def loss_fn() -> float:
+                # a copy: compute_loss pops "labels" from the dict it is given
+                return self.compute_loss(model, dict(inputs)).item()
 
         losses = self.zo.estimate(loss_fn, self.state.global_step)
+        if self.offloader is not None:
+            self.offloader.wait()  # the update pass reads the written-back weights on the host
         mean = sum(lp + lm for lp, lm in losses) / (2 * len(losses))
         self._zo_log["loss_plus"] += [lp for lp, _ in losses]
         self._zo_log["loss_minus"] += [lm for _, lm in losses]
         # the Trainer sums the returned loss over micro-batches of a step
         return torch.tensor(mean / self.current_gradient_accumulation_steps, device=self.args.device)
+
+    _dual_probed = False
+
+    def _probe_dual(self, model, inputs) -> None:
+        """Before any weight moves: run the doubled batch unperturbed and check that every module
+        split its input along the batch and that each half's loss equals the plain loss. If not,
+        fall back to `fused` (same numbers as `sequential`) with a one-line warning."""
+        self._dual_probed = True
+        try:
+            plain = self.compute_loss(model, dict(inputs)).item()
+            halves = half_losses(self, model, inputs, None)
+            if not all(losses_agree(h, plain) for h in halves):
+                raise DualRefused(f"the halves' losses {halves} differ from the plain loss {plain}")
+        except DualRefused as e:
+            logger.warning("zotune: dual schedule not possible for %s (%s); using fused", type(model).__name__, e)
+            self.dual.remove()
+            self.dual = None
+            self.zo.schedule, self.zo.lazy_update = "fused", False
+
+    def loss_of_outputs(self, model, outputs, labels) -> float:
+        """The loss of one half of a dual forward, computed as the plain forward would have."""
+        if self.compute_loss_func is not None:
+            return self.compute_loss_func(outputs, labels, num_items_in_batch=None).item()
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        if not hasattr(base, "loss_function"):
+            raise DualRefused(f"{type(base).__name__} is not a transformers model; give compute_loss_func")
+        loss_type, config = getattr(base, "loss_type", None), base.config
+        if loss_type in ("ForSequenceClassification",):
+            loss = base.loss_function(labels=labels, pooled_logits=outputs.logits, config=config)
+        elif loss_type == "ForTokenClassification":
+            loss = base.loss_function(outputs.logits, labels, config)
+        elif loss_type in (None, "ForCausalLM", "ForMaskedLM", "ForConditionalGeneration"):  # None: causal, as
+            # PreTrainedModel.loss_function defaults to it
+            loss = base.loss_function(logits=outputs.logits, labels=labels, vocab_size=config.vocab_size)
+        else:
+            raise DualRefused(f"no per-half loss for a model of loss type {loss_type!r}")
+        return loss.item()
+
+    # -- every read of the weights sees them with all updates applied ---------------------
+
+    def flush(self) -> None:
+        if self.zo is not None:
+            if self.offloader is not None:
+                self.offloader.wait()
+            self.zo.flush()
+
+    def evaluate(self, *args, **kwargs):
+        self.flush()
+        return super().evaluate(*args, **kwargs)
+
+    def predict(self, *args, **kwargs):
+        self.flush()
+        return super().predict(*args, **kwargs)
+
+    def save_model(self, *args, **kwargs):
+        self.flush()
+        return super().save_model(*args, **kwargs)
 
     def begin_trajectory(self, step: int) -> None:
         if self.trajectory is not None:
@@ -131,6 +252,7 @@ class ZOTrainer(Trainer):
                         "num_directions": self.zo.q,
                         "perturbation": self.zo.kind,
                         "schedule": self.zo.schedule,
+                        "lazy_update": self.zo.lazy_update,
                         "weight_decay": self.zo.defaults["weight_decay"],
                     },
                 },
@@ -179,5 +301,6 @@ class _ZOStepHook(TrainerCallback):
         self.trainer.record_step(self.trainer.zo.last_record)
 
     def on_train_end(self, args, state, control, **kwargs):
+        self.trainer.flush()
         if self.trainer.trajectory is not None:
             self.trainer.trajectory.close()
