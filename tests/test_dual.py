@@ -1,0 +1,215 @@
+"""The dual schedule and block offloading, each held to an independent reference.
+
+- dual (and dual with the lazy update) against `sequential`, MeZO's two forwards;
+- offloaded against resident, bit for bit, with the compute-side parameter bytes bounded;
+- replay and resume of dual runs against the trained / uninterrupted run, bit for bit;
+- a model dual cannot split falls back to `fused` with a warning instead of wrong numbers.
+"""
+
+import logging
+import types
+
+import pytest
+import torch
+from conftest import CORE_ARCHS, TINY_CONFIGS, tiny_causal_lm
+from datasets import Dataset
+from test_zo_trainer import counting_dataset, make_trainer, weights
+from torch import nn
+from transformers import AutoConfig, AutoModelForSequenceClassification
+
+from zotune.blocks import find_blocks
+from zotune.dual import DualRefused, _split
+from zotune.optim import ZOSGD
+from zotune.trajectory import read_trajectory
+
+ALL_ARCHS = [*TINY_CONFIGS, "bert_classifier"]
+STEPS = dict(max_steps=3, zo_num_directions=2, gradient_accumulation_steps=2, per_device_train_batch_size=4,
+             weight_decay=0.1)
+
+
+def build(arch: str, seed: int = 0):
+    if arch != "bert_classifier":
+        return tiny_causal_lm(arch, seed)
+    config = AutoConfig.for_model("bert", vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=64, max_position_embeddings=128, num_labels=2)
+    torch.manual_seed(seed)
+    return AutoModelForSequenceClassification.from_config(config)
+
+
+def data_for(arch: str) -> Dataset:
+    data = counting_dataset()
+    if arch == "bert_classifier":
+        data = data.map(lambda row, i: {"labels": i % 2}, with_indices=True)
+    return data
+
+
+def train(arch, out, eval_dataset=None, **overrides):
+    model = build(arch)
+    trainer = make_trainer(model, out, data_for(arch), eval_dataset, **{**STEPS, **overrides})
+    trainer.train()
+    return model, trainer
+
+
+def assert_close(a: dict, b: dict, atol: float = 1e-5) -> None:
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=atol, msg=name)
+
+
+@pytest.mark.parametrize("arch", ALL_ARCHS)
+def test_dual_equals_sequential(arch, tmp_path):
+    seq_model, seq = train(arch, tmp_path / "seq", zo_schedule="sequential")
+    dual_model, dual = train(arch, tmp_path / "dual", zo_schedule="dual")
+    assert dual.zo.schedule == "dual", "fell back"
+    seq_records, dual_records = read_trajectory(tmp_path / "seq" / "zo_trajectory.jsonl")[1], \
+        read_trajectory(tmp_path / "dual" / "zo_trajectory.jsonl")[1]
+    for s, d in zip(seq_records, dual_records, strict=True):
+        torch.testing.assert_close(d["loss_plus"], s["loss_plus"], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(d["loss_minus"], s["loss_minus"], rtol=1e-5, atol=1e-6)
+    assert_close(weights(dual_model), weights(seq_model))
+    assert any(not torch.equal(w, p) for w, p in zip(weights(build(arch)).values(), weights(dual_model).values()))
+
+
+@pytest.mark.parametrize("arch", CORE_ARCHS)
+def test_lazy_update_equals_sequential_and_is_flushed_for_evaluation(arch, tmp_path):
+    evaluating = dict(eval_strategy="steps", eval_steps=2, per_device_eval_batch_size=8, eval_dataset=data_for(arch))
+    seq_model, seq = train(arch, tmp_path / "seq", zo_schedule="sequential", **evaluating)
+    lazy_model, lazy = train(arch, tmp_path / "lazy", zo_schedule="dual", zo_lazy_update=True, **evaluating)
+    assert_close(weights(lazy_model), weights(seq_model))
+    assert not any("owed" in state or state.get("at") for state in lazy.zo.state.values()), "not flushed at the end"
+    evals = [[log["eval_loss"] for log in t.state.log_history if "eval_loss" in log] for t in (seq, lazy)]
+    assert evals[0] and evals[1] == pytest.approx(evals[0], abs=1e-5)  # an unflushed eval sees θ − εz
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])  # tied and untied
+@pytest.mark.parametrize("lazy", [False, True])
+def test_replay_of_dual_equals_trained(arch, lazy, tmp_path):
+    # an evaluation mid-run flushes the lazy update: replay must flush at the same point
+    model, trainer = train(arch, tmp_path, zo_schedule="dual", zo_lazy_update=lazy, max_steps=4,
+                           eval_strategy="steps", eval_steps=2, eval_dataset=data_for(arch))
+    header, records = read_trajectory(tmp_path / "zo_trajectory.jsonl")
+    assert any(r.get("flushed_before") for r in records) == lazy
+    base = build(arch)
+    named = dict(base.named_parameters())
+    opt = header["optimizer"]
+    replayed = ZOSGD([(n, named[n]) for n in header["params"]], lr=0.0, weight_decay=opt["weight_decay"],
+                     no_decay=header["no_decay"], eps=opt["eps"], num_directions=opt["num_directions"],
+                     perturbation=opt["perturbation"], schedule=opt["schedule"], lazy_update=opt["lazy_update"])
+    for record in records:
+        replayed.replay(record)
+    replayed.flush()
+    for name, p in model.named_parameters():
+        assert torch.equal(p, named[name]), name
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_resume_of_dual_equals_uninterrupted(lazy, tmp_path):
+    common = dict(zo_schedule="dual", zo_lazy_update=lazy, max_steps=6, save_strategy="steps", save_steps=3,
+                  lr_scheduler_type="linear")
+    straight, _ = train("gpt2", tmp_path / "straight", **common)
+    train("gpt2", tmp_path / "first", **common)
+    resumed = build("gpt2", seed=1)  # different init: everything must come from the checkpoint
+    make_trainer(resumed, tmp_path / "first", data_for("gpt2"), **{**STEPS, **common}).train(
+        resume_from_checkpoint=str(tmp_path / "first" / "checkpoint-3"))
+    for (name, a), b in zip(straight.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), name
+
+
+# -- offloading --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", CORE_ARCHS)
+@pytest.mark.parametrize("schedule", ["dual", "dual-lazy", "fused"])
+def test_offloaded_equals_resident_with_bounded_residency(arch, schedule, tmp_path):
+    kw = dict(zo_schedule=schedule.removesuffix("-lazy"), zo_lazy_update=schedule.endswith("-lazy"),
+              eval_strategy="steps", eval_steps=2, eval_dataset=data_for(arch))
+    resident, res_trainer = train(arch, tmp_path / "resident", **kw)
+    offloaded, off_trainer = train(arch, tmp_path / "offload", zo_offload="cpu", **kw)
+    for (name, a), b in zip(resident.named_parameters(), offloaded.parameters()):
+        assert torch.equal(a, b), name
+    evals = [[log["eval_loss"] for log in t.state.log_history if "eval_loss" in log] for t in (res_trainer, off_trainer)]
+    assert evals[0] == evals[1]  # evaluation streams the blocks too
+
+    tracker = off_trainer.offloader.tracker
+    _, blocks = find_blocks(offloaded)
+    block_bytes = max(sum(p.numel() * p.element_size() for p in b.parameters()) for b in blocks)
+    all_bytes = sum(p.numel() * p.element_size() for p in offloaded.parameters())
+    assert tracker.resident == all_bytes - sum(p.numel() * p.element_size() for p in blocks.parameters())
+    assert tracker.uploads > 0 and tracker.uploaded == 0
+    assert tracker.resident < tracker.peak <= tracker.resident + 3 * block_bytes
+    for block in blocks:  # between forwards the weights are at home, not in a compute copy
+        assert all(p.data_ptr() == home.data_ptr() for p, home in
+                   zip(block.parameters(), off_trainer.offloader.blocks[list(blocks).index(block)].homes))
+
+
+def test_offload_with_16_bit_transfer_stays_close_to_resident(tmp_path):
+    resident, _ = train("llama", tmp_path / "resident")
+    offloaded, trainer = train("llama", tmp_path / "bf16", zo_offload="cpu", zo_offload_transfer_dtype="bfloat16")
+    assert all(p.dtype == torch.float32 for p in offloaded.parameters())
+    assert_close(weights(offloaded), weights(resident), atol=1e-4)
+    assert not all(torch.equal(a, b) for a, b in zip(resident.parameters(), offloaded.parameters()))
+
+
+# -- what dual cannot do, it refuses ----------------------------------------------------------
+
+
+def test_split_rule():
+    x = torch.arange(8.0).reshape(4, 2)
+    (first, second), shared = _split(((x,), {}), batch=2)
+    assert torch.equal(first[0][0], x[:2]) and torch.equal(second[0][0], x[2:]) and not shared
+    (first, second), shared = _split(((x[:1],), {}), batch=2)
+    assert first[0][0] is second[0][0] and shared
+    with pytest.raises(DualRefused):
+        _split(((torch.zeros(3, 2),), {}), batch=2)
+
+
+def _mlp_across_time(mlp):
+    """Makes an MLP run its down projection on (T, 2B, ·) instead of (2B, T, ·)."""
+    def forward(self, x):
+        hidden = self.act_fn(self.gate_proj(x)) * self.up_proj(x)
+        return self.down_proj(hidden.transpose(0, 1)).transpose(0, 1)
+    mlp.forward = types.MethodType(forward, mlp)
+
+
+@pytest.mark.parametrize("batch", [4, 3])  # 2B = 8 does not divide T = 12; 2B = 6 does, but along time
+def test_unsplittable_model_falls_back_to_fused_with_a_warning(batch, tmp_path, caplog):
+    models = {}
+    for schedule in ("sequential", "dual"):
+        models[schedule] = build("llama")
+        _mlp_across_time(models[schedule].model.layers[0].mlp)
+        with caplog.at_level(logging.WARNING, logger="zotune"):
+            trainer = make_trainer(models[schedule], tmp_path / schedule, zo_schedule=schedule,
+                                   per_device_train_batch_size=batch, max_steps=2)
+            trainer.train()
+    assert trainer.zo.schedule == "fused"
+    assert "dual schedule not possible for LlamaForCausalLM" in caplog.text
+    assert_close(weights(models["dual"]), weights(models["sequential"]), atol=0)
+
+
+def test_nested_owners_match_sequential(tmp_path):
+    """An MLP that owns a gain and calls children that own weights."""
+    models = {}
+    for schedule in ("sequential", "dual"):
+        model = build("llama")
+        mlp = model.model.layers[1].mlp
+        mlp.gain = nn.Parameter(torch.ones(model.config.hidden_size))
+        plain = mlp.forward
+        mlp.forward = lambda x, plain=plain, mlp=mlp: plain(x) * mlp.gain
+        models[schedule] = model
+        trainer = make_trainer(model, tmp_path / schedule, zo_schedule=schedule, **STEPS)
+        trainer.train()
+    assert trainer.zo.schedule == "dual"
+    assert not torch.equal(models["dual"].model.layers[1].mlp.gain, torch.ones_like(mlp.gain))
+    assert_close(weights(models["dual"]), weights(models["sequential"]))
+
+
+@pytest.mark.parametrize("arch", ALL_ARCHS)
+def test_find_blocks_finds_the_layers_a_forward_runs(arch):
+    model = build(arch)
+    called = []
+    for name, module in model.named_modules():
+        module.register_forward_pre_hook(lambda m, a, name=name: called.append(name))
+    model(input_ids=torch.tensor([[1, 2, 3]]))
+    name, blocks = find_blocks(model)
+    assert len(blocks) == model.config.num_hidden_layers
+    assert [n for n in called if n.rsplit(".", 1)[0] == name] == [f"{name}.{i}" for i in range(len(blocks))]
+    assert find_blocks(model, called=set(called))[0] == name
