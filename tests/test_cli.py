@@ -55,12 +55,12 @@ def test_validate_ok_without_loading_torch(tiny):
 
 
 def test_validate_bad_recipe(tiny):
-    text = TINY.replace("schedule: sequential", "schedule: dual-ish").replace("  max_steps: 5", "  max_step: 5")
+    text = TINY.replace("schedule: sequential", "schedule: twice").replace("  max_steps: 5", "  max_step: 5")
     tiny.write_text(text)
     r = zotune("validate", "tiny.yaml")
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.splitlines() == [
-        f"error: tiny.yaml:{line_of(text, 'schedule')}: zo.schedule: 'dual-ish' is not one of: sequential, fused",
+        f"error: tiny.yaml:{line_of(text, 'schedule')}: zo.schedule: 'twice' is not one of: dual, sequential, fused",
         f"error: tiny.yaml:{line_of(text, 'max_step:')}: train.max_step: unknown key; did you mean 'max_steps'?",
     ]
     assert "Traceback" not in r.stderr

@@ -137,11 +137,11 @@ def test_model_validator_error_names_the_model_section(write):
     assert p.startswith(f"tiny.yaml:{line_of(text, 'model:')}: model: give only one model source")
 
 
-@pytest.mark.parametrize("value, hint", [("dual-ish", ""), ("sequental", "; did you mean 'sequential'?")])
+@pytest.mark.parametrize("value, hint", [("twice", ""), ("sequental", "; did you mean 'sequential'?")])
 def test_invalid_literal_lists_allowed_values(write, value, hint):
     text = TINY.replace("schedule: sequential", f"schedule: {value}")
     assert problems(write(text)) == [
-        f"tiny.yaml:{line_of(text, 'schedule')}: zo.schedule: '{value}' is not one of: sequential, fused{hint}"
+        f"tiny.yaml:{line_of(text, 'schedule')}: zo.schedule: '{value}' is not one of: dual, sequential, fused{hint}"
     ]
 
 
@@ -149,7 +149,7 @@ def test_all_errors_are_reported_in_line_order(write):
     text = (
         TINY.replace("method: zo", "method: zeroth")
         .replace("    max_samples: 64", "    max_samples: -1")
-        .replace("  schedule: sequential", "  schedule: dual-ish\n  bogus: 1")
+        .replace("  schedule: sequential", "  schedule: twice\n  bogus: 1")
         .replace("learning_rate: 0.001", "learning_rate: fast")
     )
     found = problems(write(text))
@@ -193,7 +193,7 @@ def test_overrides_apply_with_yaml_typing(write):
 
 
 def test_override_fixes_a_bad_file_value_and_creates_sections(write):
-    text = TINY.replace("schedule: sequential", "schedule: dual-ish")
+    text = TINY.replace("schedule: sequential", "schedule: twice")
     start, end = TINY.index("params:"), TINY.index("zo:")
     r = load_recipe(write(text[:start] + text[end:]), ["zo.schedule=fused", "params.include=[mlp]"])
     assert r.zo.schedule == "fused" and r.params.include == ["mlp"]
@@ -289,3 +289,13 @@ def test_shipped_recipe_validates(name):
     lines = shipped_recipes()[name].read_text().splitlines()
     assert lines[0].startswith("#") and "zotune train" in lines[0], "line 1 must be the command that runs it"
     assert lines[1].startswith("#") and lines[1].strip("# "), "line 2 must describe the recipe"
+
+
+@pytest.mark.parametrize("extra, message", [
+    ("  lazy_update: true", "`lazy_update` needs `schedule: dual`"),
+    ("  offload_transfer_dtype: bfloat16", "`offload_transfer_dtype` needs `offload: cpu`"),
+])
+def test_incompatible_zo_options_name_the_section(write, extra, message):
+    text = TINY.replace("  schedule: sequential", f"  schedule: sequential\n{extra}")
+    [p] = problems(write(text))
+    assert p.startswith(f"tiny.yaml:{line_of(text, 'zo:')}: zo: ") and message in p

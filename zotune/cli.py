@@ -8,7 +8,7 @@ with status 2, without a traceback; anything else is a bug and propagates as usu
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Annotated, Iterator, Optional
+from typing import Annotated, Iterator, Literal, Optional
 
 import typer
 from rich.console import Console
@@ -129,6 +129,81 @@ def replay(
         from zotune.replay import replay as run_replay
 
         run_replay(base, trajectory, out_dir)
+
+
+@app.command()
+def plan(
+    recipe: Annotated[Optional[str], typer.Argument(help="A recipe file or shipped recipe; or give --model.")] = None,
+    overrides: OverridesArg = None,
+    model: Annotated[
+        Optional[str],
+        typer.Option(help="Instead of a recipe: opt-1.3b ... opt-175b, llama-3-8b, llama-3-70b, or a model directory."),
+    ] = None,
+    batch_size: Annotated[
+        Optional[int], typer.Option(min=1, help="Micro-batch B (default: the recipe's, or 1).")
+    ] = None,
+    seq_len: Annotated[
+        Optional[int], typer.Option(min=1, help="Tokens per sequence (default: the recipe's, or 2048).")
+    ] = None,
+    dtype: Annotated[
+        Optional[Literal["float32", "bfloat16", "float16"]],
+        typer.Option(help="Weight dtype (default: the recipe's, or float16)."),
+    ] = None,
+    offload: Annotated[
+        Optional[bool],
+        typer.Option("--offload/--no-offload", help="Keep the blocks on the host (default: the recipe's, or no)."),
+    ] = None,
+    transfer_dtype: Annotated[
+        Optional[Literal["bfloat16", "float16"]], typer.Option(help="Send offloaded blocks in this dtype.")
+    ] = None,
+    schedule: Annotated[
+        Optional[Literal["dual", "sequential", "fused"]],
+        typer.Option(help="ZO schedule (default: the recipe's, or dual)."),
+    ] = None,
+    attention: Annotated[
+        Optional[Literal["sdpa", "eager", "math"]],
+        typer.Option(help="eager and math (SDPA's fallback) hold the T×T scores (default: the model's)."),
+    ] = None,
+    buffers: Annotated[int, typer.Option(min=1, help="Blocks on the compute device when offloading.")] = 3,
+) -> None:
+    """Plan the peak memory of a ZO step on the compute device and the host, without loading weights."""
+    with _user_errors():
+        from zotune.plan import model_config, plan_memory, recipe_config, recipe_settings
+
+        if (recipe is None) == (model is None):
+            raise UserError("give a RECIPE or --model NAME (one of them)")
+        if model is not None:
+            config, settings = model_config(model), dict(batch_size=1, seq_len=2048, dtype="float16")
+        else:
+            from zotune.recipe import load_recipe
+
+            loaded = load_recipe(recipe, overrides or [])
+            config, settings = recipe_config(loaded), recipe_settings(loaded)
+        given = dict(batch_size=batch_size, seq_len=seq_len, dtype=dtype, offload=offload,
+                     transfer_dtype=transfer_dtype, schedule=schedule)
+        settings.update({k: v for k, v in given.items() if v is not None})
+        result = plan_memory(config, **settings, buffers=buffers, attention=attention)
+    out.print(_plan_table(result))
+    out.print(f"assumed: {escape(result.assumptions())}")
+
+
+def _plan_table(plan) -> Table:
+    from zotune.plan import GB, GIB
+
+    table = Table(header_style="bold")
+    table.add_column("")
+    table.add_column("compute device", justify="right")
+    table.add_column("host", justify="right")
+    rows = [
+        ("parameters", plan.compute_params, plan.host_params),
+        ("fp32 master copy", plan.compute_master, 0),
+        ("buffers", plan.compute_buffers, plan.host_buffers),
+        ("activations (peak)", plan.compute_activations, 0),
+        ("total", plan.compute_total, plan.host_total),
+    ]
+    for label, compute, host in rows:
+        table.add_row(label, *(f"{b / GIB:.2f} GiB ({b / GB:.2f} GB)" for b in (compute, host)))
+    return table
 
 
 def main() -> None:

@@ -170,15 +170,35 @@ def _check_halves_agree(halves) -> None:
                 raise DualRefused("the two halves of a module's input differ: its input is not batch-major")
 
 
-def half_losses(trainer, model, inputs: dict, direction: tuple[int, int] | None) -> tuple[float, float]:
-    """(L+, L−): the losses of the two halves of one dual forward of `inputs` doubled."""
-    engine: DualEngine = trainer.dual
+def half_losses(engine: DualEngine, model, inputs: dict, direction: tuple[int, int] | None,
+                loss_of_outputs: Callable) -> tuple[float, float]:
+    """(L+, L−): the losses of the two halves of one dual forward of `inputs` doubled.
+
+    `loss_of_outputs(outputs, labels)` computes one half's loss from its slice of the outputs."""
     inputs = dict(inputs)
     labels = inputs.pop("labels", None)
     batch = next(v.shape[0] for v in inputs.values() if torch.is_tensor(v) and v.dim())
     with engine.dual_forward(batch, direction):
         outputs = model(**double(inputs, batch))
-    return tuple(trainer.loss_of_outputs(model, _rows(outputs, half, batch), labels) for half in (0, 1))
+    return tuple(loss_of_outputs(_rows(outputs, half, batch), labels) for half in (0, 1))
+
+
+def model_loss(model, outputs, labels) -> float:
+    """The loss a transformers model computes from its own outputs and labels (by its loss type)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not hasattr(base, "loss_function"):
+        raise DualRefused(f"{type(base).__name__} is not a transformers model; give compute_loss_func")
+    loss_type, config = getattr(base, "loss_type", None), base.config
+    if loss_type == "ForSequenceClassification":
+        loss = base.loss_function(labels=labels, pooled_logits=outputs.logits, config=config)
+    elif loss_type == "ForTokenClassification":
+        loss = base.loss_function(outputs.logits, labels, config)
+    elif loss_type in (None, "ForCausalLM", "ForMaskedLM", "ForConditionalGeneration"):
+        # None: PreTrainedModel.loss_function defaults to the causal LM loss too
+        loss = base.loss_function(logits=outputs.logits, labels=labels, vocab_size=config.vocab_size)
+    else:
+        raise DualRefused(f"no per-half loss for a model of loss type {loss_type!r}")
+    return loss.item()
 
 
 def _rows(outputs, half: int, batch: int):

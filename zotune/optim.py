@@ -22,6 +22,17 @@ displacement to the next, optionally applying the update to θ on the way:
 Both give the same numbers: every parameter sees the same float operations in
 the same order, only the number of times z is regenerated differs.
 
+    dual (default):     one forward of the doubled batch; `zotune.dual` moves each
+                        module's weights to +εz_k and −εz_k around its own call
+                        (`touch`), so each weight is regenerated twice per
+                        direction, then the update pass. Same float operations as
+                        fused for a weight used once per forward; a tied weight is
+                        moved around each use (its name fixes its z) and updated once.
+    dual, lazy_update:  the update is owed, not applied: each weight applies it in
+                        its first move of the next step (`lazy_update_and_perturb_`),
+                        and `flush()` settles every owed update before anything reads
+                        the weights (evaluation, saving, the end of training).
+
 16-bit parameters keep an fp32 master copy of θ in the optimizer state: the
 working copy is written as round(master + displacement), so a restore is exact
 and the update accumulates at full precision. fp32 parameters are moved in

@@ -116,6 +116,16 @@ class ZOSection(Section):
     )
     max_nonfinite: int = Field(5, ge=1, description="Stop after this many non-finite steps in a row.")
 
+    @model_validator(mode="after")
+    def _compatible(self) -> "ZOSection":
+        if self.lazy_update and self.schedule != "dual":
+            raise ValueError("`lazy_update` needs `schedule: dual`")
+        if self.offload_transfer_dtype is not None and self.offload == "none":
+            raise ValueError("`offload_transfer_dtype` needs `offload: cpu`")
+        if self.offload_transfer_dtype is not None and self.lazy_update:
+            raise ValueError("`offload_transfer_dtype` drops the 16-bit copies after each block: not with `lazy_update`")
+        return self
+
 
 class TrainSection(Section):
     """A subset of `transformers.TrainingArguments`, passed through as is."""

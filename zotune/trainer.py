@@ -14,7 +14,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.utils import logging
 
-from zotune.dual import DualEngine, DualRefused, half_losses, losses_agree
+from zotune.dual import DualEngine, DualRefused, half_losses, losses_agree, model_loss
 from zotune.errors import UserError
 from zotune.models import stable_name, trainable_parameters
 from zotune.offload import BlockOffloader
@@ -164,7 +164,7 @@ class ZOTrainer(Trainer):
 
         if self.zo.schedule == "dual":
             def loss_fn(s: int, k: int) -> tuple[float, float]:
-                return half_losses(self, model, inputs, (s, k))
+                return self._half_losses(model, inputs, (s, k))
         else:
             def loss_fn() -> float:
                 # a copy: compute_loss pops "labels" from the dict it is given
@@ -188,7 +188,7 @@ class ZOTrainer(Trainer):
         self._dual_probed = True
         try:
             plain = self.compute_loss(model, dict(inputs)).item()
-            halves = half_losses(self, model, inputs, None)
+            halves = self._half_losses(model, inputs, None)
             if not all(losses_agree(h, plain) for h in halves):
                 raise DualRefused(f"the halves' losses {halves} differ from the plain loss {plain}")
         except DualRefused as e:
@@ -197,24 +197,13 @@ class ZOTrainer(Trainer):
             self.dual = None
             self.zo.schedule, self.zo.lazy_update = "fused", False
 
-    def loss_of_outputs(self, model, outputs, labels) -> float:
-        """The loss of one half of a dual forward, computed as the plain forward would have."""
-        if self.compute_loss_func is not None:
-            return self.compute_loss_func(outputs, labels, num_items_in_batch=None).item()
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        if not hasattr(base, "loss_function"):
-            raise DualRefused(f"{type(base).__name__} is not a transformers model; give compute_loss_func")
-        loss_type, config = getattr(base, "loss_type", None), base.config
-        if loss_type in ("ForSequenceClassification",):
-            loss = base.loss_function(labels=labels, pooled_logits=outputs.logits, config=config)
-        elif loss_type == "ForTokenClassification":
-            loss = base.loss_function(outputs.logits, labels, config)
-        elif loss_type in (None, "ForCausalLM", "ForMaskedLM", "ForConditionalGeneration"):  # None: causal, as
-            # PreTrainedModel.loss_function defaults to it
-            loss = base.loss_function(logits=outputs.logits, labels=labels, vocab_size=config.vocab_size)
-        else:
-            raise DualRefused(f"no per-half loss for a model of loss type {loss_type!r}")
-        return loss.item()
+    def _half_losses(self, model, inputs, direction) -> tuple[float, float]:
+        def loss_of_outputs(outputs, labels) -> float:
+            if self.compute_loss_func is not None:
+                return self.compute_loss_func(outputs, labels, num_items_in_batch=None).item()
+            return model_loss(model, outputs, labels)
+
+        return half_losses(self.dual, model, inputs, direction, loss_of_outputs)
 
     # -- every read of the weights sees them with all updates applied ---------------------
 
