@@ -196,8 +196,8 @@ def _plan_table(plan) -> Table:
     table.add_column("host", justify="right")
     rows = [
         ("parameters", plan.compute_params, plan.host_params),
-        ("fp32 master copy", plan.compute_master, 0),
-        ("buffers", plan.compute_buffers, plan.host_buffers),
+        ("fp32 master copy", plan.compute_master, plan.host_master),
+        ("buffers", plan.compute_buffers, 0),
         ("activations (peak)", plan.compute_activations, 0),
         ("total", plan.compute_total, plan.host_total),
     ]

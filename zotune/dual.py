@@ -80,17 +80,17 @@ class DualEngine:
             self._move(params, self.half, eps)
             return original(*args, **kwargs)
         halves, shared = _split((args, kwargs), self.batch)
-        outputs = []
+        joined = None
         for half, (h_args, h_kwargs) in enumerate(halves):
             self._move(params, half, eps)
             self.half = half
             try:
-                outputs.append(original(*h_args, **h_kwargs))
+                joined = _place(joined, original(*h_args, **h_kwargs), half, self.batch if shared else None)
             finally:
                 self.half = None
         if self.probing:
             _check_halves_agree(halves)
-        return _join(outputs, self.batch if shared else None)
+        return tree_unflatten(*joined)
 
     def _move(self, params, half: int, eps: float) -> None:
         if not self.probing:
@@ -143,22 +143,32 @@ def _split(tree, batch: int):
     return [tree_unflatten(firsts, spec), tree_unflatten(seconds, spec)], all_shared
 
 
-def _join(outputs: list, shared_batch: int | None):
-    """One output from the two halves' outputs; broadcast outputs are first expanded to B rows."""
-    (plus, spec), (minus, _) = tree_flatten(outputs[0]), tree_flatten(outputs[1])
-    joined = []
-    for a, b in zip(plus, minus):
-        if torch.is_tensor(a) and a.dim() > 0:
-            if shared_batch is not None:
-                if a.shape[0] != 1:
-                    raise DualRefused(f"a broadcast input gave an output of {a.shape[0]} rows")
-                a, b = a.expand(shared_batch, *a.shape[1:]), b.expand(shared_batch, *b.shape[1:])
-            joined.append(torch.cat([a, b]))
-        elif torch.is_tensor(a):
-            raise DualRefused("a parameter-owning module returned a scalar tensor")
-        else:
-            joined.append(a)
-    return tree_unflatten(joined, spec)
+def _place(joined, output, half: int, shared_batch: int | None):
+    """Write one half's output into the joined output, allocated at the first half.
+
+    Copying each half in as it comes keeps the peak at 1.5× the joined output (a
+    concatenation at the end holds both halves and the result, 2×): for a model's head,
+    whose output is the logits, that is the largest tensor of the forward.
+    """
+    leaves, spec = tree_flatten(output)
+    if joined is None:
+        joined = ([_allocate(v, shared_batch) for v in leaves], spec)
+    for out, v in zip(joined[0], leaves):
+        if torch.is_tensor(out):
+            rows = out.shape[0] // 2
+            out[half * rows:(half + 1) * rows] = v  # a broadcast (1-row) output expands to B rows
+    return joined
+
+
+def _allocate(v, shared_batch: int | None):
+    if not torch.is_tensor(v):
+        return v
+    if v.dim() == 0:
+        raise DualRefused("a parameter-owning module returned a scalar tensor")
+    if shared_batch is not None and v.shape[0] != 1:
+        raise DualRefused(f"a broadcast input gave an output of {v.shape[0]} rows")
+    rows = shared_batch if shared_batch is not None else v.shape[0]
+    return v.new_empty((2 * rows, *v.shape[1:]))
 
 
 def _check_halves_agree(halves) -> None:
