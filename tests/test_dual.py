@@ -27,9 +27,9 @@ STEPS = dict(max_steps=3, zo_num_directions=2, gradient_accumulation_steps=2, pe
              weight_decay=0.1)
 
 
-def build(arch: str, seed: int = 0):
+def build(arch: str, seed: int = 0, dtype=torch.float32):
     if arch != "bert_classifier":
-        return tiny_causal_lm(arch, seed)
+        return tiny_causal_lm(arch, seed, dtype)
     config = AutoConfig.for_model("bert", vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                   intermediate_size=64, max_position_embeddings=128, num_labels=2)
     torch.manual_seed(seed)
@@ -43,8 +43,8 @@ def data_for(arch: str) -> Dataset:
     return data
 
 
-def train(arch, out, eval_dataset=None, **overrides):
-    model = build(arch)
+def train(arch, out, eval_dataset=None, dtype=torch.float32, **overrides):
+    model = build(arch, dtype=dtype)
     trainer = make_trainer(model, out, data_for(arch), eval_dataset, **{**STEPS, **overrides})
     trainer.train()
     return model, trainer
@@ -139,6 +139,23 @@ def test_offloaded_equals_resident_with_bounded_residency(arch, schedule, tmp_pa
     for block in blocks:  # between forwards the weights are at home, not in a compute copy
         assert all(p.data_ptr() == home.data_ptr() for p, home in
                    zip(block.parameters(), off_trainer.offloader.blocks[list(blocks).index(block)].homes))
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_offloaded_bf16_weights_carry_their_fp32_masters(lazy, tmp_path):
+    kw = dict(zo_lazy_update=lazy, dtype=torch.bfloat16, learning_rate=1e-2)
+    resident, _ = train("llama", tmp_path / "resident", **kw)
+    offloaded, trainer = train("llama", tmp_path / "offload", zo_offload="cpu", **kw)
+    for (name, a), b in zip(resident.named_parameters(), offloaded.parameters()):
+        assert torch.equal(a, b), name
+    assert any(not torch.equal(a, b) for a, b in zip(build("llama", dtype=torch.bfloat16).parameters(),
+                                                        offloaded.parameters()))
+    _, blocks = find_blocks(offloaded)
+    block = next(iter(blocks)).parameters()
+    bf16_and_master = sum(p.numel() * (2 + 4) for p in block)  # each trained weight's fp32 master travels too
+    assert trainer.offloader.block_bytes() == bf16_and_master
+    masters = [trainer.zo.state[p]["master"] for p in blocks.parameters()]
+    assert all(m.dtype == torch.float32 for m in masters)
 
 
 def test_offload_with_16_bit_transfer_stays_close_to_resident(tmp_path):

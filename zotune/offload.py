@@ -10,7 +10,8 @@ true weights. Around each block's forward:
 - forward: runs on the uploaded copies (the dual engine perturbs them in place);
 - hook: the trainable parameters are written back home and the copies released.
 
-So at most three blocks are on the compute device at once: the one being written back,
+The fp32 master copies that the optimizer keeps for 16-bit trainable weights travel with
+their block the same way (`state_of`). So at most three blocks are on the compute device at once: the one being written back,
 the one running and the one being prefetched. Embeddings, final norm and head stay
 resident. `tracker` counts the parameter bytes held on the compute device.
 
@@ -28,6 +29,7 @@ weights were never displaced, and applies its updates to them directly.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -66,10 +68,11 @@ class _Block:
             p.data = home.pin_memory() if pin else home
             self.homes.append(p.data)
         self.copies: list[torch.Tensor] | None = None
+        self.masters: list[tuple[dict, torch.Tensor, torch.Tensor]] = []  # (optimizer state, home, copy)
         self.ready: torch.cuda.Event | None = None
 
-    def nbytes(self) -> int:
-        return sum(h.numel() * h.element_size() for h in self.homes)
+    def nbytes(self, masters: list[tuple[dict, torch.Tensor]]) -> int:
+        return sum(t.numel() * t.element_size() for t in self.homes + [home for _, home in masters])
 
 
 class BlockOffloader:
@@ -81,6 +84,7 @@ class BlockOffloader:
         self.cuda = self.compute.type == "cuda"
         self.transfer_dtype = transfer_dtype
         self.on_discard = on_discard  # called with a block's trainable params when its copies are dropped
+        self.state_of = None  # param -> its optimizer state, whose fp32 "master" travels with the block
         self.blocks_name, blocks = find_blocks(model)
         block_params = {id(p) for b in blocks for p in b.parameters()}
         resident = 0
@@ -90,6 +94,9 @@ class BlockOffloader:
                 resident += p.numel() * p.element_size()
         for b in model.buffers():
             b.data = b.data.to(self.compute)
+        if transfer_dtype is not None and any(p.dtype.itemsize <= 2 and p.is_floating_point()
+                                              for p in blocks.parameters()):
+            raise ValueError("offload transfer_dtype: the weights are already 16-bit")
         self.blocks = [_Block(b, torch.device(offload_device), self.cuda) for b in blocks]
         self.tracker = ResidencyTracker(resident=resident, peak=resident)
         self.stream = torch.cuda.Stream(self.compute) if self.cuda else None
@@ -99,8 +106,13 @@ class BlockOffloader:
             self._handles.append(block.module.register_forward_hook(self._after(i)))
 
     def block_bytes(self) -> int:
-        """Compute-device bytes of the largest block."""
-        return max(b.nbytes() for b in self.blocks)
+        """Compute-device bytes of the largest block, with the master copies that travel with it."""
+        return max(b.nbytes(self._master_homes(b)) for b in self.blocks)
+
+    def _master_homes(self, block: _Block) -> list[tuple[dict, torch.Tensor]]:
+        """(optimizer state, home master) of the block's weights that have an fp32 master copy."""
+        states = [self.state_of(p) for p in block.params if p.requires_grad] if self.state_of else []
+        return [(state, state["master"]) for state in states if "master" in state]
 
     def wait(self) -> None:
         """Block the host until every write-back has landed: call before the host reads the weights."""
@@ -120,10 +132,12 @@ class BlockOffloader:
                 self._upload(block)
             if self.cuda:
                 torch.cuda.current_stream(self.compute).wait_event(block.ready)
-                for copy in block.copies:
+                for copy in block.copies + [copy for _, _, copy in block.masters]:
                     copy.record_stream(torch.cuda.current_stream(self.compute))
             for p, copy in zip(block.params, block.copies):
                 p.data = copy
+            for state, _, copy in block.masters:
+                state["master"] = copy
             if i + 1 < len(self.blocks) and self.blocks[i + 1].copies is None:
                 self._upload(self.blocks[i + 1])  # prefetch: overlaps with block i's compute on CUDA
 
@@ -144,31 +158,34 @@ class BlockOffloader:
             # sent in 16 bits, computed in the weights' own dtype
             return home.to(self.compute, dtype=self.transfer_dtype, non_blocking=self.cuda).to(home.dtype)
 
-        if self.cuda:
-            with torch.cuda.stream(self.stream):
-                block.copies = [copy(h) for h in block.homes]
+        homes = self._master_homes(block)
+        with torch.cuda.stream(self.stream) if self.cuda else nullcontext():
+            block.copies = [copy(h) for h in block.homes]
+            block.masters = [(state, home, copy(home)) for state, home in homes]
+            if self.cuda:
                 block.ready = torch.cuda.Event()
                 block.ready.record(self.stream)
-        else:
-            block.copies = [copy(h) for h in block.homes]
-        self.tracker.add(block.nbytes())
+        self.tracker.add(block.nbytes(homes))
 
     def _write_back(self, block: _Block) -> None:
         trainable = [(p, home) for p, home in zip(block.params, block.homes) if p.requires_grad]
+        travelled = [(p_state["master"], home) for p_state, home, _ in block.masters]
         if self.transfer_dtype is None:
             if self.cuda:
                 done = torch.cuda.Event()
                 done.record(torch.cuda.current_stream(self.compute))
                 with torch.cuda.stream(self.stream):
                     self.stream.wait_event(done)
-                    for p, home in trainable:
-                        home.copy_(p.data, non_blocking=True)
+                    for data, home in [(p.data, home) for p, home in trainable] + travelled:
+                        home.copy_(data, non_blocking=True)
             else:
-                for p, home in trainable:
-                    home.copy_(p.data)
+                for data, home in [(p.data, home) for p, home in trainable] + travelled:
+                    home.copy_(data)
         for p, home in zip(block.params, block.homes):
             p.data = home
+        for state, home, _ in block.masters:
+            state["master"] = home
         if self.transfer_dtype is not None and self.on_discard is not None:
             self.on_discard([p for p, _ in trainable])
-        block.copies, block.ready = None, None
-        self.tracker.remove(block.nbytes())
+        self.tracker.remove(block.nbytes([(state, home) for state, home, _ in block.masters]))
+        block.copies, block.masters, block.ready = None, [], None

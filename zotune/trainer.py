@@ -8,6 +8,7 @@ evaluation, checkpointing and `resume_from_checkpoint` are the Trainer's own.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -140,6 +141,9 @@ class ZOTrainer(Trainer):
                 self.dual = DualEngine(model, self.zo)
                 if self.offloader is not None and self.offloader.transfer_dtype is not None:
                     self.offloader.on_discard = self.zo.discard
+            if self.offloader is not None:
+                # looked up per call: accelerate reloads the optimizer's state into new dicts
+                self.offloader.state_of = lambda param: self.zo.state[param]
         return self.optimizer
 
     # -- offloading: blocks stay home instead of moving to the device -------------------
@@ -158,7 +162,7 @@ class ZOTrainer(Trainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         model.eval()  # dropout off: both passes must see the same function
-        inputs = self._prepare_inputs(inputs)
+        inputs = _without_kv_cache(model, self._prepare_inputs(inputs))
         if self.dual is not None and self.zo.schedule == "dual" and not self._dual_probed:
             self._probe_dual(model, inputs)
 
@@ -275,6 +279,14 @@ class ZOTrainer(Trainer):
             logs["nonfinite_steps"] = self.nonfinite_steps
             zo["loss_plus"], zo["loss_minus"], zo["projected_grad"] = [], [], []
         super().log(logs, start_time)
+
+
+def _without_kv_cache(model, inputs: dict) -> dict:
+    """A loss forward needs no KV cache; unasked, transformers keeps every layer's keys and values."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if "use_cache" in inspect.signature(base.forward).parameters:
+        return {**inputs, "use_cache": False}
+    return inputs
 
 
 class _ZOStepHook(TrainerCallback):
