@@ -38,9 +38,10 @@ def build(args):
     return model, {"input_ids": ids, "labels": ids}
 
 
-def zo_step_fn(model, batch, schedule: str, perturbation: str = "gaussian"):
+def zo_step_fn(model, batch, schedule: str, perturbation: str = "gaussian", lazy: bool = False):
     """One ZO step (estimate + update) as a function of the step number, and the dual engine if any."""
-    opt = ZOSGD(model.named_parameters(), lr=1e-7, eps=1e-3, perturbation=perturbation, schedule=schedule)
+    opt = ZOSGD(model.named_parameters(), lr=1e-7, eps=1e-3, perturbation=perturbation, schedule=schedule,
+                lazy_update=lazy)
     engine = None
     if schedule == "dual":
         engine = DualEngine(model, opt)
@@ -94,23 +95,25 @@ def run_mode(mode: str, args) -> dict:
 def timing(args) -> None:
     torch.set_num_threads(args.threads)
     model, batch = build(args)
-    print(f"\nstep time, dual vs sequential (same process, median of {args.repeats})")
-    print(f"{'noise':<12}{'sequential s':>14}{'dual s':>9}{'dual / sequential':>19}")
+    variants = {"sequential": ("sequential", False), "dual": ("dual", False), "dual lazy": ("dual", True)}
+    print(f"\nstep time against sequential (same process, median of {args.repeats})")
+    print(f"{'noise':<12}" + "".join(f"{name + ' s':>14}" for name in variants) + f"{'dual / seq':>12}{'lazy / seq':>12}")
     for perturbation in ("gaussian", "rademacher"):
         times = {}
-        for schedule in ("sequential", "dual"):
-            step, engine = zo_step_fn(model, batch, schedule, perturbation)
+        for name, (schedule, lazy) in variants.items():
+            step, engine = zo_step_fn(model, batch, schedule, perturbation, lazy)
             step(0)  # warm-up
             runs = []
             for n in range(1, args.repeats + 1):
                 start = time.perf_counter()
                 step(n)
                 runs.append(time.perf_counter() - start)
-            times[schedule] = statistics.median(runs)
+            times[name] = statistics.median(runs)
             if engine is not None:
                 engine.remove()
-        print(f"{perturbation:<12}{times['sequential']:>14.2f}{times['dual']:>9.2f}"
-              f"{times['dual'] / times['sequential']:>19.2f}")
+        seq = times["sequential"]
+        print(f"{perturbation:<12}" + "".join(f"{t:>14.2f}" for t in times.values())
+              + f"{times['dual'] / seq:>12.2f}{times['dual lazy'] / seq:>12.2f}")
 
 
 def main() -> None:
