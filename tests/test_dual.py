@@ -230,3 +230,65 @@ def test_find_blocks_finds_the_layers_a_forward_runs(arch):
     assert len(blocks) == model.config.num_hidden_layers
     assert [n for n in called if n.rsplit(".", 1)[0] == name] == [f"{name}.{i}" for i in range(len(blocks))]
     assert find_blocks(model, called=set(called))[0] == name
+
+
+def test_checkpoints_hold_flushed_weights(tmp_path):
+    """With the lazy update a save must flush: the checkpoint is θ, not θ − εz with an update owed."""
+    from safetensors.torch import load_file
+
+    model, _ = train("llama", tmp_path, zo_schedule="dual", zo_lazy_update=True, max_steps=3, save_strategy="steps",
+                     save_steps=3)
+    saved = load_file(tmp_path / "checkpoint-3" / "model.safetensors")
+    for name, p in model.named_parameters():
+        assert torch.equal(saved[name], p), name
+
+
+def _lora(model):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    lora = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    for name, p in lora.named_parameters():
+        if "lora_B" in name:  # B starts at zero, which would hide a wrong perturbation of A
+            torch.nn.init.normal_(p, std=0.1)
+    return lora
+
+
+def _quantized_llama(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    # bitsandbytes quantizes in blocks of 64: rows of 32 would be too short
+    config = AutoConfig.for_model("llama", **{**TINY_CONFIGS["llama"], "hidden_size": 64, "intermediate_size": 128})
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "base")
+    return AutoModelForCausalLM.from_pretrained(
+        tmp_path / "base", quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"))
+
+
+@pytest.mark.parametrize("base", ["fp32", "nf4"])
+def test_dual_with_a_lora_adapter_equals_sequential(base, tmp_path):
+    models = {}
+    for schedule in ("sequential", "dual"):
+        model = _lora(tiny_causal_lm("llama") if base == "fp32" else _quantized_llama(tmp_path / schedule))
+        with torch.no_grad():  # bitsandbytes repacks 4-bit weights for its CPU kernel at their first use
+            model(input_ids=torch.tensor([[1, 2, 3]]))
+        frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+        trainer = make_trainer(model, tmp_path / schedule, zo_schedule=schedule, **STEPS)
+        trainer.train()
+        models[schedule] = model
+        assert all(torch.equal(frozen[n], p) for n, p in model.named_parameters() if n in frozen)
+    assert trainer.zo.schedule == "dual"
+    adapters = {schedule: {n: p for n, p in m.named_parameters() if p.requires_grad} for schedule, m in models.items()}
+    assert adapters["dual"] and all("lora_" in n for n in adapters["dual"])
+    assert_close(adapters["dual"], adapters["sequential"])
+
+
+def test_no_forward_of_a_zo_step_records_autograd(tmp_path, monkeypatch):
+    """The probe and the ± forwards run under no_grad: a graph would hold every activation."""
+    seen = []
+    model = build("llama")
+    for module in model.modules():
+        module.register_forward_pre_hook(lambda m, a: seen.append(torch.is_grad_enabled()))
+    make_trainer(model, tmp_path, zo_schedule="dual", max_steps=2).train()
+    assert seen and not any(seen)

@@ -185,6 +185,7 @@ class ZOTrainer(Trainer):
 
     _dual_probed = False
 
+    @torch.no_grad()
     def _probe_dual(self, model, inputs) -> None:
         """Before any weight moves: run the doubled batch unperturbed and check that every module
         split its input along the batch and that each half's loss equals the plain loss. If not,
