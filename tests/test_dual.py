@@ -292,3 +292,17 @@ def test_no_forward_of_a_zo_step_records_autograd(tmp_path, monkeypatch):
         module.register_forward_pre_hook(lambda m, a: seen.append(torch.is_grad_enabled()))
     make_trainer(model, tmp_path, zo_schedule="dual", max_steps=2).train()
     assert seen and not any(seen)
+
+
+def test_remove_restores_every_forward():
+    from zotune.dual import DualEngine
+
+    model = build("llama")
+    mlp = model.model.layers[1].mlp
+    mlp.gain = nn.Parameter(torch.ones(model.config.hidden_size))
+    patched = types.MethodType(lambda self, x: self.down_proj(self.up_proj(x)) * self.gain, mlp)
+    mlp.forward = patched
+    engine = DualEngine(model, ZOSGD(model.named_parameters(), lr=0.1, schedule="dual"))
+    assert mlp.forward is not patched and "forward" in model.lm_head.__dict__
+    engine.remove()
+    assert mlp.forward is patched and not any("forward" in m.__dict__ for m in model.modules() if m is not mlp)

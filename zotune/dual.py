@@ -48,7 +48,7 @@ class DualEngine:
         self.half: int | None = None  # set while a nested owner runs one half
         self.batch = 0  # B, the rows of one half
         names = {id(p): name for name, p, _ in optimizer.named_params()}  # a tied weight has one name
-        self._originals: list[tuple[nn.Module, Callable]] = []
+        self._originals: list[tuple[nn.Module, Callable, bool]] = []
         for module in model.modules():
             own = [(names[id(p)], p) for p in module.parameters(recurse=False) if id(p) in names]
             if own:
@@ -56,6 +56,7 @@ class DualEngine:
 
     def _wrap(self, module: nn.Module, params: list[tuple[str, nn.Parameter]]) -> None:
         original = module.forward
+        patched_before = "forward" in module.__dict__  # e.g. by accelerate hooks: restored on remove()
 
         def forward(*args, **kwargs):
             if self.direction is None and not self.probing:
@@ -63,12 +64,14 @@ class DualEngine:
             return self._call(original, params, args, kwargs)
 
         module.forward = forward
-        self._originals.append((module, original))
+        self._originals.append((module, original, patched_before))
 
     def remove(self) -> None:
         """Unwrap every module."""
-        for module, original in self._originals:
-            if module.forward is not original:
+        for module, original, patched_before in self._originals:
+            if patched_before:
+                module.forward = original
+            else:
                 del module.forward
         self._originals.clear()
 
