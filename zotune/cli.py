@@ -1,4 +1,4 @@
-"""The `zotune` command: train, validate, ls, replay.
+"""The `zotune` command: train, validate, ls, replay, export, plan.
 
 Commands import the heavy modules (torch, transformers) only when they need them, so
 `zotune ls` and `zotune validate` stay quick. A `UserError` prints `error: ...` and exits
@@ -129,6 +129,23 @@ def replay(
         from zotune.replay import replay as run_replay
 
         run_replay(base, trajectory, out_dir)
+
+
+@app.command()
+def export(
+    run_dir: Annotated[str, typer.Argument(help="A `zotune train` output directory, or a checkpoint-N inside it.")],
+    out_dir: Annotated[str, typer.Argument(help="Where to write the model (new or empty).")],
+    merge: Annotated[
+        bool, typer.Option("--merge", help="Fold the adapter into the base weights: a plain transformers model.")
+    ] = False,
+    force: Annotated[bool, typer.Option("--force", help="Write into OUT_DIR even if it is not empty.")] = False,
+) -> None:
+    """Write a run's trained adapter (or full model) and tokenizer to OUT_DIR; --merge folds the adapter in."""
+    with _user_errors():
+        from zotune.export import export as run_export
+
+        kind = run_export(run_dir, out_dir, merge=merge, force=force)
+    out.print(f"wrote the {kind} of {escape(run_dir)} to {escape(out_dir)}")
 
 
 @app.command()

@@ -1,0 +1,144 @@
+"""`zotune export`: the weights of a finished run (or one of its checkpoints), ready to share.
+
+Without `merge` the weights are written as they trained: the peft adapter
+(adapter_model.safetensors + adapter_config.json) when the run trained one, else the full
+model in safetensors. With `merge` the adapter is folded into the base weights, giving a plain
+transformers model that `from_pretrained` loads without peft. The tokenizer goes along in
+both cases.
+
+The base model is rebuilt from the run's recipe.yaml, as `zotune replay` does, so the recipe's
+model source (and its data files, which loading a recipe checks) must still be there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+
+from zotune.errors import UserError
+
+console = Console(stderr=True, highlight=False)
+
+RECIPE = "recipe.yaml"
+ADAPTER_CONFIG = "adapter_config.json"
+FULL_WEIGHTS = (
+    "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"
+)
+# weight files of either kind: a forced export removes them first, so OUT_DIR never holds
+# an adapter beside a full model (transformers would load the adapter)
+STALE_WEIGHTS = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", *FULL_WEIGHTS)
+STALE_SHARDS = ("model-*-of-*.safetensors", "pytorch_model-*-of-*.bin")
+
+
+@dataclass(frozen=True)
+class RunWeights:
+    """Where a run's trained weights and its recipe are."""
+
+    weights: Path  # the run directory or a checkpoint-N inside it
+    recipe: Path  # the run's recipe.yaml
+    adapter: bool  # a peft adapter, else the full model
+
+
+def find_run(run_dir: str) -> RunWeights:
+    """The weights and recipe of RUN_DIR: a `zotune train` output directory or a checkpoint in one."""
+    path = Path(run_dir).expanduser()
+    if not path.is_dir():
+        raise UserError(f"{run_dir}: no such directory")
+    recipe = path / RECIPE
+    if not recipe.is_file() and path.name.startswith("checkpoint-"):
+        recipe = path.parent / RECIPE
+    if not recipe.is_file():
+        raise UserError(
+            f"{run_dir}: no {RECIPE} here (nor in the parent of a checkpoint-N); "
+            "give the output directory of `zotune train`"
+        )
+    if (path / ADAPTER_CONFIG).is_file():
+        return RunWeights(path, recipe, adapter=True)
+    if any((path / name).is_file() for name in FULL_WEIGHTS):
+        return RunWeights(path, recipe, adapter=False)
+    raise UserError(f"{run_dir}: no saved weights ({ADAPTER_CONFIG} or model.safetensors); did the run finish?")
+
+
+def prepare_out_dir(out_dir: str, run: RunWeights, force: bool) -> Path:
+    """OUT_DIR, checked: not the run itself, and empty unless `force` (then its old weight files go)."""
+    out = Path(out_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out_dir}: exists and is not a directory")
+    if out.exists() and out.resolve() in (run.weights.resolve(), run.recipe.parent.resolve()):
+        raise UserError(f"{out_dir}: is the run directory itself; export to another directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise UserError(f"{out_dir}: exists and is not empty; pass --force to write into it")
+        _remove_weight_files(out)
+    return out
+
+
+def export(run_dir: str, out_dir: str, *, merge: bool = False, force: bool = False) -> str:
+    """Write the run's weights to OUT_DIR; returns what was written ("adapter", "merged model", "full model")."""
+    run = find_run(run_dir)
+    if merge and not run.adapter:
+        raise UserError(
+            f"{run_dir}: the run trained the full model, there is no adapter, so nothing to merge; "
+            "export it without --merge"
+        )
+    out = prepare_out_dir(out_dir, run, force)
+    with console.status(f"loading {run.weights}"):
+        if not run.adapter:
+            model, tokenizer = _full_model(run)
+            kind = "full model"
+        else:
+            model, tokenizer = _adapter_model(run)
+            kind = "adapter"
+            if merge:
+                model, kind = _merged(model, run_dir), "merged model"
+    with console.status(f"writing the {kind} to {out}"):
+        out.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(str(out))  # transformers 5 and peft write safetensors
+        tokenizer.save_pretrained(str(out))
+    return kind
+
+
+def _adapter_model(run: RunWeights):
+    """The run's base model (rebuilt from its recipe) with the trained adapter loaded onto it."""
+    from peft import PeftModel
+
+    from zotune.replay import _base_model
+
+    model, tokenizer = _base_model(str(run.recipe.parent))
+    if isinstance(model, PeftModel):  # the recipe's fresh adapter: drop it, keep the base
+        model = model.get_base_model() if model.peft_config["default"].is_prompt_learning else model.unload()
+    return PeftModel.from_pretrained(model, str(run.weights)), tokenizer
+
+
+def _full_model(run: RunWeights):
+    """The fully trained model saved in the run, in the recipe's dtype."""
+    from zotune.models import load_model
+    from zotune.recipe import load_recipe
+    from zotune.schema import ModelSection
+
+    section = load_recipe(str(run.recipe)).model
+    saved = ModelSection(
+        name_or_path=str(run.weights.resolve()), dtype=section.dtype, trust_remote_code=section.trust_remote_code
+    )
+    return load_model(saved)
+
+
+def _merged(peft_model, run_dir: str):
+    """The base model with the adapter folded into its weights (LoRA and the other additive tuners)."""
+    config = peft_model.peft_config["default"]
+    if config.is_prompt_learning:
+        raise UserError(
+            f"{run_dir}: a {config.peft_type.value} adapter adds tokens, not weights, so it cannot be merged; "
+            "export it without --merge"
+        )
+    return peft_model.merge_and_unload()
+
+
+def _remove_weight_files(out: Path) -> None:
+    stale = [out / name for name in STALE_WEIGHTS]
+    stale += [p for pattern in STALE_SHARDS for p in out.glob(pattern)]
+    for path in stale:
+        if path.is_file():
+            path.unlink()
