@@ -23,9 +23,8 @@ import time
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from zotune.dual import DualEngine, half_losses, model_loss
+from zo_steps import zo_step_fn
 from zotune.offload import BlockOffloader
-from zotune.optim import ZOSGD
 
 MODES = ["inference", "inference-2x", "zo-sequential", "zo-dual", "zo-dual-offload", "fo-adamw"]
 STEPS = 3
@@ -36,28 +35,6 @@ def build(args):
     model = GPT2LMHeadModel(GPT2Config(n_layer=args.layers)).eval()
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq))
     return model, {"input_ids": ids, "labels": ids}
-
-
-def zo_step_fn(model, batch, schedule: str, perturbation: str = "gaussian", lazy: bool = False):
-    """One ZO step (estimate + update) as a function of the step number, and the dual engine if any."""
-    opt = ZOSGD(model.named_parameters(), lr=1e-7, eps=1e-3, perturbation=perturbation, schedule=schedule,
-                lazy_update=lazy)
-    engine = None
-    if schedule == "dual":
-        engine = DualEngine(model, opt)
-
-        def loss_fn(s, k):
-            return half_losses(engine, model, batch, (s, k), lambda out, labels: model_loss(model, out, labels))
-    else:
-        def loss_fn():
-            return model(**batch).loss.item()
-
-    def step(n: int) -> None:
-        with torch.no_grad():
-            opt.estimate(loss_fn, n)
-            opt.step()
-
-    return step, engine
 
 
 def run_mode(mode: str, args) -> dict:

@@ -81,8 +81,7 @@ def measure(name: str) -> dict:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from zotune.dual import DualEngine, half_losses, model_loss
-    from zotune.optim import ZOSGD
+    from zo_steps import zo_step_fn
 
     model_type, fields, batch, seq, attention, schedule, dtype, use_cache = CASES[name]
     torch.set_num_threads(2)
@@ -98,21 +97,7 @@ def measure(name: str) -> dict:
         build()  # imports the modeling code, whose memory is not the weights'
     before = settle()
     model = build().eval()
-    zo = ZOSGD(model.named_parameters(), lr=1e-7, perturbation="rademacher", schedule=schedule)
-    if schedule == "dual":
-        engine = DualEngine(model, zo)
-
-        def loss_fn(s, k):
-            return half_losses(engine, model, inputs, (s, k), lambda out, labels: model_loss(model, out, labels))
-    else:
-        def loss_fn():
-            return model(**inputs).loss.item()
-
-    def step(n: int) -> None:
-        with torch.no_grad():
-            zo.estimate(loss_fn, n)
-            zo.step()
-
+    step, _ = zo_step_fn(model, inputs, schedule, "rademacher")  # builds the optimizer: masters count as weights
     loaded = settle()
     step(0)  # warm-up: one-time allocations (thread pools, kernel caches) stay out of the measurement
     start = settle()

@@ -17,6 +17,7 @@ from transformers import EvalPrediction
 from zotune import data as zdata
 from zotune.data import build_task_data, load_rows
 from zotune.errors import UserError
+from zotune.models import forward_accepts
 from zotune.schema import DataSection, DataSource
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -229,9 +230,9 @@ def test_forward_signature_decides_logits_to_keep_and_position_ids():
         def forward(self, input_ids, attention_mask=None):
             pass
 
-    assert not zdata._forward_accepts(NoExtras(), "logits_to_keep")
-    assert zdata._forward_accepts(tiny_causal_lm("gpt2"), "logits_to_keep")
-    assert zdata._forward_accepts(tiny_causal_lm("opt"), "position_ids")
+    assert not forward_accepts(NoExtras(), "logits_to_keep")
+    assert forward_accepts(tiny_causal_lm("gpt2"), "logits_to_keep")
+    assert forward_accepts(tiny_causal_lm("opt"), "position_ids")
 
 
 def test_loss_is_cross_entropy_over_the_label_words(tmp_path, tokenizer):

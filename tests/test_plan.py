@@ -6,7 +6,7 @@ import weakref
 import pytest
 import torch
 from conftest import TINY_CONFIGS, tiny_causal_lm
-from test_recipe import TINY
+from test_cli import tiny  # noqa: F401 (a fixture)
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -208,12 +208,9 @@ def test_unknown_model_suggests_a_name():
 
 
 @pytest.fixture
-def tiny_recipe(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    for name in ("train.jsonl", "validation.jsonl"):
-        (tmp_path / name).write_text('{"text": "good", "label": 1}\n')
-    (tmp_path / "tiny.yaml").write_text(TINY)
-    return "tiny.yaml"
+def tiny_recipe(tiny):
+    """test_cli's tiny recipe and its data, in a temporary working directory: the name to pass."""
+    return tiny.name
 
 
 def test_recipe_plans_its_model(tiny_recipe):

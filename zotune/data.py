@@ -11,7 +11,6 @@ to the data files.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import re
 import string
@@ -28,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from zotune.errors import UserError
+from zotune.models import forward_accepts
 from zotune.schema import DataSection, DataSource
 
 logger = logging.getLogger(__name__)
@@ -134,11 +134,6 @@ def _fill(template: str, batch: dict[str, list]) -> list[str]:
         return [template.format(**dict(zip(columns, values))) for values in zip(*batch.values())]
     except (AttributeError, IndexError, KeyError, TypeError, ValueError) as e:
         raise UserError(f"data.template: {template!r} cannot be filled from a row: {type(e).__name__}: {e}") from e
-
-
-def _forward_accepts(model, name: str) -> bool:
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT forwards take **kwargs
-    return name in inspect.signature(inner.forward).parameters
 
 
 def _is_sequence_classifier(model) -> bool:
@@ -363,8 +358,8 @@ def _classification(section, tokenizer, model, train_rows, eval_rows, *, seed, b
     if encoder:
         return TaskData(train, evaluation, RightPadCollator(pad_id), None, accuracy, None,
                         section.balanced, "accuracy")
-    collator = LeftPadCollator(pad_id, _forward_accepts(model, "position_ids"),
-                               _forward_accepts(model, "logits_to_keep"))
+    collator = LeftPadCollator(pad_id, forward_accepts(model, "position_ids"),
+                               forward_accepts(model, "logits_to_keep"))
     return TaskData(train, evaluation, collator, partial(label_word_loss, label_word_ids=word_ids), accuracy,
                     partial(label_word_logits, label_word_ids=word_ids), section.balanced, "accuracy")
 

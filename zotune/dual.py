@@ -32,6 +32,8 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from zotune.models import unwrapped
+
 
 
 class DualRefused(Exception):
@@ -198,7 +200,7 @@ def half_losses(engine: DualEngine, model, inputs: dict, direction: tuple[int, i
 
 def model_loss(model, outputs, labels) -> float:
     """The loss a transformers model computes from its own outputs and labels (by its loss type)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrapped(model)
     if not hasattr(base, "loss_function"):
         raise DualRefused(f"{type(base).__name__} is not a transformers model; give compute_loss_func")
     loss_type, config = getattr(base, "loss_type", None), base.config

@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import importlib
 import importlib.metadata
+import inspect
 import logging
 import os
 import re
@@ -69,6 +70,16 @@ def load_model(
     if section.peft is not None:
         model = _add_adapter(model, section.peft, seed)
     return model, tokenizer
+
+
+def unwrapped(model):
+    """The transformers model inside a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def forward_accepts(model, name: str) -> bool:
+    """Whether the model's forward takes argument `name` (asked of the unwrapped model: peft's take **kwargs)."""
+    return name in inspect.signature(unwrapped(model).forward).parameters
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:

@@ -8,7 +8,6 @@ evaluation, checkpointing and `resume_from_checkpoint` are the Trainer's own.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -17,7 +16,7 @@ from transformers.utils import logging
 
 from zotune.dual import DualEngine, DualRefused, half_losses, losses_agree, model_loss
 from zotune.errors import UserError
-from zotune.models import stable_name, trainable_parameters
+from zotune.models import forward_accepts, stable_name, trainable_parameters
 from zotune.offload import BlockOffloader
 from zotune.optim import SCHEDULES, ZOSGD
 from zotune.trajectory import TrajectoryWriter, params_digest
@@ -284,8 +283,7 @@ class ZOTrainer(Trainer):
 
 def _without_kv_cache(model, inputs: dict) -> dict:
     """A loss forward needs no KV cache; unasked, transformers keeps every layer's keys and values."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if "use_cache" in inspect.signature(base.forward).parameters:
+    if forward_accepts(model, "use_cache"):
         return {**inputs, "use_cache": False}
     return inputs
 

@@ -1,0 +1,31 @@
+"""A ZO step outside the Trainer, shared by the benchmarks: ZOSGD, and for dual the DualEngine
+with each half's loss computed as the trainer does."""
+
+from __future__ import annotations
+
+import torch
+
+from zotune.dual import DualEngine, half_losses, model_loss
+from zotune.optim import ZOSGD
+
+
+def zo_step_fn(model, batch, schedule: str, perturbation: str = "gaussian", lazy: bool = False):
+    """One ZO step (estimate + update) as a function of the step number, and the dual engine if any."""
+    opt = ZOSGD(model.named_parameters(), lr=1e-7, eps=1e-3, perturbation=perturbation, schedule=schedule,
+                lazy_update=lazy)
+    engine = None
+    if schedule == "dual":
+        engine = DualEngine(model, opt)
+
+        def loss_fn(s, k):
+            return half_losses(engine, model, batch, (s, k), lambda out, labels: model_loss(model, out, labels))
+    else:
+        def loss_fn():
+            return model(**batch).loss.item()
+
+    def step(n: int) -> None:
+        with torch.no_grad():
+            opt.estimate(loss_fn, n)
+            opt.step()
+
+    return step, engine
