@@ -13,7 +13,9 @@ public function, which picks an implementation with `_dispatch.choose`:
 
 Every op takes float32, bfloat16 or float16 params, an optional float32 ``master`` copy of
 θ for 16-bit params, any shape (non-contiguous ones are worked on as a contiguous copy) and
-``kind`` "gaussian" or "rademacher". Importing this package does not import triton.
+``kind`` "gaussian" or "rademacher". An optional ``directions`` (seed -> the whole tensor's z)
+replaces the noise for structured perturbations (masked, preconditioned, low-rank; see
+zotune.methods); the op then runs its eager twin on z = directions(seed). Importing this package does not import triton.
 
 Numerics: every implementation does the same float32 operations in the same order, each
 rounded (no fused multiply-add), with scalar coefficients computed in double on the host and

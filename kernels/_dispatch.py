@@ -61,8 +61,10 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None  # finds it without importing it
 
 
-def choose(device: torch.device) -> str:
-    """The implementation an op uses for tensors on ``device``."""
+def choose(device: torch.device, directions=None) -> str:
+    """The implementation an op uses for tensors on ``device``; given ``directions``, the eager twin."""
+    if directions is not None:
+        return "eager"
     forced = os.environ.get(ENV, "").strip().lower()
     if forced:
         if forced not in IMPLS:

@@ -69,9 +69,19 @@ def _graph(op, math, kind, all_names, names, dtypes, nseeds, size):
     return fn
 
 
-def run(op, math, tensors, seeds, kind, offset, coefs, impl):
-    """Apply ``math`` to the flat contiguous ``tensors`` ({name: tensor or None}, "param" first)."""
+def run(op, math, tensors, seeds, kind, offset, coefs, impl, directions=None):
+    """Apply ``math`` to the flat contiguous ``tensors`` ({name: tensor or None}, "param" first).
+
+    With ``directions`` (seed -> the whole tensor's z, for structured perturbations such as masks
+    or low-rank products), z is ``directions(seed)`` instead of the noise, in one eager piece."""
     n = tensors["param"].numel()
+    if directions is not None:
+        if offset:
+            raise ValueError("directions give whole tensors' z: offset must be 0")
+        zs = [directions(s).reshape(-1).float() for s in seeds]
+        for name, value in math(zs, tensors, coefs).items():
+            tensors[name].copy_(value)
+        return
     if impl != "compiled" or _philox._compile_failed:
         _eager_range(math, tensors, seeds, kind, offset, coefs, impl, 0, n)
         return

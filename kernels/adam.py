@@ -51,12 +51,12 @@ def _adam_kernel(p_ptr, m_ptr, exp_avg_ptr, exp_avg_sq_ptr, seed, g, beta1, one_
 
 
 def adam_update_twin(param, exp_avg, exp_avg_sq, seed, g, beta1, one_minus_beta1, beta2, one_minus_beta2, sqrt_bc2,
-                     adam_eps, step_size, decay, kind, offset, master=None, impl="eager"):
+                     adam_eps, step_size, decay, kind, offset, master=None, impl="eager", directions=None):
     """The reference, on flat contiguous tensors; coefficients already rounded to float32."""
     _fused.run("adam", adam_update_math,
                {"param": param, "master": master, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}, (seed,), kind,
                offset, (g, beta1, one_minus_beta1, beta2, one_minus_beta2, sqrt_bc2, adam_eps, step_size, decay),
-               impl)
+               impl, directions)
 
 
 def adam_update_math(zs, t, c):
@@ -79,7 +79,7 @@ def adam_update_math(zs, t, c):
 @torch.no_grad()
 def adam_update_(param: torch.Tensor, m: torch.Tensor, v: torch.Tensor, seed: int, g: float, lr: float, wd: float,
                  beta1: float, beta2: float, adam_eps: float, step: int, *, kind: str, offset: int = 0,
-                 master: torch.Tensor | None = None) -> torch.Tensor:
+                 master: torch.Tensor | None = None, directions=None) -> torch.Tensor:
     """In place: one AdamW step on ĝ = g·z (``step`` counts from 1), updating m, v and θ (param,
     or ``master`` when given, then param = round(master)). Returns param."""
     seed, offset = _dispatch.check(param, seed, kind, offset, master=master, m=m, v=v)
@@ -88,11 +88,11 @@ def adam_update_(param: torch.Tensor, m: torch.Tensor, v: torch.Tensor, seed: in
         raise ValueError(f"step counts from 1, got {step}")
     coefs = (f32(g), f32(beta1), f32(1.0 - beta1), f32(beta2), f32(1.0 - beta2),
              f32(math.sqrt(1.0 - beta2**step)), f32(adam_eps), f32(lr / (1.0 - beta1**step)), f32(1.0 - lr * wd))
-    impl = _dispatch.choose(param.device)
+    impl = _dispatch.choose(param.device, directions)
     with _dispatch.flat(param, master, m, v) as (p, mst, exp_avg, exp_avg_sq):
         if impl == "triton":
             _dispatch.launch(_adam_kernel, p.numel(), offset, p, p if mst is None else mst, exp_avg, exp_avg_sq, seed,
                              *coefs, KIND=KIND_ID[kind], HAS_MASTER=mst is not None)
         else:
-            adam_update_twin(p, exp_avg, exp_avg_sq, seed, *coefs, kind, offset, master=mst, impl=impl)
+            adam_update_twin(p, exp_avg, exp_avg_sq, seed, *coefs, kind, offset, master=mst, impl=impl, directions=directions)
     return param

@@ -45,10 +45,10 @@ def _lazy_kernel(p_ptr, m_ptr, prev_seed, prev_coef, next_seed, next_scale, deca
 
 
 def lazy_update_and_perturb_twin(param, prev_seed, prev_coef, next_seed, next_scale, decay, kind, offset, master=None,
-                                 impl="eager"):
+                                 impl="eager", directions=None):
     """The reference, on flat contiguous tensors; coefficients already rounded to float32."""
     _fused.run("lazy_update_and_perturb", lazy_update_and_perturb_math, {"param": param, "master": master},
-               (prev_seed, next_seed), kind, offset, (prev_coef, next_scale, decay), impl)
+               (prev_seed, next_seed), kind, offset, (prev_coef, next_scale, decay), impl, directions)
 
 
 def lazy_update_and_perturb_math(zs, t, c):
@@ -64,18 +64,18 @@ def lazy_update_and_perturb_math(zs, t, c):
 @torch.no_grad()
 def lazy_update_and_perturb_(param: torch.Tensor, prev_seed: int, prev_coef: float, next_seed: int, next_scale: float,
                              *, decay: float = 1.0, kind: str, offset: int = 0,
-                             master: torch.Tensor | None = None) -> torch.Tensor:
+                             master: torch.Tensor | None = None, directions=None) -> torch.Tensor:
     """In place: θ = θ·decay + prev_coef·z(prev_seed); param = θ + next_scale·z(next_seed). θ is
     param itself, or ``master`` when given (param = round(master + next_scale·z_next)). Returns param."""
     prev_seed, offset = _dispatch.check(param, prev_seed, kind, offset, master=master)
     next_seed, _ = _dispatch.check(param, next_seed, kind, offset)
     prev_coef, next_scale, decay = f32(prev_coef), f32(next_scale), f32(decay)
-    impl = _dispatch.choose(param.device)
+    impl = _dispatch.choose(param.device, directions)
     with _dispatch.flat(param, master) as (p, m):
         if impl == "triton":
             _dispatch.launch(_lazy_kernel, p.numel(), offset, p, p if m is None else m, prev_seed, prev_coef,
                              next_seed, next_scale, decay, KIND=KIND_ID[kind], HAS_MASTER=m is not None)
         else:
             lazy_update_and_perturb_twin(p, prev_seed, prev_coef, next_seed, next_scale, decay, kind, offset,
-                                         master=m, impl=impl)
+                                         master=m, impl=impl, directions=directions)
     return param

@@ -41,10 +41,10 @@ def _momentum_kernel(p_ptr, m_ptr, buf_ptr, seed, g, lr, decay, beta, n, offset,
     store(p_ptr + idx, theta, mask)
 
 
-def momentum_update_twin(param, buf, seed, g, lr, decay, beta, kind, offset, master=None, impl="eager"):
+def momentum_update_twin(param, buf, seed, g, lr, decay, beta, kind, offset, master=None, impl="eager", directions=None):
     """The reference, on flat contiguous tensors; coefficients already rounded to float32."""
     _fused.run("momentum", momentum_update_math, {"param": param, "master": master, "buf": buf}, (seed,), kind,
-               offset, (g, lr, decay, beta), impl)
+               offset, (g, lr, decay, beta), impl, directions)
 
 
 def momentum_update_math(zs, t, c):
@@ -61,16 +61,16 @@ def momentum_update_math(zs, t, c):
 
 @torch.no_grad()
 def momentum_update_(param: torch.Tensor, buf: torch.Tensor, seed: int, g: float, lr: float, wd: float, beta: float,
-                     *, kind: str, offset: int = 0, master: torch.Tensor | None = None) -> torch.Tensor:
+                     *, kind: str, offset: int = 0, master: torch.Tensor | None = None, directions=None) -> torch.Tensor:
     """In place: buf = beta·buf + g·z; θ = θ·(1 − lr·wd) − lr·buf, θ being param or ``master``
     (then param = round(master)). Returns param."""
     seed, offset = _dispatch.check(param, seed, kind, offset, master=master, buf=buf)
     g, lr32, decay, beta = f32(g), f32(lr), f32(1.0 - lr * wd), f32(beta)
-    impl = _dispatch.choose(param.device)
+    impl = _dispatch.choose(param.device, directions)
     with _dispatch.flat(param, master, buf) as (p, m, b):
         if impl == "triton":
             _dispatch.launch(_momentum_kernel, p.numel(), offset, p, p if m is None else m, b, seed, g, lr32, decay,
                              beta, KIND=KIND_ID[kind], HAS_MASTER=m is not None)
         else:
-            momentum_update_twin(p, b, seed, g, lr32, decay, beta, kind, offset, master=m, impl=impl)
+            momentum_update_twin(p, b, seed, g, lr32, decay, beta, kind, offset, master=m, impl=impl, directions=directions)
     return param

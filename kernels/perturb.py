@@ -39,22 +39,22 @@ def perturb_math(zs, t, c):
     return {"param": x + scale * z}  # float32, then one rounding to param's dtype
 
 
-def perturb_twin(param, seed, scale, kind, offset, master=None, impl="eager"):
+def perturb_twin(param, seed, scale, kind, offset, master=None, impl="eager", directions=None):
     """The reference, on flat contiguous tensors; ``scale`` already rounded to float32."""
-    _fused.run("perturb", perturb_math, {"param": param, "master": master}, (seed,), kind, offset, (scale,), impl)
+    _fused.run("perturb", perturb_math, {"param": param, "master": master}, (seed,), kind, offset, (scale,), impl, directions)
 
 
 @torch.no_grad()
 def perturb_(param: torch.Tensor, seed: int, scale: float, *, kind: str, offset: int = 0,
-             master: torch.Tensor | None = None) -> torch.Tensor:
+             master: torch.Tensor | None = None, directions=None) -> torch.Tensor:
     """In place: param += scale * z, z = noise(seed, param.numel(), kind, offset) in param's
     row-major order; with ``master``: param = round(master + scale * z). Returns param."""
     seed, offset = _dispatch.check(param, seed, kind, offset, master=master)
-    impl = _dispatch.choose(param.device)
+    impl = _dispatch.choose(param.device, directions)
     with _dispatch.flat(param, master) as (p, m):
         if impl == "triton":
             _dispatch.launch(_perturb_kernel, p.numel(), offset, p, p if m is None else m, seed, f32(scale),
                              KIND=KIND_ID[kind], HAS_MASTER=m is not None)
         else:
-            perturb_twin(p, seed, f32(scale), kind, offset, master=m, impl=impl)
+            perturb_twin(p, seed, f32(scale), kind, offset, master=m, impl=impl, directions=directions)
     return param

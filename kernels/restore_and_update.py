@@ -51,25 +51,25 @@ def restore_and_update_math(zs, t, c):
     return {"param": theta} if t["master"] is None else {"master": theta, "param": theta}
 
 
-def restore_and_update_twin(param, seed, eps, decay, coef, kind, offset, master=None, impl="eager"):
+def restore_and_update_twin(param, seed, eps, decay, coef, kind, offset, master=None, impl="eager", directions=None):
     """The reference, on flat contiguous tensors; coefficients already rounded to float32
     (decay = 1 − lr·wd, coef = lr·g)."""
     _fused.run("restore_and_update", restore_and_update_math, {"param": param, "master": master}, (seed,), kind,
-               offset, (eps, decay, coef), impl)
+               offset, (eps, decay, coef), impl, directions)
 
 
 @torch.no_grad()
 def restore_and_update_(param: torch.Tensor, seed: int, eps: float, g: float, lr: float, wd: float, *, kind: str,
-                        offset: int = 0, master: torch.Tensor | None = None) -> torch.Tensor:
+                        offset: int = 0, master: torch.Tensor | None = None, directions=None) -> torch.Tensor:
     """In place: param (at θ − εz) becomes (θ)·(1 − lr·wd) − lr·g·z; with ``master`` (holding θ),
     master gets that value and param = round(master). Returns param."""
     seed, offset = _dispatch.check(param, seed, kind, offset, master=master)
     eps, decay, coef = f32(eps), f32(1.0 - lr * wd), f32(lr * g)
-    impl = _dispatch.choose(param.device)
+    impl = _dispatch.choose(param.device, directions)
     with _dispatch.flat(param, master) as (p, m):
         if impl == "triton":
             _dispatch.launch(_restore_and_update_kernel, p.numel(), offset, p, p if m is None else m, seed, eps, decay,
                              coef, KIND=KIND_ID[kind], HAS_MASTER=m is not None)
         else:
-            restore_and_update_twin(p, seed, eps, decay, coef, kind, offset, master=m, impl=impl)
+            restore_and_update_twin(p, seed, eps, decay, coef, kind, offset, master=m, impl=impl, directions=directions)
     return param

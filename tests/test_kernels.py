@@ -41,7 +41,7 @@ from zotune.kernels import (
     perturb_,
     restore_and_update_,
 )
-from zotune.noise import KINDS, noise
+from zotune.noise import KINDS, noise, noise_like
 
 EPS32 = torch.finfo(torch.float32).eps
 SEED, SEED2 = 2**40 + 3, 0x5EED_0000_0001  # both past 2**32: the key's high word matters
@@ -87,26 +87,26 @@ def needs(impl):
 # (a product with one would be exact, and a fused multiply-add would go unnoticed)
 
 
-def _perturb(t, kind, offset, seed=SEED):
-    perturb_(t["param"], seed, 0.37, kind=kind, offset=offset, master=t.get("master"))
+def _perturb(t, kind, offset, seed=SEED, **kw):
+    perturb_(t["param"], seed, 0.37, kind=kind, offset=offset, master=t.get("master"), **kw)
 
 
-def _restore(t, kind, offset, seed=SEED):  # eps, g, lr, wd
-    restore_and_update_(t["param"], seed, 0.3, 1.7, 0.1, 0.5, kind=kind, offset=offset, master=t.get("master"))
+def _restore(t, kind, offset, seed=SEED, **kw):  # eps, g, lr, wd
+    restore_and_update_(t["param"], seed, 0.3, 1.7, 0.1, 0.5, kind=kind, offset=offset, master=t.get("master"), **kw)
 
 
-def _lazy(t, kind, offset, seed=SEED):
+def _lazy(t, kind, offset, seed=SEED, **kw):
     lazy_update_and_perturb_(t["param"], seed, 0.6, SEED2, 0.4, decay=0.95, kind=kind, offset=offset,
-                             master=t.get("master"))
+                             master=t.get("master"), **kw)
 
 
-def _momentum(t, kind, offset, seed=SEED):  # g, lr, wd, beta
-    momentum_update_(t["param"], t["buf"], seed, 1.7, 0.1, 0.5, 0.9, kind=kind, offset=offset, master=t.get("master"))
+def _momentum(t, kind, offset, seed=SEED, **kw):  # g, lr, wd, beta
+    momentum_update_(t["param"], t["buf"], seed, 1.7, 0.1, 0.5, 0.9, kind=kind, offset=offset, master=t.get("master"), **kw)
 
 
-def _adam(t, kind, offset, seed=SEED):  # g, lr, wd, beta1, beta2, adam_eps, step
+def _adam(t, kind, offset, seed=SEED, **kw):  # g, lr, wd, beta1, beta2, adam_eps, step
     adam_update_(t["param"], t["m"], t["v"], seed, 1.7, 0.1, 0.5, 0.9, 0.99, 1e-3, 3, kind=kind, offset=offset,
-                 master=t.get("master"))
+                 master=t.get("master"), **kw)
 
 
 OPS = {"perturb": _perturb, "restore_and_update": _restore, "lazy_update_and_perturb": _lazy,
@@ -352,6 +352,21 @@ def test_lazy_pass_equals_restore_update_then_perturb():
 
 # ---------------------------------------------------------------------------------------
 # offsets, seeds and shards
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype_key", ["fp32", "bf16+master"])
+@pytest.mark.parametrize("shape_key", ["3x5x7@77", "9x5.T@1000"])
+@pytest.mark.parametrize("op", OPS)
+def test_given_directions_run_the_twin_on_them(op, shape_key, dtype_key, kind):
+    """Structured estimators hand the ops z = directions(seed): given the noise itself, the result
+    is the eager twin's, bit for bit."""
+    plain = make(op, dtype_key, shape_key)
+    given = {k: v.clone() for k, v in plain.items()}
+    run(op, "eager", plain, kind, 0)
+    OPS[op](given, kind, 0, directions=lambda seed: noise_like(given["param"], seed, kind))
+    for name in plain:
+        assert torch.equal(given[name], plain[name]), name
 
 
 @pytest.mark.parametrize("kind", KINDS)
