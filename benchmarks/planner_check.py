@@ -3,7 +3,7 @@
     python benchmarks/planner_check.py     # about a minute on 2 cores
 
 Each case runs in a fresh subprocess: it builds the model from its config, then runs real
-ZO steps (`ZOSGD`; for dual the `DualEngine` and `half_losses` the trainer uses: one no-grad
+ZO steps (`ZOOptimizer`; for dual the `DualEngine` and `half_losses` the trainer uses: one no-grad
 forward of the doubled batch, each module perturbed around its own call, then each half's
 loss; rademacher noise, eager kernels). Measured, from /proc/self/status:
 - weights: the RSS increase of building the model and the optimizer (fp32 master copies of
@@ -179,7 +179,7 @@ def main() -> None:
 
     top = (f"# {COMMAND}   ({platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}, "
            f"transformers {transformers.__version__})\n"
-           "# one ZO step (zotune's DualEngine / ZOSGD), fp32 unless named, use_cache=False unless named; "
+           "# one ZO step (zotune's DualEngine / ZOOptimizer), fp32 unless named, use_cache=False unless named; "
            "err = measured / planned - 1\n")
     (RESULTS / "planner_check.txt").write_text(top + "\n".join(lines) + "\n")
 

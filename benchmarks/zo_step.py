@@ -16,7 +16,7 @@ import time
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from zotune.optim import ZOSGD
+from zotune.optim import ZOOptimizer
 
 
 def timed(fn, repeats: int) -> float:
@@ -76,7 +76,7 @@ def main() -> None:
     print(f"{'MeZO-style (torch.normal x4)':<34}{mezo:>9.2f}{mezo / forward:>11.2f}")
     for perturbation in ("gaussian", "rademacher"):
         for schedule in ("sequential", "fused"):
-            opt = ZOSGD(model.named_parameters(), lr=1e-7, eps=1e-3, perturbation=perturbation, schedule=schedule)
+            opt = ZOOptimizer(model.named_parameters(), lr=1e-7, eps=1e-3, perturbation=perturbation, schedule=schedule)
             counter = iter(range(10**9))
 
             def step() -> None:

@@ -1,4 +1,4 @@
-"""A ZO step outside the Trainer, shared by the benchmarks: ZOSGD, and for dual the DualEngine
+"""A ZO step outside the Trainer, shared by the benchmarks: ZOOptimizer, and for dual the DualEngine
 with each half's loss computed as the trainer does."""
 
 from __future__ import annotations
@@ -6,13 +6,14 @@ from __future__ import annotations
 import torch
 
 from zotune.dual import DualEngine, half_losses, model_loss
-from zotune.optim import ZOSGD
+from zotune.optim import ZOOptimizer
 
 
-def zo_step_fn(model, batch, schedule: str, perturbation: str = "gaussian", lazy: bool = False):
-    """One ZO step (estimate + update) as a function of the step number, and the dual engine if any."""
-    opt = ZOSGD(model.named_parameters(), lr=1e-7, eps=1e-3, perturbation=perturbation, schedule=schedule,
-                lazy_update=lazy)
+def zo_step_fn(model, batch, schedule: str, perturbation: str = "gaussian", lazy: bool = False, **methods):
+    """One ZO step (estimate + update) as a function of the step number, and the dual engine if any.
+    `methods` go to the optimizer: `rule`, `estimator`, `num_directions`."""
+    opt = ZOOptimizer(model.named_parameters(), lr=1e-7, eps=1e-3, perturbation=perturbation, schedule=schedule,
+                      lazy_update=lazy, **methods)
     engine = None
     if schedule == "dual":
         engine = DualEngine(model, opt)
@@ -28,4 +29,5 @@ def zo_step_fn(model, batch, schedule: str, perturbation: str = "gaussian", lazy
             opt.estimate(loss_fn, n)
             opt.step()
 
+    step.optimizer = opt
     return step, engine

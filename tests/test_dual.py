@@ -19,7 +19,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from zotune.blocks import find_blocks
 from zotune.dual import DualRefused, _split
-from zotune.optim import ZOSGD
+from zotune.optim import ZOOptimizer
 from zotune.trajectory import read_trajectory
 
 ALL_ARCHS = [*TINY_CONFIGS, "bert_classifier"]
@@ -91,7 +91,7 @@ def test_replay_of_dual_equals_trained(arch, lazy, tmp_path):
     base = build(arch)
     named = dict(base.named_parameters())
     opt = header["optimizer"]
-    replayed = ZOSGD([(n, named[n]) for n in header["params"]], lr=0.0, weight_decay=opt["weight_decay"],
+    replayed = ZOOptimizer([(n, named[n]) for n in header["params"]], lr=0.0, weight_decay=opt["weight_decay"],
                      no_decay=header["no_decay"], eps=opt["eps"], num_directions=opt["num_directions"],
                      perturbation=opt["perturbation"], schedule=opt["schedule"], lazy_update=opt["lazy_update"])
     for record in records:
@@ -302,7 +302,7 @@ def test_remove_restores_every_forward():
     mlp.gain = nn.Parameter(torch.ones(model.config.hidden_size))
     patched = types.MethodType(lambda self, x: self.down_proj(self.up_proj(x)) * self.gain, mlp)
     mlp.forward = patched
-    engine = DualEngine(model, ZOSGD(model.named_parameters(), lr=0.1, schedule="dual"))
+    engine = DualEngine(model, ZOOptimizer(model.named_parameters(), lr=0.1, schedule="dual"))
     assert mlp.forward is not patched and "forward" in model.lm_head.__dict__
     engine.remove()
     assert mlp.forward is patched and not any("forward" in m.__dict__ for m in model.modules() if m is not mlp)

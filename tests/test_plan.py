@@ -18,7 +18,7 @@ from zotune.dual import DualEngine, half_losses, model_loss
 from zotune.errors import UserError
 from zotune.models import load_model
 from zotune.offload import BlockOffloader
-from zotune.optim import ZOSGD
+from zotune.optim import ZOOptimizer
 from zotune.plan import (
     KNOWN_CONFIGS,
     known_config,
@@ -175,7 +175,7 @@ def test_activation_estimate_close_to_a_real_dual_forward(arch, attention, monke
     changes = {k: v for k, v in WIDER.items() if k in TINY_CONFIGS[arch]}
     config = config_of(arch, **changes)
     model = AutoModelForCausalLM.from_config(config, attn_implementation=attention).eval()
-    optimizer = ZOSGD(model.named_parameters(), lr=1e-3, schedule="dual")
+    optimizer = ZOOptimizer(model.named_parameters(), lr=1e-3, schedule="dual")
     # the weights stay still: the noise's temporaries depend on the kernels (none with Triton) and
     # are not part of the estimate
     monkeypatch.setattr(optimizer, "touch", lambda params, to: None)

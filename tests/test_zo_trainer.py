@@ -10,7 +10,7 @@ from datasets import Dataset
 from transformers import default_data_collator
 
 from zotune.noise import noise_like, seed_for, step_seed
-from zotune.optim import ZOSGD
+from zotune.optim import ZOOptimizer
 from zotune.trainer import NonFiniteLossError, ZOConfig, ZOTrainer
 from zotune.trajectory import read_trajectory
 
@@ -118,7 +118,7 @@ def test_replay_equals_trained(arch, tmp_path):
     base = tiny_causal_lm(arch)
     named = [(n, p) for n, p in base.named_parameters() if n in set(header["params"])]
     r0 = records[0]
-    opt = ZOSGD(named, lr=r0["lr"], weight_decay=r0["wd"], no_decay=header["no_decay"], eps=r0["eps"],
+    opt = ZOOptimizer(named, lr=r0["lr"], weight_decay=r0["wd"], no_decay=header["no_decay"], eps=r0["eps"],
                 num_directions=r0["q"], perturbation=r0["perturbation"], schedule=r0["schedule"])
     for record in records:
         opt.replay(record)

@@ -4,7 +4,7 @@ The trainer classes are imported on first use, so `zotune validate` and `zotune 
 fast and never import torch.
 """
 
-__all__ = ["ZOConfig", "ZOTrainer", "ZOSGD"]
+__all__ = ["ZOConfig", "ZOTrainer", "ZOOptimizer"]
 
 
 def __getattr__(name: str):
@@ -12,8 +12,8 @@ def __getattr__(name: str):
         from zotune import trainer
 
         return getattr(trainer, name)
-    if name == "ZOSGD":
-        from zotune.optim import ZOSGD
+    if name == "ZOOptimizer":
+        from zotune.optim import ZOOptimizer
 
-        return ZOSGD
+        return ZOOptimizer
     raise AttributeError(f"module 'zotune' has no attribute {name!r}")

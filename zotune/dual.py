@@ -9,7 +9,7 @@ a dual forward the wrapper
 
 so every module sees the weights its half of the batch would have seen in MeZO's two
 separate forwards, and each weight is regenerated twice per step instead of four times.
-Where the moves come from (`ZOSGD.touch`) the same per-parameter state machine serves
+Where the moves come from (`ZOOptimizer.touch`) the same per-parameter state machine serves
 every schedule, so the numbers equal `sequential` within float rounding.
 
 Splitting rule for a wrapped module's tensor inputs: a first dimension that is a
@@ -80,14 +80,13 @@ class DualEngine:
     # -- one wrapped call ---------------------------------------------------------------
 
     def _call(self, original: Callable, params, args: tuple, kwargs: dict):
-        eps = self.optimizer.eps
         if self.half is not None:  # inside a nested owner's half: move, don't split
-            self._move(params, self.half, eps)
+            self._move(params, self.half)
             return original(*args, **kwargs)
         halves, shared = _split((args, kwargs), self.batch)
         joined = None
         for half, (h_args, h_kwargs) in enumerate(halves):
-            self._move(params, half, eps)
+            self._move(params, half)
             self.half = half
             try:
                 joined = _place(joined, original(*h_args, **h_kwargs), half, self.batch if shared else None)
@@ -97,10 +96,11 @@ class DualEngine:
             _check_halves_agree(halves)
         return tree_unflatten(*joined)
 
-    def _move(self, params, half: int, eps: float) -> None:
+    def _move(self, params, half: int) -> None:
+        """The first half runs at the estimator's first offset (θ + εz), the second at its other."""
         if not self.probing:
             s, k = self.direction
-            self.optimizer.touch(params, (s, k, eps if half == 0 else -eps))
+            self.optimizer.touch(params, (s, k, self.optimizer.offsets[half]))
 
     # -- forwards ---------------------------------------------------------------------
 

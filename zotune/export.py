@@ -6,6 +6,11 @@ model in safetensors. With `merge` the adapter is folded into the base weights, 
 transformers model that `from_pretrained` loads without peft. The tokenizer goes along in
 both cases.
 
+A run whose base was quantized (`model.quantization`) trained its adapter on the dequantized
+weights (zotune keeps bitsandbytes on its dequantizing path), so `merge` dequantizes the base
+first and folds the adapter into that: the merged model, in the recipe's dtype, computes what
+the trained quantized model computed. The adapter alone still needs the quantized base.
+
 The base model is rebuilt from the run's recipe.yaml, as `zotune replay` does, so the recipe's
 model source (and its data files, which loading a recipe checks) must still be there.
 """
@@ -89,7 +94,7 @@ def export(run_dir: str, out_dir: str, *, merge: bool = False, force: bool = Fal
             model, tokenizer = _full_model(run)
             kind = "full model"
         else:
-            model, tokenizer = _adapter_model(run)
+            model, tokenizer = _adapter_model(run, dequantize=merge)
             kind = "adapter"
             if merge:
                 model, kind = _merged(model, run_dir), "merged model"
@@ -100,15 +105,22 @@ def export(run_dir: str, out_dir: str, *, merge: bool = False, force: bool = Fal
     return kind
 
 
-def _adapter_model(run: RunWeights):
-    """The run's base model (rebuilt from its recipe) with the trained adapter loaded onto it."""
+def _adapter_model(run: RunWeights, dequantize: bool):
+    """The run's base model (rebuilt from its recipe, without its fresh adapter) with the trained adapter loaded."""
     from peft import PeftModel
 
-    from zotune.replay import _base_model
+    from zotune.models import load_model
+    from zotune.recipe import load_recipe
 
-    model, tokenizer = _base_model(str(run.recipe.parent))
-    if isinstance(model, PeftModel):  # the recipe's fresh adapter: drop it, keep the base
-        model = model.get_base_model() if model.peft_config["default"].is_prompt_learning else model.unload()
+    recipe = load_recipe(str(run.recipe))
+    verbalizer = recipe.data.verbalizer
+    model, tokenizer = load_model(
+        recipe.model.model_copy(update={"peft": None}),
+        num_labels=len(verbalizer) if verbalizer else None,
+        seed=recipe.train.seed,
+    )
+    if dequantize and recipe.model.quantization is not None:
+        model = model.dequantize()
     return PeftModel.from_pretrained(model, str(run.weights)), tokenizer
 
 

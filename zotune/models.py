@@ -5,6 +5,9 @@ Three sources:
 - `gguf_file` / `gguf_package`: a GGUF checkpoint, converted once to a safetensors folder in
   the cache (`$ZOTUNE_CACHE`, default ~/.cache/zotune) and loaded from there afterwards;
 - `config`: a model with random weights, seeded, with a byte-level tokenizer (for tests).
+
+Any of them can be loaded quantized by bitsandbytes (`model.quantization`); the quantized
+weights never train.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from transformers.models.auto.modeling_auto import (
 )
 
 from zotune.errors import UserError
-from zotune.schema import ModelSection
+from zotune.schema import ModelSection, QuantizationSection
 
 log = logging.getLogger("zotune")
 
@@ -51,24 +54,32 @@ BYTE_SPECIALS = ("<bos>", "<eos>", "<pad>", "<unk>")  # ids 256..259 of the byte
 
 
 def load_model(
-    section: ModelSection, *, num_labels: int | None = None, seed: int = 0
+    section: ModelSection, *, num_labels: int | None = None, seed: int = 0, unfreeze: list[str] = ()
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The model (with its peft adapter, if any) and tokenizer that `section` describes."""
+    """The model (with its peft adapter, if any) and tokenizer that `section` describes.
+
+    `unfreeze` (a recipe's `params.unfreeze`) names base parameters that train beside the adapter.
+    """
     dtype = DTYPES[section.dtype]
+    quantization = _bnb_config(section.quantization, dtype) if section.quantization is not None else None
     if section.config is not None:
-        model, tokenizer = _from_config(section.config, dtype, num_labels, seed)
+        model, tokenizer = _from_config(section.config, dtype, num_labels, seed, quantization)
     else:
         if section.gguf_file is not None or section.gguf_package is not None:
             path, trust = str(_converted_gguf(section)), False
         else:
             path, trust = _check_name_or_path(section.name_or_path), section.trust_remote_code
-        model, tokenizer = _from_pretrained(path, dtype, num_labels, trust)
+        model, tokenizer = _from_pretrained(path, dtype, num_labels, trust, quantization)
+    if quantization is not None:
+        _use_reference_4bit_matmul(model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id  # classifiers find the last token by it
+    if unfreeze and section.peft is None:
+        raise UserError("params.unfreeze: only with model.peft; without an adapter every unquantized parameter trains")
     if section.peft is not None:
-        model = _add_adapter(model, section.peft, seed)
+        model = _add_adapter(model, section.peft, seed, unfrozen_modules(model, unfreeze))
     return model, tokenizer
 
 
@@ -116,6 +127,42 @@ def stable_name(name: str) -> str:
     return name
 
 
+def is_quantized(param: torch.Tensor) -> bool:
+    """Whether `param` holds quantized codes (bitsandbytes' Params4bit / Int8Params, or any non-float tensor)."""
+    return not param.dtype.is_floating_point or type(param).__module__.startswith("bitsandbytes")
+
+
+def unfrozen_modules(model: torch.nn.Module, patterns: list[str]) -> list[str]:
+    """The modules owning a parameter whose name matches one of `patterns`: peft's `modules_to_save`.
+
+    peft then trains a copy of each (saved with the adapter, merged by `zotune export --merge`).
+    A quantized weight is refused: ZO would perturb its quantized codes, not the weight they encode.
+    """
+    compiled = _compile(patterns, "params.unfreeze")
+    modules, used = [], set()
+    for module_name, module in model.named_modules():
+        for name, param in module.named_parameters(prefix=module_name, recurse=False):
+            hits = [p.pattern for p in compiled if p.search(name)]
+            if not hits:
+                continue
+            quantized = next((q for q in module.parameters(recurse=False) if is_quantized(q)), None)
+            if quantized is not None:
+                what = "a quantized weight" if quantized is param else f"in a quantized layer ({type(module).__name__})"
+                raise UserError(
+                    f"params.unfreeze: {hits[0]!r} matches {name}, {what}; ZO would perturb quantized codes, not the "
+                    "weights they encode. Narrow the pattern to unquantized modules (norms, embeddings) and train "
+                    "quantized layers through the adapter (LoRA on them; LoRA's `bias` option trains their biases), "
+                    "or load the base without model.quantization"
+                )
+            used.update(hits)
+            if module_name not in modules:
+                modules.append(module_name)
+    unused = [p for p in patterns if p not in used]
+    if unused:
+        raise UserError(f"params.unfreeze: {unused[0]!r} matches no parameter of the model")
+    return modules
+
+
 def trainable_parameters(
     model: torch.nn.Module, include: list[str], exclude: list[str]
 ) -> list[tuple[str, torch.nn.Parameter]]:
@@ -124,7 +171,7 @@ def trainable_parameters(
     Starts from those with requires_grad (peft has already frozen its base model). A parameter
     is kept when one of its names matches an `include` pattern (or `include` is empty) and none
     matches an `exclude` pattern. A tied parameter appears once, under its first name, but any
-    of its names may match.
+    of its names may match. A quantized parameter that would train is an error.
     """
     includes = _compile(include, "params.include")
     excludes = _compile(exclude, "params.exclude")
@@ -142,6 +189,12 @@ def trainable_parameters(
         (chosen if keep else dropped).append((stable_name(name), param))
     if not chosen:
         raise UserError(f"params: no trainable parameter matches include={include} and exclude={exclude}")
+    quantized = [name for name, param in chosen if is_quantized(param)]
+    if quantized:
+        raise UserError(
+            f"params.include: {quantized[0]} is a quantized weight and would train, perturbing its quantized codes; "
+            "exclude it (params.exclude) and train the layer through an adapter"
+        )
     for _, param in dropped:
         param.requires_grad_(False)
     return chosen
@@ -167,7 +220,7 @@ def gguf_cache_dir(section: ModelSection) -> Path:
 # --- sources ---------------------------------------------------------------------------
 
 
-def _from_config(fields: dict[str, Any], dtype, num_labels, seed):
+def _from_config(fields: dict[str, Any], dtype, num_labels, seed, quantization=None):
     fields = dict(fields)
     model_type = fields.pop("model_type", None)
     if model_type is None:
@@ -188,10 +241,16 @@ def _from_config(fields: dict[str, Any], dtype, num_labels, seed):
         )
     auto = _head(config, num_labels)
     torch.manual_seed(seed)
-    return auto.from_config(config, dtype=dtype), tokenizer
+    model = auto.from_config(config, dtype=dtype)
+    if quantization is not None:
+        # bitsandbytes quantizes while loading a checkpoint: save the random weights, load them back
+        with tempfile.TemporaryDirectory(prefix="zotune-") as tmp:
+            model.save_pretrained(tmp)
+            model = auto.from_pretrained(tmp, dtype=dtype, quantization_config=quantization)
+    return model, tokenizer
 
 
-def _from_pretrained(path: str, dtype, num_labels, trust_remote_code: bool):
+def _from_pretrained(path: str, dtype, num_labels, trust_remote_code: bool, quantization=None):
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
@@ -201,8 +260,44 @@ def _from_pretrained(path: str, dtype, num_labels, trust_remote_code: bool):
     except (OSError, ValueError) as e:
         raise UserError(f"model.name_or_path: cannot load a tokenizer from {path!r}: {e}") from e
     auto = _head(config, num_labels)
-    model = auto.from_pretrained(path, config=config, dtype=dtype, trust_remote_code=trust_remote_code)
+    model = auto.from_pretrained(
+        path, config=config, dtype=dtype, trust_remote_code=trust_remote_code, quantization_config=quantization
+    )
     return model, tokenizer
+
+
+def _use_reference_4bit_matmul(model: PreTrainedModel) -> None:
+    """Keep bitsandbytes' 4-bit layers off their CPU fast path.
+
+    On CPUs with AVX512-BF16 that path (taken in eval mode, where ZO runs) repacks the weights
+    at the first forward, rounding their block scales to bfloat16, and multiplies in bfloat16.
+    ZO's loss differences, of order eps, would drown in that rounding, and the quantized state
+    would change under training. The reference path dequantizes to the compute dtype: the model
+    then computes exactly what its dequantized copy computes, which `zotune export --merge` writes.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def _bnb_config(section: QuantizationSection, dtype):
+    """The transformers `BitsAndBytesConfig` of a recipe's `model.quantization`."""
+    try:
+        importlib.import_module("bitsandbytes")
+    except ImportError as e:
+        raise UserError(
+            f"model.quantization: needs the bitsandbytes package ({e}); pip install 'zotune[quant]'"
+        ) from e
+    from transformers import BitsAndBytesConfig
+
+    if section.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=section.quant_type or "nf4",
+        bnb_4bit_compute_dtype=DTYPES[section.compute_dtype] if section.compute_dtype else dtype,
+        bnb_4bit_use_double_quant=section.double_quant,
+    )
 
 
 def _head(config: PreTrainedConfig, num_labels: int | None):
@@ -311,7 +406,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
 # --- peft ------------------------------------------------------------------------------
 
 
-def _add_adapter(model: PreTrainedModel, spec: dict[str, Any], seed: int):
+def _add_adapter(model: PreTrainedModel, spec: dict[str, Any], seed: int, modules_to_save: list[str]):
     import peft
 
     spec = dict(spec)
@@ -326,6 +421,8 @@ def _add_adapter(model: PreTrainedModel, spec: dict[str, Any], seed: int):
             raise UserError(f"model.peft.{key}: not a field of {config_cls.__name__}")
     is_classifier = type(model).__name__.endswith("ForSequenceClassification")
     spec.setdefault("task_type", "SEQ_CLS" if is_classifier else "CAUSAL_LM")
+    if modules_to_save:
+        spec["modules_to_save"] = [*(spec.get("modules_to_save") or []), *modules_to_save]
     try:
         config = peft.get_peft_config({"peft_type": peft_type, **spec})
         torch.manual_seed(seed)  # adapter init (e.g. LoRA's A) follows the recipe seed

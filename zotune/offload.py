@@ -10,8 +10,9 @@ true weights. Around each block's forward:
 - forward: runs on the uploaded copies (the dual engine perturbs them in place);
 - hook: the trainable parameters are written back home and the copies released.
 
-The fp32 master copies that the optimizer keeps for 16-bit trainable weights travel with
-their block the same way (`state_of`). So at most three blocks are on the compute device at once: the one being written back,
+The fp32 master copies that the optimizer keeps for 16-bit trainable weights, and the state
+an estimator's directions read (a sparse mask, a Hessian estimate), travel with their block
+the same way (`state_of`, `travelling_keys`). So at most three blocks are on the compute device at once: the one being written back,
 the one running and the one being prefetched. Embeddings, final norm and head stay
 resident. `tracker` counts the parameter bytes held on the compute device.
 
@@ -68,11 +69,11 @@ class _Block:
             p.data = home.pin_memory() if pin else home
             self.homes.append(p.data)
         self.copies: list[torch.Tensor] | None = None
-        self.masters: list[tuple[dict, torch.Tensor, torch.Tensor]] = []  # (optimizer state, home, copy)
+        self.travelling: list[tuple[dict, str, torch.Tensor, torch.Tensor]] = []  # (optimizer state, key, home, copy)
         self.ready: torch.cuda.Event | None = None
 
-    def nbytes(self, masters: list[tuple[dict, torch.Tensor]]) -> int:
-        return sum(t.numel() * t.element_size() for t in self.homes + [home for _, home in masters])
+    def nbytes(self, state_homes: list[tuple[dict, str, torch.Tensor]]) -> int:
+        return sum(t.numel() * t.element_size() for t in self.homes + [home for _, _, home in state_homes])
 
 
 class BlockOffloader:
@@ -84,7 +85,8 @@ class BlockOffloader:
         self.cuda = self.compute.type == "cuda"
         self.transfer_dtype = transfer_dtype
         self.on_discard = on_discard  # called with a block's trainable params when its copies are dropped
-        self.state_of = None  # param -> its optimizer state, whose fp32 "master" travels with the block
+        self.state_of = None  # param -> its optimizer state, whose `travelling_keys` travel with the block
+        self.travelling_keys: tuple[str, ...] = ("master",)
         self.blocks_name, blocks = find_blocks(model)
         block_params = {id(p) for b in blocks for p in b.parameters()}
         resident = 0
@@ -106,13 +108,14 @@ class BlockOffloader:
             self._handles.append(block.module.register_forward_hook(self._after(i)))
 
     def block_bytes(self) -> int:
-        """Compute-device bytes of the largest block, with the master copies that travel with it."""
-        return max(b.nbytes(self._master_homes(b)) for b in self.blocks)
+        """Compute-device bytes of the largest block, with the optimizer state that travels with it."""
+        return max(b.nbytes(self._state_homes(b)) for b in self.blocks)
 
-    def _master_homes(self, block: _Block) -> list[tuple[dict, torch.Tensor]]:
-        """(optimizer state, home master) of the block's weights that have an fp32 master copy."""
+    def _state_homes(self, block: _Block) -> list[tuple[dict, str, torch.Tensor]]:
+        """(optimizer state, key, home tensor) of the state the forward reads: the fp32 masters of
+        16-bit weights and whatever the estimator's directions use (`travelling_keys`)."""
         states = [self.state_of(p) for p in block.params if p.requires_grad] if self.state_of else []
-        return [(state, state["master"]) for state in states if "master" in state]
+        return [(state, key, state[key]) for state in states for key in self.travelling_keys if key in state]
 
     def wait(self) -> None:
         """Block the host until every write-back has landed: call before the host reads the weights."""
@@ -132,12 +135,12 @@ class BlockOffloader:
                 self._upload(block)
             if self.cuda:
                 torch.cuda.current_stream(self.compute).wait_event(block.ready)
-                for copy in block.copies + [copy for _, _, copy in block.masters]:
+                for copy in block.copies + [copy for _, _, _, copy in block.travelling]:
                     copy.record_stream(torch.cuda.current_stream(self.compute))
             for p, copy in zip(block.params, block.copies):
                 p.data = copy
-            for state, _, copy in block.masters:
-                state["master"] = copy
+            for state, key, _, copy in block.travelling:
+                state[key] = copy
             if i + 1 < len(self.blocks) and self.blocks[i + 1].copies is None:
                 self._upload(self.blocks[i + 1])  # prefetch: overlaps with block i's compute on CUDA
 
@@ -158,10 +161,10 @@ class BlockOffloader:
             # sent in 16 bits, computed in the weights' own dtype
             return home.to(self.compute, dtype=self.transfer_dtype, non_blocking=self.cuda).to(home.dtype)
 
-        homes = self._master_homes(block)
+        homes = self._state_homes(block)
         with torch.cuda.stream(self.stream) if self.cuda else nullcontext():
             block.copies = [copy(h) for h in block.homes]
-            block.masters = [(state, home, copy(home)) for state, home in homes]
+            block.travelling = [(state, key, home, copy(home)) for state, key, home in homes]
             if self.cuda:
                 block.ready = torch.cuda.Event()
                 block.ready.record(self.stream)
@@ -169,7 +172,7 @@ class BlockOffloader:
 
     def _write_back(self, block: _Block) -> None:
         trainable = [(p, home) for p, home in zip(block.params, block.homes) if p.requires_grad]
-        travelled = [(p_state["master"], home) for p_state, home, _ in block.masters]
+        travelled = [(state[key], home) for state, key, home, _ in block.travelling]
         if self.transfer_dtype is None:
             if self.cuda:
                 done = torch.cuda.Event()
@@ -183,9 +186,9 @@ class BlockOffloader:
                     home.copy_(data)
         for p, home in zip(block.params, block.homes):
             p.data = home
-        for state, home, _ in block.masters:
-            state["master"] = home
+        for state, key, home, _ in block.travelling:
+            state[key] = home
         if self.transfer_dtype is not None and self.on_discard is not None:
             self.on_discard([p for p, _ in trainable])
-        self.tracker.remove(block.nbytes([(state, home) for state, home, _ in block.masters]))
-        block.copies, block.masters, block.ready = None, [], None
+        self.tracker.remove(block.nbytes([(state, key, home) for state, key, home, _ in block.travelling]))
+        block.copies, block.travelling, block.ready = None, [], None

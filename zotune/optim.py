@@ -33,6 +33,11 @@ the same order, only the number of times z is regenerated differs.
                         and `flush()` settles every owed update before anything reads
                         the weights (evaluation, saving, the end of training).
 
+What z is and where the two losses of a direction are taken is the *estimator's* choice
+(`zotune.methods.estimators`: plain SPSA, one-sided, sparse masks, Hessian-preconditioned,
+low-rank); how ĝ moves θ is the *rule's* (`zotune.methods.rules`: SGD, momentum, Adam, sign,
+conservative). The passes below are the same for all of them.
+
 16-bit parameters keep an fp32 master copy of θ in the optimizer state: the
 working copy is written as round(master + displacement), so a restore is exact
 and the update accumulates at full precision. fp32 parameters are moved in
@@ -47,7 +52,8 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from zotune.kernels import lazy_update_and_perturb_, perturb_, restore_and_update_
+from zotune.kernels import lazy_update_and_perturb_, perturb_
+from zotune.methods import Estimator, ParamUpdate, Rule, build_estimator, build_rule, check_compatible
 from zotune.noise import seed_for, step_seed
 
 Term = tuple[int, int, float]  # (step seed, direction k, coefficient of z_k)
@@ -55,9 +61,11 @@ Update = tuple[list[float], int, float, float]  # (g, step, lr, weight decay)
 SCHEDULES = ("dual", "sequential", "fused")
 
 
-class ZOSGD(torch.optim.Optimizer):
-    """ZO-SGD with SPSA gradient estimates (Malladi et al., 2023, "Fine-Tuning
-    Language Models with Just Forward Passes", arXiv:2305.17333).
+class ZOOptimizer(torch.optim.Optimizer):
+    """Zeroth-order training from pairs of forwards; by default ZO-SGD with SPSA estimates
+    (Malladi et al., 2023, "Fine-Tuning Language Models with Just Forward Passes",
+    arXiv:2305.17333). `rule` and `estimator` name a registered method (`zotune.methods`), as
+    a name or a mapping with `name` and its settings.
 
     Call `estimate(loss_fn, step)` once per micro-batch; micro-batches of one
     step share its seed and their projected gradients are averaged. `step()`
@@ -76,12 +84,19 @@ class ZOSGD(torch.optim.Optimizer):
         perturbation: str = "gaussian",
         schedule: str = "fused",
         lazy_update: bool = False,
+        rule: Rule | str | dict = "sgd",
+        estimator: Estimator | str | dict = "spsa",
         seed: int = 0,
     ):
         if schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
         if lazy_update and schedule != "dual":
             raise ValueError("lazy_update needs the dual schedule")
+        self.rule = rule if isinstance(rule, Rule) else build_rule(rule)
+        self.estimator = estimator if isinstance(estimator, Estimator) else build_estimator(estimator)
+        check_compatible(self.rule, self.estimator, schedule=schedule, lazy_update=lazy_update,
+                         num_directions=num_directions)
+        self.offsets = self.estimator.offsets(eps)
         named = list(named_params)
         no_decay = set(no_decay)
         groups = [
@@ -107,7 +122,10 @@ class ZOSGD(torch.optim.Optimizer):
         self._step: int | None = None
         self.forward_uses: list[dict[str, int]] = []
         self._g_sum = [0.0] * self.q
-        self._losses: list[tuple[float, float]] = []
+        self.step_losses: list[tuple[float, float]] = []  # (L at offset a, L at offset b) per direction
+        self._losses_at_theta: list[float] = []
+        self._notes: dict = {}  # what the estimator recorded when the step began
+        self.last_loss_fn: Callable | None = None
 
     # -- the passes over the parameters ---------------------------------------------
 
@@ -119,7 +137,7 @@ class ZOSGD(torch.optim.Optimizer):
     def _update_of(self, group: dict, g: list[float], step: int) -> Update:
         return g, step, group["lr"], group["weight_decay"]
 
-    def _move(self, to: Term | None, g: list[float] | None = None, step: int | None = None) -> None:
+    def move(self, to: Term | None, g: list[float] | None = None, step: int | None = None) -> None:
         """One pass over every parameter: to displacement `to`, applying the update (g, step) on the way."""
         for name, p, group in self.named_params():
             self._move_param(name, p, to, None if g is None else self._update_of(group, g, step))
@@ -127,12 +145,14 @@ class ZOSGD(torch.optim.Optimizer):
     def _move_param(self, name: str, p: torch.nn.Parameter, to: Term | None, update: Update | None = None) -> None:
         """Take one parameter from its displacement to `to`, applying `update` to θ on the way.
 
-        Each call below is one in-place kernel that regenerates its z (zotune.kernels).
+        Each call below is one in-place kernel that regenerates its z (zotune.kernels), or, for
+        estimators with structured directions, z = directions(seed).
         """
         state = self.state[p]
         master = state.get("master")
         pending = state.get("at") if master is None else None  # a master copy is never displaced
-        kw = {"kind": self.kind, "master": master}
+        directions = self.estimator.directions(name, p, state, self._step if update is None else update[1], self)
+        kw = {"kind": self.kind, "directions": directions}
         if update is not None:
             g, step, lr, wd = update
             s, q = step_seed(self.seed, step), len(g)
@@ -140,27 +160,22 @@ class ZOSGD(torch.optim.Optimizer):
             if self.lazy_update and q == 1 and to is not None:  # the update rides on the next +ε pass
                 decay = 1.0 - lr * wd
                 lazy_update_and_perturb_(p.data, seed_for(s, 0, name), restore * decay - lr * g[0],
-                                         seed_for(*to[:2], name), to[2], decay=decay, **kw)
+                                         seed_for(*to[:2], name), to[2], decay=decay, master=master, **kw)
                 state["at"] = to
                 return
-            lead = q - 1  # goes first: a pending restore is along the last direction
-            restore_and_update_(p.data, seed_for(s, lead, name), restore, g[lead] / q, lr, wd, **kw)
-            for k in range(lead):
-                if master is None:
-                    perturb_(p.data, seed_for(s, k, name), -lr * g[k] / q, kind=self.kind)
-                else:  # wd was applied with the lead direction
-                    restore_and_update_(p.data, seed_for(s, k, name), 0.0, g[k] / q, lr, 0.0, **kw)
+            seeds = [seed_for(s, k, name) for k in range(q)]
+            self.rule.apply(ParamUpdate(p.data, state, master, seeds, [gk / q for gk in g], restore, self.kind,
+                                        directions, lr, wd))
             pending = None
         if pending is not None and to is not None and pending[:2] == to[:2]:
-            perturb_(p.data, seed_for(*to[:2], name), to[2] - pending[2], kind=self.kind)
+            perturb_(p.data, seed_for(*to[:2], name), to[2] - pending[2], **kw)
         elif pending is not None and to is not None:
-            lazy_update_and_perturb_(
-                p.data, seed_for(*pending[:2], name), -pending[2], seed_for(*to[:2], name), to[2], kind=self.kind
-            )
+            lazy_update_and_perturb_(p.data, seed_for(*pending[:2], name), -pending[2], seed_for(*to[:2], name), to[2],
+                                     **kw)
         elif pending is not None:
-            perturb_(p.data, seed_for(*pending[:2], name), -pending[2], kind=self.kind)
+            perturb_(p.data, seed_for(*pending[:2], name), -pending[2], **kw)
         elif to is not None:
-            perturb_(p.data, seed_for(*to[:2], name), to[2], **kw)
+            perturb_(p.data, seed_for(*to[:2], name), to[2], master=master, **kw)
         elif master is not None:
             p.data.copy_(master)
         state["at"] = to
@@ -195,25 +210,30 @@ class ZOSGD(torch.optim.Optimizer):
         """The ± passes of one micro-batch, one direction after the other.
 
         sequential / fused: `loss_fn()` is the loss at the current weights, and the
-        weights are moved around it. dual: `loss_fn(s, k)` runs one forward of the
-        doubled batch that returns (L+, L−); the engine moves each module's weights
-        around its own call (`touch`). `loss_fn=None` replays the moves without
-        forwards; for dual, `uses` then says how often each weight was touched.
+        weights are moved around it, to θ + a·z_k and θ + b·z_k (`offsets`: ±ε for
+        two-sided SPSA). dual: `loss_fn(s, k)` runs one forward of the doubled batch
+        that returns (L_a, L_b); the engine moves each module's weights around its own
+        call (`touch`). `loss_fn=None` replays the moves without forwards; for dual,
+        `uses` then says how often each weight was touched.
         """
         s = step_seed(self.seed, step)
+        a, b = self.offsets
+        if self.estimator.loss_at_theta:
+            self.move(None)
+            self._losses_at_theta.append(loss_fn() if loss_fn else math.nan)
         losses = []
         for k in range(self.q):
             if self.schedule == "dual":
                 losses.append(loss_fn(s, k) if loss_fn else self._replay_touches(s, k, uses.pop(0)))
                 self.forward_uses.append(self._collect_uses())
                 continue
-            self._move((s, k, self.eps))
-            loss_plus = loss_fn() if loss_fn else math.nan
-            self._move((s, k, -self.eps))
-            loss_minus = loss_fn() if loss_fn else math.nan
+            self.move((s, k, a))
+            loss_a = loss_fn() if loss_fn else math.nan
+            self.move((s, k, b))
+            loss_b = loss_fn() if loss_fn else math.nan
             if self.schedule == "sequential":
-                self._move(None)
-            losses.append((loss_plus, loss_minus))
+                self.move(None)
+            losses.append((loss_a, loss_b))
         return losses
 
     def _collect_uses(self) -> dict[str, int]:
@@ -228,14 +248,14 @@ class ZOSGD(torch.optim.Optimizer):
     def _replay_touches(self, s: int, k: int, uses: dict[str, int]) -> tuple[float, float]:
         for name, p, _ in self.named_params():
             for _ in range(uses.get(name, 1)):
-                self.touch([(name, p)], (s, k, self.eps))
-                self.touch([(name, p)], (s, k, -self.eps))
+                for offset in self.offsets:
+                    self.touch([(name, p)], (s, k, offset))
         return math.nan, math.nan
 
     def _apply(self, g: list[float], step: int) -> None:
         """The update of a step, now or, with `lazy_update`, owed until each weight's next touch."""
         if not self.lazy_update:
-            self._move(None, g, step)
+            self.move(None, g, step)
             return
         for name, p, group in self.named_params():
             state = self.state[p]
@@ -254,11 +274,14 @@ class ZOSGD(torch.optim.Optimizer):
             raise RuntimeError(f"estimate() for step {step} while step {self._step} is not applied yet")
         if self._step is None:
             self._flushed_before, self._flushed = self._flushed, False
-        self._step = step
+            self._step = step
+            self._notes = self.estimator.begin_step(self, step)
+        self.last_loss_fn = loss_fn
         losses = self._perturbation_passes(step, loss_fn)
-        for k, (loss_plus, loss_minus) in enumerate(losses):
-            self._g_sum[k] += (loss_plus - loss_minus) / (2 * self.eps)
-        self._losses.extend(losses)
+        a, b = self.offsets
+        for k, (loss_a, loss_b) in enumerate(losses):
+            self._g_sum[k] += (loss_a - loss_b) / (a - b)
+        self.step_losses.extend(losses)
         return losses
 
     @torch.no_grad()
@@ -266,11 +289,14 @@ class ZOSGD(torch.optim.Optimizer):
         """Apply the averaged projected gradient (or skip a non-finite step) and return its record."""
         if self._step is None:
             raise RuntimeError("step() called before estimate()")
-        micro_batches = len(self._losses) // self.q
+        micro_batches = len(self.step_losses) // self.q
         g = [g_sum / micro_batches for g_sum in self._g_sum]
         finite = all(math.isfinite(v) for v in g)
+        choice = {}
         if finite:
-            self._apply(g, self._step)
+            applied, choice = self.rule.choose(self, g, self._step, None)
+            if applied is not None:
+                self._apply(applied, self._step)
         else:
             self.flush()
         self.nonfinite_in_a_row = 0 if finite else self.nonfinite_in_a_row + 1
@@ -282,15 +308,22 @@ class ZOSGD(torch.optim.Optimizer):
             "lr": self.param_groups[0]["lr"],
             "wd": self.defaults["weight_decay"],
             "eps": self.eps,
-            "rule": "sgd",
+            "rule": self.rule.name,
+            "estimator": self.estimator.name,
             "perturbation": self.kind,
             "schedule": self.schedule,
             "micro_batches": micro_batches,
-            "loss_plus": [lp for lp, _ in self._losses],
-            "loss_minus": [lm for _, lm in self._losses],
+            "loss_plus": [la for la, _ in self.step_losses],
+            "loss_minus": [lb for _, lb in self.step_losses],
+            **self._notes,
+            **choice,
         }
+        if self.estimator.loss_at_theta:
+            record["loss_zero"] = self._losses_at_theta
         if self.schedule == "dual":
             record.update(lazy_update=self.lazy_update, flushed_before=self._flushed_before, uses=self.forward_uses)
+        if finite:
+            self.estimator.end_step(self, self._step, record)
         self._reset_step()
         self.last_record = record
         return record
@@ -304,19 +337,26 @@ class ZOSGD(torch.optim.Optimizer):
         self.schedule, self.lazy_update = record["schedule"], record.get("lazy_update", False)
         if record.get("flushed_before"):
             self.flush()
+        step = self._step = record["step"]
+        self.estimator.begin_step(self, step)
         uses = list(record.get("uses", []))
         for _ in range(record["micro_batches"]):
-            self._perturbation_passes(record["step"], None, uses)
+            self._perturbation_passes(step, None, uses)
         if record["g"] is not None:
-            self._apply(record["g"], record["step"])
+            applied, _ = self.rule.choose(self, record["g"], step, record)
+            if applied is not None:
+                self._apply(applied, step)
+            self.estimator.end_step(self, step, record)
         else:
             self.flush()
         self._reset_step()
 
     def load_state_dict(self, state_dict: dict) -> None:
-        # torch casts floating state to the parameter's dtype on load; the fp32 master must stay fp32
-        masters = {i: s["master"] for i, s in state_dict["state"].items() if "master" in s}
+        # torch casts floating state to the parameter's dtype on load; ours keeps its own (the fp32
+        # masters of 16-bit weights, the rules' moments, the Hessian estimate)
+        saved = {i: {k: v for k, v in s.items() if torch.is_tensor(v)} for i, s in state_dict["state"].items()}
         super().load_state_dict(state_dict)
         params = [p for group in self.param_groups for p in group["params"]]
-        for i, master in masters.items():
-            self.state[params[int(i)]]["master"] = master.to(params[int(i)].device, torch.float32)
+        for i, tensors in saved.items():
+            param = params[int(i)]
+            self.state[param].update({k: v.to(param.device) for k, v in tensors.items()})

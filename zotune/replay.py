@@ -8,7 +8,7 @@ from rich.progress import track
 
 from zotune.errors import UserError
 from zotune.models import load_model, trainable_parameters
-from zotune.optim import ZOSGD
+from zotune.optim import ZOOptimizer
 from zotune.recipe import load_recipe, shipped_recipes
 from zotune.run import build_model
 from zotune.schema import ModelSection
@@ -25,6 +25,25 @@ def _base_model(base: str):
     return load_model(ModelSection(name_or_path=base))
 
 
+def optimizer_from_header(header: dict, named: list) -> ZOOptimizer:
+    """An optimizer over `named` (stable name, parameter) set up as the logged run's was, ready to replay."""
+    opt = header["optimizer"]
+    return ZOOptimizer(
+        named,
+        lr=0.0,
+        weight_decay=opt["weight_decay"],
+        no_decay=header["no_decay"],
+        eps=opt["eps"],
+        num_directions=opt["num_directions"],
+        perturbation=opt["perturbation"],
+        schedule=opt["schedule"],
+        lazy_update=opt.get("lazy_update", False),
+        rule=opt.get("rule", "sgd"),
+        estimator=opt.get("estimator", "spsa"),
+        seed=opt["seed"],
+    )
+
+
 def replay(base: str, trajectory: str, out_dir: str) -> None:
     header, records = read_trajectory(trajectory)
     if header["start_step"] != 0:
@@ -38,19 +57,7 @@ def replay(base: str, trajectory: str, out_dir: str) -> None:
     if params_digest(named) != header["init_sha256"]:
         raise UserError(f"{base}: its initial weights differ from those {trajectory} was recorded from")
 
-    opt = header["optimizer"]
-    zo = ZOSGD(
-        named,
-        lr=0.0,
-        weight_decay=opt["weight_decay"],
-        no_decay=header["no_decay"],
-        eps=opt["eps"],
-        num_directions=opt["num_directions"],
-        perturbation=opt["perturbation"],
-        schedule=opt["schedule"],
-        lazy_update=opt.get("lazy_update", False),
-        seed=opt["seed"],
-    )
+    zo = optimizer_from_header(header, named)
     for record in track(records, description="replaying"):
         zo.replay(record)
     zo.flush()  # training flushed a pending lazy update before saving

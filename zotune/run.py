@@ -14,7 +14,8 @@ from transformers import Trainer, TrainingArguments
 from transformers.utils import logging as hf_logging
 
 from zotune.data import TaskData, build_task_data
-from zotune.models import load_model, trainable_parameters
+from zotune.errors import UserError
+from zotune.models import load_model, stable_name, trainable_parameters
 from zotune.recipe import dump_recipe
 from zotune.schema import Recipe
 from zotune.trainer import ZOConfig, ZOTrainer
@@ -26,10 +27,19 @@ RUN_ONLY = {"evaluate_before", "resume_from_checkpoint"}  # TrainSection keys th
 def build_model(recipe: Recipe):
     """The model and tokenizer of a recipe, with only the recipe's parameters left trainable."""
     verbalizer = recipe.data.verbalizer
+    params = recipe.params
     model, tokenizer = load_model(
-        recipe.model, num_labels=len(verbalizer) if verbalizer else None, seed=recipe.train.seed
+        recipe.model, num_labels=len(verbalizer) if verbalizer else None, seed=recipe.train.seed,
+        unfreeze=params.unfreeze,
     )
-    trainable_parameters(model, recipe.params.include, recipe.params.exclude)
+    unfrozen = [stable_name(n) for n, p in model.named_parameters() if p.requires_grad and ".modules_to_save." in n]
+    chosen = {name for name, _ in trainable_parameters(model, params.include, params.exclude)}
+    dropped = [name for name in unfrozen if name not in chosen]
+    if params.unfreeze and dropped:
+        raise UserError(
+            f"params.unfreeze: {dropped[0]} is unfrozen, then params.include/exclude drop it; "
+            "widen params.include or narrow params.unfreeze"
+        )
     return model, tokenizer
 
 
@@ -48,14 +58,23 @@ def training_arguments(recipe: Recipe, task: TaskData) -> TrainingArguments:
         zo_eps=zo.eps,
         zo_num_directions=zo.num_directions,
         zo_perturbation=zo.perturbation,
+        **method_arguments("rule", zo.rule),
+        **method_arguments("estimator", zo.estimator),
         zo_schedule=zo.schedule,
         zo_lazy_update=zo.lazy_update,
         zo_offload=zo.offload,
         zo_offload_transfer_dtype=zo.offload_transfer_dtype,
         zo_max_nonfinite=zo.max_nonfinite,
+        zo_objective=zo.objective,
         zo_include=recipe.params.include,
         zo_exclude=recipe.params.exclude,
     )
+
+
+def method_arguments(kind: str, spec: str | dict) -> dict:
+    """A recipe's `zo.rule` / `zo.estimator` as ZOConfig's zo_<kind> and zo_<kind>_kwargs."""
+    fields = {"name": spec} if isinstance(spec, str) else dict(spec)
+    return {f"zo_{kind}": fields.pop("name"), f"zo_{kind}_kwargs": fields}
 
 
 def build_trainer(recipe: Recipe, model, tokenizer) -> tuple[Trainer, str]:

@@ -7,13 +7,46 @@ errors into messages that name the file, the key and its line.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from zotune.methods import build_estimator, build_rule, check_compatible
+from zotune.objectives import check_name
 
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class QuantizationSection(Section):
+    """Load the base model's linear layers quantized with bitsandbytes; they stay frozen.
+
+    Adapters, norms and embeddings stay in `model.dtype`. The quantized layers cannot train:
+    ZO trains an adapter on top of them (and, with `params.unfreeze`, the unquantized parameters).
+    """
+
+    bits: Literal[4, 8] = Field(description="4: 4-bit blocks (nf4 or fp4, QLoRA-style); 8: LLM.int8.")
+    quant_type: Literal["nf4", "fp4"] | None = Field(
+        None, description="4-bit data type: nf4 (normal-float, the QLoRA default) or fp4. 4 bits only; default nf4."
+    )
+    compute_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="dtype the 4-bit matmuls dequantize to and run in. 4 bits only; default `model.dtype`."
+    )
+    double_quant: bool = Field(
+        False,
+        description="4 bits only: quantize the blocks' scales as well, about 0.4 bits per weight less for a little "
+        "more dequantization work.",
+    )
+
+    @model_validator(mode="after")
+    def _four_bit_only(self) -> "QuantizationSection":
+        if self.bits == 8:
+            given = [k for k in ("quant_type", "compute_dtype") if getattr(self, k) is not None]
+            given += ["double_quant"] if self.double_quant else []
+            if given:
+                raise ValueError(f"`{given[0]}` is a 4-bit setting; remove it or set `bits: 4`")
+        return self
 
 
 class ModelSection(Section):
@@ -37,6 +70,9 @@ class ModelSection(Section):
         None,
         description="A peft config: `peft_type` (e.g. LORA) plus that config's fields. Only adapter weights train.",
     )
+    quantization: QuantizationSection | None = Field(
+        None, description="Load the base quantized with bitsandbytes (4-bit nf4/fp4 or 8-bit); needs `peft`."
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> "ModelSection":
@@ -47,6 +83,11 @@ class ModelSection(Section):
             raise ValueError("give one of `name_or_path`, `gguf_file`, `gguf_package` or `config`")
         if len(sources) > 1:
             raise ValueError(f"give only one model source, got {', '.join(sources)}")
+        if self.quantization is not None and self.peft is None:
+            raise ValueError(
+                "`quantization` needs `peft`: quantized weights cannot train, so a quantized base trains through an "
+                "adapter (LN_TUNING trains just the norms; `params.unfreeze` adds norms or embeddings to any adapter)"
+            )
         return self
 
 
@@ -88,9 +129,28 @@ class ParamsSection(Section):
 
     include: list[str] = Field(default_factory=list, description="Train only names matching one of these.")
     exclude: list[str] = Field(default_factory=list, description="Never train names matching one of these.")
+    unfreeze: list[str] = Field(
+        default_factory=list,
+        description="Also train the base modules owning a parameter that matches one of these (norms, embeddings), "
+        "which peft froze. peft trains a copy of each (its `modules_to_save`: saved with the adapter, merged on "
+        "export; an embedding's copy costs its size again). Needs `model.peft`; a quantized layer may not match.",
+    )
+
+
+MethodSpec = str | dict[str, Any]
 
 
 class ZOSection(Section):
+    rule: MethodSpec = Field(
+        "sgd",
+        description="Update rule: a name (sgd, momentum, adam, sign, conservative) or a mapping with `name` and its "
+        "settings, e.g. {name: momentum, beta: 0.9}. See the README's table of methods.",
+    )
+    estimator: MethodSpec = Field(
+        "spsa",
+        description="Gradient estimator: a name (spsa, sparse, hizoo, lowrank) or a mapping with `name` and its "
+        "settings, e.g. {name: sparse, density: 0.1}. spsa with num_directions > 1 is n-SPSA.",
+    )
     eps: float = Field(1e-3, gt=0, description="Perturbation scale epsilon.")
     num_directions: int = Field(1, ge=1, description="Directions q per step; the update averages them.")
     perturbation: Literal["gaussian", "rademacher"] = Field("gaussian", description="Distribution of z.")
@@ -116,6 +176,25 @@ class ZOSection(Section):
     )
     max_nonfinite: int = Field(5, ge=1, description="Stop after this many non-finite steps in a row.")
 
+    @field_validator("rule")
+    @classmethod
+    def _known_rule(cls, spec: MethodSpec) -> MethodSpec:
+        build_rule(spec)
+        return spec
+
+    @field_validator("estimator")
+    @classmethod
+    def _known_estimator(cls, spec: MethodSpec) -> MethodSpec:
+        build_estimator(spec)
+        return spec
+
+    objective: Annotated[str, AfterValidator(check_name)] = Field(
+        "loss",
+        description="What ZO minimizes: loss (the task's), accuracy or f1 (classification; minimized as "
+        "1 - metric on the batch), or a function's import path 'package.module:function' called as "
+        "fn(outputs, labels) -> float, lower is better (see zotune.objectives).",
+    )
+
     @model_validator(mode="after")
     def _compatible(self) -> "ZOSection":
         if self.lazy_update and self.schedule != "dual":
@@ -124,6 +203,8 @@ class ZOSection(Section):
             raise ValueError("`offload_transfer_dtype` needs `offload: cpu`")
         if self.offload_transfer_dtype is not None and self.lazy_update:
             raise ValueError("`offload_transfer_dtype` drops the 16-bit copies after each block: not with `lazy_update`")
+        check_compatible(build_rule(self.rule), build_estimator(self.estimator), schedule=self.schedule,
+                         lazy_update=self.lazy_update, num_directions=self.num_directions)
         return self
 
 

@@ -1,6 +1,6 @@
 """`ZOTrainer`: a `transformers.Trainer` whose optimizer is zeroth-order.
 
-Only narrow hooks are overridden: `create_optimizer` builds `ZOSGD`,
+Only narrow hooks are overridden: `create_optimizer` builds `ZOOptimizer`,
 `training_step` runs the ± forwards instead of forward + backward, and `log`
 adds the ZO statistics. The training loop, LR schedulers, callbacks,
 evaluation, checkpointing and `resume_from_checkpoint` are the Trainer's own.
@@ -8,7 +8,10 @@ evaluation, checkpointing and `resume_from_checkpoint` are the Trainer's own.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -16,9 +19,11 @@ from transformers.utils import logging
 
 from zotune.dual import DualEngine, DualRefused, half_losses, losses_agree, model_loss
 from zotune.errors import UserError
+from zotune.methods import Estimator, Rule, build_estimator, build_rule, check_compatible
 from zotune.models import forward_accepts, stable_name, trainable_parameters
+from zotune.objectives import Objective, load_objective
 from zotune.offload import BlockOffloader
-from zotune.optim import SCHEDULES, ZOSGD
+from zotune.optim import SCHEDULES, ZOOptimizer
 from zotune.trajectory import TrajectoryWriter, params_digest
 
 logger = logging.get_logger("zotune")
@@ -41,6 +46,22 @@ class ZOConfig(TrainingArguments):
     )
     zo_perturbation: str = field(
         default="gaussian", metadata={"help": "Distribution of z: 'gaussian' or 'rademacher' (±1, cheaper)."}
+    )
+    zo_rule: str = field(
+        default="sgd",
+        metadata={"help": "Update rule, by registered name: 'sgd' (MeZO), 'momentum', 'adam' (2x the trainable "
+                  "parameters in state), 'sign' or 'conservative' (see zotune.methods)."},
+    )
+    zo_rule_kwargs: dict | str = field(
+        default_factory=dict, metadata={"help": "Settings of the rule, e.g. {'beta': 0.9} (a dict, or JSON)."}
+    )
+    zo_estimator: str = field(
+        default="spsa",
+        metadata={"help": "Gradient estimator, by registered name: 'spsa' (two- or one-sided; n-SPSA with "
+                  "zo_num_directions > 1), 'sparse', 'hizoo' (one extra forward per step) or 'lowrank'."},
+    )
+    zo_estimator_kwargs: dict | str = field(
+        default_factory=dict, metadata={"help": "Settings of the estimator, e.g. {'density': 0.1} (a dict, or JSON)."}
     )
     zo_schedule: str = field(
         default="dual",
@@ -72,6 +93,12 @@ class ZOConfig(TrainingArguments):
     zo_max_nonfinite: int = field(
         default=5, metadata={"help": "Stop training after this many steps in a row with a non-finite loss."}
     )
+    zo_objective: str | Callable = field(
+        default="loss",
+        metadata={"help": "What ZO minimizes: 'loss', 'accuracy' or 'f1' (classification, as 1 - metric on the "
+                  "batch), an import path 'package.module:function', or a module-level function "
+                  "(outputs, labels) -> float, lower is better (see zotune.objectives)."},
+    )
     zo_trajectory: bool = field(
         default=True, metadata={"help": "Append every step to output_dir/zo_trajectory.jsonl (for replay)."}
     )
@@ -93,8 +120,23 @@ class ZOConfig(TrainingArguments):
             if self.zo_lazy_update:
                 raise ValueError("zo_offload_transfer_dtype cannot be combined with zo_lazy_update: the 16-bit "
                                  "copies are dropped after each block, and with them any update they carried")
+        self.zo_rule_kwargs, self.zo_estimator_kwargs = _as_dict(self.zo_rule_kwargs), _as_dict(self.zo_estimator_kwargs)
+        check_compatible(self.rule(), self.estimator(), schedule=self.zo_schedule, lazy_update=self.zo_lazy_update,
+                         num_directions=self.zo_num_directions)
         if self.zo_eps <= 0 or self.zo_num_directions < 1 or self.zo_max_nonfinite < 1:
             raise ValueError("zo_eps must be > 0, zo_num_directions and zo_max_nonfinite >= 1")
+        load_objective(self.zo_objective)  # a bad import path fails here, before training starts
+
+
+    def rule(self) -> Rule:
+        return build_rule({"name": self.zo_rule, **self.zo_rule_kwargs})
+
+    def estimator(self) -> Estimator:
+        return build_estimator({"name": self.zo_estimator, **self.zo_estimator_kwargs})
+
+
+def _as_dict(value: dict | str) -> dict:
+    return json.loads(value) if isinstance(value, str) else dict(value)
 
 
 class ZOTrainer(Trainer):
@@ -109,7 +151,7 @@ class ZOTrainer(Trainer):
             raise TypeError("ZOTrainer needs a ZOConfig, not a plain TrainingArguments")
         if self.args.zo_offload == "cpu" and self.offloader is None:
             self._attach_offloader(self.model, self.args.device)
-        self.zo: ZOSGD | None = None
+        self.zo: ZOOptimizer | None = None
         self.dual: DualEngine | None = None
         self._zo_log = {"loss_plus": [], "loss_minus": [], "projected_grad": []}
         self.nonfinite_steps = 0
@@ -123,7 +165,7 @@ class ZOTrainer(Trainer):
             decay = {stable_name(n) for n in self.get_decay_parameter_names(model)}
             # kept as a direct reference: accelerate wraps self.optimizer, and state put on
             # the wrapper would never reach the optimizer that updates the weights
-            self.zo = ZOSGD(
+            self.zo = ZOOptimizer(
                 named,
                 lr=self.args.learning_rate,
                 weight_decay=self.args.weight_decay,
@@ -133,6 +175,8 @@ class ZOTrainer(Trainer):
                 perturbation=self.args.zo_perturbation,
                 schedule=self.args.zo_schedule,
                 lazy_update=self.args.zo_lazy_update,
+                rule=self.args.rule(),
+                estimator=self.args.estimator(),
                 seed=self.args.seed,
             )
             self.optimizer = self.zo
@@ -143,6 +187,7 @@ class ZOTrainer(Trainer):
             if self.offloader is not None:
                 # looked up per call: accelerate reloads the optimizer's state into new dicts
                 self.offloader.state_of = lambda param: self.zo.state[param]
+                self.offloader.travelling_keys = ("master", *self.zo.estimator.direction_state)
         return self.optimizer
 
     # -- offloading: blocks stay home instead of moving to the device -------------------
@@ -170,8 +215,7 @@ class ZOTrainer(Trainer):
                 return self._half_losses(model, inputs, (s, k))
         else:
             def loss_fn() -> float:
-                # a copy: compute_loss pops "labels" from the dict it is given
-                return self.compute_loss(model, dict(inputs)).item()
+                return self._value(model, inputs)
 
         losses = self.zo.estimate(loss_fn, self.state.global_step)
         if self.offloader is not None:
@@ -191,7 +235,7 @@ class ZOTrainer(Trainer):
         fall back to `fused` (same numbers as `sequential`) with a one-line warning."""
         self._dual_probed = True
         try:
-            plain = self.compute_loss(model, dict(inputs)).item()
+            plain = self._value(model, inputs)
             halves = self._half_losses(model, inputs, None)
             if not all(losses_agree(h, plain) for h in halves):
                 raise DualRefused(f"the halves' losses {halves} differ from the plain loss {plain}")
@@ -203,11 +247,27 @@ class ZOTrainer(Trainer):
 
     def _half_losses(self, model, inputs, direction) -> tuple[float, float]:
         def loss_of_outputs(outputs, labels) -> float:
+            if self._objective is not None:
+                return self._objective(outputs, labels)
             if self.compute_loss_func is not None:
                 return self.compute_loss_func(outputs, labels, num_items_in_batch=None).item()
             return model_loss(model, outputs, labels)
 
         return half_losses(self.dual, model, inputs, direction, loss_of_outputs)
+
+    @cached_property
+    def _objective(self) -> Objective | None:
+        """`zo_objective` as a function of (outputs, labels); None: the loss, as `compute_loss` computes it."""
+        return load_objective(self.args.zo_objective, self.preprocess_logits_for_metrics)
+
+    def _value(self, model, inputs) -> float:
+        """The value the ZO step sees for `inputs` at the current weights."""
+        if self._objective is None:
+            # a copy: compute_loss pops "labels" from the dict it is given
+            return self.compute_loss(model, dict(inputs)).item()
+        inputs = dict(inputs)
+        labels = inputs.pop("labels", None)
+        return self._objective(model(**inputs), labels)
 
     # -- every read of the weights sees them with all updates applied ---------------------
 
@@ -239,7 +299,8 @@ class ZOTrainer(Trainer):
                     "no_decay": self.zo.no_decay,
                     "init_sha256": params_digest(named),
                     "optimizer": {
-                        "rule": "sgd",
+                        "rule": self.zo.rule.spec(),
+                        "estimator": self.zo.estimator.spec(),
                         "seed": self.zo.seed,
                         "eps": self.zo.eps,
                         "num_directions": self.zo.q,

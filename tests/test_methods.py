@@ -1,0 +1,250 @@
+"""Every registered update rule and estimator, through one table of cases.
+
+Each case runs on a tiny model under every schedule it accepts (and must refuse the others
+with a clear error): the loss goes down on a learnable task, replaying the trajectory log
+gives the trained weights bit for bit, and a resumed run ends where an uninterrupted one
+does. Each rule and estimator also takes two steps on a 10-parameter quadratic that are
+recomputed by hand, in float64, from the reference noise function.
+"""
+
+import math
+
+import pytest
+import torch
+from conftest import tiny_causal_lm
+from datasets import Dataset
+from test_zo_trainer import counting_dataset, make_trainer, mean_loss, weights
+
+from zotune.methods import ESTIMATORS, RULES
+from zotune.noise import noise, seed_for, step_seed
+from zotune.optim import SCHEDULES, ZOOptimizer
+from zotune.replay import optimizer_from_header
+from zotune.trajectory import read_trajectory
+
+# id -> (zo_rule, zo_rule_kwargs, zo_estimator, zo_estimator_kwargs, other ZOConfig fields)
+CASES = {
+    "sgd": ("sgd", {}, "spsa", {}, {}),
+    "spsa-one-sided": ("sgd", {}, "spsa", {"sided": "one"}, {}),
+    "n-spsa": ("sgd", {}, "spsa", {}, {"zo_num_directions": 3}),
+    "momentum": ("momentum", {"beta": 0.8}, "spsa", {}, {"learning_rate": 4e-3}),
+    "momentum-n-spsa": ("momentum", {"beta": 0.8}, "spsa", {}, {"learning_rate": 4e-3, "zo_num_directions": 2}),
+    "adam": ("adam", {}, "spsa", {}, {"learning_rate": 1e-3}),
+    "adam-n-spsa": ("adam", {}, "spsa", {}, {"learning_rate": 1e-3, "zo_num_directions": 2}),
+    "sign": ("sign", {}, "spsa", {}, {"learning_rate": 1e-3}),
+    "conservative": ("conservative", {}, "spsa", {}, {}),
+    "sparse-random": ("sgd", {}, "sparse", {"density": 0.5}, {}),
+    "sparse-magnitude": ("sgd", {}, "sparse", {"density": 0.5, "mask": "magnitude", "refresh_steps": 3}, {}),
+    "hizoo": ("sgd", {}, "hizoo", {"smoothing": 0.1}, {}),
+    "lowrank": ("sgd", {}, "lowrank", {"rank": 2, "refresh_steps": 3}, {"learning_rate": 5e-3}),
+}
+REFUSED = {("conservative", "dual"), ("hizoo", "dual")}
+RUNS = [(case, schedule) for case in CASES for schedule in SCHEDULES if (case, schedule) not in REFUSED]
+
+
+def config(case: str, schedule: str, **overrides) -> dict:
+    rule, rule_kwargs, estimator, estimator_kwargs, extra = CASES[case]
+    return {**dict(zo_rule=rule, zo_rule_kwargs=rule_kwargs, zo_estimator=estimator,
+                   zo_estimator_kwargs=estimator_kwargs, zo_schedule=schedule, zo_eps=1e-2, learning_rate=2e-2,
+                   weight_decay=0.01), **extra, **overrides}
+
+
+def train(case: str, schedule: str, out, seed: int = 0, **overrides):
+    model = tiny_causal_lm("llama", seed=seed)
+    trainer = make_trainer(model, out, **config(case, schedule, **overrides))
+    return model, trainer
+
+
+def test_the_table_covers_every_registered_method():
+    assert {CASES[c][0] for c in CASES} == set(RULES)
+    assert {CASES[c][2] for c in CASES} == set(ESTIMATORS)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_loss_goes_down(case, tmp_path):
+    """Learn to repeat one token, training only the output layer (few parameters: few steps)."""
+    schedule = "fused" if (case, "dual") in REFUSED else "dual"
+    data = Dataset.from_dict({"input_ids": [[65] * 12] * 16, "labels": [[65] * 12] * 16,
+                              "attention_mask": [[1] * 12] * 16})
+    model, trainer = train(case, schedule, tmp_path, max_steps=20, train=data, zo_include=["lm_head"])
+    before = mean_loss(model, data)
+    trainer.train()
+    assert mean_loss(model, data) < before - 0.05
+
+
+@pytest.mark.parametrize("case,schedule", RUNS)
+def test_replay_equals_trained(case, schedule, tmp_path):
+    model, trainer = train(case, schedule, tmp_path, max_steps=4)
+    trainer.train()
+    header, records = read_trajectory(tmp_path / "zo_trajectory.jsonl")
+    assert {r["rule"] for r in records} == {CASES[case][0]} and {r["estimator"] for r in records} == {CASES[case][2]}
+    base = tiny_causal_lm("llama")
+    named = dict(base.named_parameters())
+    replayed = optimizer_from_header(header, [(n, named[n]) for n in header["params"]])
+    for record in records:
+        replayed.replay(record)
+    replayed.flush()
+    for name, p in model.named_parameters():
+        assert torch.equal(p, named[name]), name
+
+
+@pytest.mark.parametrize("case,schedule", RUNS)
+def test_resume_equals_uninterrupted(case, schedule, tmp_path):
+    common = dict(max_steps=4, save_strategy="steps", save_steps=2)
+    straight, trainer = train(case, schedule, tmp_path / "straight", **common)
+    trainer.train()
+    train(case, schedule, tmp_path / "first", **common)[1].train()
+    resumed, trainer = train(case, schedule, tmp_path / "first", seed=1, **common)  # all state from the checkpoint
+    trainer.train(resume_from_checkpoint=str(tmp_path / "first" / "checkpoint-2"))
+    for (name, a), b in zip(straight.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("case,schedule", sorted(REFUSED))
+def test_refused_schedules_say_why(case, schedule, tmp_path):
+    with pytest.raises(ValueError, match="use schedule sequential or fused"):
+        train(case, schedule, tmp_path)
+
+
+def test_lazy_update_is_refused_for_methods_it_cannot_fold(tmp_path):
+    with pytest.raises(ValueError, match="lazy_update .* needs rule 'sgd' and estimator 'spsa'"):
+        train("momentum", "dual", tmp_path, zo_lazy_update=True)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_schedules_agree(case, tmp_path):
+    trained = {}
+    for schedule in SCHEDULES:
+        if (case, schedule) not in REFUSED:
+            model, trainer = train(case, schedule, tmp_path / schedule, max_steps=3)
+            trainer.train()
+            trained[schedule] = weights(model)
+    for schedule, got in trained.items():
+        for name, p in got.items():
+            torch.testing.assert_close(p, trained["sequential"][name], rtol=0, atol=1e-5, msg=f"{schedule} {name}")
+
+
+# -- two steps by hand -------------------------------------------------------------------------
+
+TARGET = torch.linspace(-1, 1, 10, dtype=torch.float64)
+CURVATURE = torch.linspace(0.5, 4, 10, dtype=torch.float64)
+THETA0 = torch.linspace(0.3, -0.6, 10)
+EPS, LR, WD, ALPHA = 1e-2, 0.05, 0.1, 0.1
+
+
+def quadratic(theta: torch.Tensor) -> float:
+    return float((CURVATURE * (theta.double().reshape(-1) - TARGET) ** 2).sum())
+
+
+def reference_z(estimator: dict, state: dict, step: int, k: int) -> torch.Tensor:
+    """z_k of the estimator for the parameter "w", rebuilt from the noise function and the docs."""
+    seed = seed_for(step_seed(0, step), k, "w")
+    z = noise(seed, 10).double()
+    name = estimator["name"]
+    if name == "sparse" and estimator.get("mask") == "magnitude":
+        return z * state["mask"]
+    if name == "sparse":
+        threshold = math.sqrt(2) * torch.erfinv(torch.tensor(estimator["density"], dtype=torch.float64))
+        return z * (noise(seed_for(seed, 0, "sparse-mask"), 10).double().abs() < threshold)
+    if name == "hizoo":
+        return z / state["h"].sqrt()
+    if name == "lowrank":  # w is 2×5, rank 2, a new V every 5 steps
+        u = noise(seed, 2 * 2).double().view(2, 2)
+        v = noise(seed_for(step_seed(0, step // 5), 0, "w#lowrank-V"), 5 * 2).double().view(5, 2)
+        return (u @ v.T).reshape(-1) / math.sqrt(2)
+    return z
+
+
+def rule_step(rule: dict, theta, ghat, state, step, pairs):
+    decayed = theta * (1 - LR * WD)
+    name = rule["name"]
+    if name == "momentum":
+        state["m"] = rule["beta"] * state.get("m", 0) + ghat
+        return decayed - LR * state["m"]
+    if name == "adam":
+        t, b1, b2 = step + 1, 0.9, 0.999
+        state["m"] = b1 * state.get("m", 0) + (1 - b1) * ghat
+        state["v"] = b2 * state.get("v", 0) + (1 - b2) * ghat**2
+        return decayed - LR / (1 - b1**t) * state["m"] / (state["v"].sqrt() / math.sqrt(1 - b2**t) + 1e-8)
+    if name == "sign":
+        return decayed - LR * torch.sign(ghat)
+    if name == "conservative":
+        losses = {"0": sum(pairs[-1]) / 2, "-": quadratic(theta - LR * ghat), "+": quadratic(theta + LR * ghat)}
+        return {"0": theta, "-": decayed - LR * ghat, "+": decayed + LR * ghat}[min(("0", "-", "+"), key=losses.get)]
+    return decayed - LR * ghat
+
+
+def reference_steps(rule: dict, estimator: dict, q: int, steps: int = 2) -> torch.Tensor:
+    theta, state = THETA0.double(), {"h": torch.ones(10, dtype=torch.float64)}
+    a, b = (EPS, 0.0) if estimator.get("sided") == "one" else (EPS, -EPS)
+    for step in range(steps):
+        if estimator.get("mask") == "magnitude":
+            state["mask"] = theta.abs() <= theta.abs().kthvalue(5).values
+        zs = [reference_z(estimator, state, step, k) for k in range(q)]
+        pairs = [(quadratic(theta + a * z), quadratic(theta + b * z)) for z in zs]
+        g = [(la - lb) / (a - b) for la, lb in pairs]
+        ghat = sum(gk * z for gk, z in zip(g, zs)) / q
+        updated = rule_step(rule, theta, ghat, state, step, pairs)
+        if estimator["name"] == "hizoo":
+            loss_zero = quadratic(theta)
+            observed = sum(abs(la + lb - 2 * loss_zero) / (2 * EPS**2) * noise(seed_for(step_seed(0, step), k, "w"),
+                                                                               10).double() ** 2
+                           for k, (la, lb) in enumerate(pairs)) / q
+            state["h"] = (1 - ALPHA) * state["h"] + ALPHA * state["h"] * observed
+        theta = updated
+    return theta
+
+
+HAND_CASES = [
+    ({"name": "sgd"}, {"name": "spsa"}),
+    ({"name": "sgd"}, {"name": "spsa", "sided": "one"}),
+    ({"name": "momentum", "beta": 0.8}, {"name": "spsa"}),
+    ({"name": "adam"}, {"name": "spsa"}),
+    ({"name": "sign"}, {"name": "spsa"}),
+    ({"name": "conservative"}, {"name": "spsa"}),
+    ({"name": "sgd"}, {"name": "sparse", "density": 0.5}),
+    ({"name": "sgd"}, {"name": "sparse", "density": 0.5, "mask": "magnitude", "refresh_steps": 1}),
+    ({"name": "sgd"}, {"name": "hizoo", "smoothing": ALPHA}),
+    ({"name": "sgd"}, {"name": "lowrank", "rank": 2, "refresh_steps": 5}),
+]
+
+
+@pytest.mark.parametrize("rule,estimator", HAND_CASES, ids=lambda spec: "-".join(map(str, spec.values())))
+def test_two_steps_match_the_hand_computed_reference(rule, estimator):
+    q = 1 if rule["name"] == "conservative" else 2
+    w = torch.nn.Parameter(THETA0.clone().view(2, 5) if estimator["name"] == "lowrank" else THETA0.clone())
+    opt = ZOOptimizer([("w", w)], lr=LR, weight_decay=WD, eps=EPS, num_directions=q, schedule="sequential",
+                      rule=rule, estimator=estimator)
+    for step in range(2):
+        opt.estimate(lambda: quadratic(w.detach()), step)
+        opt.step()
+    # HiZOO's curvature is a second difference of float32 losses: ~1e-3 relative error at this ε
+    atol = 2e-4 if estimator["name"] == "hizoo" else 1e-5
+    torch.testing.assert_close(w.detach().double().reshape(-1), reference_steps(rule, estimator, q),
+                               rtol=1e-4, atol=atol)
+    assert not torch.equal(w.detach().reshape(-1), THETA0)
+
+
+def test_every_method_has_a_hand_computed_case():
+    assert {r["name"] for r, _ in HAND_CASES} == set(RULES)
+    assert {e["name"] for _, e in HAND_CASES} == set(ESTIMATORS)
+
+
+@pytest.mark.parametrize("schedule", ["sequential", "fused"])
+def test_conservative_never_moves_to_a_worse_point(schedule):
+    """With a learning rate far too large, ZO-SGD diverges on the quadratic; the conservative
+    rule only accepts a candidate whose loss is below L(θ) (up to the O(ε²) of its estimate)."""
+    losses = {}
+    for rule in ("sgd", "conservative"):
+        w = torch.nn.Parameter(THETA0.clone())
+        opt = ZOOptimizer([("w", w)], lr=0.1, eps=EPS, schedule=schedule, rule=rule)
+        losses[rule] = [quadratic(w.detach())]
+        for step in range(6):
+            opt.estimate(lambda: quadratic(w.detach()), step)
+            record = opt.step()
+            losses[rule].append(quadratic(w.detach()))
+            if rule == "conservative":
+                candidates = record["candidate_losses"]
+                assert candidates[record["candidate"]] == min(candidates.values())
+    assert losses["sgd"][-1] > 10 * losses["sgd"][0]
+    assert all(after <= before + 1e-3 for before, after in zip(losses["conservative"], losses["conservative"][1:]))
+    assert losses["conservative"][-1] < losses["conservative"][0]

@@ -1,0 +1,150 @@
+"""What an update rule and a gradient estimator are to the ZO optimizer (`zotune.optim`).
+
+A step estimates one scalar g_k per direction k from the losses at two points θ + a·z_k and
+θ + b·z_k, then updates θ with ĝ = (1/q) Σ_k g_k z_k. The *estimator* decides what z_k is
+(plain noise, masked, preconditioned, low-rank) and the offsets (a, b); the *rule* decides
+how ĝ moves θ (SGD, momentum, Adam, sign, ...). Neither ever stores z: both regenerate it
+from the step's seeds, so a step stays a handful of scalars in the trajectory log.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    import torch
+
+    from zotune.optim import ZOOptimizer
+
+# Method modules import torch inside their functions: validating a recipe (which builds the
+# methods' configs) stays light.
+
+Directions = Callable[[int], "torch.Tensor"]  # a direction's seed -> z for the whole parameter
+
+
+class MethodConfig(BaseModel):
+    """A method's settings (recipe: `zo.rule` / `zo.estimator` as a mapping with `name`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass
+class ParamUpdate:
+    """One parameter's share of a step's update: θ ← rule(θ, ĝ), ĝ = Σ_k coefs[k]·z(seeds[k]).
+
+    The parameter may still sit at θ + restore·z(seeds[-1]) (the fused schedule leaves it at
+    its last − offset); a 16-bit parameter's θ is its fp32 `master`, and it is never displaced.
+    """
+
+    param: torch.Tensor
+    state: dict
+    master: torch.Tensor | None
+    seeds: list[int]
+    coefs: list[float]
+    restore: float
+    kind: str
+    directions: Directions | None
+    lr: float
+    wd: float
+
+    def z(self, seed: int) -> torch.Tensor:
+        from zotune.noise import noise_like
+
+        return self.directions(seed) if self.directions else noise_like(self.param, seed, self.kind)
+
+    def ghat(self) -> torch.Tensor:
+        """ĝ for this parameter, materialised (one parameter at a time)."""
+        import torch
+
+        total = torch.zeros(self.param.shape, dtype=torch.float32, device=self.param.device)
+        for seed, coef in zip(self.seeds, self.coefs):
+            total.add_(self.z(seed), alpha=coef)
+        return total
+
+    def one_direction(self) -> tuple[int, float, Directions | None]:
+        """(seed, coefficient, directions) that give ĝ to a single-direction kernel: the seed itself
+        when there is one direction, else ĝ materialised behind a constant `directions`."""
+        if len(self.seeds) == 1:
+            return self.seeds[0], self.coefs[0], self.directions
+        ghat = self.ghat()
+        return 0, 1.0, lambda _: ghat
+
+    def to_theta(self) -> None:
+        """Undo the pending displacement, for rules that start from a clean θ."""
+        from zotune.kernels import perturb_
+
+        if self.restore and self.master is None:
+            perturb_(self.param, self.seeds[-1], self.restore, kind=self.kind, directions=self.directions)
+
+    def fp32_state(self, key: str) -> torch.Tensor:
+        """A float32 state tensor shaped like the parameter, created as zeros on first use."""
+        import torch
+
+        if key not in self.state:
+            self.state[key] = torch.zeros(self.param.shape, dtype=torch.float32, device=self.param.device)
+        return self.state[key]
+
+
+class Method:
+    """What rules and estimators share: a name, a config, a paper, and their costs.
+
+    `state_copies` is the persistent optimizer state in fp32 copies of the trainable
+    parameters (README's table of methods); `extra_forwards` the forwards per step beyond
+    the two of SPSA.
+    """
+
+    name: ClassVar[str]
+    paper: ClassVar[str]
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+    state_copies: ClassVar[float] = 0
+    extra_forwards: ClassVar[int] = 0
+
+    def __init__(self, config: MethodConfig | None = None):
+        self.config = config if config is not None else self.Config()
+
+    def spec(self) -> dict:
+        """The name and settings, as recorded in the trajectory header."""
+        return {"name": self.name, **self.config.model_dump()}
+
+    def refusal(self, *, schedule: str, lazy_update: bool, num_directions: int) -> str | None:
+        """Why this method cannot run with these settings, or None."""
+        return None
+
+
+class Rule(Method):
+    """How ĝ moves θ."""
+
+    def apply(self, u: ParamUpdate) -> None:
+        raise NotImplementedError
+
+    def choose(self, opt: ZOOptimizer, g: list[float], step: int, recorded: dict | None) -> tuple[list[float] | None, dict]:
+        """The projected gradients to apply (None: leave θ as it is), and what to record about
+        the choice. `recorded` is the step's trajectory record when replaying."""
+        return g, {}
+
+
+class Estimator(Method):
+    """What z_k is, and where the two losses of a direction are taken."""
+
+    plain: ClassVar[bool] = False  # z is the noise itself: the fused kernels regenerate it
+    direction_state: ClassVar[tuple[str, ...]] = ()  # state keys `directions` reads (travel when offloading)
+    loss_at_theta: ClassVar[bool] = False  # needs L(θ) every micro-batch (one more forward)
+
+    def offsets(self, eps: float) -> tuple[float, float]:
+        """The coefficients a, b of the two points θ + a·z and θ + b·z; g = (L_a − L_b) / (a − b)."""
+        return eps, -eps
+
+    def directions(self, name: str, param: torch.Tensor, state: dict, step: int, opt: ZOOptimizer) -> Directions | None:
+        """z for this parameter as a function of a direction's seed; None for plain noise."""
+        return None
+
+    def begin_step(self, opt: ZOOptimizer, step: int) -> dict:
+        """Called before a step's first forward (and when replaying it); returns what to record."""
+        return {}
+
+    def end_step(self, opt: ZOOptimizer, step: int, record: dict) -> None:
+        """Called after a step's update was applied, with its record (also when replaying)."""

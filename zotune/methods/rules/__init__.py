@@ -1,0 +1,1 @@
+"""Update rules: how the estimate ĝ moves θ. One module per rule."""

@@ -1,0 +1,34 @@
+"""sgd: ZO-SGD, MeZO's rule."""
+
+from __future__ import annotations
+
+from zotune.methods import register
+from zotune.methods.base import ParamUpdate, Rule
+
+
+@register
+class SGD(Rule):
+    """ZO-SGD (Malladi et al., 2023, "Fine-Tuning Language Models with Just Forward Passes",
+    arXiv:2305.17333)::
+
+        θ ← θ·(1 − lr·wd) − lr·ĝ
+
+    No state. The restore from the fused schedule's last − offset rides in the same pass
+    (`restore_and_update_`); with `lazy_update` the optimizer folds the whole update into the
+    next step's first pass instead.
+    """
+
+    name = "sgd"
+    paper = "Malladi et al., 2023, arXiv:2305.17333"
+
+    def apply(self, u: ParamUpdate) -> None:
+        from zotune.kernels import perturb_, restore_and_update_
+
+        lead = len(u.seeds) - 1  # goes first: a pending restore is along the last direction
+        kw = {"kind": u.kind, "master": u.master, "directions": u.directions}
+        restore_and_update_(u.param, u.seeds[lead], u.restore, u.coefs[lead], u.lr, u.wd, **kw)
+        for seed, coef in zip(u.seeds[:lead], u.coefs[:lead]):
+            if u.master is None:
+                perturb_(u.param, seed, -u.lr * coef, kind=u.kind, directions=u.directions)
+            else:  # wd was applied with the lead direction
+                restore_and_update_(u.param, seed, 0.0, coef, u.lr, 0.0, **kw)
