@@ -23,21 +23,7 @@ ADAPTERS = {
     "IA3": ({"peft_type": "IA3", "target_modules": ["k_proj", "v_proj", "down_proj"],
              "feedforward_modules": ["down_proj"]}, "model.layers.0.self_attn.k_proj.ia3_l.default"),
 }
-# what zotune/dual.py cannot do yet (see the notes on issue 5)
-DUAL_GAPS = {
-    # peft runs the prompt encoder on one row and repeats its output B times; dual expands a one-row
-    # input's output to 2B rows first, and the probe's forward fails with a shape error instead of
-    # falling back to fused
-    "PROMPT_TUNING": "dual's one-row broadcast meets peft's repeat: the probe raises instead of falling back",
-    # IA3's vectors live in a ParameterDict, a module whose forward never runs: dual wraps it, so
-    # the vectors are never perturbed and every projected gradient is 0
-    "IA3": "dual wraps the ParameterDict that owns IA3's vectors, whose forward never runs",
-}
-CASES = [
-    pytest.param(adapter, schedule, marks=pytest.mark.xfail(strict=True, reason=DUAL_GAPS[adapter]))
-    if schedule == "dual" and adapter in DUAL_GAPS else (adapter, schedule)
-    for adapter in ADAPTERS for schedule in ("dual", "sequential", "fused")
-]
+CASES = [(adapter, schedule) for adapter in ADAPTERS for schedule in ("dual", "sequential", "fused")]
 
 
 def write_recipe(folder, adapter: str, schedule: str):

@@ -34,6 +34,17 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from zotune.models import unwrapped
 
+# Containers whose forward never runs: their parameters belong to the module that holds them
+# (peft's IA3 keeps its vectors in a ParameterDict that its layer indexes)
+PARAMETER_CONTAINERS = (nn.ParameterDict, nn.ParameterList)
+
+
+def _own_parameters(module: nn.Module) -> Iterator[nn.Parameter]:
+    """The parameters `module` uses directly: its own and those of its parameter containers."""
+    yield from module.parameters(recurse=False)
+    for child in module.children():
+        if isinstance(child, PARAMETER_CONTAINERS):
+            yield from child.parameters()
 
 
 class DualRefused(Exception):
@@ -52,7 +63,9 @@ class DualEngine:
         names = {id(p): name for name, p, _ in optimizer.named_params()}  # a tied weight has one name
         self._originals: list[tuple[nn.Module, Callable, bool]] = []
         for module in model.modules():
-            own = [(names[id(p)], p) for p in module.parameters(recurse=False) if id(p) in names]
+            if isinstance(module, PARAMETER_CONTAINERS):
+                continue
+            own = [(names[id(p)], p) for p in _own_parameters(module) if id(p) in names]
             if own:
                 self._wrap(module, own)
 

@@ -234,13 +234,14 @@ class ZOTrainer(Trainer):
         split its input along the batch and that each half's loss equals the plain loss. If not,
         fall back to `fused` (same numbers as `sequential`) with a one-line warning."""
         self._dual_probed = True
+        plain = self._value(model, inputs)
         try:
-            plain = self._value(model, inputs)
             halves = self._half_losses(model, inputs, None)
             if not all(losses_agree(h, plain) for h in halves):
                 raise DualRefused(f"the halves' losses {halves} differ from the plain loss {plain}")
-        except DualRefused as e:
-            logger.warning("zotune: dual schedule not possible for %s (%s); using fused", type(model).__name__, e)
+        except Exception as e:  # noqa: BLE001 - any failure of the doubled forward: fused runs the plain one
+            reason = e if isinstance(e, DualRefused) else f"the doubled forward failed: {type(e).__name__}: {e}"
+            logger.warning("zotune: dual schedule not possible for %s (%s); using fused", type(model).__name__, reason)
             self.dual.remove()
             self.dual = None
             self.zo.schedule, self.zo.lazy_update = "fused", False
