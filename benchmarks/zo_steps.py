@@ -11,8 +11,9 @@ from zotune.optim import ZOOptimizer
 
 def zo_step_fn(model, batch, schedule: str, perturbation: str = "gaussian", lazy: bool = False, **methods):
     """One ZO step (estimate + update) as a function of the step number, and the dual engine if any.
-    `methods` go to the optimizer: `rule`, `estimator`, `num_directions`."""
-    opt = ZOOptimizer(model.named_parameters(), lr=1e-7, eps=1e-3, perturbation=perturbation, schedule=schedule,
+    Trains the parameters that require grad. `methods` go to the optimizer: `rule`, `estimator`, `num_directions`."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    opt = ZOOptimizer(trainable, lr=1e-7, eps=1e-3, perturbation=perturbation, schedule=schedule,
                       lazy_update=lazy, **methods)
     engine = None
     if schedule == "dual":
