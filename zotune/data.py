@@ -7,10 +7,20 @@
 
 Files are read with `datasets`, whose caches go to `datasets.config.HF_DATASETS_CACHE`, never next
 to the data files.
+
+Local text files (.jsonl, .json, .csv, .txt) are checked first, in one streaming pass: they must be
+UTF-8 (a UTF-8 BOM is allowed; UTF-16, Latin-1 and other encodings are refused at the first bad line),
+and a .jsonl file must hold one JSON object per line (blank lines are skipped), without duplicate keys,
+each column of one JSON type. A row without a value (missing or null) for a column the task reads is
+an error naming its line. Nothing is dropped silently: examples longer than `data.max_length` are
+truncated with a warning that counts them (classification keeps the end of the prompt, where the
+label is scored; sft keeps the start and drops rows whose prompt alone fills the context), and lm
+packing warns about the tail shorter than one block.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import string
@@ -28,11 +38,15 @@ import torch.nn.functional as F
 
 from zotune.errors import UserError
 from zotune.models import forward_accepts
+from zotune.recipe import expand_path, path_kind
 from zotune.schema import DataSection, DataSource
 
 logger = logging.getLogger(__name__)
 
 LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+TEXT_SUFFIXES = (".jsonl", ".json", ".csv", ".txt")
+# the file line of each row of the JSONL files read, by the name errors give them (`describe`)
+_ROW_LINES: dict[str, list[int]] = {}
 
 
 @dataclass
@@ -52,8 +66,8 @@ class TaskData:
 
 def describe(source: DataSource) -> str:
     """Where `source`'s rows come from, as error messages name it."""
-    path = Path(source.path).expanduser()
-    if path.exists():
+    path = expand_path(source.path)
+    if path_kind(path) is not None:
         return str(path)
     name = source.fallback or source.path
     config = f", config {source.name!r}" if source.name else ""
@@ -70,8 +84,9 @@ def _load_named(name: str, source: DataSource, key: str) -> datasets.Dataset:
 
 def load_rows(source: DataSource, key: str) -> datasets.Dataset:
     """The rows of one data source; `key` ("data.train") is the recipe key named in errors."""
-    path = Path(source.path).expanduser()
-    if path.is_file():
+    path = expand_path(source.path)
+    kind = path_kind(path)
+    if kind == "file":
         builder = LOCAL_BUILDERS.get(path.suffix.lower())
         if builder is None:
             raise UserError(
@@ -79,12 +94,21 @@ def load_rows(source: DataSource, key: str) -> datasets.Dataset:
             )
         if path.stat().st_size == 0:
             raise UserError(f"{key}: {path}: the file is empty")
+        options = {}
+        if path.suffix.lower() in TEXT_SUFFIXES:
+            lines = check_text_file(path, key)
+            if lines is not None:
+                _ROW_LINES[str(path)] = lines
+            if builder == "text":
+                options["encoding"] = "utf-8-sig"  # a BOM is not part of the first line's text
         try:
-            rows = datasets.load_dataset(builder, data_files=str(path), split="train")
+            rows = datasets.load_dataset(builder, data_files=str(path), split="train", **options)
         except Exception as e:  # noqa: BLE001 -- any failure to parse the user's file is reported as theirs
-            raise UserError(f"{key}: cannot read {path}: {type(e).__name__}: {e}") from e
-    elif path.is_dir():
+            raise UserError(f"{key}: cannot read {path}: {type(e).__name__}: {e}{_cause(e)}") from e
+    elif kind == "directory":
         rows = _load_named(str(path), source, key)
+    elif kind == "special":
+        raise UserError(f"{key}.path: {source.path} is a device, FIFO or socket, not a data file")
     elif source.fallback:
         logger.info("%s: %s not found, reading hub dataset %r", key, path, source.fallback)
         rows = _load_named(source.fallback, source, key)
@@ -101,10 +125,107 @@ def load_rows(source: DataSource, key: str) -> datasets.Dataset:
     return rows
 
 
+def _cause(e: BaseException) -> str:
+    """datasets wraps the parser's error: show that too, it says what is wrong."""
+    cause = e.__cause__ or e.__context__
+    return f" ({type(cause).__name__}: {cause})" if cause is not None and str(cause) not in str(e) else ""
+
+
+def _json_kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    return {str: "string", list: "list", dict: "object"}[type(value)]
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
+    row = dict(pairs)
+    if len(row) != len(pairs):
+        seen = set()
+        twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"key {twice!r} appears twice")
+    return row
+
+
+def check_text_file(path: Path, key: str) -> list[int] | None:
+    """Check a local text data file in one streaming pass; for JSONL, return the line of each row.
+
+    UTF-8 only (a BOM is allowed); a .jsonl file holds one JSON object per line (blank lines
+    are skipped), without duplicate keys, and each column holds values of one JSON type (or
+    null). Raises `UserError` naming the file and the line of the first problem."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")) or head == b"\x00\x00\xfe\xff":
+        raise UserError(f"{key}: {path}:1: the file is UTF-16 or UTF-32 encoded; zotune reads UTF-8 "
+                        "(convert it, e.g. `iconv -f UTF-16 -t UTF-8`)")
+    jsonl = path.suffix.lower() == ".jsonl"
+    lines: list[int] = []
+    kinds: dict[str, tuple[str, int]] = {}  # column -> (JSON type, first line with it)
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(
+                    f"{key}: {path}:{number}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); zotune "
+                    "reads UTF-8 text: convert the file (from Latin-1: `iconv -f LATIN1 -t UTF-8`)"
+                ) from None
+            if "\x00" in text:
+                raise UserError(f"{key}: {path}:{number}: a NUL byte: the file is binary, or UTF-16 without a BOM; "
+                                "zotune reads UTF-8 text")
+            if number == 1:
+                text = text.removeprefix("\ufeff")
+            if not jsonl or not text.strip():
+                continue
+            try:
+                row = json.loads(text, object_pairs_hook=_no_duplicate_keys)
+            except (ValueError, RecursionError) as e:  # JSONDecodeError, a key twice, an int too long, too deep
+                cut = "" if raw.endswith(b"\n") else " (the file ends inside this line: was it cut short?)"
+                reason = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+                raise UserError(f"{key}: {path}:{number}: not a valid JSON line: {reason}{cut}") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{key}: {path}:{number}: expected one JSON object {{...}} per line, "
+                                f"got a {_json_kind(row)}")
+            for column, value in row.items():
+                kind = _json_kind(value)
+                first = kinds.setdefault(column, (kind, number)) if kind != "null" else (kind, number)
+                if first[0] != kind and kind != "null":
+                    raise UserError(f"{key}: {path}:{number}: {column!r} is a {kind} here but a {first[0]} at line "
+                                    f"{first[1]}; every row must give a column the same type")
+            lines.append(number)
+    if jsonl and not lines:
+        raise UserError(f"{key}: {path}: no rows (the file holds only blank lines)")
+    return lines if jsonl else None
+
+
+def _at(where: str, row: int) -> str:
+    """`where` and row (0-based), with the file's line when it is a JSONL file."""
+    lines = _ROW_LINES.get(where)
+    return f"{where} row {row} (line {lines[row]})" if lines is not None and row < len(lines) else f"{where} row {row}"
+
+
+def _check_values(rows: datasets.Dataset, columns: list[str], data_key: str, where: str) -> None:
+    """Every row has a value (not missing, not null) in each of `columns` that the task reads."""
+    table = rows.with_format("arrow")
+    for column in dict.fromkeys(columns):
+        if column not in rows.column_names:
+            continue
+        values = table[column]
+        if values.null_count:
+            first = pc.index(pc.is_null(values), True).as_py()
+            raise UserError(
+                f"{data_key}: {_at(where, first)}: no value for {column!r} (missing or null; {values.null_count} of "
+                f"{len(rows)} rows); fill it in or remove those rows"
+            )
+
+
 # ---------------------------------------------------------------- checks shared by the tasks
 
 
-def _require_column(rows: datasets.Dataset, column: str, field_key: str, data_key: str, where: str) -> None:
+def require_column(rows: datasets.Dataset, column: str, field_key: str, data_key: str, where: str) -> None:
     if column not in rows.column_names:
         raise UserError(
             f"{data_key}: {where}: column {column!r} not found (columns: {', '.join(rows.column_names)}); "
@@ -112,13 +233,16 @@ def _require_column(rows: datasets.Dataset, column: str, field_key: str, data_ke
         )
 
 
-def _check_template(template: str, rows: datasets.Dataset, data_key: str, where: str) -> None:
+def _check_template(template: str, rows: datasets.Dataset, data_key: str, where: str) -> list[str]:
     try:
         fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
     except ValueError as e:
         raise UserError(f"data.template: {template!r} is not a valid format string: {e}") from e
     for field in fields:
         column = re.split(r"[.\[]", field, maxsplit=1)[0]
+        if re.search(r"\.\s*_", field):
+            raise UserError(f"data.template: {template!r}: {{{field}}} reads a private attribute; "
+                            "a template fills in column values, e.g. {text}")
         if column == "" or column.isdigit():
             raise UserError(f"data.template: {template!r}: use column names in braces, e.g. {{text}}, not {{{field}}}")
         if column not in rows.column_names:
@@ -126,6 +250,7 @@ def _check_template(template: str, rows: datasets.Dataset, data_key: str, where:
                 f"data.template: column {column!r} not found in {where} ({data_key}) "
                 f"(columns: {', '.join(rows.column_names)})"
             )
+    return [re.split(r"[.\[]", field, maxsplit=1)[0] for field in fields]
 
 
 def _fill(template: str, batch: dict[str, list]) -> list[str]:
@@ -136,11 +261,11 @@ def _fill(template: str, batch: dict[str, list]) -> list[str]:
         raise UserError(f"data.template: {template!r} cannot be filled from a row: {type(e).__name__}: {e}") from e
 
 
-def _is_sequence_classifier(model) -> bool:
+def is_sequence_classifier(model) -> bool:
     return model is not None and type(model).__name__.endswith("ForSequenceClassification")
 
 
-def _pad_id(tokenizer) -> int:
+def pad_token_id(tokenizer) -> int:
     for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
         if candidate is not None:
             return candidate
@@ -199,7 +324,7 @@ class RightPadCollator:
         return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
-def _logits(outputs) -> torch.Tensor:
+def output_logits(outputs) -> torch.Tensor:
     """The logits from a model output, a tuple of outputs (Trainer's prediction_step) or a tensor."""
     if torch.is_tensor(outputs):
         return outputs
@@ -214,13 +339,13 @@ def label_word_loss(outputs, labels, num_items_in_batch=None, *, label_word_ids:
     `num_items_in_batch` is ignored: for causal LMs transformers counts `labels[..., 1:]`, which
     for one class index per row is the batch size minus one.
     """
-    scores = _logits(outputs)[:, -1, label_word_ids].float()
+    scores = output_logits(outputs)[:, -1, label_word_ids].float()
     return F.cross_entropy(scores, labels.to(scores.device))
 
 
 def label_word_logits(logits, labels, *, label_word_ids: list[int]) -> torch.Tensor:
     """`preprocess_logits_for_metrics`: keep only the label words' logits at the last position."""
-    return _logits(logits)[:, -1, label_word_ids]
+    return output_logits(logits)[:, -1, label_word_ids]
 
 
 def accuracy(prediction) -> dict[str, float]:
@@ -233,7 +358,7 @@ def accuracy(prediction) -> dict[str, float]:
 # ---------------------------------------------------------------- classification
 
 
-def _class_values(rows: datasets.Dataset, section: DataSection) -> list[str]:
+def class_values(rows: datasets.Dataset, section: DataSection) -> list[str]:
     if section.verbalizer is not None:
         return list(section.verbalizer)
     values = set(rows[section.label_field])
@@ -252,13 +377,13 @@ def _class_indices(rows: datasets.Dataset, section: DataSection, classes: list[s
         if i is None:
             key, what = (("data.verbalizer", "has no label word") if section.verbalizer is not None
                          else ("data.label_field", "is not a label of data.train"))
-            raise UserError(f"{key}: label {str(value)!r} in {where} row {row} (column {section.label_field!r}) "
+            raise UserError(f"{key}: label {str(value)!r} in {_at(where, row)} (column {section.label_field!r}) "
                             f"{what} (known: {', '.join(classes)})")
         out.append(i)
     return out
 
 
-def _label_word_ids(tokenizer, verbalizer: dict[str, str]) -> list[int]:
+def label_word_ids(tokenizer, verbalizer: dict[str, str]) -> list[int]:
     ids = []
     for label, word in verbalizer.items():
         tokens = tokenizer(word, add_special_tokens=False)["input_ids"]
@@ -281,24 +406,34 @@ def _keep_end(ids: list[int], max_length: int, bos_id: int | None) -> list[int]:
     return head + ids[len(ids) - (max_length - len(head)) :]
 
 
-def _encode_classification(rows, data_key, where, section, tokenizer, classes, encoder: bool):
-    _require_column(rows, section.label_field, "data.label_field", data_key, where)
-    _check_template(section.template, rows, data_key, where)
+def encode_classification(rows, data_key, where, section, tokenizer, classes, encoder: bool):
+    require_column(rows, section.label_field, "data.label_field", data_key, where)
+    columns = _check_template(section.template, rows, data_key, where)
+    _check_values(rows, [section.label_field, *columns], data_key, where)
     labels = _class_indices(rows, section, classes, where)
 
     def encode(batch, indices):
         prompts = _fill(section.template, batch)
+        full = tokenizer(prompts)["input_ids"]
         if encoder:  # the tokenizer truncates, keeping its own special tokens ([CLS] ... [SEP])
             input_ids = tokenizer(prompts, truncation=True, max_length=section.max_length)["input_ids"]
         else:
-            input_ids = [
-                _keep_end(ids, section.max_length, tokenizer.bos_token_id)
-                for ids in tokenizer(prompts)["input_ids"]
-            ]
-        return {"input_ids": input_ids, "labels": [labels[i] for i in indices]}
+            input_ids = [_keep_end(ids, section.max_length, tokenizer.bos_token_id) for ids in full]
+        return {"input_ids": input_ids, "labels": [labels[i] for i in indices],
+                "truncated": [len(ids) > section.max_length for ids in full]}
 
-    return rows.map(encode, batched=True, with_indices=True, remove_columns=rows.column_names,
-                    desc=f"Tokenizing {data_key}")
+    encoded = rows.map(encode, batched=True, with_indices=True, remove_columns=rows.column_names,
+                       desc=f"Tokenizing {data_key}")
+    kept = "kept their last tokens, where the label is scored" if not encoder else "cut at the end"
+    return _warn_truncated(encoded, data_key, where, section.max_length, kept)
+
+
+def _warn_truncated(encoded, data_key, where, max_length, how) -> datasets.Dataset:
+    truncated = sum(encoded["truncated"])
+    if truncated:
+        logger.warning("%s: %d of %d examples of %s are longer than data.max_length=%d tokens: %s",
+                       data_key, truncated, len(encoded), where, max_length, how)
+    return encoded.remove_columns("truncated")
 
 
 def _balanced_order(labels: np.ndarray, num_classes: int, batch_size: int, num_rows: int | None, seed: int):
@@ -322,12 +457,12 @@ def _balanced_order(labels: np.ndarray, num_classes: int, batch_size: int, num_r
 
 def _classification(section, tokenizer, model, train_rows, eval_rows, *, seed, batch_size, num_rows_needed):
     train_where = describe(section.train)
-    encoder = _is_sequence_classifier(model)
+    encoder = is_sequence_classifier(model)
     if not encoder and section.verbalizer is None:
         raise UserError("data.verbalizer: task classification with a causal LM needs label words, "
                         "e.g. verbalizer: {'0': ' terrible', '1': ' great'}")
-    _require_column(train_rows, section.label_field, "data.label_field", "data.train", train_where)
-    classes = _class_values(train_rows, section)
+    require_column(train_rows, section.label_field, "data.label_field", "data.train", train_where)
+    classes = class_values(train_rows, section)
     if encoder:
         num_labels = model.config.num_labels
         if num_labels != len(classes):
@@ -340,12 +475,12 @@ def _classification(section, tokenizer, model, train_rows, eval_rows, *, seed, b
             f"train.per_device_train_batch_size: {batch_size} is not a multiple of the {len(classes)} classes "
             f"({', '.join(classes)}) of {train_where}, as data.balanced needs"
         )
-    word_ids = None if encoder else _label_word_ids(tokenizer, section.verbalizer)
+    word_ids = None if encoder else label_word_ids(tokenizer, section.verbalizer)
 
-    train = _encode_classification(train_rows, "data.train", train_where, section, tokenizer, classes, encoder)
+    train = encode_classification(train_rows, "data.train", train_where, section, tokenizer, classes, encoder)
     evaluation = None
     if eval_rows is not None:
-        evaluation = _encode_classification(eval_rows, "data.eval", describe(section.eval), section, tokenizer,
+        evaluation = encode_classification(eval_rows, "data.eval", describe(section.eval), section, tokenizer,
                                             classes, encoder)
     if section.balanced:
         labels = np.asarray(train["labels"])
@@ -354,7 +489,7 @@ def _classification(section, tokenizer, model, train_rows, eval_rows, *, seed, b
                 raise UserError(f"data.balanced: class {c!r} has no rows in {train_where}")
         train = train.select(_balanced_order(labels, len(classes), batch_size, num_rows_needed, seed))
 
-    pad_id = _pad_id(tokenizer)
+    pad_id = pad_token_id(tokenizer)
     if encoder:
         return TaskData(train, evaluation, RightPadCollator(pad_id), None, accuracy, None,
                         section.balanced, "accuracy")
@@ -367,21 +502,23 @@ def _classification(section, tokenizer, model, train_rows, eval_rows, *, seed, b
 # ---------------------------------------------------------------- sft and lm
 
 
-def _encode_sft(rows, data_key, where, section, tokenizer):
-    _require_column(rows, section.completion_field, "data.completion_field", data_key, where)
-    _check_template(section.template, rows, data_key, where)
+def encode_sft(rows, data_key, where, section, tokenizer):
+    require_column(rows, section.completion_field, "data.completion_field", data_key, where)
+    columns = _check_template(section.template, rows, data_key, where)
+    _check_values(rows, [section.completion_field, *columns], data_key, where)
     eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
 
     def encode(batch):
         prompts = tokenizer(_fill(section.template, batch))["input_ids"]
         completions = tokenizer([str(c) for c in batch[section.completion_field]],
                                 add_special_tokens=False)["input_ids"]
-        out = {"input_ids": [], "labels": []}
+        out = {"input_ids": [], "labels": [], "truncated": []}
         for prompt, completion in zip(prompts, completions):
             if len(prompt) >= section.max_length:
                 continue  # nothing of the completion would be left to score
             out["input_ids"].append((prompt + completion + eos)[: section.max_length])
             out["labels"].append(([-100] * len(prompt) + completion + eos)[: section.max_length])
+            out["truncated"].append(len(prompt) + len(completion) + len(eos) > section.max_length)
         return out
 
     encoded = rows.map(encode, batched=True, remove_columns=rows.column_names, desc=f"Tokenizing {data_key}")
@@ -391,11 +528,11 @@ def _encode_sft(rows, data_key, where, section, tokenizer):
     if len(encoded) == 0:
         raise UserError(f"data.max_length: every prompt in {where} ({data_key}) is at least {section.max_length} "
                         "tokens, leaving no completion to train on")
-    return encoded
+    return _warn_truncated(encoded, data_key, where, section.max_length, "their completions are cut at the end")
 
 
 def _encode_lm(rows, data_key, where, section, tokenizer):
-    _check_template(section.template, rows, data_key, where)
+    _check_values(rows, _check_template(section.template, rows, data_key, where), data_key, where)
     eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
 
     def encode(batch):
@@ -409,6 +546,9 @@ def _encode_lm(rows, data_key, where, section, tokenizer):
     if num_blocks == 0:
         raise UserError(f"data.block_size: {where} ({data_key}) has {len(stream)} tokens, fewer than one block "
                         f"of {size}")
+    if len(stream) % size:
+        logger.info("%s: the last %d tokens of %s (less than one block of %d) are not used",
+                    data_key, len(stream) % size, where, size)
     values = stream.slice(0, num_blocks * size).combine_chunks().cast(pa.int64())
     blocks = pa.FixedSizeListArray.from_arrays(values, size)
     return datasets.Dataset(pa.table({"input_ids": blocks, "labels": blocks}))
@@ -433,9 +573,9 @@ def build_task_data(section: DataSection, tokenizer, model, *, seed: int, batch_
         return _classification(section, tokenizer, model, train_rows, eval_rows, seed=seed,
                                batch_size=batch_size, num_rows_needed=num_rows_needed)
 
-    encode = _encode_sft if section.task == "sft" else _encode_lm
+    encode = encode_sft if section.task == "sft" else _encode_lm
     train = encode(train_rows, "data.train", describe(section.train), section, tokenizer)
     evaluation = None
     if eval_rows is not None:
         evaluation = encode(eval_rows, "data.eval", describe(section.eval), section, tokenizer)
-    return TaskData(train, evaluation, RightPadCollator(_pad_id(tokenizer)), None, None, None, False, "loss")
+    return TaskData(train, evaluation, RightPadCollator(pad_token_id(tokenizer)), None, None, None, False, "loss")

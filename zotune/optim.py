@@ -51,6 +51,7 @@ import math
 from collections.abc import Callable, Iterable
 
 import torch
+import torch.distributed as dist
 
 from zotune.kernels import lazy_update_and_perturb_, perturb_
 from zotune.methods import Estimator, ParamUpdate, Rule, build_estimator, build_rule, check_compatible
@@ -59,6 +60,19 @@ from zotune.noise import seed_for, step_seed
 Term = tuple[int, int, float]  # (step seed, direction k, coefficient of z_k)
 Update = tuple[list[float], int, float, float]  # (g, step, lr, weight decay)
 SCHEDULES = ("dual", "sequential", "fused")
+
+
+def data_parallel() -> bool:
+    """Whether this process is one of several torch.distributed ranks (torchrun, accelerate launch)."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce_sum(rows: list[list[float]]) -> list[list[float]]:
+    """The element-wise sum of `rows` over all ranks, in float64 (on the GPU for NCCL)."""
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    flat = torch.tensor(rows, dtype=torch.float64, device=device)
+    dist.all_reduce(flat)
+    return flat.tolist()
 
 
 class ZOOptimizer(torch.optim.Optimizer):
@@ -87,6 +101,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         rule: Rule | str | dict = "sgd",
         estimator: Estimator | str | dict = "spsa",
         seed: int = 0,
+        shards: dict[str, int] | None = None,
     ):
         if schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
@@ -97,6 +112,12 @@ class ZOOptimizer(torch.optim.Optimizer):
         check_compatible(self.rule, self.estimator, schedule=schedule, lazy_update=lazy_update,
                          num_directions=num_directions)
         self.offsets = self.estimator.offsets(eps)
+        # sharded parameters (FSDP-style): each rank holds a flat slice of a parameter, starting at
+        # this element of the whole; it perturbs and updates only that slice, with the whole's z
+        self.shards = dict(shards or {})
+        if self.shards and not self.estimator.plain:
+            raise ValueError(f"estimator {self.estimator.name!r} builds whole-parameter directions; sharded "
+                             "parameters need estimator 'spsa'")
         named = list(named_params)
         no_decay = set(no_decay)
         groups = [
@@ -121,9 +142,9 @@ class ZOOptimizer(torch.optim.Optimizer):
     def _reset_step(self) -> None:
         self._step: int | None = None
         self.forward_uses: list[dict[str, int]] = []
-        self._g_sum = [0.0] * self.q
         self.step_losses: list[tuple[float, float]] = []  # (L at offset a, L at offset b) per direction
         self._losses_at_theta: list[float] = []
+        self._weights: list[float] = []  # per micro-batch: the examples or tokens its losses average over
         self._notes: dict = {}  # what the estimator recorded when the step began
         self.last_loss_fn: Callable | None = None
 
@@ -152,7 +173,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         master = state.get("master")
         pending = state.get("at") if master is None else None  # a master copy is never displaced
         directions = self.estimator.directions(name, p, state, self._step if update is None else update[1], self)
-        kw = {"kind": self.kind, "directions": directions}
+        kw = {"kind": self.kind, "directions": directions, "offset": self.shards.get(name, 0)}
         if update is not None:
             g, step, lr, wd = update
             s, q = step_seed(self.seed, step), len(g)
@@ -165,7 +186,7 @@ class ZOOptimizer(torch.optim.Optimizer):
                 return
             seeds = [seed_for(s, k, name) for k in range(q)]
             self.rule.apply(ParamUpdate(p.data, state, master, seeds, [gk / q for gk in g], restore, self.kind,
-                                        directions, lr, wd))
+                                        directions, lr, wd, kw["offset"]))
             pending = None
         if pending is not None and to is not None and pending[:2] == to[:2]:
             perturb_(p.data, seed_for(*to[:2], name), to[2] - pending[2], **kw)
@@ -266,22 +287,22 @@ class ZOOptimizer(torch.optim.Optimizer):
     # -- the public step ------------------------------------------------------------
 
     @torch.no_grad()
-    def estimate(self, loss_fn: Callable, step: int) -> list[tuple[float, float]]:
-        """Run the ± forwards of one micro-batch and accumulate g_k. Returns the (L+, L−) pairs.
+    def estimate(self, loss_fn: Callable, step: int, weight: float = 1.0) -> list[tuple[float, float]]:
+        """Run the ± forwards of one micro-batch and keep its losses. Returns the (L+, L−) pairs.
 
-        `loss_fn` is called as described in `_perturbation_passes` for this schedule."""
+        `loss_fn` is called as described in `_perturbation_passes` for this schedule. `weight`
+        is what its loss is a mean over (examples or tokens): micro-batches, and data-parallel
+        ranks, are averaged with these weights, so the step's g is that of one batch of them all."""
         if self._step not in (None, step):
             raise RuntimeError(f"estimate() for step {step} while step {self._step} is not applied yet")
         if self._step is None:
             self._flushed_before, self._flushed = self._flushed, False
             self._step = step
             self._notes = self.estimator.begin_step(self, step)
-        self.last_loss_fn = loss_fn
+        self.last_loss_fn, self.last_weight = loss_fn, weight
         losses = self._perturbation_passes(step, loss_fn)
-        a, b = self.offsets
-        for k, (loss_a, loss_b) in enumerate(losses):
-            self._g_sum[k] += (loss_a - loss_b) / (a - b)
         self.step_losses.extend(losses)
+        self._weights.append(float(weight))
         return losses
 
     @torch.no_grad()
@@ -289,8 +310,11 @@ class ZOOptimizer(torch.optim.Optimizer):
         """Apply the averaged projected gradient (or skip a non-finite step) and return its record."""
         if self._step is None:
             raise RuntimeError("step() called before estimate()")
-        micro_batches = len(self.step_losses) // self.q
-        g = [g_sum / micro_batches for g_sum in self._g_sum]
+        micro_batches = len(self._weights)
+        comm_bytes = self._reduce_across_ranks()
+        a, b = self.offsets
+        g = [sum(w * (la - lb) / (a - b) for w, (la, lb) in zip(self._weights, self.step_losses[k::self.q]))
+             / sum(self._weights) for k in range(self.q)]
         finite = all(math.isfinite(v) for v in g)
         choice = {}
         if finite:
@@ -320,6 +344,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         }
         if self.estimator.loss_at_theta:
             record["loss_zero"] = self._losses_at_theta
+        if comm_bytes:
+            record["comm_bytes"] = comm_bytes
         if self.schedule == "dual":
             record.update(lazy_update=self.lazy_update, flushed_before=self._flushed_before, uses=self.forward_uses)
         if finite:
@@ -327,6 +353,38 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._reset_step()
         self.last_record = record
         return record
+
+    # -- data parallel: a step's estimate is a few scalars per micro-batch ------------------
+
+    def _reduce_across_ranks(self) -> int:
+        """Under torch.distributed, replace this rank's losses of the step by the weighted mean over
+        all ranks (each rank ran its shard of every micro-batch), and the weights by their totals,
+        so every rank computes the same g and applies the same update. Returns the bytes this rank
+        sent (0 in a single process)."""
+        if not data_parallel():
+            return 0
+        per_batch = 2 * self.q + (1 if self.estimator.loss_at_theta else 0)
+        rows = []
+        for m, w in enumerate(self._weights):
+            values = [v for pair in self.step_losses[m * self.q:(m + 1) * self.q] for v in pair]
+            values += self._losses_at_theta[m:m + 1]
+            rows.append([w * v if w else 0.0 for v in values] + [w])  # an empty shard adds nothing
+        reduced = all_reduce_sum(rows)
+        self._weights = [row[-1] for row in reduced]
+        means = [[v / row[-1] for v in row[:-1]] for row in reduced]
+        self.step_losses = [(row[2 * k], row[2 * k + 1]) for row in means for k in range(self.q)]
+        if self.estimator.loss_at_theta:
+            self._losses_at_theta = [row[-1] for row in means]
+        return len(rows) * (per_batch + 1) * 8
+
+    def global_loss(self, loss: float) -> float:
+        """A loss this rank measured on its shard of the step's last micro-batch, as the mean over
+        all ranks' shards (the value itself in a single process). For rules that take extra forwards."""
+        if not data_parallel():
+            return loss
+        w = self.last_weight
+        [[total, weight]] = all_reduce_sum([[w * loss if w else 0.0, w]])
+        return total / weight
 
     @torch.no_grad()
     def replay(self, record: dict) -> None:

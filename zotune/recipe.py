@@ -10,8 +10,10 @@ together as one `RecipeError`.
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 import re
+import stat
 from importlib.resources import files
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, Sequence, get_args, get_origin
@@ -27,8 +29,15 @@ try:
 except ImportError:  # Python 3.10
     from importlib.abc import Traversable
 
+log = logging.getLogger("zotune")
+
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
 LOCAL_PREFIXES = ("./", "../", "/", "~")
+
+# Limits on hostile or broken YAML: a recipe is a few kilobytes and a few levels deep.
+MAX_RECIPE_BYTES = 1 << 20  # larger files are refused unread
+MAX_DEPTH = 64  # nesting of mappings and sequences, counting what aliases expand to
+MAX_NODES = 100_000  # values after expanding aliases (a "billion laughs" expands to 10^9)
 
 
 class RecipeError(UserError):
@@ -40,7 +49,20 @@ class RecipeError(UserError):
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads `1e-3` as a float (YAML 1.1 wants `1.0e-3`)."""
+    """SafeLoader that also reads `1e-3` as a float (YAML 1.1 wants `1.0e-3`).
+
+    A scalar that the safe constructors cannot convert (a date 2001-13-45, an integer of
+    more than 4300 digits) is a located YAML error rather than a bare ValueError."""
+
+    def construct_object(self, node, deep=False):
+        try:
+            value = super().construct_object(node, deep=deep)
+        except (ValueError, OverflowError, TypeError) as e:
+            raise yaml.constructor.ConstructorError(None, None, f"cannot read this value: {e}", node.start_mark) from None
+        if isinstance(value, int) and not -(2**63) <= value < 2**63:
+            # no setting needs more, and Python cannot even print an integer of 0x + 4000 digits
+            raise yaml.constructor.ConstructorError(None, None, "an integer larger than 64 bits", node.start_mark)
+        return value
 
 
 _Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
@@ -62,9 +84,13 @@ def shipped_recipes() -> dict[str, Traversable]:
 
 def resolve(name_or_path: str) -> Path | Traversable:
     """An existing file, else the shipped recipe of that name (with or without .yaml)."""
-    path = Path(name_or_path).expanduser()
-    if path.is_file():
+    path = expand_path(name_or_path)
+    kind = path_kind(path)
+    if kind == "file":
         return path
+    if kind in ("directory", "special"):
+        what = "a directory" if kind == "directory" else "not a regular file (a device, FIFO or socket)"
+        raise UserError(f"{name_or_path}: {what}; give a recipe .yaml file or the name of a shipped recipe")
     shipped = shipped_recipes()
     name = name_or_path[: -len(".yaml")] if name_or_path.endswith(".yaml") else name_or_path
     if name in shipped:
@@ -87,15 +113,15 @@ class RecipeInfo(NamedTuple):
 
 def describe(name: str, file: Path | Traversable) -> RecipeInfo:
     """What `zotune ls` shows. Reads the YAML without validating, so a broken recipe still lists."""
-    text = file.read_text(encoding="utf-8")
+    text = file.read_text(encoding="utf-8", errors="replace")
     comments = []
     for line in text.splitlines():
         if not line.strip().startswith("#"):
             break
         comments.append(line.strip().lstrip("#").strip())
     try:
-        raw = yaml.load(text, Loader=_Loader)
-    except yaml.YAMLError:
+        raw = _load_yaml(text)[0]
+    except _YAMLProblem:
         raw = None
     raw = raw if isinstance(raw, dict) else {}
     data = raw.get("data") if isinstance(raw.get("data"), dict) else {}
@@ -118,7 +144,7 @@ def load_recipe(name_or_path: str, overrides: Sequence[str] = ()) -> Recipe:
     """Load, override and validate a recipe; raise `RecipeError` listing every problem."""
     file = resolve(name_or_path)
     label = name_or_path if isinstance(file, Path) else str(file)
-    data, where, problems = _parse(file.read_text(encoding="utf-8"), label)
+    data, where, problems = _parse(_read(file, label), label)
     for text in overrides:
         problems += _apply_override(data, where, text)
     problems += _check_files(data, where)
@@ -127,8 +153,14 @@ def load_recipe(name_or_path: str, overrides: Sequence[str] = ()) -> Recipe:
         recipe = Recipe.model_validate(data)
     except ValidationError as e:
         problems += [_describe_error(err, where) for err in e.errors()]
+    except (TypeError, KeyError, AttributeError, IndexError) as e:
+        # a validator that met a value of a type it did not expect (e.g. `zo.rule: {name: [1]}`)
+        problems.append(f"{where[()]}: (recipe): a value has the wrong type: {type(e).__name__}: {e}")
     if problems:
         raise RecipeError(_sorted(problems, overrides))
+    if recipe.model.trust_remote_code:
+        log.warning("%s: model.trust_remote_code is on: loading the model runs Python code shipped with the "
+                    "checkpoint %s", _where(("model", "trust_remote_code"), where), recipe.model.name_or_path)
     return recipe
 
 
@@ -143,22 +175,137 @@ def dump_recipe(recipe: Recipe, source: str | None = None, overrides: Sequence[s
     return header + yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
 
-def _parse(text: str, label: str) -> tuple[Any, dict[KeyPath, str], list[str]]:
-    """YAML -> (data, key path -> "FILE:LINE", problems such as duplicate keys)."""
+class _YAMLProblem(Exception):
+    """YAML that cannot be read, or that would hang or exhaust the loader; `line` is 1-based."""
+
+    def __init__(self, line: int, message: str):
+        super().__init__(message)
+        self.line, self.message = line, message
+
+
+def _read(file: Path | Traversable, label: str) -> str:
+    """The text of a recipe file: regular, at most MAX_RECIPE_BYTES, UTF-8 (a BOM is allowed)."""
+    try:
+        if isinstance(file, Path):
+            if path_kind(file) != "file":
+                raise RecipeError([f"{label}:1: not a regular file"])
+            with open(file, "rb") as f:
+                raw = f.read(MAX_RECIPE_BYTES + 1)
+        else:
+            raw = file.read_bytes()
+    except OSError as e:
+        raise RecipeError([f"{label}:1: cannot read the recipe: {e.strerror or e}"]) from None
+    if len(raw) > MAX_RECIPE_BYTES:
+        raise RecipeError([f"{label}:1: the file is larger than {MAX_RECIPE_BYTES >> 20} MiB; a recipe is a small YAML file"])
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise RecipeError([f"{label}:1: the file is UTF-16 (or UTF-32) encoded; save it as UTF-8"])
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise RecipeError([f"{label}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {column}); "
+                           "save the recipe as UTF-8"]) from None
+
+
+def _line(e: yaml.YAMLError, text: str) -> int:
+    if isinstance(e, yaml.reader.ReaderError):
+        return text.count("\n", 0, e.position) + 1
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    return mark.line + 1 if mark else 1
+
+
+def _yaml_message(e: yaml.YAMLError) -> str:
+    if isinstance(e, yaml.reader.ReaderError):
+        char = f"U+{e.character:04X}" if isinstance(e.character, int) else repr(e.character)
+        return f"character {char} is not allowed in YAML (nor are NUL and the other control characters)"
+    return str(getattr(e, "problem", None) or getattr(e, "context", None) or e)
+
+
+def _load_yaml(text: str) -> tuple[Any, yaml.Node | None]:
+    """YAML text -> (data, its node graph), refusing what would exhaust the loader.
+
+    Nesting deeper than MAX_DEPTH, recursive aliases and aliases that expand to more than
+    MAX_NODES values are refused before anything is built from them. Raises `_YAMLProblem`."""
+    try:
+        loader = _Loader(text)  # the reader refuses control characters here
+    except yaml.YAMLError as e:
+        raise _YAMLProblem(_line(e, text), f"invalid YAML: {_yaml_message(e)}") from None
+    try:
+        depth = 0  # the parser is not recursive: find deep nesting before the composer recurses
+        while loader.check_event():
+            event = loader.get_event()
+            if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+                depth += 1
+                if depth > MAX_DEPTH:
+                    raise _YAMLProblem(event.start_mark.line + 1, f"nested more than {MAX_DEPTH} levels deep")
+            elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+                depth -= 1
+    except yaml.YAMLError as e:
+        raise _YAMLProblem(_line(e, text), f"invalid YAML: {_yaml_message(e)}") from None
+    finally:
+        loader.dispose()
     loader = _Loader(text)
     try:
         node = loader.get_single_node()
-        where: dict[KeyPath, str] = {(): f"{label}:1"}
-        problems: list[str] = []
-        if node is not None:
-            _record_lines(node, (), label, where, problems)
-        data = loader.construct_document(node) if node is not None else None
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        line = mark.line + 1 if mark else 1
-        raise RecipeError([f"{label}:{line}: invalid YAML: {e.problem or e.context}"]) from None
+        if node is None:
+            return None, None
+        _check_expansion(node)
+        return loader.construct_document(node), node
+    except yaml.YAMLError as e:
+        raise _YAMLProblem(_line(e, text), f"invalid YAML: {_yaml_message(e)}") from None
     finally:
         loader.dispose()
+
+
+def _check_expansion(root: yaml.Node) -> None:
+    """Refuse recursive aliases, and aliases expanding beyond MAX_NODES values or MAX_DEPTH levels.
+
+    Iterative, and each node is visited once: the cost is the size of the text, not of its expansion."""
+    size: dict[int, tuple[int, int]] = {}  # id(node) -> (values, depth) once expanded
+    on_path: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        children = _children(node)
+        if done:
+            on_path.discard(id(node))
+            values = 1 + sum(size[id(c)][0] for c in children)
+            depth = 1 + max((size[id(c)][1] for c in children), default=0)
+            line = node.start_mark.line + 1
+            if values > MAX_NODES:
+                raise _YAMLProblem(line, f"aliases here expand to more than {MAX_NODES} values")
+            if depth > MAX_DEPTH:
+                raise _YAMLProblem(line, f"aliases here expand to more than {MAX_DEPTH} levels of nesting")
+            size[id(node)] = (values, depth)
+            continue
+        if id(node) in size:
+            continue
+        if id(node) in on_path:
+            raise _YAMLProblem(node.start_mark.line + 1, "a recursive alias (a value that contains itself)")
+        on_path.add(id(node))
+        stack.append((node, True))
+        stack.extend((c, False) for c in children if id(c) not in size)
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
+
+
+def _parse(text: str, label: str) -> tuple[Any, dict[KeyPath, str], list[str]]:
+    """YAML -> (data, key path -> "FILE:LINE", problems such as duplicate keys)."""
+    try:
+        data, node = _load_yaml(text)
+    except _YAMLProblem as e:
+        raise RecipeError([f"{label}:{e.line}: {e.message}"]) from None
+    where: dict[KeyPath, str] = {(): f"{label}:1"}
+    problems: list[str] = []
+    if node is not None:
+        _record_lines(node, (), label, where, problems)
     if not isinstance(data, dict):
         raise RecipeError([f"{label}:1: a recipe is a YAML mapping of sections (model, data, train, ...)"])
     return _str_keys(data), where, problems
@@ -205,9 +352,9 @@ def _apply_override(data: dict, where: dict[KeyPath, str], text: str) -> list[st
     if not sep or not all(parts):
         return [f"{label}: expected KEY=VALUE with a dotted key, e.g. train.max_steps=50"]
     try:
-        value = _str_keys(yaml.load(raw, Loader=_Loader))
-    except yaml.YAMLError as e:
-        return [f"{label}: {key}: the value is not valid YAML ({getattr(e, 'problem', None) or e})"]
+        value = _str_keys(_load_yaml(raw)[0])
+    except _YAMLProblem as e:
+        return [f"{label}: {key}: the value is not valid YAML ({e.message.removeprefix('invalid YAML: ')})"]
     node = data
     for i, part in enumerate(parts[:-1]):
         child = node.get(part)
@@ -227,6 +374,32 @@ def _apply_override(data: dict, where: dict[KeyPath, str], text: str) -> list[st
 # ---------------------------------------------------------------- local files
 
 
+def expand_path(path: str) -> Path:
+    """`path` with ~ expanded; as given when it cannot be (`~nosuchuser`, no HOME)."""
+    try:
+        return Path(path).expanduser()
+    except (RuntimeError, KeyError, ValueError):  # no such user, no HOME, a NUL byte
+        return Path(path)
+
+
+def path_kind(path: Path) -> str | None:
+    """"file", "directory", "special" (device, FIFO, socket), or None when it cannot be found.
+
+    Never raises: a name too long, a NUL byte or a denied permission count as not found.
+    Nothing is opened, so a FIFO or a device cannot block or stream forever."""
+    try:
+        mode = path.stat().st_mode
+    except (OSError, ValueError):
+        return None
+    if stat.S_ISREG(mode):
+        return "file"
+    return "directory" if stat.S_ISDIR(mode) else "special"
+
+
+def _short_path(path: str) -> str:
+    return path if len(path) <= 200 else path[:197] + "..."
+
+
 def _looks_local(path: Any) -> bool:
     return isinstance(path, str) and (path.startswith(LOCAL_PREFIXES) or path.lower().endswith(LOCAL_SUFFIXES))
 
@@ -236,11 +409,16 @@ def _check_files(data: dict, where: dict[KeyPath, str]) -> list[str]:
     when the schema has other problems)."""
     missing = []
 
-    def check(key: KeyPath, path: str, kind: str) -> None:
-        full = Path(path).expanduser()
-        if not full.exists():
+    def check(key: KeyPath, path: str, kind: str, *, regular: bool = False) -> None:
+        full = expand_path(path)
+        found = path_kind(full)
+        head = f"{_where(key, where)}: {_dotted(key)}"
+        if found is None:
             rel = "" if full.is_absolute() else f" (relative to {os.getcwd()})"
-            missing.append(f"{_where(key, where)}: {_dotted(key)}: {kind} not found: {path}{rel}")
+            missing.append(f"{head}: {kind} not found: {_short_path(path)}{rel}")
+        elif found == "special" or (regular and found != "file"):
+            what = "a directory" if found == "directory" else "a device, FIFO or socket"
+            missing.append(f"{head}: {kind} {_short_path(path)} is {what}, not a regular file")
 
     model = data.get("model")
     if isinstance(model, dict):
@@ -249,13 +427,20 @@ def _check_files(data: dict, where: dict[KeyPath, str]) -> list[str]:
             check(("model", "name_or_path"), name, "local model")
         gguf = model.get("gguf_file")
         if isinstance(gguf, str) and name is None:
-            check(("model", "gguf_file"), gguf, "GGUF file")
+            check(("model", "gguf_file"), gguf, "GGUF file", regular=True)
+    sources: list[tuple[KeyPath, object]] = []
     section = data.get("data")
     if isinstance(section, dict):
-        for split in ("train", "eval"):
-            source = section.get(split)
-            if isinstance(source, dict) and not source.get("fallback") and _looks_local(source.get("path")):
-                check(("data", split, "path"), source["path"], "data file")
+        sources += [(("data", split, "path"), section.get(split)) for split in ("train", "eval")]
+    bilevel = data.get("bilevel")
+    if isinstance(bilevel, dict):
+        listed = bilevel.get("sources")
+        listed = listed if isinstance(listed, list) else []
+        sources += [(("bilevel", "sources", str(i), "path"), source) for i, source in enumerate(listed)]
+        sources.append((("bilevel", "validation", "path"), bilevel.get("validation")))
+    for key, source in sources:
+        if isinstance(source, dict) and not source.get("fallback") and _looks_local(source.get("path")):
+            check(key, source["path"], "data file")
     return missing
 
 
@@ -350,7 +535,10 @@ def _dotted(loc: KeyPath) -> str:
 
 
 def _short(value: Any) -> str:
-    text = repr(value)
+    try:
+        text = repr(value)
+    except (ValueError, RecursionError):  # an integer too long to print, a structure too deep
+        text = f"<a {type(value).__name__} too large to show>"
     return text if len(text) <= 60 else text[:57] + "..."
 
 

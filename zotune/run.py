@@ -11,8 +11,10 @@ import torch
 from rich.console import Console
 from rich.table import Table
 from transformers import Trainer, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging as hf_logging
 
+from zotune.checkpoints import exit_interrupted, save_on_interrupt
 from zotune.data import TaskData, build_task_data
 from zotune.errors import UserError
 from zotune.models import load_model, stable_name, trainable_parameters
@@ -122,6 +124,16 @@ def train(recipe: Recipe, source: str) -> dict:
     (out / "recipe.yaml").write_text(dump_recipe(recipe, source))
 
     console.print(f"[bold]zotune[/] {recipe.method} · loading the model")
+    if recipe.method == "scalebio":
+        from zotune.bilevel import run_scalebio
+
+        verbalizer = recipe.data.verbalizer  # w and u are chosen from params.include/exclude there
+        model, tokenizer = load_model(recipe.model, num_labels=len(verbalizer) if verbalizer else None,
+                                      seed=recipe.train.seed, unfreeze=recipe.params.unfreeze)
+        summary = run_scalebio(recipe, model, tokenizer, console=console)
+        summary["peak_memory_gib"] = round(peak_memory_gib(), 2)
+        _print_summary(summary)
+        return summary
     model, tokenizer = build_model(recipe)
     trainer, metric = build_trainer(recipe, model, tokenizer)
     has_eval = trainer.eval_dataset is not None
@@ -129,7 +141,14 @@ def train(recipe: Recipe, source: str) -> dict:
     before = trainer.evaluate() if has_eval and recipe.train.evaluate_before else {}
     start = time.perf_counter()
     resume = recipe.train.resume_from_checkpoint
-    trainer.train(resume_from_checkpoint=True if resume == "latest" else resume)
+    interrupt = save_on_interrupt(trainer)  # Ctrl-C: stop after the step, save a checkpoint, exit 130
+    if resume == "latest":
+        resume = get_last_checkpoint(str(out))
+        if resume is None:  # e.g. a crash before the first save
+            console.print(f"no checkpoint in {out} yet: training from the start")
+    trainer.train(resume_from_checkpoint=resume)
+    if interrupt.checkpoint is not None:
+        exit_interrupted(interrupt.checkpoint, source)
     elapsed = time.perf_counter() - start
     after = trainer.evaluate() if has_eval else {}
     trainer.save_model(str(out))

@@ -16,7 +16,7 @@ from zotune.objectives import check_name
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class QuantizationSection(Section):
@@ -227,17 +227,120 @@ class TrainSection(Section):
     save_strategy: Literal["no", "steps", "epoch"] = Field("no", description="When to save checkpoints.")
     save_steps: int = Field(500, gt=0, description="Save every N steps (save_strategy: steps).")
     save_total_limit: int | None = Field(None, gt=0, description="Keep at most this many checkpoints.")
-    seed: int = Field(0, ge=0, description="Seeds data order, model init and every perturbation.")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="Seeds data order, model init and every perturbation.")
     report_to: list[str] = Field(default_factory=lambda: ["none"], description="Trackers: tensorboard, wandb, ...")
     dataloader_num_workers: int = Field(0, ge=0, description="Worker processes for data loading.")
     evaluate_before: bool = Field(True, description="Measure the metrics before training for the summary.")
     resume_from_checkpoint: str | None = Field(None, description="A checkpoint dir to resume from, or 'latest'.")
 
 
+class BilevelSource(Section):
+    """One training source of a ScaleBiO run: a data set with a name, by default a slice of `data.train`.
+
+    `skip`/`max_samples` cut disjoint slices from one file; `label_noise` corrupts labels (seeded)
+    for sanity checks such as the paper's: sources with noisy labels should lose weight.
+    """
+
+    name: str = Field(description="The source's name: its key in the logged and final mixture weights.")
+    path: str | None = Field(None, description="Data file or hub dataset; default: `data.train`'s.")
+    fallback: str | None = Field(None, description="Hub dataset to read when `path` does not exist locally.")
+    split: str | None = Field(None, description="Split to read (hub datasets); default: `data.train`'s.")
+    hub_config: str | None = Field(None, description="Hub dataset configuration name.")
+    skip: int = Field(0, ge=0, description="Drop the first N rows (before max_samples).")
+    max_samples: int | None = Field(None, gt=0, description="Keep at most N rows (after skip).")
+    label_noise: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="classification: corrupt this share of the labels (seeded by train.seed and the name).",
+    )
+    label_noise_mode: Literal["flip", "random"] = Field(
+        "flip", description="flip: a corrupted label becomes another class; random: a class drawn uniformly."
+    )
+
+
+class BilevelValidation(DataSource):
+    """The clean validation set of a ScaleBiO run."""
+
+    skip: int = Field(0, ge=0, description="Drop the first N rows (before max_samples), e.g. those data.eval scores.")
+
+
+class LisaSection(Section):
+    """LISA-style layer sampling: only `layers` random transformer blocks train at a time."""
+
+    layers: int = Field(2, ge=1, description="Blocks that train at once (of the model's block list).")
+    interval: int = Field(10, ge=1, description="Resample the active blocks every N steps.")
+
+
+class BilevelConfig(Section):
+    """ScaleBiO data reweighting (DESIGN §6): mixture weights p = softmax(lambda) over `sources`."""
+
+    sources: list[BilevelSource] = Field(description="The K >= 2 training sources to weight.")
+    validation: BilevelValidation = Field(description="The clean validation set the outer problem fits.")
+    gradient: Literal["fo", "zo"] = Field(
+        "fo", description="How w and u get gradients: fo (backprop) or zo (SPSA with the `zo` section's settings)."
+    )
+    alpha: float = Field(10.0, gt=0, description="Penalty alpha of L_val(w) + alpha (L_train(w;p) - L_train(u;p)).")
+    alpha_schedule: Literal["constant", "linear"] = Field(
+        "constant", description="constant, or linear from `alpha_start` to `alpha` over train.max_steps."
+    )
+    alpha_start: float | None = Field(None, gt=0, description="linear schedule: alpha at step 0.")
+    lr_w: float | None = Field(None, gt=0, description="Learning rate of w; default train.learning_rate.")
+    lr_u: float | None = Field(None, gt=0, description="Learning rate of u; default lr_w.")
+    lr_lambda: float = Field(0.1, gt=0, description="Learning rate of lambda (the mixture logits).")
+    lambda_optimizer: Literal["sgd", "adam"] = Field("adam", description="Optimizer of lambda.")
+    lambda_grad_clip: float | None = Field(
+        None, gt=0, description="Clip the lambda gradient to this L2 norm (none: no clipping)."
+    )
+    warmup_steps: int = Field(0, ge=0, description="Steps that train w and u with lambda frozen (p stays uniform).")
+    optim: Literal["adamw", "sgd"] = Field(
+        "adamw", description="fo only: optimizer of w and u (adamw keeps two moments per trainable weight).")
+    per_source_batch_size: int = Field(4, gt=0, description="Rows of each source in every training batch.")
+    validation_batch_size: int = Field(8, gt=0, description="Validation rows per step.")
+    copies: Literal["auto", "adapters", "param_sets", "full_copies"] = Field(
+        "auto",
+        description="How w and u are held: adapters (two peft adapters on one frozen base), param_sets (a second "
+        "copy of the trainable weights only), full_copies (two whole models; the fallback). auto: adapters "
+        "with model.peft, else param_sets.",
+    )
+    lisa: LisaSection | None = Field(None, description="Train only k random blocks at a time (memory, ZO variance).")
+    mixture_size: int = Field(1000, gt=0, description="Rows of the resampled training mixture written at the end.")
+    plot: bool = Field(True, description="Write mixture_weights.png at the end (needs matplotlib).")
+
+    @field_validator("sources")
+    @classmethod
+    def _distinct_sources(cls, sources: list[BilevelSource]) -> list[BilevelSource]:
+        if len(sources) < 2:
+            raise ValueError(f"give at least two sources to weight, got {len(sources)}")
+        names = [s.name for s in sources]
+        duplicated = sorted({n for n in names if names.count(n) > 1})
+        if duplicated:
+            raise ValueError(f"source names must differ; {duplicated[0]!r} is used twice")
+        return sources
+
+    @model_validator(mode="after")
+    def _schedule(self) -> "BilevelConfig":
+        if self.alpha_schedule == "linear" and self.alpha_start is None:
+            raise ValueError("`alpha_schedule: linear` needs `alpha_start`")
+        if self.alpha_schedule == "constant" and self.alpha_start is not None:
+            raise ValueError("`alpha_start` is for `alpha_schedule: linear`")
+        return self
+
+
 class Recipe(Section):
-    method: Literal["zo", "fo"] = Field("zo", description="zo: zeroth-order ZOTrainer; fo: plain HF Trainer.")
+    method: Literal["zo", "fo", "scalebio"] = Field(
+        "zo", description="zo: zeroth-order ZOTrainer; fo: plain HF Trainer; scalebio: learn data mixture weights "
+        "(the `bilevel` section)."
+    )
     model: ModelSection
     data: DataSection
     params: ParamsSection = Field(default_factory=ParamsSection)
     zo: ZOSection = Field(default_factory=ZOSection)
     train: TrainSection = Field(default_factory=TrainSection)
+    bilevel: BilevelConfig | None = Field(None, description="method scalebio: sources, validation set, alpha, lrs.")
+
+    @model_validator(mode="after")
+    def _bilevel_with_scalebio(self) -> "Recipe":
+        if self.method == "scalebio" and self.bilevel is None:
+            raise ValueError("method scalebio needs a `bilevel` section (sources, validation, ...)")
+        if self.method != "scalebio" and self.bilevel is not None:
+            raise ValueError(f"the `bilevel` section is for method scalebio, not {self.method!r}")
+        return self

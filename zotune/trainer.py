@@ -8,6 +8,7 @@ evaluation, checkpointing and `resume_from_checkpoint` are the Trainer's own.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.utils import logging
 
+from zotune.checkpoints import SaveOnInterrupt, save_checkpoint_atomically
 from zotune.dual import DualEngine, DualRefused, half_losses, losses_agree, model_loss
 from zotune.errors import UserError
 from zotune.methods import Estimator, Rule, build_estimator, build_rule, check_compatible
@@ -127,7 +129,6 @@ class ZOConfig(TrainingArguments):
             raise ValueError("zo_eps must be > 0, zo_num_directions and zo_max_nonfinite >= 1")
         load_objective(self.zo_objective)  # a bad import path fails here, before training starts
 
-
     def rule(self) -> Rule:
         return build_rule({"name": self.zo_rule, **self.zo_rule_kwargs})
 
@@ -155,8 +156,15 @@ class ZOTrainer(Trainer):
         self.dual: DualEngine | None = None
         self._zo_log = {"loss_plus": [], "loss_minus": [], "projected_grad": []}
         self.nonfinite_steps = 0
-        self.trajectory = TrajectoryWriter(self.args.output_dir) if self.args.zo_trajectory else None
+        # only the main process writes the log (every rank can replay it)
+        writes_log = self.args.zo_trajectory and self.args.should_save
+        self.trajectory = TrajectoryWriter(self.args.output_dir) if writes_log else None
         self.add_callback(_ZOStepHook(self))
+        # ZO runs no backward: under torch.distributed the model is not wrapped in DDP (which would
+        # allocate gradient buckets and sync buffers every forward); ranks exchange only the
+        # step's losses (ZOOptimizer._reduce_across_ranks)
+        self.accelerator.prepare_model = functools.partial(self.accelerator.prepare_model, evaluation_mode=True)
+        self.add_callback(SaveOnInterrupt())
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
@@ -217,7 +225,7 @@ class ZOTrainer(Trainer):
             def loss_fn() -> float:
                 return self._value(model, inputs)
 
-        losses = self.zo.estimate(loss_fn, self.state.global_step)
+        losses = self.zo.estimate(loss_fn, self.state.global_step, self._items(inputs))
         if self.offloader is not None:
             self.offloader.wait()  # the update pass reads the written-back weights on the host
         mean = sum(lp + lm for lp, lm in losses) / (2 * len(losses))
@@ -225,6 +233,15 @@ class ZOTrainer(Trainer):
         self._zo_log["loss_minus"] += [lm for _, lm in losses]
         # the Trainer sums the returned loss over micro-batches of a step
         return torch.tensor(mean / self.current_gradient_accumulation_steps, device=self.args.device)
+
+    def _items(self, inputs: dict) -> int:
+        """What this micro-batch's value is a mean over: its label tokens for a token-level loss
+        (shifted, as a causal LM's loss counts them), else its rows. Micro-batches and
+        data-parallel shards are weighted by it."""
+        labels = inputs.get("labels")
+        if labels is None or labels.dim() < 2 or self.args.zo_objective != "loss":
+            return len(next(v for v in inputs.values() if torch.is_tensor(v)))
+        return int((labels[..., 1:] != -100).sum())
 
     _dual_probed = False
 
@@ -339,8 +356,17 @@ class ZOTrainer(Trainer):
                 logs["projected_grad"] = sum(zo["projected_grad"]) / len(zo["projected_grad"])
                 logs["projected_grad_abs"] = sum(abs(g) for g in zo["projected_grad"]) / len(zo["projected_grad"])
             logs["nonfinite_steps"] = self.nonfinite_steps
+            if "comm_bytes" in (self.zo.last_record or {}):
+                logs["comm_bytes_per_step"] = self.zo.last_record["comm_bytes"]  # data parallel: all a step sends
             zo["loss_plus"], zo["loss_minus"], zo["projected_grad"] = [], [], []
         super().log(logs, start_time)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """The Trainer's checkpoint, written to a staging dir and renamed into place (zotune.checkpoints),
+        after the trajectory is fsynced: a published checkpoint-N always has steps < N durably logged."""
+        if self.trajectory is not None:
+            self.trajectory.sync()
+        save_checkpoint_atomically(self, super()._save_checkpoint, model, trial)
 
 
 def _without_kv_cache(model, inputs: dict) -> dict:

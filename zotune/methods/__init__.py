@@ -36,10 +36,12 @@ def register(cls):
 def _build(table: dict, what: str, spec: str | dict[str, Any]):
     fields = {"name": spec} if isinstance(spec, str) else dict(spec)
     name = fields.pop("name", None)
-    if name not in table:
+    if not isinstance(name, str) or name not in table:
         message = f"unknown {what} {name!r}; choose one of {', '.join(table)}"
         close = difflib.get_close_matches(str(name), list(table), n=1)
         raise ValueError(message + (f" (did you mean {close[0]!r}?)" if close else ""))
+    if any(not isinstance(key, str) for key in fields):
+        raise ValueError(f"{what} {name!r}: setting names must be strings")
     cls = table[name]
     try:
         return cls(cls.Config(**fields))

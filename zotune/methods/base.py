@@ -50,11 +50,14 @@ class ParamUpdate:
     directions: Directions | None
     lr: float
     wd: float
+    offset: int = 0  # of this (sharded) parameter's first element in the whole one: z is that slice
 
     def z(self, seed: int) -> torch.Tensor:
-        from zotune.noise import noise_like
+        from zotune.noise import noise
 
-        return self.directions(seed) if self.directions else noise_like(self.param, seed, self.kind)
+        if self.directions:
+            return self.directions(seed)
+        return noise(seed, self.param.numel(), self.kind, self.offset, self.param.device).view(self.param.shape)
 
     def ghat(self) -> torch.Tensor:
         """ĝ for this parameter, materialised (one parameter at a time)."""
@@ -65,20 +68,26 @@ class ParamUpdate:
             total.add_(self.z(seed), alpha=coef)
         return total
 
-    def one_direction(self) -> tuple[int, float, Directions | None]:
-        """(seed, coefficient, directions) that give ĝ to a single-direction kernel: the seed itself
-        when there is one direction, else ĝ materialised behind a constant `directions`."""
+    def kernel_kw(self, directions: Directions | None = None) -> dict:
+        """The keyword arguments of a kernel call on this parameter; `directions` replaces z."""
+        if directions is not None:
+            return {"kind": self.kind, "master": self.master, "directions": directions}
+        return {"kind": self.kind, "master": self.master, "directions": self.directions, "offset": self.offset}
+
+    def one_direction(self) -> tuple[int, float, dict]:
+        """(seed, coefficient, kernel keywords) that give ĝ to a single-direction kernel: the seed
+        itself when there is one direction, else ĝ materialised behind a constant `directions`."""
         if len(self.seeds) == 1:
-            return self.seeds[0], self.coefs[0], self.directions
+            return self.seeds[0], self.coefs[0], self.kernel_kw()
         ghat = self.ghat()
-        return 0, 1.0, lambda _: ghat
+        return 0, 1.0, self.kernel_kw(lambda _: ghat)
 
     def to_theta(self) -> None:
         """Undo the pending displacement, for rules that start from a clean θ."""
         from zotune.kernels import perturb_
 
         if self.restore and self.master is None:
-            perturb_(self.param, self.seeds[-1], self.restore, kind=self.kind, directions=self.directions)
+            perturb_(self.param, self.seeds[-1], self.restore, **{**self.kernel_kw(), "master": None})
 
     def fp32_state(self, key: str) -> torch.Tensor:
         """A float32 state tensor shaped like the parameter, created as zeros on first use."""

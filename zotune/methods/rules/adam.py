@@ -38,7 +38,7 @@ class Adam(Rule):
 
         u.to_theta()
         step = u.state["adam_step"] = u.state.get("adam_step", 0) + 1
-        seed, coef, directions = u.one_direction()
+        seed, coef, kw = u.one_direction()
         c = self.config
         adam_update_(u.param, u.fp32_state("exp_avg"), u.fp32_state("exp_avg_sq"), seed, coef, u.lr, u.wd, c.beta1,
-                     c.beta2, c.eps, step, kind=u.kind, master=u.master, directions=directions)
+                     c.beta2, c.eps, step, **kw)

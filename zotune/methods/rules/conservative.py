@@ -43,7 +43,7 @@ class Conservative(SGD):
         losses = {}
         for label, sign in CANDIDATES.items():
             opt.move((s, 0, sign * lr * g[0]))
-            losses[label] = loss_fn() if loss_fn is not None else math.nan
+            losses[label] = opt.global_loss(loss_fn()) if loss_fn is not None else math.nan
         opt.move(None)
         if recorded is not None:
             choice = recorded["candidate"]

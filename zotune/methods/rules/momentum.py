@@ -33,6 +33,5 @@ class Momentum(Rule):
         from zotune.kernels import momentum_update_
 
         u.to_theta()
-        seed, coef, directions = u.one_direction()
-        momentum_update_(u.param, u.fp32_state("momentum"), seed, coef, u.lr, u.wd, self.config.beta,
-                         kind=u.kind, master=u.master, directions=directions)
+        seed, coef, kw = u.one_direction()
+        momentum_update_(u.param, u.fp32_state("momentum"), seed, coef, u.lr, u.wd, self.config.beta, **kw)

@@ -25,10 +25,10 @@ class SGD(Rule):
         from zotune.kernels import perturb_, restore_and_update_
 
         lead = len(u.seeds) - 1  # goes first: a pending restore is along the last direction
-        kw = {"kind": u.kind, "master": u.master, "directions": u.directions}
+        kw = u.kernel_kw()
         restore_and_update_(u.param, u.seeds[lead], u.restore, u.coefs[lead], u.lr, u.wd, **kw)
         for seed, coef in zip(u.seeds[:lead], u.coefs[:lead]):
             if u.master is None:
-                perturb_(u.param, seed, -u.lr * coef, kind=u.kind, directions=u.directions)
+                perturb_(u.param, seed, -u.lr * coef, **kw)
             else:  # wd was applied with the lead direction
                 restore_and_update_(u.param, seed, 0.0, coef, u.lr, 0.0, **kw)

@@ -27,4 +27,4 @@ class Sign(Rule):
 
         u.to_theta()
         signs = torch.sign(u.ghat())
-        restore_and_update_(u.param, 0, 0.0, 1.0, u.lr, u.wd, kind=u.kind, master=u.master, directions=lambda _: signs)
+        restore_and_update_(u.param, 0, 0.0, 1.0, u.lr, u.wd, **u.kernel_kw(lambda _: signs))

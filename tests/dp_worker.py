@@ -1,0 +1,58 @@
+"""A ZOTrainer run as `torchrun` launches it (tests/test_data_parallel.py): ranks share nothing but the
+process group. Writes the trained weights and what each rank saw to OUT_DIR.
+
+    torchrun --nproc_per_node N tests/dp_worker.py OUT_DIR PER_DEVICE_BATCH
+"""
+
+import json
+import os
+import sys
+
+import torch
+from conftest import tiny_causal_lm  # (this script's folder is on sys.path)
+from datasets import Dataset
+from safetensors.torch import save_file
+from torch.nn.parallel import DistributedDataParallel
+
+from zotune import ZOConfig, ZOTrainer
+
+
+def rows(n: int = 24):
+    """Counting sequences of uneven lengths: the ranks' shards hold different numbers of tokens."""
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for i in range(n):
+        length = 6 + int(torch.randint(0, 10, (1,), generator=g))
+        ids = ((int(torch.randint(0, 256, (1,), generator=g)) + 3 * torch.arange(length)) % 256).tolist()
+        out.append({"input_ids": ids})
+    return Dataset.from_list(out)
+
+
+def collate(batch):
+    """Right padding, -100 on padded labels."""
+    width = max(len(r["input_ids"]) for r in batch)
+    ids = torch.full((len(batch), width), 258)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, r in enumerate(batch):
+        ids[i, :len(r["input_ids"])] = torch.tensor(r["input_ids"])
+        mask[i, :len(r["input_ids"])] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+
+def main(out: str, batch: int) -> None:
+    model = tiny_causal_lm("llama")
+    args = ZOConfig(output_dir=out, max_steps=4, per_device_train_batch_size=batch, learning_rate=1e-2, zo_eps=1e-2,
+                    zo_schedule="dual", lr_scheduler_type="constant", logging_steps=1, save_strategy="no",
+                    report_to="none", use_cpu=True, disable_tqdm=True, train_sampling_strategy="sequential", seed=0)
+    trainer = ZOTrainer(model=model, args=args, train_dataset=rows(), data_collator=collate)
+    trainer.train()
+    rank = int(os.environ.get("RANK", 0))
+    comm = [log["comm_bytes_per_step"] for log in trainer.state.log_history if "comm_bytes_per_step" in log]
+    facts = {"ddp": isinstance(trainer.model_wrapped, DistributedDataParallel), "comm_bytes": comm,
+             "world": int(os.environ.get("WORLD_SIZE", 1)), "g": trainer.zo.last_record["g"]}
+    (open(f"{out}/rank{rank}.json", "w")).write(json.dumps(facts))
+    save_file({n: p.detach().contiguous() for n, p in model.named_parameters()}, f"{out}/rank{rank}.safetensors")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]))

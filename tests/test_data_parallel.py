@@ -1,0 +1,172 @@
+"""Data-parallel ZO on torch.distributed, two gloo processes on CPU, against one process.
+
+A rank runs the ± forwards on its shard only; the ranks all-reduce the step's losses (a few
+floats, weighted by each shard's examples or tokens) and apply the same seeded update. So two
+ranks must end where one process ends on the union of their shards.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from conftest import tiny_causal_lm
+from safetensors.torch import load_file
+
+from zotune.optim import ZOOptimizer
+
+WORKER = Path(__file__).with_name("dp_worker.py")
+ROWS = 8
+SHARDS = [range(0, 3), range(3, 8)]  # uneven on purpose: 3 rows on rank 0, 5 on rank 1
+# (rule, estimator, schedule, q): the rules and estimators that read losses beyond g
+CASES = [("sgd", "spsa", "fused", 1), ("adam", "spsa", "sequential", 2), ("conservative", "spsa", "fused", 1),
+         ("sgd", "hizoo", "sequential", 1)]
+STEPS = 3
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def batch(rows) -> dict:
+    ids = (torch.arange(ROWS)[:, None] * 7 + 3 * torch.arange(12)) % 256
+    ids = ids[list(rows)]
+    return {"input_ids": ids, "labels": ids}
+
+
+def train(case, rows, *, shards=None, model=None, full=None):
+    """STEPS optimizer steps on `rows`; returns the model's parameters. `full` gathers sharded slices
+    into the model before each forward (FSDP-style)."""
+    rule, estimator, schedule, q = case
+    model = model if model is not None else tiny_causal_lm("gpt2").eval()
+    if shards is None:
+        named, offsets = list(model.named_parameters()), None
+    else:
+        named, offsets = [(n, p) for n, (p, _) in shards.items()], {n: lo for n, (_, lo) in shards.items()}
+    opt = ZOOptimizer(named, lr=1e-3, eps=1e-2, num_directions=q, schedule=schedule, rule=rule, estimator=estimator,
+                      shards=offsets)
+    data = batch(rows)
+    tokens = (data["labels"][:, 1:] != -100).sum().item()
+
+    def loss_fn():
+        if full is not None:
+            full()
+        return model(**data).loss.item()
+
+    with torch.no_grad():
+        for step in range(STEPS):
+            opt.estimate(loss_fn, step, weight=tokens)
+            opt.step()
+    if full is not None:
+        full()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _rank(rank: int, world: int, port: int, out: str, kind: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        results = {}
+        for i, case in enumerate(CASES if kind == "data" else [("sgd", "spsa", "fused", 1)]):
+            if kind == "data":
+                results[str(i)] = train(case, SHARDS[rank])
+            else:
+                results[str(i)] = train_sharded(case, rank, world)
+        torch.save(results, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def train_sharded(case, rank: int, world: int):
+    """Every parameter flattened and cut into `world` slices; this rank holds and trains one of
+    them. The whole batch on every rank (only the parameters are sharded here)."""
+    model = tiny_causal_lm("gpt2").eval()
+    shards = {}
+    for name, p in model.named_parameters():
+        size = -(-p.numel() // world)  # the last slice is shorter when numel does not divide
+        lo, hi = min(rank * size, p.numel()), min((rank + 1) * size, p.numel())
+        shards[name] = (torch.nn.Parameter(p.detach().flatten()[lo:hi].clone()), lo)
+
+    def gather():
+        for name, p in model.named_parameters():
+            pieces = [None] * world
+            dist.all_gather_object(pieces, shards[name][0].detach())
+            p.data.copy_(torch.cat(pieces).view(p.shape))
+
+    return train(case, range(ROWS), shards=shards, model=model, full=gather)
+
+
+def run_ranks(tmp_path, kind: str, world: int = 2) -> list[dict]:
+    mp.spawn(_rank, args=(world, free_port(), str(tmp_path), kind), nprocs=world, join=True)
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
+
+
+def assert_same(a: dict, b: dict, **tol):
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], msg=lambda m: f"{name}: {m}", **tol)
+
+
+def moved(before: dict, after: dict) -> float:
+    return max((after[n] - p).abs().max().item() for n, p in before.items())
+
+
+def assert_same_run(a: dict, b: dict, start: dict):
+    """Equal up to float rounding: the union's loss is one mean in float32, the ranks' a weighted mean
+    of two, and g = ΔL/2ε magnifies the last bits of L. A shard weighted wrongly (rows, not tokens,
+    or the ranks averaged equally) is off by percents of the distance trained."""
+    distance = moved(start, b)
+    assert distance > 1e-3  # not two untrained models
+    assert_same(a, b, rtol=0, atol=2e-3 * distance)
+
+
+def test_two_ranks_on_uneven_shards_equal_one_process_on_their_union(tmp_path):
+    ranks = run_ranks(tmp_path, "data")
+    start = dict(tiny_causal_lm("gpt2").named_parameters())
+    for i, case in enumerate(CASES):
+        assert_same(ranks[0][str(i)], ranks[1][str(i)], rtol=0, atol=0)  # every rank applied the same update
+        assert_same_run(ranks[0][str(i)], train(case, range(ROWS)), start)
+
+
+def test_sharded_parameters_equal_unsharded(tmp_path):
+    ranks = run_ranks(tmp_path, "sharded")
+    alone = train(("sgd", "spsa", "fused", 1), range(ROWS))
+    for rank in ranks:
+        assert_same(rank["0"], alone, rtol=0, atol=0)
+
+
+def test_sharding_refuses_whole_parameter_directions():
+    model = tiny_causal_lm("gpt2")
+    with pytest.raises(ValueError, match="sharded parameters need estimator 'spsa'"):
+        ZOOptimizer(model.named_parameters(), lr=1e-3, estimator="lowrank", shards={"lm_head.weight": 0})
+
+
+def torchrun(out: Path, nproc: int, per_device: int) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                    f"--master_port={free_port()}", str(WORKER), str(out), str(per_device)],
+                   check=True, env=env, capture_output=True, timeout=300)
+    return {r: (json.loads((out / f"rank{r}.json").read_text()), load_file(out / f"rank{r}.safetensors"))
+            for r in range(nproc)}
+
+
+def test_zotrainer_under_torchrun_equals_one_process(tmp_path):
+    two = torchrun(tmp_path / "two", 2, per_device=2)
+    one = torchrun(tmp_path / "one", 1, per_device=4)
+    (facts0, weights0), (facts1, weights1) = two[0], two[1]
+    facts, weights = one[0]
+    assert facts0["world"] == 2 and not facts0["ddp"]  # no DDP wrapper: there is no backward to sync
+    assert facts0["g"] == facts1["g"]
+    assert_same(weights0, weights1, rtol=0, atol=0)
+    start = dict(tiny_causal_lm("llama").named_parameters())
+    assert_same_run(weights0, weights, start)
+    # one micro-batch, q = 1: (L+, L−, weight) in float64 per step
+    assert facts0["comm_bytes"] and set(facts0["comm_bytes"]) == {3 * 8}
+    assert facts["comm_bytes"] == []
