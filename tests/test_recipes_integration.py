@@ -48,3 +48,28 @@ def test_qlora_recipe_trains_the_adapter_and_leaves_the_4bit_weights(tmp_path, m
     assert len(records) == 2 and torch.isfinite(losses).all()
     lora_b = [p for n, p in model.named_parameters() if n.endswith("lora_B.default.weight")]
     assert lora_b and all(torch.count_nonzero(p) > 0 for p in lora_b)  # B starts at zero
+
+
+def test_prefix_tuning_recipe_trains_only_the_prefix(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    recipe = load_recipe(
+        "prefix-tuning",
+        ["train.max_steps=2", "train.per_device_train_batch_size=4", "data.eval.max_samples=8",
+         "train.logging_steps=1", f"train.output_dir={tmp_path}"],
+    )
+    built, before = [], {}
+    original = zotune.run.build_model
+
+    def keep(r):
+        model, tokenizer = original(r)
+        before.update({n: p.detach().clone() for n, p in model.named_parameters()})
+        built.append(model)
+        return model, tokenizer
+
+    monkeypatch.setattr(zotune.run, "build_model", keep)
+    summary = zotune.run.train(recipe, "prefix-tuning")
+    assert summary["steps"] == 2 and summary["nonfinite_steps"] == 0
+    changed = {n for n, p in built[0].named_parameters() if not torch.equal(p, before[n])}
+    assert changed == {n for n in before if "prompt_encoder" in n} and changed
+    header, records = read_trajectory(str(tmp_path / "zo_trajectory.jsonl"))
+    assert len(records) == 2 and all("prompt_encoder" in n for n in header["params"])
