@@ -16,13 +16,12 @@ import argparse
 import json
 import resource
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from separate import each_in_a_process
 from zo_steps import zo_step_fn
 from zotune.offload import BlockOffloader
 
@@ -106,12 +105,7 @@ def main() -> None:
         print(json.dumps(run_mode(args.mode, args)))
         return
 
-    forwarded = [f"--{k}={v}" for k, v in vars(args).items() if k not in ("mode", "repeats")]
-    results = {}
-    for mode in MODES:
-        out = subprocess.run([sys.executable, __file__, f"--mode={mode}", *forwarded], capture_output=True,
-                             text=True, check=True).stdout
-        results[mode] = json.loads(out.strip().splitlines()[-1])
+    results = each_in_a_process(__file__, "mode", MODES, args, not_forwarded=("repeats",))
     base = results["inference"]["peak_rss"]
     print(f"GPT-2 {args.layers} layers from config, fp32, batch {args.batch}x{args.seq}, CPU, {STEPS} steps per mode")
     print(f"{'mode':<18}{'peak RSS GiB':>14}{'/ inference':>13}")

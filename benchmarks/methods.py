@@ -14,13 +14,12 @@ import argparse
 import json
 import resource
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from separate import each_in_a_process
 from zo_steps import zo_step_fn
 
 METHODS = {  # label -> (rule, estimator, num_directions)
@@ -80,12 +79,7 @@ def main() -> None:
         print(json.dumps(run_method(args.method, args)))
         return
 
-    forwarded = [f"--{k}={v}" for k, v in vars(args).items() if k != "method"]
-    results = {}
-    for label in METHODS:
-        out = subprocess.run([sys.executable, __file__, f"--method={label}", *forwarded], capture_output=True,
-                             text=True, check=True).stdout
-        results[label] = json.loads(out.strip().splitlines()[-1])
+    results = each_in_a_process(__file__, "method", METHODS, args)
     base = results["sgd"]
     print(f"GPT-2 {args.layers} layers from config ({base['params'] / 2**20:.0f} MiB of fp32 weights, all trained), "
           f"batch {args.batch}x{args.seq}, fused schedule, gaussian, CPU, {args.threads} threads, "

@@ -19,12 +19,11 @@ import argparse
 import ctypes
 import gc
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
 
+from separate import each_in_a_process
 from zo_steps import zo_step_fn
 from zotune.models import load_model
 from zotune.schema import ModelSection
@@ -95,12 +94,7 @@ def main() -> None:
         print(json.dumps(run_mode(args.mode, args)))
         return
 
-    forwarded = [f"--{k}={v}" for k, v in vars(args).items() if k != "mode"]
-    results = {}
-    for mode in MODES:
-        out = subprocess.run([sys.executable, __file__, f"--mode={mode}", *forwarded], capture_output=True,
-                             text=True, check=True).stdout
-        results[mode] = json.loads(out.strip().splitlines()[-1])
+    results = each_in_a_process(__file__, "mode", MODES, args)
     base = results["inference-4bit"]["peak"]
     print(f"Llama-style model from config: hidden {args.hidden}, {args.layers} layers, vocab 32000; "
           f"nf4 base, LoRA r=8 on q_proj/v_proj ({results['zo-dual']['trained']:,} trained parameters); "

@@ -9,6 +9,9 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import contextlib  # noqa: E402
+import signal  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -51,3 +54,18 @@ def tiny_causal_lm(model_type: str, seed: int = 0, dtype=torch.float32):
 @pytest.fixture(params=CORE_ARCHS)
 def core_arch(request):
     return request.param
+
+
+@contextlib.contextmanager
+def no_hang(seconds: int, what: str):
+    """Fail with TimeoutError when the block runs longer than `seconds` (the fuzzers' hang check)."""
+    def alarm(signum, frame):
+        raise TimeoutError(f"{what} took more than {seconds} s: a hang")
+
+    old = signal.signal(signal.SIGALRM, alarm)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)

@@ -13,14 +13,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import socket
-from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
 import datasets
 import pytest
+from conftest import no_hang as conftest_no_hang
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -49,18 +48,8 @@ def tokenizer():
     return byte_tokenizer()  # one id per UTF-8 byte, no BOS: a prompt's length is its byte count
 
 
-@contextmanager
 def no_hang(seconds: int = 30):
-    def alarm(signum, frame):
-        raise TimeoutError(f"data loading took more than {seconds} s: a hang")
-
-    old = signal.signal(signal.SIGALRM, alarm)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
+    return conftest_no_hang(seconds, "data loading")
 
 
 MODEL = []

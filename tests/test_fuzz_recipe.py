@@ -10,9 +10,7 @@ outside the recipe's folder. A few cases also run through the CLI in a subproces
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +18,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from conftest import no_hang as conftest_no_hang
 import yaml
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
@@ -36,18 +35,8 @@ FUZZ = settings(max_examples=60, deadline=timedelta(seconds=5), database=None, d
 HANG_SECONDS = 20  # any single load taking this long is a hang
 
 
-@contextlib.contextmanager
 def no_hang(seconds: int = HANG_SECONDS):
-    def alarm(signum, frame):
-        raise TimeoutError(f"recipe loading took more than {seconds} s: a hang")
-
-    old = signal.signal(signal.SIGALRM, alarm)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
+    return conftest_no_hang(seconds, "recipe loading")
 
 
 @pytest.fixture

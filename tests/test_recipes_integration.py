@@ -18,26 +18,29 @@ pytestmark = [
 ]
 
 
-def test_qlora_recipe_trains_the_adapter_and_leaves_the_4bit_weights(tmp_path, monkeypatch):
-    monkeypatch.chdir(ROOT)  # the recipe names ../shared/data relative to the repository root
-    recipe = load_recipe(
-        "qlora-zo",
-        ["train.max_steps=2", "train.per_device_train_batch_size=4", "data.eval.max_samples=8",
-         "train.logging_steps=1", f"train.output_dir={tmp_path}"],
-    )
-    built, frozen = [], {}
+def two_steps(name: str, out, monkeypatch):
+    """The shipped recipe `name`, 2 steps of batch 4: (its model, its state dict before training, the summary)."""
+    monkeypatch.chdir(ROOT)  # the recipes name ../shared/data relative to the repository root
+    recipe = load_recipe(name, ["train.max_steps=2", "train.per_device_train_batch_size=4", "data.eval.max_samples=8",
+                                "train.logging_steps=1", f"train.output_dir={out}"])
+    built, before = [], {}
     original = zotune.run.build_model
 
     def keep(r):
         model, tokenizer = original(r)
-        frozen.update({k: v.clone() for k, v in model.state_dict().items() if "lora_" not in k})
+        before.update({k: v.clone() for k, v in model.state_dict().items()})
         built.append(model)
         return model, tokenizer
 
     monkeypatch.setattr(zotune.run, "build_model", keep)
-    summary = zotune.run.train(recipe, "qlora-zo")
+    summary = zotune.run.train(recipe, name)
+    return built[0], before, summary
+
+
+def test_qlora_recipe_trains_the_adapter_and_leaves_the_4bit_weights(tmp_path, monkeypatch):
+    model, before, summary = two_steps("qlora-zo", tmp_path, monkeypatch)
     assert summary["steps"] == 2 and summary["nonfinite_steps"] == 0
-    model = built[0]
+    frozen = {k: v for k, v in before.items() if "lora_" not in k}
     quantized = [n for n, p in model.named_parameters() if type(p).__name__ == "Params4bit"]
     assert len(quantized) > 100  # every linear layer of the 18 blocks
     for key, value in model.state_dict().items():
@@ -51,25 +54,10 @@ def test_qlora_recipe_trains_the_adapter_and_leaves_the_4bit_weights(tmp_path, m
 
 
 def test_prefix_tuning_recipe_trains_only_the_prefix(tmp_path, monkeypatch):
-    monkeypatch.chdir(ROOT)
-    recipe = load_recipe(
-        "prefix-tuning",
-        ["train.max_steps=2", "train.per_device_train_batch_size=4", "data.eval.max_samples=8",
-         "train.logging_steps=1", f"train.output_dir={tmp_path}"],
-    )
-    built, before = [], {}
-    original = zotune.run.build_model
-
-    def keep(r):
-        model, tokenizer = original(r)
-        before.update({n: p.detach().clone() for n, p in model.named_parameters()})
-        built.append(model)
-        return model, tokenizer
-
-    monkeypatch.setattr(zotune.run, "build_model", keep)
-    summary = zotune.run.train(recipe, "prefix-tuning")
+    model, before, summary = two_steps("prefix-tuning", tmp_path, monkeypatch)
     assert summary["steps"] == 2 and summary["nonfinite_steps"] == 0
-    changed = {n for n, p in built[0].named_parameters() if not torch.equal(p, before[n])}
+    after = model.state_dict()
+    changed = {n for n, v in before.items() if not torch.equal(after[n], v)}
     assert changed == {n for n in before if "prompt_encoder" in n} and changed
     header, records = read_trajectory(str(tmp_path / "zo_trajectory.jsonl"))
     assert len(records) == 2 and all("prompt_encoder" in n for n in header["params"])
