@@ -2,13 +2,11 @@
 
 Run from benchmarks/ after the runs it reads (their commands are in the results file):
 
-    python scalebio_report.py ../runs/scalebio-fo ../runs/scalebio-zo [--compare NAME=RUN_DIR ...]
+    python scalebio_report.py ../runs/scalebio-fo ../runs/scalebio-zo
 
 For each ScaleBiO run it prints the final weights, the ranking, whether the ranking follows the
 label noise, and the total weight on the fully corrupted sources against half their uniform
-share; it copies each run's plot to results/. `--compare` runs are normal fine-tunes (e.g. on
-the resampled and on the uniform mixture); their `eval_accuracy` is read from the
-trainer_state.json of their output dir.
+share; it copies each run's plot to results/.
 """
 
 from __future__ import annotations
@@ -51,26 +49,13 @@ def describe(run: Path) -> list[str]:
     return lines
 
 
-def accuracy(run: Path) -> float | None:
-    state = run / "trainer_state.json"
-    if state.is_file():
-        history = json.loads(state.read_text())["log_history"]
-        values = [h["eval_accuracy"] for h in history if "eval_accuracy" in h]
-        return values[-1] if values else None
-    return None
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("runs", nargs="+", type=Path)
-    parser.add_argument("--compare", nargs="*", default=[], help="NAME=RUN_DIR of normal fine-tunes")
     args = parser.parse_args()
     lines = []
     for run in args.runs:
         lines += describe(run) + [""]
-    for item in args.compare:
-        name, _, folder = item.partition("=")
-        lines.append(f"{name}: eval_accuracy {accuracy(Path(folder))}  ({folder})")
     print("\n".join(lines))
 
 
