@@ -148,19 +148,30 @@ def test_sharding_refuses_whole_parameter_directions():
         ZOOptimizer(model.named_parameters(), lr=1e-3, estimator="lowrank", shards={"lm_head.weight": 0})
 
 
-def torchrun(out: Path, nproc: int, per_device: int) -> dict:
+def launch(out: Path, nproc: int, per_device: int, launcher: str = "torchrun") -> dict:
+    """Run tests/dp_worker.py on `nproc` CPU processes; {rank: (facts, weights)}."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-                    f"--master_port={free_port()}", str(WORKER), str(out), str(per_device)],
-                   check=True, env=env, capture_output=True, timeout=300)
+    if launcher == "torchrun":
+        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
+    else:  # accelerate's multi-process launcher, told to stay on the CPU
+        env["ACCELERATE_USE_CPU"] = "true"
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", f"--num_processes={nproc}",
+                   "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no"]
+    port = ["--master_port" if launcher == "torchrun" else "--main_process_port", str(free_port())]
+    subprocess.run([*command, *port, str(WORKER), str(out), str(per_device)], check=True, env=env,
+                   capture_output=True, timeout=300)
     return {r: (json.loads((out / f"rank{r}.json").read_text()), load_file(out / f"rank{r}.safetensors"))
             for r in range(nproc)}
 
 
-def test_zotrainer_under_torchrun_equals_one_process(tmp_path):
-    two = torchrun(tmp_path / "two", 2, per_device=2)
-    one = torchrun(tmp_path / "one", 1, per_device=4)
-    (facts0, weights0), (facts1, weights1) = two[0], two[1]
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    return launch(tmp_path_factory.mktemp("two"), 2, per_device=2)
+
+
+def test_zotrainer_under_torchrun_equals_one_process(two_ranks, tmp_path):
+    one = launch(tmp_path / "one", 1, per_device=4)
+    (facts0, weights0), (facts1, weights1) = two_ranks[0], two_ranks[1]
     facts, weights = one[0]
     assert facts0["world"] == 2 and not facts0["ddp"]  # no DDP wrapper: there is no backward to sync
     assert facts0["g"] == facts1["g"]
@@ -170,3 +181,11 @@ def test_zotrainer_under_torchrun_equals_one_process(tmp_path):
     # one micro-batch, q = 1: (L+, L−, weight) in float64 per step
     assert facts0["comm_bytes"] and set(facts0["comm_bytes"]) == {3 * 8}
     assert facts["comm_bytes"] == []
+
+
+def test_accelerate_launch_equals_torchrun(two_ranks, tmp_path):
+    accelerated = launch(tmp_path / "accelerate", 2, per_device=2, launcher="accelerate")
+    for rank in (0, 1):
+        facts, weights = accelerated[rank]
+        assert facts["world"] == 2 and not facts["ddp"] and facts["g"] == two_ranks[rank][0]["g"]
+        assert_same(weights, two_ranks[rank][1], rtol=0, atol=0)
