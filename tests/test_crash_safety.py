@@ -296,8 +296,6 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, reference):
     assert_same_weights(load_file(run / "model.safetensors"), load_file(reference / "model.safetensors"))
 
 
-@pytest.mark.xfail(strict=True, reason="transformers 5.24 bug: resuming from the checkpoint of the last step, "
-                   "mid-epoch, trains one step more (it checks max_steps only after a step)")
 def test_resume_from_the_final_checkpoint_trains_no_more(tmp_path):
     from conftest import tiny_causal_lm
     from test_zo_trainer import make_trainer

@@ -361,6 +361,14 @@ class ZOTrainer(Trainer):
             zo["loss_plus"], zo["loss_minus"], zo["projected_grad"] = [], [], []
         super().log(logs, start_time)
 
+    def _run_epoch(self, *args, **kwargs):
+        # transformers 5.24 checks max_steps only after a step: a run resumed from the checkpoint of
+        # its last step (say after a crash before the final save) would train one step more
+        if 0 < self.state.max_steps <= self.state.global_step:
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*args, **kwargs)
+
     def _save_checkpoint(self, model, trial) -> None:
         """The Trainer's checkpoint, written to a staging dir and renamed into place (zotune.checkpoints),
         after the trajectory is fsynced: a published checkpoint-N always has steps < N durably logged."""
