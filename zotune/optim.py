@@ -363,7 +363,6 @@ class ZOOptimizer(torch.optim.Optimizer):
         sent (0 in a single process)."""
         if not data_parallel():
             return 0
-        per_batch = 2 * self.q + (1 if self.estimator.loss_at_theta else 0)
         rows = []
         for m, w in enumerate(self._weights):
             values = [v for pair in self.step_losses[m * self.q:(m + 1) * self.q] for v in pair]
@@ -375,7 +374,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.step_losses = [(row[2 * k], row[2 * k + 1]) for row in means for k in range(self.q)]
         if self.estimator.loss_at_theta:
             self._losses_at_theta = [row[-1] for row in means]
-        return len(rows) * (per_batch + 1) * 8
+        return sum(len(row) for row in rows) * 8  # float64
 
     def global_loss(self, loss: float) -> float:
         """A loss this rank measured on its shard of the step's last micro-batch, as the mean over
