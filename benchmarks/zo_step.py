@@ -1,32 +1,48 @@
-"""ZO step time divided by one no-grad forward, side by side in one run.
+"""ZO step time divided by one no-grad forward, side by side in one process.
 
     python benchmarks/zo_step.py            # GPT-2 124M from config, fp32, batch 8x128, 2 threads
 
-Prints the ratio for each zotune schedule and noise, and for a straightforward MeZO-style
-step (four regenerations of z with torch.normal under a re-seeded global generator), all
-measured in the same process. Timings on a shared machine are noisy: compare the ratios.
+Measured in this order, in one process (timings on a shared machine are noisy: compare ratios):
+
+1. `ZOTrainer` with its defaults (out-of-place dual, gaussian), as a user runs it: STEPS steps, the
+   steady state is the median of the last half; the warm-up (compiling the CPU kernels, first in
+   this process) is the first steps' excess over it, reported apart;
+2. the forward of the batch (B rows) and of the doubled batch (2B) that dual runs;
+3. the breakdown of a raw dual step: the doubled forward through the wrappers without
+   perturbation (splitting and joining only), with perturbed copies, and the update pass;
+4. the raw `ZOOptimizer` for every schedule and both noise kinds, and a straightforward
+   MeZO-style step (four regenerations of z with torch.normal under a re-seeded generator).
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import time
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from datasets import Dataset
+from transformers import GPT2Config, GPT2LMHeadModel, TrainerCallback
 
-from zotune.optim import ZOOptimizer
+from zo_steps import zo_step_fn
+from zotune.dual import double
+from zotune.trainer import ZOConfig, ZOTrainer
+
+STEPS = 12
 
 
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up (and compilation, where there is any)
+def timed(fn, repeats: int) -> tuple[float, float]:
+    """(first call, median of the next `repeats`) in seconds."""
+    start = time.perf_counter()
+    fn()
+    first = time.perf_counter() - start
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return first, statistics.median(times)
 
 
 def mezo_style_step(model, loss_fn, seed: int, eps: float, lr: float) -> None:
@@ -48,6 +64,27 @@ def mezo_style_step(model, loss_fn, seed: int, eps: float, lr: float) -> None:
         shift(-lr * g)
 
 
+class StepClock(TrainerCallback):
+    def __init__(self):
+        self.times, self._start = [], 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.times.append(time.perf_counter() - self._start)
+
+
+def trainer_steps(model, ids) -> list[float]:
+    """Per-step seconds of ZOTrainer with its defaults (only what the test needs is set)."""
+    rows = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+    args = ZOConfig(output_dir=tempfile.mkdtemp(), max_steps=STEPS, per_device_train_batch_size=len(ids),
+                    learning_rate=1e-7, report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=True)
+    clock = StepClock()
+    ZOTrainer(model=model, args=args, train_dataset=rows, callbacks=[clock]).train()
+    return clock.times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=8)
@@ -62,31 +99,63 @@ def main() -> None:
     model = GPT2LMHeadModel(GPT2Config(n_layer=args.layers)).eval()
     n_params = sum(p.numel() for p in model.parameters())
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq))
+    batch = {"input_ids": ids, "labels": ids}
+    print(f"GPT-2 {n_params / 1e6:.0f}M params, fp32, batch {args.batch}x{args.seq}, {args.threads} threads")
+
+    steps = trainer_steps(model, ids)
+    steady = statistics.median(steps[STEPS // 2:])
+    warmup = sum(t - steady for t in steps[:STEPS // 2])
 
     def loss_fn() -> float:
         with torch.no_grad():
-            return model(input_ids=ids, labels=ids).loss.item()
+            return model(**batch).loss.item()
 
-    forward = timed(loss_fn, args.repeats)
-    print(f"GPT-2 {n_params / 1e6:.0f}M params, fp32, batch {args.batch}x{args.seq}, {args.threads} threads")
-    print(f"no-grad forward: {forward:.2f} s")
-    print(f"{'step':<34}{'seconds':>9}{'/ forward':>11}")
+    def doubled() -> float:
+        with torch.no_grad():
+            return model(**double(batch, args.batch)).loss.item()
 
-    mezo = timed(lambda: mezo_style_step(model, loss_fn, 0, 1e-3, 1e-7), args.repeats)
-    print(f"{'MeZO-style (torch.normal x4)':<34}{mezo:>9.2f}{mezo / forward:>11.2f}")
+    _, forward = timed(loss_fn, args.repeats)
+    _, forward_2x = timed(doubled, args.repeats)
+    print(f"no-grad forward: {forward:.2f} s; of the doubled batch: {forward_2x:.2f} s = {forward_2x / forward:.2f}")
+    print(f"\nZOTrainer, defaults (dual, gaussian): steady step {steady:.2f} s = {steady / forward:.2f} forwards "
+          f"(median of steps {STEPS // 2 + 1}-{STEPS}); warm-up {warmup:.1f} s over the first {STEPS // 2} steps")
+
+    print(f"\n{'step':<40}{'seconds':>9}{'/ forward':>11}{'first':>9}")
+    _, mezo = timed(lambda: mezo_style_step(model, loss_fn, 0, 1e-3, 1e-7), args.repeats)
+    print(f"{'MeZO-style (torch.normal x4)':<40}{mezo:>9.2f}{mezo / forward:>11.2f}")
+    print(f"{'ZOTrainer, defaults':<40}{steady:>9.2f}{steady / forward:>11.2f}{steps[0]:>9.2f}"
+          f"   vs MeZO-style {mezo / steady:.2f}x")
+    dual_step = None
     for perturbation in ("gaussian", "rademacher"):
-        for schedule in ("sequential", "fused"):
-            opt = ZOOptimizer(model.named_parameters(), lr=1e-7, eps=1e-3, perturbation=perturbation, schedule=schedule)
+        for schedule, lazy in (("dual", False), ("dual", True), ("sequential", False), ("fused", False)):
+            step, engine = zo_step_fn(model, batch, schedule, perturbation, lazy)
             counter = iter(range(10**9))
+            first, t = timed(lambda: step(next(counter)), args.repeats)
+            if engine is not None:
+                if (schedule, lazy, perturbation) == ("dual", False, "gaussian"):
+                    dual_step = (step, engine, t)
+                else:
+                    engine.remove()
+            label = f"raw {schedule}{' lazy' if lazy else ''}, {perturbation}"
+            noise_note = "" if perturbation == "gaussian" else " (noise switched)"
+            print(f"{label:<40}{t:>9.2f}{t / forward:>11.2f}{first:>9.2f}   vs MeZO-style {mezo / t:.2f}x{noise_note}")
 
-            def step() -> None:
-                opt.estimate(loss_fn, next(counter))
-                opt.step()
+    step, engine, total = dual_step
+    opt = step.optimizer
 
-            t = timed(step, args.repeats)
-            label = f"zotune {schedule}, {perturbation}"
-            noise_note = "" if perturbation == "gaussian" else " (noise switched: not comparable)"
-            print(f"{label:<34}{t:>9.2f}{t / forward:>11.2f}   vs MeZO-style {mezo / t:.2f}x{noise_note}")
+    def forward_through(direction) -> None:
+        with torch.no_grad(), engine.dual_forward(args.batch, direction):
+            model(**double(batch, args.batch))
+
+    _, wrapped = timed(lambda: forward_through(None), args.repeats)
+    _, perturbed = timed(lambda: forward_through((0, 0)), args.repeats)
+    _, update = timed(lambda: opt._apply([1e-3], 0), args.repeats)
+    print(f"\nbreakdown of a raw dual step ({total:.2f} s), in forwards of B rows:")
+    for label, t in (("doubled forward, plain", forward_2x), ("doubled forward through the wrappers", wrapped),
+                     ("doubled forward on perturbed copies", perturbed), ("update pass", update),
+                     ("rest (losses, bookkeeping)", total - perturbed - update)):
+        print(f"  {label:<40}{t:>7.2f} s{t / forward:>7.2f}")
+    print(f"ZOTrainer's own work beyond the raw step: {steady - total:.2f} s = {(steady - total) / forward:.2f} forwards")
 
 
 if __name__ == "__main__":

@@ -254,3 +254,18 @@ def store(ptr, x, mask):
     else:
         y = x.to(ptr.dtype.element_ty)
     tl.store(ptr, y, mask=mask)
+
+
+@triton_jit
+def nearest(x, ptr):
+    """float32 ``x`` rounded to nearest even onto ``ptr``'s dtype, as float32: the value `store`
+    writes (for ops that go on computing with a param's stored value)."""
+    if ptr.dtype.element_ty == tl.bfloat16:
+        u = x.to(tl.uint32, bitcast=True)
+        u = u + 0x7FFF + ((u >> 16) & 1)
+        y = tl.where(x != x, x, ((u >> 16) << 16).to(tl.float32, bitcast=True))
+    elif ptr.dtype.element_ty == tl.float16:
+        y = x.to(tl.float16).to(tl.float32)
+    else:
+        y = x
+    return y

@@ -10,7 +10,8 @@ Compiled PyTorch: `noise_piece` runs a ``torch.compile``'d Philox on FIXED-size 
 `_dispatch.CHUNK` elements (a piece is a slice of one full chunk; a short tensor pays for a
 padded chunk), so each kind compiles once whatever the tensor sizes and seeds. If compiling fails, or torch.compile is missing,
 it warns once and falls back to `zotune.noise`. The ops' compiled path (`_fused`) uses these
-chunk functions at larger fixed sizes inside its fused graphs, and `noise_piece` for ragged ends.
+chunk functions at larger fixed sizes inside its fused graphs, and `noise_piece` for ragged ends;
+`_bits_chunk` gives the stochastic-rounding bits of `_rounding` inside those graphs.
 """
 
 from __future__ import annotations
@@ -68,6 +69,14 @@ def _rademacher_chunk(row, k0, k1, size=CHUNK):
     c = row + torch.arange(size // 128, dtype=torch.int64, device=row.device)
     zero = torch.zeros_like(c)
     return _noise._signs(torch.stack(_noise._philox(c & _MASK32, c >> 32, zero, zero, k0, k1), dim=-1))
+
+
+def _bits_chunk(start, k0, k1, size=CHUNK):
+    """Stochastic-rounding bits (`_rounding`) of elements start .. start + size - 1: word 0 of the
+    gaussian stream's counters, uint32 values in int64."""
+    i = start + torch.arange(size, dtype=torch.int64, device=start.device)
+    zero = torch.zeros_like(i)
+    return _noise._philox(i & _MASK32, i >> 32, zero, zero, k0, k1)[0]
 
 
 _CHUNK_FNS = {"gaussian": _gaussian_chunk, "rademacher": _rademacher_chunk}

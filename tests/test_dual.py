@@ -2,8 +2,10 @@
 
 - dual (and dual with the lazy update) against `sequential`, MeZO's two forwards;
 - offloaded against resident, bit for bit, with the compute-side parameter bytes bounded;
-- replay and resume of dual runs against the trained / uninterrupted run, bit for bit;
-- a model dual cannot split falls back to `fused` with a warning instead of wrong numbers.
+- replay and resume of dual runs against the trained / uninterrupted run, bit for bit, in fp32 and
+  in bf16 without master copies;
+- a model dual cannot split runs its two signs as two forwards, with a warning, not wrong numbers;
+- the perturbed copies alive during a step never exceed the largest module's own parameters.
 """
 
 import logging
@@ -17,9 +19,11 @@ from test_zo_trainer import counting_dataset, make_trainer, weights
 from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
+from zotune import scratch
 from zotune.blocks import find_blocks
 from zotune.dual import DualRefused, _split
 from zotune.optim import ZOOptimizer
+from zotune.replay import optimizer_from_header
 from zotune.trajectory import read_trajectory
 
 ALL_ARCHS = [*TINY_CONFIGS, "bert_classifier"]
@@ -56,7 +60,10 @@ def assert_close(a: dict, b: dict, atol: float = 1e-5) -> None:
 
 
 @pytest.mark.parametrize("arch", ALL_ARCHS)
-def test_dual_equals_sequential(arch, tmp_path):
+def test_dual_equals_sequential(arch, tmp_path, monkeypatch):
+    """Out of place against MeZO's in-place reference: fp32, losses within 1e-5 relative, weights
+    within 1e-5 (θ−εz is rounded once out of place, as θ+εz−2εz in place)."""
+    monkeypatch.setattr(scratch, "CHUNK_ELEMENTS", 1024)  # the 300-row heads run in chunks of 32 rows
     seq_model, seq = train(arch, tmp_path / "seq", zo_schedule="sequential")
     dual_model, dual = train(arch, tmp_path / "dual", zo_schedule="dual")
     assert dual.zo.schedule == "dual", "fell back"
@@ -80,20 +87,24 @@ def test_lazy_update_equals_sequential_and_is_flushed_for_evaluation(arch, tmp_p
     assert evals[0] and evals[1] == pytest.approx(evals[0], abs=1e-5)  # an unflushed eval sees θ − εz
 
 
+PRECISIONS = {"fp32": (torch.float32, "auto"), "bf16-none": (torch.bfloat16, "none")}
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])  # tied and untied
 @pytest.mark.parametrize("lazy", [False, True])
-def test_replay_of_dual_equals_trained(arch, lazy, tmp_path):
-    # an evaluation mid-run flushes the lazy update: replay must flush at the same point
-    model, trainer = train(arch, tmp_path, zo_schedule="dual", zo_lazy_update=lazy, max_steps=4,
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_replay_of_dual_equals_trained(arch, lazy, precision, tmp_path):
+    # an evaluation mid-run flushes the lazy update: replay applies every update at once
+    dtype, master_weights = PRECISIONS[precision]
+    model, trainer = train(arch, tmp_path, zo_schedule="dual", zo_lazy_update=lazy, max_steps=4, dtype=dtype,
+                           zo_master_weights=master_weights, learning_rate=1e-2,
                            eval_strategy="steps", eval_steps=2, eval_dataset=data_for(arch))
     header, records = read_trajectory(tmp_path / "zo_trajectory.jsonl")
-    assert any(r.get("flushed_before") for r in records) == lazy
-    base = build(arch)
+    assert header["optimizer"]["master_weights"] == master_weights
+    base = build(arch, dtype=dtype)
+    assert any(not torch.equal(a, b) for a, b in zip(base.parameters(), model.parameters()))
     named = dict(base.named_parameters())
-    opt = header["optimizer"]
-    replayed = ZOOptimizer([(n, named[n]) for n in header["params"]], lr=0.0, weight_decay=opt["weight_decay"],
-                     no_decay=header["no_decay"], eps=opt["eps"], num_directions=opt["num_directions"],
-                     perturbation=opt["perturbation"], schedule=opt["schedule"], lazy_update=opt["lazy_update"])
+    replayed = optimizer_from_header(header, [(n, named[n]) for n in header["params"]])
     for record in records:
         replayed.replay(record)
     replayed.flush()
@@ -102,12 +113,14 @@ def test_replay_of_dual_equals_trained(arch, lazy, tmp_path):
 
 
 @pytest.mark.parametrize("lazy", [False, True])
-def test_resume_of_dual_equals_uninterrupted(lazy, tmp_path):
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_resume_of_dual_equals_uninterrupted(lazy, precision, tmp_path):
+    dtype, master_weights = PRECISIONS[precision]
     common = dict(zo_schedule="dual", zo_lazy_update=lazy, max_steps=6, save_strategy="steps", save_steps=3,
-                  lr_scheduler_type="linear")
-    straight, _ = train("gpt2", tmp_path / "straight", **common)
-    train("gpt2", tmp_path / "first", **common)
-    resumed = build("gpt2", seed=1)  # different init: everything must come from the checkpoint
+                  lr_scheduler_type="linear", zo_master_weights=master_weights, learning_rate=1e-2)
+    straight, _ = train("gpt2", tmp_path / "straight", dtype=dtype, **common)
+    train("gpt2", tmp_path / "first", dtype=dtype, **common)
+    resumed = build("gpt2", seed=1, dtype=dtype)  # different init: everything must come from the checkpoint
     make_trainer(resumed, tmp_path / "first", data_for("gpt2"), **{**STEPS, **common}).train(
         resume_from_checkpoint=str(tmp_path / "first" / "checkpoint-3"))
     for (name, a), b in zip(straight.named_parameters(), resumed.parameters()):
@@ -142,8 +155,9 @@ def test_offloaded_equals_resident_with_bounded_residency(arch, schedule, tmp_pa
 
 
 @pytest.mark.parametrize("lazy", [False, True])
-def test_offloaded_bf16_weights_carry_their_fp32_masters(lazy, tmp_path):
-    kw = dict(zo_lazy_update=lazy, dtype=torch.bfloat16, learning_rate=1e-2)
+@pytest.mark.parametrize("master_weights", ["auto", "fp32"])
+def test_offloaded_bf16_weights_carry_only_the_masters_they_have(lazy, master_weights, tmp_path):
+    kw = dict(zo_lazy_update=lazy, dtype=torch.bfloat16, learning_rate=1e-2, zo_master_weights=master_weights)
     resident, _ = train("llama", tmp_path / "resident", **kw)
     offloaded, trainer = train("llama", tmp_path / "offload", zo_offload="cpu", **kw)
     for (name, a), b in zip(resident.named_parameters(), offloaded.parameters()):
@@ -152,10 +166,11 @@ def test_offloaded_bf16_weights_carry_their_fp32_masters(lazy, tmp_path):
                                                         offloaded.parameters()))
     _, blocks = find_blocks(offloaded)
     block = next(iter(blocks)).parameters()
-    bf16_and_master = sum(p.numel() * (2 + 4) for p in block)  # each trained weight's fp32 master travels too
-    assert trainer.offloader.block_bytes() == bf16_and_master
-    masters = [trainer.zo.state[p]["master"] for p in blocks.parameters()]
-    assert all(m.dtype == torch.float32 for m in masters)
+    # auto: one copy of each block, in its dtype; fp32: each trained weight's master travels too
+    per_element = 2 + (4 if master_weights == "fp32" else 0)
+    assert trainer.offloader.block_bytes() == sum(p.numel() * per_element for p in block)
+    masters = [trainer.zo.state[p].get("master") for p in blocks.parameters()]
+    assert all(m is None if master_weights == "auto" else m.dtype == torch.float32 for m in masters)
 
 
 def test_offload_with_16_bit_transfer_stays_close_to_resident(tmp_path):
@@ -188,7 +203,7 @@ def _mlp_across_time(mlp):
 
 
 @pytest.mark.parametrize("batch", [4, 3])  # 2B = 8 does not divide T = 12; 2B = 6 does, but along time
-def test_unsplittable_model_falls_back_to_fused_with_a_warning(batch, tmp_path, caplog):
+def test_unsplittable_model_runs_two_forwards_with_a_warning(batch, tmp_path, caplog):
     models = {}
     for schedule in ("sequential", "dual"):
         models[schedule] = build("llama")
@@ -197,9 +212,9 @@ def test_unsplittable_model_falls_back_to_fused_with_a_warning(batch, tmp_path, 
             trainer = make_trainer(models[schedule], tmp_path / schedule, zo_schedule=schedule,
                                    per_device_train_batch_size=batch, max_steps=2)
             trainer.train()
-    assert trainer.zo.schedule == "fused"
-    assert "dual schedule not possible for LlamaForCausalLM" in caplog.text
-    assert_close(weights(models["dual"]), weights(models["sequential"]), atol=0)
+    assert trainer.zo.schedule == "dual" and not trainer._dual_split
+    assert "LlamaForCausalLM cannot run both signs in one doubled forward" in caplog.text
+    assert_close(weights(models["dual"]), weights(models["sequential"]))
 
 
 def test_nested_owners_match_sequential(tmp_path):
@@ -217,6 +232,21 @@ def test_nested_owners_match_sequential(tmp_path):
     assert trainer.zo.schedule == "dual"
     assert not torch.equal(models["dual"].model.layers[1].mlp.gain, torch.ones_like(mlp.gain))
     assert_close(weights(models["dual"]), weights(models["sequential"]))
+
+
+@pytest.mark.parametrize("arch", ALL_ARCHS)
+def test_perturbed_copies_never_exceed_the_largest_module(arch, tmp_path, monkeypatch):
+    """The tracker counts every perturbed copy from its allocation until it is freed."""
+    monkeypatch.setattr(scratch, "CHUNK_ELEMENTS", 1024)
+    model, trainer = train(arch, tmp_path, max_steps=2)
+    own = {name: sum(p.numel() * p.element_size() for p in m.parameters(recurse=False))
+           for name, m in model.named_modules()}
+    tracker = trainer.dual.tracker
+    assert 0 < tracker.peak <= max(own.values()) and tracker.live == 0
+    # the token embedding, the largest module, is never copied whole: only its looked-up rows
+    embedding = model.get_input_embeddings()
+    assert max(own.values()) == embedding.weight.numel() * embedding.weight.element_size()
+    assert tracker.peak < max(own.values())
 
 
 @pytest.mark.parametrize("arch", ALL_ARCHS)
@@ -281,7 +311,9 @@ def test_dual_with_a_lora_adapter_equals_sequential(base, tmp_path):
     assert trainer.zo.schedule == "dual"
     adapters = {schedule: {n: p for n, p in m.named_parameters() if p.requires_grad} for schedule, m in models.items()}
     assert adapters["dual"] and all("lora_" in n for n in adapters["dual"])
-    assert_close(adapters["dual"], adapters["sequential"])
+    # the in-place reference drifts by an ulp per step (7e-9 on these weights after one step), and the
+    # 4-bit base amplifies that to 5e-6 in the next losses (measured): 1e-4 here, 1e-5 in fp32
+    assert_close(adapters["dual"], adapters["sequential"], atol=1e-5 if base == "fp32" else 1e-4)
 
 
 def test_no_forward_of_a_zo_step_records_autograd(tmp_path, monkeypatch):
@@ -306,3 +338,17 @@ def test_remove_restores_every_forward():
     assert mlp.forward is not patched and "forward" in model.lm_head.__dict__
     engine.remove()
     assert mlp.forward is patched and not any("forward" in m.__dict__ for m in model.modules() if m is not mlp)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_causal_lm_loss_equals_the_models_own(dtype, monkeypatch):
+    from zotune.dual import causal_lm_loss
+
+    model = build("llama")
+    torch.manual_seed(0)
+    logits = torch.randn(3, 7, model.config.vocab_size).to(dtype)
+    labels = torch.randint(0, model.config.vocab_size, (3, 7))
+    labels[0, :3] = -100  # a prompt that is not scored
+    expected = model.loss_function(logits=logits, labels=labels, vocab_size=model.config.vocab_size)
+    monkeypatch.setattr(scratch, "CHUNK_ELEMENTS", 5 * model.config.vocab_size)  # 5 rows a chunk: 21 rows, ragged
+    torch.testing.assert_close(causal_lm_loss(logits, labels), expected, rtol=1e-6, atol=0)

@@ -27,6 +27,7 @@ from zotune.plan import (
     recipe_settings,
 )
 from zotune.recipe import load_recipe
+from zotune.scratch import CHUNK_ELEMENTS
 
 # published parameter counts (OPT paper, Meta's Llama 3 model cards)
 PUBLISHED = {
@@ -111,12 +112,112 @@ def test_offload_plan_matches_the_offloaders_residency_tracker():
 def test_master_copy_of_16_bit_weights():
     model = tiny_causal_lm("llama")
     resident, _, total = real_counts(model)  # fp32 bytes = 4 per element
-    assert plan("llama").compute_master == 0
-    assert plan("llama", dtype="bfloat16").compute_master == total
-    offloaded = plan("llama", dtype="bfloat16", offload=True)
+    assert plan("llama", master_weights="fp32").compute_master == 0  # fp32 weights never have one
+    assert plan("llama", dtype="bfloat16", master_weights="fp32").compute_master == total
+    offloaded = plan("llama", dtype="bfloat16", offload=True, master_weights="fp32")
     assert (offloaded.compute_master, offloaded.host_master) == (resident, total - resident)
     assert offloaded.host_params == (total - resident) // 2  # the home copies, in bfloat16
-    assert plan("llama", dtype="bfloat16", master_copy=False).compute_master == 0
+    assert plan("llama", dtype="bfloat16", master_weights="fp32", adapter=True).compute_master == 0
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("schedule", ["dual", "sequential", "fused"])
+@pytest.mark.parametrize("setting", ["auto", "fp32", "none"])
+def test_master_weights_setting(setting, schedule, dtype):
+    """auto: masters only where an in-place schedule displaces 16-bit weights; fp32 forces them on 16-bit
+    weights; none and fp32 models never have them; with offloading the blocks' masters are on the host."""
+    _, _, total = real_counts(tiny_causal_lm("llama"))  # 4 bytes per element: one master of every weight
+    expected = dtype != "float32" and (setting == "fp32" or (setting == "auto" and schedule != "dual"))
+    resident = plan("llama", dtype=dtype, schedule=schedule, master_weights=setting)
+    assert resident.compute_master == (total if expected else 0)
+    assert resident.host_total == 0
+    offloaded = plan("llama", dtype=dtype, schedule=schedule, master_weights=setting, offload=True)
+    assert offloaded.compute_master + offloaded.host_master == resident.compute_master
+    assert (offloaded.host_master > 0) == expected
+    assert offloaded.host_total == offloaded.host_params + offloaded.host_master
+    assert offloaded.host_params == offloaded.total_param_bytes - offloaded.resident_param_bytes  # one copy per block
+    adapter = plan("llama", dtype=dtype, schedule=schedule, master_weights=setting, adapter=True, offload=True)
+    assert adapter.compute_master == adapter.host_master == adapter.compute_scratch == 0
+    assert adapter.host_params == offloaded.host_params
+
+
+def test_unknown_master_weights_setting():
+    with pytest.raises(ValueError, match="master_weights"):
+        plan("llama", master_weights="fp16")
+
+
+# ---------------------------------------------------------------- scratch
+
+
+def linear_scratch(out_features: int, in_features: int, size: int, bias: bool = False) -> int:
+    """A Linear's perturbed copy, by hand: whole up to 2**22 weight elements, else one chunk of
+    2**22 // in_features output rows (and the bias's matching slice)."""
+    rows = out_features
+    if out_features * in_features > CHUNK_ELEMENTS:
+        rows = min(out_features, CHUNK_ELEMENTS // in_features)
+    return (rows * in_features + (rows if bias else 0)) * size
+
+
+def llama_scratch_by_hand(dims: dict, batch: int, seq: int, size: int) -> int:
+    d, f, v = dims["hidden_size"], dims["intermediate_size"], dims["vocab_size"]
+    head_dim = d // dims["num_attention_heads"]
+    kv = dims["num_key_value_heads"] * head_dim
+    return max(
+        min(v, 2 * batch * seq) * d * size,  # embed_tokens: the rows the doubled batch looks up
+        linear_scratch(d, d, size),  # q_proj, o_proj
+        linear_scratch(kv, d, size),  # k_proj, v_proj
+        linear_scratch(f, d, size),  # gate_proj, up_proj
+        linear_scratch(d, f, size),  # down_proj
+        d * size,  # the norms
+        linear_scratch(v, d, size),  # lm_head (untied)
+    )
+
+
+LLAMA_SCRATCH = {
+    # 2·B·T = 24576 rows of a 50000-row embedding: more than the chunked head's 16384 rows
+    "embedding rows": (dict(hidden_size=256, intermediate_size=512, vocab_size=50000), 6, 2048),
+    # 32 rows looked up: the head's chunk of 2**22 // 256 = 16384 rows is the largest
+    "head chunk": (dict(hidden_size=256, intermediate_size=512, vocab_size=50000), 1, 16),
+    # an MLP matrix of 512 x 4096 = 2**21 elements, copied whole
+    "whole mlp matrix": (dict(hidden_size=512, intermediate_size=4096, vocab_size=1000), 1, 16),
+    # chunked MLP matrices: 512 x 12000 and 12000 x 512 (down_proj: 2**22 // 12000 = 349 rows of 12000)
+    "chunked mlp matrix": (dict(hidden_size=512, intermediate_size=12000, vocab_size=1000), 1, 16),
+}
+
+
+@pytest.mark.parametrize("dtype, size", [("float32", 4), ("bfloat16", 2)])
+@pytest.mark.parametrize("case", LLAMA_SCRATCH)
+def test_scratch_is_the_largest_modules_perturbed_copy(case, dtype, size):
+    changes, batch, seq = LLAMA_SCRATCH[case]
+    dims = {**TINY_CONFIGS["llama"], **changes}
+    p = plan("llama", changes, batch_size=batch, seq_len=seq, dtype=dtype)
+    assert p.compute_scratch == llama_scratch_by_hand(dims, batch, seq, size)
+    parts = p.compute_params + p.compute_master + p.compute_buffers + p.compute_scratch + p.compute_activations
+    assert p.compute_total == parts
+    # the same on the compute device when offloading: every module runs there
+    assert plan("llama", changes, batch_size=batch, seq_len=seq, dtype=dtype, offload=True).compute_scratch == \
+        p.compute_scratch
+
+
+def test_scratch_of_tied_head_and_conv1d():
+    """GPT-2: the tied head is chunked for its own call (the embedding counts its rows separately), and
+    a Conv1D is copied whole with its bias, however large."""
+    # a tied 50257 x 256 head over 2**22 elements: 16384 rows; 2·B·T = 64 embedding rows; c_fc 256 x 1024 + bias
+    p = plan("gpt2", {"n_embd": 256, "vocab_size": 50257}, batch_size=1, seq_len=32)
+    assert p.compute_scratch == linear_scratch(50257, 256, 4) == (CHUNK_ELEMENTS // 256) * 256 * 4
+    # c_fc and c_proj of 1024 x 4096 = 2**22 weights (+ 4096 and 1024 bias): c_fc is the largest, whole
+    p = plan("gpt2", {"n_embd": 1024}, batch_size=1, seq_len=32, dtype="float16")
+    assert p.compute_scratch == (1024 * 4096 + 4096) * 2
+    # the tied embedding's looked-up rows dominate: 2·4·2048 of 50257 rows
+    p = plan("gpt2", {"n_embd": 256, "vocab_size": 50257, "n_positions": 2048}, batch_size=4, seq_len=2048)
+    assert p.compute_scratch == 2 * 4 * 2048 * 256 * 4
+
+
+@pytest.mark.parametrize("schedule", ["sequential", "fused"])
+def test_no_scratch_in_place_or_with_an_adapter(schedule):
+    assert plan("llama").compute_scratch > 0
+    assert plan("llama", schedule=schedule).compute_scratch == 0
+    assert plan("llama", adapter=True).compute_scratch == 0
 
 
 # ---------------------------------------------------------------- activations
@@ -171,22 +272,26 @@ WIDER = {"hidden_size": 128, "n_embd": 128, "intermediate_size": 256, "ffn_dim":
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 @pytest.mark.parametrize("arch", TINY_CONFIGS)
 def test_activation_estimate_close_to_a_real_dual_forward(arch, attention, monkeypatch):
-    """zotune's dual forward of a doubled batch and each half's loss, on the CPU, against the estimate."""
+    """zotune's dual forward of a doubled batch and each half's loss, on the CPU, against the estimate of
+    the activations plus the scratch (each module's perturbed copies)."""
     changes = {k: v for k, v in WIDER.items() if k in TINY_CONFIGS[arch]}
     config = config_of(arch, **changes)
     model = AutoModelForCausalLM.from_config(config, attn_implementation=attention).eval()
     optimizer = ZOOptimizer(model.named_parameters(), lr=1e-3, schedule="dual")
-    # the weights stay still: the noise's temporaries depend on the kernels (none with Triton) and
-    # are not part of the estimate
-    monkeypatch.setattr(optimizer, "touch", lambda params, to: None)
+    # the copies are exact: the noise's temporaries depend on the kernels (none with Triton) and are
+    # not part of the estimate; the copies themselves (allocated by the engine) are
+    monkeypatch.setattr(optimizer, "perturbed", lambda name, p, at, out: out.copy_(p.data))
+    monkeypatch.setattr(optimizer, "perturbed_range", lambda name, p, lo, hi, at, out: out.copy_(p.data[lo:hi]))
+    monkeypatch.setattr(optimizer, "perturbed_rows", lambda name, p, rows, at: p.data[rows])
     engine = DualEngine(model, optimizer)
     x = torch.randint(config.vocab_size, (2, 128))
     tracker = LivePeak({t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers(), x)})
     with torch.no_grad(), tracker:
         half_losses(engine, model, {"input_ids": x, "labels": x, "use_cache": False}, (1, 0),
                     lambda outputs, labels: model_loss(model, outputs, labels))
-    planned = plan(arch, changes, seq_len=128, attention=attention).compute_activations
-    assert tracker.peak == pytest.approx(planned, rel=0.15)
+    p = plan(arch, changes, seq_len=128, attention=attention)
+    assert 0 < engine.tracker.peak <= p.compute_scratch  # an embedding looks up fewer rows than planned
+    assert tracker.peak == pytest.approx(p.compute_activations + p.compute_scratch, rel=0.15)
 
 
 # ---------------------------------------------------------------- known configs
@@ -224,12 +329,59 @@ def test_recipe_plans_its_model(tiny_recipe):
     assert p.schedule == "dual" and not p.offload
 
 
+def test_recipe_sets_master_weights_and_adapter(tiny_recipe):
+    recipe = load_recipe(tiny_recipe, ["model.dtype=bfloat16"])  # the tiny recipe: sequential
+    settings = recipe_settings(recipe)
+    assert (settings["master_weights"], settings["adapter"]) == ("auto", False)
+    assert plan_memory(recipe_config(recipe), **settings).compute_master > 0
+    recipe = load_recipe(tiny_recipe, ["model.dtype=bfloat16", "zo.schedule=dual", "zo.master_weights=fp32"])
+    settings = recipe_settings(recipe)
+    assert settings["master_weights"] == "fp32"
+    fp32 = plan_memory(recipe_config(recipe), **settings)
+    assert fp32.compute_master > 0 and fp32.compute_scratch > 0
+    lora = '{peft_type: LORA, r: 2, lora_alpha: 4, target_modules: [q_proj, v_proj]}'
+    recipe = load_recipe(tiny_recipe, ["model.dtype=bfloat16", "zo.master_weights=fp32", f"model.peft={lora}"])
+    settings = recipe_settings(recipe)
+    assert settings["adapter"] is True
+    adapter = plan_memory(recipe_config(recipe), **settings)
+    assert adapter.compute_master == adapter.compute_scratch == 0
+
+
 def test_cli_plans_a_known_model():
     result = CliRunner().invoke(app, ["plan", "--model", "opt-1.3b", "--batch-size", "1", "--seq-len", "2048",
                                       "--dtype", "float16", "--offload", "--transfer-dtype", "bfloat16"])
     assert result.exit_code == 0, result.output
-    for word in ("parameters", "activations", "buffers", "total", "GiB", "compute device", "host", "assumed:"):
+    for word in ("parameters", "activations", "buffers", "total", "GiB", "compute device", "host", "assumed:",
+                 "fp32 master copy", "scratch (perturbed copies)", "master_weights auto"):
         assert word in result.output
+
+
+def row(output: str, label: str) -> list[str]:
+    """The compute-device and host cells of a row of `zotune plan`'s table."""
+    line = next(line for line in output.splitlines() if label in line)
+    return [cell.strip() for cell in line.split("│")[2:4]]
+
+
+@pytest.mark.parametrize("setting, master", [(None, False), ("auto", False), ("fp32", True), ("none", False)])
+def test_cli_master_weights_option(setting, master):
+    args = ["plan", "--model", "opt-1.3b", "--dtype", "bfloat16", "--offload"]
+    result = CliRunner().invoke(app, args + (["--master-weights", setting] if setting else []))
+    assert result.exit_code == 0, result.output
+    compute, host = row(result.output, "fp32 master copy")
+    assert (host != "0.00 GiB (0.00 GB)") == master
+    assert (compute != "0.00 GiB (0.00 GB)") == master
+    assert row(result.output, "scratch (perturbed copies)")[0] != "0.00 GiB (0.00 GB)"  # dual
+    assert f"master_weights {setting or 'auto'}" in result.output
+
+
+def test_cli_master_weights_follows_the_recipe(tiny_recipe):
+    result = CliRunner().invoke(app, ["plan", tiny_recipe, "model.dtype=bfloat16", "zo.master_weights=none"])
+    assert result.exit_code == 0, result.output
+    assert "master_weights none" in result.output
+    result = CliRunner().invoke(app, ["plan", tiny_recipe, "model.dtype=bfloat16", "zo.master_weights=none",
+                                      "--master-weights", "fp32"])
+    assert result.exit_code == 0, result.output
+    assert "master_weights fp32" in result.output
 
 
 def test_cli_plans_a_recipe(tiny_recipe):

@@ -299,3 +299,15 @@ def test_incompatible_zo_options_name_the_section(write, extra, message):
     text = TINY.replace("  schedule: sequential", f"  schedule: sequential\n{extra}")
     [p] = problems(write(text))
     assert p.startswith(f"tiny.yaml:{line_of(text, 'zo:')}: zo: ") and message in p
+
+
+@pytest.mark.parametrize("rule, refused", [("adam", True), ("momentum", True), ("sgd", False), ("sign", False)])
+def test_master_weights_none_needs_a_stochastically_rounded_rule_on_16_bit_weights(write, rule, refused):
+    text = TINY.replace("  schedule: sequential\n", f"  schedule: dual\n  rule: {rule}\n  master_weights: none\n")
+    text = text.replace("model:\n", "model:\n  dtype: bfloat16\n")
+    if not refused:
+        assert load_recipe(write(text)).zo.master_weights == "none"
+        return
+    [p] = problems(write(text))
+    assert f"zo.master_weights none: rule {rule!r} has no stochastically rounded 16-bit update" in p
+    load_recipe(write(text.replace("dtype: bfloat16", "dtype: float32")))  # fp32 weights need no rounding

@@ -182,30 +182,39 @@ def test_one_step_matches_the_formula(tmp_path, arch):
         torch.testing.assert_close(model.get_parameter(n), p.detach() - lr * g * z[n], rtol=0, atol=1e-6)
 
 
-def test_bf16_weights_restore_exactly_with_fp32_master(tmp_path):
+@pytest.mark.parametrize("schedule,masters", [("dual", False), ("fused", True)])
+def test_bf16_weights_come_back_exactly(schedule, masters, tmp_path):
+    """master_weights auto: out of place (dual) θ is never displaced and needs no master; in place
+    (fused) the fp32 master brings it back."""
     model = tiny_causal_lm("llama", dtype=torch.bfloat16)
     w0 = weights(model)
-    trainer = make_trainer(model, tmp_path, max_steps=3, learning_rate=0.0)
+    trainer = make_trainer(model, tmp_path, max_steps=3, learning_rate=0.0, zo_schedule=schedule)
     trainer.train()
-    # with lr 0 only the ± perturbations touch the weights, and they must leave no trace
+    # with lr 0 only the ± perturbations could touch the weights, and they must leave no trace
     for n, p in model.named_parameters():
         assert p.dtype == torch.bfloat16 and torch.equal(w0[n], p), n
-    masters = [s["master"] for s in trainer.zo.state.values()]
-    assert masters and all(m.dtype == torch.float32 for m in masters)
+    found = [s["master"] for s in trainer.zo.state.values() if "master" in s]
+    assert len(found) == (len(w0) if masters else 0)
+    assert all(m.dtype == torch.float32 for m in found)
 
 
-def test_bf16_training_moves_master_and_resumes_it(tmp_path):
+@pytest.mark.parametrize("master_weights", ["fp32", "none"])
+def test_bf16_training_resumes_bit_for_bit(master_weights, tmp_path):
+    common = dict(max_steps=4, learning_rate=1e-2, zo_master_weights=master_weights)
     straight = tiny_causal_lm("llama", dtype=torch.bfloat16)
-    make_trainer(straight, tmp_path / "a", max_steps=4, learning_rate=1e-2).train()
+    make_trainer(straight, tmp_path / "a", **common).train()
+    assert any(not torch.equal(a, b) for a, b in zip(straight.parameters(),
+                                                        tiny_causal_lm("llama", dtype=torch.bfloat16).parameters()))
     resumed = tiny_causal_lm("llama", dtype=torch.bfloat16)
-    common = dict(max_steps=4, learning_rate=1e-2, save_strategy="steps", save_steps=2)
-    make_trainer(resumed, tmp_path / "b", **common).train()
+    saving = dict(common, save_strategy="steps", save_steps=2)
+    make_trainer(resumed, tmp_path / "b", **saving).train()
     fresh = tiny_causal_lm("llama", dtype=torch.bfloat16)
-    trainer = make_trainer(fresh, tmp_path / "b", **common)
+    trainer = make_trainer(fresh, tmp_path / "b", **saving)
     trainer.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-2"))
     for (n, a), b in zip(straight.named_parameters(), fresh.parameters()):
         assert torch.equal(a, b), n
-    assert all(s["master"].dtype == torch.float32 for s in trainer.zo.state.values())
+    found = [s["master"] for s in trainer.zo.state.values() if "master" in s]
+    assert len(found) == (len(list(fresh.parameters())) if master_weights == "fp32" else 0)
 
 
 def test_nonfinite_losses_skip_and_stop(tmp_path):

@@ -181,6 +181,11 @@ def plan(
         Optional[Literal["sdpa", "eager", "math"]],
         typer.Option(help="eager and math (SDPA's fallback) hold the T×T scores (default: the model's)."),
     ] = None,
+    master_weights: Annotated[
+        Optional[Literal["auto", "fp32", "none"]],
+        typer.Option(help="fp32 master copies of 16-bit weights; auto: only with the in-place sequential and fused "
+                     "schedules (default: the recipe's, or auto)."),
+    ] = None,
     buffers: Annotated[int, typer.Option(min=1, help="Blocks on the compute device when offloading.")] = 3,
 ) -> None:
     """Plan the peak memory of a ZO step on the compute device and the host, without loading weights."""
@@ -197,7 +202,7 @@ def plan(
             loaded = load_recipe(recipe, overrides or [])
             config, settings = recipe_config(loaded), recipe_settings(loaded)
         given = dict(batch_size=batch_size, seq_len=seq_len, dtype=dtype, offload=offload,
-                     transfer_dtype=transfer_dtype, schedule=schedule)
+                     transfer_dtype=transfer_dtype, schedule=schedule, master_weights=master_weights)
         settings.update({k: v for k, v in given.items() if v is not None})
         result = plan_memory(config, **settings, buffers=buffers, attention=attention)
     out.print(_plan_table(result))
@@ -214,6 +219,7 @@ def _plan_table(plan) -> Table:
     rows = [
         ("parameters", plan.compute_params, plan.host_params),
         ("fp32 master copy", plan.compute_master, plan.host_master),
+        ("scratch (perturbed copies)", plan.compute_scratch, 0),
         ("buffers", plan.compute_buffers, 0),
         ("activations (peak)", plan.compute_activations, 0),
         ("total", plan.compute_total, plan.host_total),

@@ -1,38 +1,48 @@
-"""The dual schedule: both perturbed forwards in one pass over a doubled batch (DESIGN §3).
+"""The dual schedule: both perturbed forwards in one pass over a doubled batch, θ never moved
+(DESIGN §3).
 
 Every module that directly owns trainable parameters gets its forward wrapped. Inside
 a dual forward the wrapper
 
-1. moves its own parameters to θ + εz and runs the first half of its inputs,
-2. moves them to θ − εz and runs the second half,
+1. runs the first half of its inputs with its own parameters replaced by θ + εz,
+2. runs the second half with them replaced by θ − εz,
 3. concatenates the two outputs,
 
 so every module sees the weights its half of the batch would have seen in MeZO's two
-separate forwards, and each weight is regenerated twice per step instead of four times.
-Where the moves come from (`ZOOptimizer.touch`) the same per-parameter state machine serves
-every schedule, so the numbers equal `sequential` within float rounding.
+separate forwards. The perturbed copies are made for the call (`ZOOptimizer.perturbed`) and
+freed after it; the parameters themselves only ever hold θ, so there is nothing to restore and
+a 16-bit weight needs no fp32 master copy. How much a copy takes is `zotune.scratch`'s rule:
+an Embedding copies only the rows it looks up, a large Linear runs in chunks of output rows,
+any other module copies its own parameters; `ScratchTracker` counts them while they live.
 
 Splitting rule for a wrapped module's tensor inputs: a first dimension that is a
 multiple of 2B splits in halves (batch-major flattening such as OPT's (B·T, D) keeps the
 halves aligned); a first dimension of 1 is shared by both halves, and both outputs are
-expanded to B rows; anything else is refused with `DualRefused`.
+expanded to B rows; anything else is refused with `DualRefused`. A model that cannot be split
+runs the two signs as two forwards through the same wrappers (`dual_forward(..., half=h)`).
 
 A module that owns parameters and calls children that own parameters (nested owners)
-runs each half with its children pinned to the same sign: the children then move, but
-do not split again.
+runs each half with its children pinned to the same sign: they run on their own perturbed
+copies, but do not split again.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from zotune import scratch
 from zotune.models import unwrapped
+from zotune.optim import Point
 
 # Containers whose forward never runs: their parameters belong to the module that holds them
 # (peft's IA3 keeps its vectors in a ParameterDict that its layer indexes)
@@ -51,15 +61,36 @@ class DualRefused(Exception):
     """A wrapped module got inputs the splitting rule cannot split; use another schedule."""
 
 
+@dataclass
+class ScratchTracker:
+    """Bytes of perturbed copies alive, counted from their allocation until the tensor is freed."""
+
+    live: int = 0
+    peak: int = 0
+
+    def track(self, t: torch.Tensor) -> torch.Tensor:
+        nbytes = t.numel() * t.element_size()
+        self.live += nbytes
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(t, self._free, nbytes)
+        return t
+
+    def _free(self, nbytes: int) -> None:
+        self.live -= nbytes
+
+
 class DualEngine:
-    """Wraps a model's parameter-owning modules so that one forward runs both ± halves."""
+    """Wraps a model's parameter-owning modules so that they run on perturbed copies of their
+    own parameters: both ± halves in one forward of the doubled batch, or one sign per forward."""
 
     def __init__(self, model: nn.Module, optimizer):
         self.optimizer = optimizer
-        self.direction: tuple[int, int] | None = None  # (step seed, k) during a dual forward
+        self.direction: tuple[int, int] | None = None  # (step seed, k) during a perturbed forward
         self.probing = False  # checking the splitting rule on unperturbed weights
-        self.half: int | None = None  # set while a nested owner runs one half
+        self.half: int | None = None  # set while a nested owner runs one half, or a forward runs one sign
         self.batch = 0  # B, the rows of one half
+        self.tracker = ScratchTracker()
+        self._rows_ok: dict[nn.Module, bool] = {}  # Embeddings: whether renumbering their input is faithful
         names = {id(p): name for name, p, _ in optimizer.named_params()}  # a tied weight has one name
         self._originals: list[tuple[nn.Module, Callable, bool]] = []
         for module in model.modules():
@@ -72,14 +103,27 @@ class DualEngine:
     def _wrap(self, module: nn.Module, params: list[tuple[str, nn.Parameter]]) -> None:
         original = module.forward
         patched_before = "forward" in module.__dict__  # e.g. by accelerate hooks: restored on remove()
+        run = self._runner(module, params)
 
         def forward(*args, **kwargs):
             if self.direction is None and not self.probing:
                 return original(*args, **kwargs)
-            return self._call(original, params, args, kwargs)
+            return self._call(original, run, params, args, kwargs)
 
         module.forward = forward
         self._originals.append((module, original, patched_before))
+
+    def _runner(self, module: nn.Module, params) -> Callable:
+        """How `module` runs at one sign: on its looked-up rows, in chunks of output rows, or on
+        whole perturbed copies (`zotune.scratch`); structured directions take whole copies."""
+        kind = scratch.strategy(module) if self.optimizer.estimator.plain else "whole"
+        if kind != "whole" and any(p is module.weight for _, p in params):
+            weight = next((n, p) for n, p in params if p is module.weight)
+            rest = [(n, p) for n, p in params if p is not module.weight]
+            if kind == "rows":
+                return functools.partial(self._run_rows, module, weight, rest)
+            return functools.partial(self._run_chunks, module, weight, rest)
+        return functools.partial(self._run_whole, params)
 
     def remove(self) -> None:
         """Unwrap every module."""
@@ -92,43 +136,143 @@ class DualEngine:
 
     # -- one wrapped call ---------------------------------------------------------------
 
-    def _call(self, original: Callable, params, args: tuple, kwargs: dict):
-        if self.half is not None:  # inside a nested owner's half: move, don't split
-            self._move(params, self.half)
-            return original(*args, **kwargs)
+    def _call(self, original: Callable, run: Callable, params, args: tuple, kwargs: dict):
+        if self.half is not None:  # inside a nested owner's half, or a one-sign forward: don't split
+            return self._at_half(original, run, self.half, args, kwargs, {})
         halves, shared = _split((args, kwargs), self.batch)
+        buffers = {}  # the perturbed copies, reused by the second half
+        if run.func == self._run_chunks and not shared and not self.probing:
+            # a chunked head writes each half straight into the joined output: no second copy of the logits
+            x = args[0] if args else kwargs["input"]
+            joined = x.new_empty((*x.shape[:-1], run.args[0].weight.shape[0]))
+            for half, (h_args, h_kwargs) in enumerate(halves):
+                buffers["into"] = joined.chunk(2)[half]
+                self._at_half(original, run, half, h_args, h_kwargs, buffers)
+            return joined
         joined = None
         for half, (h_args, h_kwargs) in enumerate(halves):
-            self._move(params, half)
             self.half = half
             try:
-                joined = _place(joined, original(*h_args, **h_kwargs), half, self.batch if shared else None)
+                out = self._at_half(original, run, half, h_args, h_kwargs, buffers)
+                joined = _place(joined, out, half, self.batch if shared else None)
             finally:
                 self.half = None
         if self.probing:
             _check_halves_agree(halves)
         return tree_unflatten(*joined)
 
-    def _move(self, params, half: int) -> None:
+    def _at_half(self, original, run, half: int, args, kwargs, buffers: dict):
         """The first half runs at the estimator's first offset (θ + εz), the second at its other."""
-        if not self.probing:
-            s, k = self.direction
-            self.optimizer.touch(params, (s, k, self.optimizer.offsets[half]))
+        if self.probing:
+            return original(*args, **kwargs)
+        s, k = self.direction
+        return run(original, Point(s, k, self.optimizer.offsets[half]), args, kwargs, buffers)
+
+    def _buffer(self, buffers: dict, key, shape, like: torch.Tensor) -> torch.Tensor:
+        if key not in buffers:
+            buffers[key] = self.tracker.track(torch.empty(shape, dtype=like.dtype, device=like.device))
+        return buffers[key]
+
+    def _run_whole(self, params, original, at: Point, args, kwargs, buffers: dict):
+        """Every own parameter replaced by θ + c·z for the call; θ itself is not touched."""
+        saved = []
+        try:
+            for name, p in params:
+                out = self._buffer(buffers, name, p.shape, p)
+                self.optimizer.perturbed(name, p, at, out)
+                saved.append((p, p.data))
+                p.data = out
+            return original(*args, **kwargs)
+        finally:
+            for p, data in saved:
+                p.data = data
+
+    def _run_rows(self, module: nn.Embedding, weight, rest, original, at: Point, args, kwargs, buffers: dict):
+        """An Embedding: only the rows its input looks up are perturbed; the input is renumbered
+        to index them. A subclass may compute its indices from its input (OPT's positions come from
+        the attention mask): the first call checks, at θ, that renumbering gives the module's own
+        output, and a module that fails the check gets whole copies from then on."""
+        name, p = weight
+        if module not in self._rows_ok:
+            self._rows_ok[module] = self._renumbering_holds(module, p, original, args, kwargs)
+        if not self._rows_ok[module]:
+            return self._run_whole([weight, *rest], original, at, args, kwargs, buffers)
+        self.optimizer.settle(name, p)
+        rows, args, kwargs = _renumbered(args, kwargs)
+        table = self.tracker.track(self.optimizer.perturbed_rows(name, p, rows, at))
+        with _embedding_table(module, p, table):
+            return self._run_whole(rest, original, at, args, kwargs, buffers)
+
+    def _renumbering_holds(self, module: nn.Embedding, p: nn.Parameter, original, args, kwargs) -> bool:
+        expected = original(*args, **kwargs)
+        try:
+            rows, r_args, r_kwargs = _renumbered(args, kwargs)
+            with _embedding_table(module, p, p.data[rows]):
+                got = original(*r_args, **r_kwargs)
+        except Exception:  # noqa: BLE001 - e.g. an index computed from a renumbered mask runs out of range
+            return False
+        return torch.is_tensor(got) and got.shape == expected.shape and torch.equal(got, expected)
+
+    def _run_chunks(self, module: nn.Linear, weight, rest, original, at: Point, args, kwargs, buffers: dict):
+        """A large Linear: applied in chunks of output rows, one chunk's perturbed weight at a time."""
+        (name, w), bias = weight, dict(rest)
+        x = args[0] if args else kwargs["input"]
+        self.optimizer.settle(name, w)
+        for n, p in rest:
+            self.optimizer.settle(n, p)
+        size = min(scratch.chunk_rows(w), w.shape[0])
+        out = buffers.pop("into", None)
+        if out is None:
+            out = x.new_empty((*x.shape[:-1], w.shape[0]))
+        for lo in range(0, w.shape[0], size):
+            hi = min(lo + size, w.shape[0])
+            w_chunk = self.optimizer.perturbed_range(name, w, lo, hi, at,
+                                                     self._buffer(buffers, name, (size, *w.shape[1:]), w)[:hi - lo])
+            b_chunk = None
+            if module.bias is not None:
+                b_name = next((n for n, p in bias.items() if p is module.bias), None)
+                b_chunk = module.bias[lo:hi] if b_name is None else self.optimizer.perturbed_range(
+                    b_name, module.bias, lo, hi, at, self._buffer(buffers, b_name, (size,), module.bias)[:hi - lo])
+            out[..., lo:hi] = F.linear(x, w_chunk, b_chunk)
+        return out
 
     # -- forwards ---------------------------------------------------------------------
 
     @contextmanager
-    def dual_forward(self, batch: int, direction: tuple[int, int] | None) -> Iterator[None]:
-        """Within this context the model runs dual on a batch of 2·`batch` rows.
+    def dual_forward(self, batch: int, direction: tuple[int, int] | None, half: int | None = None) -> Iterator[None]:
+        """Within this context the model runs on a batch of 2·`batch` rows, each module's first half
+        at θ + a·z and its second at θ + b·z; given `half`, the whole batch runs at that one sign.
 
         `direction=None` probes: the weights stay unperturbed and every wrapped module checks
         that its two input halves agree, which a split that does not follow the batch would break.
         """
-        self.batch, self.direction, self.probing = batch, direction, direction is None
+        self.batch, self.direction, self.probing, self.half = batch, direction, direction is None, half
         try:
             yield
         finally:
             self.direction, self.probing, self.half = None, False, None
+
+
+def _renumbered(args: tuple, kwargs: dict):
+    """The distinct indices of the first integer tensor input, and the inputs with it replaced by
+    each element's position among them."""
+    leaves, spec = tree_flatten((args, kwargs))
+    i = next(j for j, v in enumerate(leaves) if torch.is_tensor(v) and not v.is_floating_point())
+    rows, leaves[i] = torch.unique(leaves[i], return_inverse=True)
+    args, kwargs = tree_unflatten(leaves, spec)
+    return rows, args, kwargs
+
+
+@contextmanager
+def _embedding_table(module: nn.Embedding, p: nn.Parameter, table: torch.Tensor) -> Iterator[None]:
+    """`module` runs with `table` as its weight. `padding_idx` only shapes gradients, and would index
+    the full table."""
+    data, p.data = p.data, table
+    padding_idx, module.padding_idx = module.padding_idx, None
+    try:
+        yield
+    finally:
+        p.data, module.padding_idx = data, padding_idx
 
 
 def double(inputs: dict, batch: int) -> dict:
@@ -221,12 +365,25 @@ def model_loss(model, outputs, labels) -> float:
         loss = base.loss_function(labels=labels, pooled_logits=outputs.logits, config=config)
     elif loss_type == "ForTokenClassification":
         loss = base.loss_function(outputs.logits, labels, config)
-    elif loss_type in (None, "ForCausalLM", "ForMaskedLM", "ForConditionalGeneration"):
-        # None: PreTrainedModel.loss_function defaults to the causal LM loss too
+    elif loss_type in (None, "ForCausalLM"):  # None: PreTrainedModel.loss_function defaults to the causal LM loss
+        loss = causal_lm_loss(outputs.logits, labels)
+    elif loss_type in ("ForMaskedLM", "ForConditionalGeneration"):
         loss = base.loss_function(logits=outputs.logits, labels=labels, vocab_size=config.vocab_size)
     else:
         raise DualRefused(f"no per-half loss for a model of loss type {loss_type!r}")
     return loss.item()
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """transformers' causal LM loss (next-token cross-entropy, mean over labels other than -100),
+    over chunks of rows: the log-softmax of a half's logits is never held whole, so the doubled
+    batch's logits plus one chunk stay within inference's logits plus their log-softmax."""
+    targets = F.pad(labels, (0, 1), value=-100)[..., 1:].reshape(-1).to(logits.device)
+    flat = logits.reshape(-1, logits.shape[-1])
+    rows = max(1, scratch.CHUNK_ELEMENTS // flat.shape[-1])
+    total = sum(F.cross_entropy(flat[lo:lo + rows].float(), targets[lo:lo + rows], reduction="sum")
+                for lo in range(0, len(flat), rows))
+    return total / (targets != -100).sum()
 
 
 def _rows(outputs, half: int, batch: int):

@@ -30,7 +30,7 @@ import operator
 
 import torch
 
-__all__ = ["step_seed", "seed_for", "philox4x32", "noise", "noise_like", "KINDS"]
+__all__ = ["step_seed", "seed_for", "philox4x32", "noise", "noise_at", "noise_like", "KINDS"]
 
 KINDS = ("gaussian", "rademacher")
 
@@ -178,6 +178,38 @@ def noise(seed: int, numel: int, kind: str = "gaussian", offset: int = 0, device
         out[start - offset : end - offset] = generate(start, end, seed, out.device)
         start = end
     return out
+
+
+def noise_at(seed: int, index: torch.Tensor, kind: str = "gaussian") -> torch.Tensor:
+    """float32 z of the elements at the int64 ``index`` (any shape, any order, repeats allowed).
+
+    ``noise_at(seed, index, kind)[j] == noise(seed, 1, kind, offset=index[j])[0]``: gaussian from
+    counter (i_lo, i_hi, 0, 0); rademacher from bit ``i & 31`` of word ``(i >> 5) & 3`` of
+    counter ``i >> 7``. For gathers such as an embedding's looked-up rows: one Philox call per
+    element, whatever the kind. On ``index``'s device, shaped like it.
+    """
+    if kind not in _GENERATORS:
+        raise ValueError(f"unknown noise kind {kind!r}; expected one of {KINDS}")
+    if index.dtype != torch.int64:
+        raise TypeError(f"index must be an int64 tensor, got {index.dtype}")
+    k0, k1 = _key(seed)
+    flat = index.reshape(-1)
+    if flat.numel() and int(flat.min()) < 0:
+        raise ValueError("index must be >= 0")
+    out = torch.empty(flat.shape, dtype=torch.float32, device=index.device)
+    chunk = _CHUNK["gaussian"]  # one Philox call per element for both kinds
+    for lo in range(0, flat.numel(), chunk):
+        i = flat[lo : lo + chunk]
+        zero = torch.zeros_like(i)
+        if kind == "gaussian":
+            x0, x1, _, _ = _philox(i & _MASK32, i >> 32, zero, zero, k0, k1)
+            out[lo : lo + chunk] = _normals(x0, x1)
+        else:
+            c = i >> 7
+            words = torch.stack(_philox(c & _MASK32, c >> 32, zero, zero, k0, k1), dim=-1)  # (m, 4)
+            word = words.gather(-1, ((i >> 5) & 3).unsqueeze(-1)).squeeze(-1)
+            out[lo : lo + chunk] = ((word >> (i & 31)) & 1).to(torch.float32) * 2.0 - 1.0
+    return out.view(index.shape)
 
 
 def noise_like(param: torch.Tensor, seed: int, kind: str = "gaussian") -> torch.Tensor:

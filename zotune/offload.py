@@ -24,8 +24,8 @@ done with it. On the CPU both devices are the CPU and the copies are real copies
 
 `transfer_dtype` sends blocks in 16 bits (half the transfer), cast back to the weights'
 dtype on the compute device. The home copy keeps full precision, and the copies that
-ran are not written back: the optimizer is told (`discard`) that the home
-weights were never displaced, and applies its updates to them directly.
+ran are not written back: the out-of-place dual schedule never changes them (a lazy update,
+which would, is refused with a transfer dtype), and the update passes work on the home weights.
 """
 
 from __future__ import annotations
@@ -79,12 +79,10 @@ class _Block:
 class BlockOffloader:
     """Keeps `model`'s blocks on `offload_device` and streams them to `compute_device` one at a time."""
 
-    def __init__(self, model: nn.Module, compute_device, *, offload_device="cpu", transfer_dtype=None,
-                 on_discard=None):
+    def __init__(self, model: nn.Module, compute_device, *, offload_device="cpu", transfer_dtype=None):
         self.compute = torch.device(compute_device)
         self.cuda = self.compute.type == "cuda"
         self.transfer_dtype = transfer_dtype
-        self.on_discard = on_discard  # called with a block's trainable params when its copies are dropped
         self.state_of = None  # param -> its optimizer state, whose `travelling_keys` travel with the block
         self.travelling_keys: tuple[str, ...] = ("master",)
         self.blocks_name, blocks = find_blocks(model)
@@ -188,7 +186,5 @@ class BlockOffloader:
             p.data = home
         for state, key, home, _ in block.travelling:
             state[key] = home
-        if self.transfer_dtype is not None and self.on_discard is not None:
-            self.on_discard([p for p, _ in trainable])
         self.tracker.remove(block.nbytes([(state, key, home) for state, key, home, _ in block.travelling]))
         block.copies, block.travelling, block.ready = None, [], None

@@ -5,61 +5,68 @@ For a step with seed s and directions k = 0..q-1 (DESIGN §3):
     g_k = (L(θ + ε z_k) − L(θ − ε z_k)) / (2ε)        one scalar per direction
     θ  ← θ − lr · ((1/q) Σ_k g_k z_k + wd · θ)          MeZO's ZO-SGD
 
-z_k is never stored: every pass over the parameters regenerates it from
-(step seed, k, parameter name) with the counter-based noise of `zotune.noise`,
-inside the in-place kernels of `zotune.kernels`.
+z_k is never stored: every pass over a parameter regenerates it from (step seed, k, parameter
+name) with the counter-based noise of `zotune.noise`, inside the kernels of `zotune.kernels`.
 
-The weights only ever sit at θ or at θ + c·z_k for one (seed, k, c) term, the
-*displacement*. Every pass over the parameters moves them from one
-displacement to the next, optionally applying the update to θ on the way:
+Two ways to take the losses at θ + a·z_k and θ + b·z_k (`offsets`: ±ε for two-sided SPSA):
 
-    sequential (MeZO):  θ → θ+εz_k → θ−εz_k → θ per direction, then update
-    fused:              the restore from θ−εz_k is deferred and merged into the
-                        next pass (the next +ε with `lazy_update_and_perturb_`,
-                        or the update with `restore_and_update_`): 3 noise
-                        draws a step instead of 4.
+    dual (default, out of place): θ never moves except by its update. `zotune.dual` runs each
+        module that owns trainable parameters on perturbed copies of them, made for its call
+        (`perturbed`, `perturbed_rows`) and freed after it: both halves of one forward of the
+        doubled batch, or two forwards where a model cannot be split. z is regenerated once
+        per sign, and once for the update; with `lazy_update` the update rides on the next
+        step's first perturbed copy (`lazy_update_and_perturb_` with `out`), and `flush()`
+        applies what is still owed before anything reads the weights.
+    sequential / fused (in place, MeZO's way): the weights themselves are moved,
+        θ → θ+εz_k → θ−εz_k → θ, then updated (`move`); fused merges the last restore into the
+        update pass. The reference the tests compare `dual` with.
 
-Both give the same numbers: every parameter sees the same float operations in
-the same order, only the number of times z is regenerated differs.
-
-    dual (default):     one forward of the doubled batch; `zotune.dual` moves each
-                        module's weights to +εz_k and −εz_k around its own call
-                        (`touch`), so each weight is regenerated twice per
-                        direction, then the update pass. Same float operations as
-                        fused for a weight used once per forward; a tied weight is
-                        moved around each use (its name fixes its z) and updated once.
-    dual, lazy_update:  the update is owed, not applied: each weight applies it in
-                        its first move of the next step (`lazy_update_and_perturb_`),
-                        and `flush()` settles every owed update before anything reads
-                        the weights (evaluation, saving, the end of training).
+16-bit weights: out of place, they need no fp32 master copy; their updates are rounded
+stochastically with the step's rounding stream (direction `ROUNDING` of the step seed, per
+name), so an update below half an ulp still moves θ in expectation and replay stays
+bit-exact. In place, a 16-bit weight keeps an fp32 master (`zotune.precision`), since +εz −2εz
++εz does not bring it back.
 
 What z is and where the two losses of a direction are taken is the *estimator's* choice
-(`zotune.methods.estimators`: plain SPSA, one-sided, sparse masks, Hessian-preconditioned,
-low-rank); how ĝ moves θ is the *rule's* (`zotune.methods.rules`: SGD, momentum, Adam, sign,
-conservative). The passes below are the same for all of them.
-
-16-bit parameters keep an fp32 master copy of θ in the optimizer state: the
-working copy is written as round(master + displacement), so a restore is exact
-and the update accumulates at full precision. fp32 parameters are moved in
-place; +εz −2εz +εz may drift by an ulp, which is why `replay` repeats the
-perturbation passes rather than only the updates.
+(`zotune.methods.estimators`); how ĝ moves θ is the *rule's* (`zotune.methods.rules`).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from zotune.kernels import lazy_update_and_perturb_, perturb_
+from zotune import precision
+from zotune.kernels import lazy_update_and_perturb_, perturb_, perturb_rows
 from zotune.methods import Estimator, ParamUpdate, Rule, build_estimator, build_rule, check_compatible
 from zotune.noise import seed_for, step_seed
 
-Term = tuple[int, int, float]  # (step seed, direction k, coefficient of z_k)
-Update = tuple[list[float], int, float, float]  # (g, step, lr, weight decay)
-SCHEDULES = ("dual", "sequential", "fused")
+SCHEDULES = ("dual", *precision.IN_PLACE_SCHEDULES)
+ROUNDING = -1  # the direction index of a step's stochastic-rounding stream: never a perturbation's
+
+
+@dataclass(frozen=True)
+class Point:
+    """θ + coef·z_k of the step with seed `seed`."""
+
+    seed: int
+    k: int
+    coef: float
+
+
+@dataclass(frozen=True)
+class Update:
+    """One parameter group's share of a step's update: θ ← rule(θ, ĝ), ĝ = (1/q) Σ_k g_k z_k."""
+
+    g: list[float]
+    step: int
+    lr: float
+    wd: float
 
 
 def data_parallel() -> bool:
@@ -79,7 +86,7 @@ class ZOOptimizer(torch.optim.Optimizer):
     """Zeroth-order training from pairs of forwards; by default ZO-SGD with SPSA estimates
     (Malladi et al., 2023, "Fine-Tuning Language Models with Just Forward Passes",
     arXiv:2305.17333). `rule` and `estimator` name a registered method (`zotune.methods`), as
-    a name or a mapping with `name` and its settings.
+    a name or a mapping with `name` and its settings. `master_weights` is `zotune.precision`'s.
 
     Call `estimate(loss_fn, step)` once per micro-batch; micro-batches of one
     step share its seed and their projected gradients are averaged. `step()`
@@ -98,6 +105,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         perturbation: str = "gaussian",
         schedule: str = "fused",
         lazy_update: bool = False,
+        master_weights: str = "auto",
         rule: Rule | str | dict = "sgd",
         estimator: Estimator | str | dict = "spsa",
         seed: int = 0,
@@ -115,9 +123,9 @@ class ZOOptimizer(torch.optim.Optimizer):
         # sharded parameters (FSDP-style): each rank holds a flat slice of a parameter, starting at
         # this element of the whole; it perturbs and updates only that slice, with the whole's z
         self.shards = dict(shards or {})
-        if self.shards and not self.estimator.plain:
-            raise ValueError(f"estimator {self.estimator.name!r} builds whole-parameter directions; sharded "
-                             "parameters need estimator 'spsa'")
+        if self.shards and (not self.estimator.plain or schedule == "dual"):
+            raise ValueError("sharded parameters need estimator 'spsa' and an in-place schedule (sequential or fused):"
+                             " a module runs on whole parameters")
         named = list(named_params)
         no_decay = set(no_decay)
         groups = [
@@ -130,89 +138,85 @@ class ZOOptimizer(torch.optim.Optimizer):
             group["params"] = [by_name[n] for n in group["names"]]
         super().__init__([g for g in groups if g["params"]], {"lr": lr, "weight_decay": weight_decay})
         self.eps, self.q, self.kind, self.schedule, self.seed = eps, num_directions, perturbation, schedule, seed
-        self.lazy_update = lazy_update
-        for _, p in named:
-            if p.dtype in (torch.float16, torch.bfloat16):
-                self.state[p]["master"] = p.detach().float().clone()
+        self.lazy_update, self.master_weights = lazy_update, master_weights
+        self._keep_masters(named)
         self.nonfinite_in_a_row = 0
         self.last_record: dict | None = None
-        self._flushed = self._flushed_before = False
         self._reset_step()
+
+    def _keep_masters(self, named: list[tuple[str, torch.nn.Parameter]]) -> None:
+        rounds = self.rule.stochastic_rounding
+        for _, p in named:
+            refusal = precision.refusal(self.master_weights, p.dtype, self.rule.name, rounds)
+            if refusal:
+                raise ValueError(refusal)
+            if precision.keeps_master(self.master_weights, self.schedule, p.dtype, rounds):
+                self.state[p]["master"] = p.detach().float().clone()
+        drifts = any(precision.is_half(p.dtype) and "master" not in self.state[p] for _, p in named)
+        if drifts and self.schedule in precision.IN_PLACE_SCHEDULES:
+            warnings.warn(precision.DRIFT_WARNING.format(schedule=self.schedule), stacklevel=3)
+
+    @property
+    def out_of_place(self) -> bool:
+        return self.schedule == "dual"
 
     def _reset_step(self) -> None:
         self._step: int | None = None
-        self.forward_uses: list[dict[str, int]] = []
         self.step_losses: list[tuple[float, float]] = []  # (L at offset a, L at offset b) per direction
         self._losses_at_theta: list[float] = []
         self._weights: list[float] = []  # per micro-batch: the examples or tokens its losses average over
         self._notes: dict = {}  # what the estimator recorded when the step began
         self.last_loss_fn: Callable | None = None
 
-    # -- the passes over the parameters ---------------------------------------------
-
     def named_params(self) -> Iterable[tuple[str, torch.nn.Parameter, dict]]:
         for group in self.param_groups:
             for name, p in zip(group["names"], group["params"]):
                 yield name, p, group
 
+    def _kernel_kw(self, name: str, p: torch.nn.Parameter, step: int | None) -> dict:
+        directions = self.estimator.directions(name, p, self.state[p], step, self)
+        return {"kind": self.kind, "directions": directions, "offset": self.shards.get(name, 0)}
+
+    def _rounding_seed(self, p: torch.nn.Parameter, name: str, step: int) -> int | None:
+        """The seed of `p`'s stochastic rounding at `step`: 16-bit weights without a master only."""
+        if not precision.is_half(p.dtype) or "master" in self.state[p]:
+            return None
+        return seed_for(step_seed(self.seed, step), ROUNDING, name)
+
+    # -- updates ---------------------------------------------------------------------------
+
+    def _update_param(self, name: str, p: torch.nn.Parameter, update: Update, restore: float = 0.0) -> None:
+        """θ ← rule(θ, ĝ) for one parameter; in place it may still sit at θ + restore·z_{q−1}."""
+        s = step_seed(self.seed, update.step)
+        kw = self._kernel_kw(name, p, update.step)
+        q = len(update.g)
+        self.rule.apply(ParamUpdate(p.data, self.state[p], self.state[p].get("master"),
+                                    [seed_for(s, k, name) for k in range(q)], [gk / q for gk in update.g], restore,
+                                    self.kind, kw["directions"], update.lr, update.wd, kw["offset"],
+                                    self._rounding_seed(p, name, update.step)))
+
     def _update_of(self, group: dict, g: list[float], step: int) -> Update:
-        return g, step, group["lr"], group["weight_decay"]
+        return Update(g, step, group["lr"], group["weight_decay"])
 
-    def move(self, to: Term | None, g: list[float] | None = None, step: int | None = None) -> None:
-        """One pass over every parameter: to displacement `to`, applying the update (g, step) on the way."""
-        for name, p, group in self.named_params():
-            self._move_param(name, p, to, None if g is None else self._update_of(group, g, step))
+    def _apply(self, g: list[float], step: int) -> None:
+        """The update of a step: now, or with `lazy_update` owed until each weight's next perturbed copy."""
+        if self.out_of_place:
+            for name, p, group in self.named_params():
+                state = self.state[p]
+                if "owed" in state:  # not run since its previous update
+                    self._update_param(name, p, state.pop("owed"))
+                if self.lazy_update:
+                    state["owed"] = self._update_of(group, g, step)
+                else:
+                    self._update_param(name, p, self._update_of(group, g, step))
+            return
+        self.move(None, g, step)
 
-    def _move_param(self, name: str, p: torch.nn.Parameter, to: Term | None, update: Update | None = None) -> None:
-        """Take one parameter from its displacement to `to`, applying `update` to θ on the way.
-
-        Each call below is one in-place kernel that regenerates its z (zotune.kernels), or, for
-        estimators with structured directions, z = directions(seed).
-        """
-        state = self.state[p]
-        master = state.get("master")
-        pending = state.get("at") if master is None else None  # a master copy is never displaced
-        directions = self.estimator.directions(name, p, state, self._step if update is None else update[1], self)
-        kw = {"kind": self.kind, "directions": directions, "offset": self.shards.get(name, 0)}
-        if update is not None:
-            g, step, lr, wd = update
-            s, q = step_seed(self.seed, step), len(g)
-            restore = -pending[2] if pending is not None else 0.0
-            if self.lazy_update and q == 1 and to is not None:  # the update rides on the next +ε pass
-                decay = 1.0 - lr * wd
-                lazy_update_and_perturb_(p.data, seed_for(s, 0, name), restore * decay - lr * g[0],
-                                         seed_for(*to[:2], name), to[2], decay=decay, master=master, **kw)
-                state["at"] = to
-                return
-            seeds = [seed_for(s, k, name) for k in range(q)]
-            self.rule.apply(ParamUpdate(p.data, state, master, seeds, [gk / q for gk in g], restore, self.kind,
-                                        directions, lr, wd, kw["offset"]))
-            pending = None
-        if pending is not None and to is not None and pending[:2] == to[:2]:
-            perturb_(p.data, seed_for(*to[:2], name), to[2] - pending[2], **kw)
-        elif pending is not None and to is not None:
-            lazy_update_and_perturb_(p.data, seed_for(*pending[:2], name), -pending[2], seed_for(*to[:2], name), to[2],
-                                     **kw)
-        elif pending is not None:
-            perturb_(p.data, seed_for(*pending[:2], name), -pending[2], **kw)
-        elif to is not None:
-            perturb_(p.data, seed_for(*to[:2], name), to[2], master=master, **kw)
-        elif master is not None:
-            p.data.copy_(master)
-        state["at"] = to
-
-    def touch(self, params: list[tuple[str, torch.nn.Parameter]], to: Term) -> None:
-        """dual: move one module's parameters to `to`, first applying any update they still owe."""
-        for name, p in params:
-            state = self.state[p]
-            if state.get("at") != to or "owed" in state:
-                self._move_param(name, p, to, state.pop("owed", None))
-                state["moves"] = state.get("moves", 0) + 1
-
-    def discard(self, params: list[torch.nn.Parameter]) -> None:
-        """The displaced copies of `params` were dropped (16-bit offload transfer): their weights are at θ."""
-        for p in params:
-            self.state[p]["at"] = None
+    def settle(self, name: str, p: torch.nn.Parameter) -> None:
+        """Apply the update `p` still owes (lazy_update), so that θ is current."""
+        owed = self.state[p].pop("owed", None)
+        if owed is not None:
+            self._update_param(name, p, owed)
 
     def flush(self) -> bool:
         """Bring every parameter to θ with all updates applied (before anything reads the weights).
@@ -222,20 +226,81 @@ class ZOOptimizer(torch.optim.Optimizer):
         for name, p, _ in self.named_params():
             state = self.state[p]
             if "owed" in state or state.get("at") is not None:
-                self._move_param(name, p, None, state.pop("owed", None))
+                if self.out_of_place:
+                    self.settle(name, p)
+                else:
+                    self._move_param(name, p, None)
                 dirty = True
-        self._flushed = self._flushed or dirty
         return dirty
 
-    def _perturbation_passes(self, step: int, loss_fn: Callable | None, uses: list[dict] | None = None) -> list:
-        """The ± passes of one micro-batch, one direction after the other.
+    # -- out of place: perturbed copies for one module's call (zotune.dual) ------------------
 
-        sequential / fused: `loss_fn()` is the loss at the current weights, and the
-        weights are moved around it, to θ + a·z_k and θ + b·z_k (`offsets`: ±ε for
-        two-sided SPSA). dual: `loss_fn(s, k)` runs one forward of the doubled batch
-        that returns (L_a, L_b); the engine moves each module's weights around its own
-        call (`touch`). `loss_fn=None` replays the moves without forwards; for dual,
-        `uses` then says how often each weight was touched.
+    def perturbed(self, name: str, p: torch.nn.Parameter, at: Point, out: torch.Tensor) -> torch.Tensor:
+        """`out` = θ + coef·z_k for parameter `p`, θ untouched (an owed update is applied on the way)."""
+        state = self.state[p]
+        kw = self._kernel_kw(name, p, self._step)
+        owed = state.pop("owed", None)
+        seed = seed_for(at.seed, at.k, name)
+        if owed is None or len(owed.g) != 1 or kw["directions"] is not None:
+            if owed is not None:
+                self._update_param(name, p, owed)
+            return perturb_(p.data, seed, at.coef, master=state.get("master"), out=out, **kw)
+        decay = 1.0 - owed.lr * owed.wd
+        return lazy_update_and_perturb_(p.data, seed_for(step_seed(self.seed, owed.step), 0, name), -owed.lr * owed.g[0],
+                                        seed, at.coef, decay=decay, master=state.get("master"), out=out,
+                                        rounding_seed=self._rounding_seed(p, name, owed.step), **kw)
+
+    def perturbed_range(self, name: str, p: torch.nn.Parameter, lo: int, hi: int, at: Point,
+                        out: torch.Tensor) -> torch.Tensor:
+        """`out` = rows lo..hi−1 of θ + coef·z_k; θ must be settled (`settle`)."""
+        master = self.state[p].get("master")
+        return perturb_(p.data[lo:hi], seed_for(at.seed, at.k, name), at.coef, kind=self.kind,
+                        offset=lo * p[0].numel(), master=None if master is None else master[lo:hi], out=out)
+
+    def perturbed_rows(self, name: str, p: torch.nn.Parameter, rows: torch.Tensor, at: Point) -> torch.Tensor:
+        """Rows `rows` of θ + coef·z_k, in p's dtype; θ must be settled (`settle`)."""
+        theta = self.state[p].get("master", p.data)
+        kw = self._kernel_kw(name, p, self._step)
+        return perturb_rows(theta, rows, seed_for(at.seed, at.k, name), at.coef, **kw).to(p.dtype)
+
+    # -- in place (sequential, fused): the weights sit at θ or at one displacement ----------
+
+    def move(self, to: Point | None, g: list[float] | None = None, step: int | None = None) -> None:
+        """One pass over every parameter: to displacement `to`, applying the update (g, step) on the way."""
+        for name, p, group in self.named_params():
+            self._move_param(name, p, to, None if g is None else self._update_of(group, g, step))
+
+    def _move_param(self, name: str, p: torch.nn.Parameter, to: Point | None, update: Update | None = None) -> None:
+        """Take one parameter from its displacement `state["at"]` to `to`, applying `update` on the way.
+
+        Each branch is one in-place kernel that regenerates its z. A 16-bit weight with a master copy
+        is written as round(master + displacement), so its master is never displaced."""
+        state = self.state[p]
+        master = state.get("master")
+        at = state.get("at") if master is None else None
+        if update is not None:
+            self._update_param(name, p, update, restore=-at.coef if at is not None else 0.0)
+            at = None
+        kw = self._kernel_kw(name, p, self._step if update is None else update.step)
+        if at is not None and to is not None and (at.seed, at.k) == (to.seed, to.k):
+            perturb_(p.data, seed_for(to.seed, to.k, name), to.coef - at.coef, **kw)
+        elif at is not None and to is not None:
+            lazy_update_and_perturb_(p.data, seed_for(at.seed, at.k, name), -at.coef, seed_for(to.seed, to.k, name),
+                                     to.coef, **kw)
+        elif at is not None:
+            perturb_(p.data, seed_for(at.seed, at.k, name), -at.coef, **kw)
+        elif to is not None:
+            perturb_(p.data, seed_for(to.seed, to.k, name), to.coef, master=master, **kw)
+        elif master is not None:
+            p.data.copy_(master)
+        state["at"] = to
+
+    def _perturbation_passes(self, step: int, loss_fn: Callable | None) -> list:
+        """The ± losses of one micro-batch, one direction after the other.
+
+        dual: `loss_fn(s, k)` returns (L_a, L_b), the engine running every module on its
+        perturbed copies. sequential / fused: `loss_fn()` is the loss at the current weights,
+        which are moved around it. `loss_fn=None` replays the moves without forwards.
         """
         s = step_seed(self.seed, step)
         a, b = self.offsets
@@ -244,45 +309,17 @@ class ZOOptimizer(torch.optim.Optimizer):
             self._losses_at_theta.append(loss_fn() if loss_fn else math.nan)
         losses = []
         for k in range(self.q):
-            if self.schedule == "dual":
-                losses.append(loss_fn(s, k) if loss_fn else self._replay_touches(s, k, uses.pop(0)))
-                self.forward_uses.append(self._collect_uses())
+            if self.out_of_place:
+                losses.append(loss_fn(s, k) if loss_fn else (math.nan, math.nan))
                 continue
-            self.move((s, k, a))
+            self.move(Point(s, k, a))
             loss_a = loss_fn() if loss_fn else math.nan
-            self.move((s, k, b))
+            self.move(Point(s, k, b))
             loss_b = loss_fn() if loss_fn else math.nan
             if self.schedule == "sequential":
                 self.move(None)
             losses.append((loss_a, loss_b))
         return losses
-
-    def _collect_uses(self) -> dict[str, int]:
-        """dual: the weights a forward touched a number of times other than once (tied, shared, unused)."""
-        uses = {}
-        for name, p, _ in self.named_params():
-            moves = self.state[p].pop("moves", 0)
-            if moves != 2:
-                uses[name] = moves // 2
-        return uses
-
-    def _replay_touches(self, s: int, k: int, uses: dict[str, int]) -> tuple[float, float]:
-        for name, p, _ in self.named_params():
-            for _ in range(uses.get(name, 1)):
-                for offset in self.offsets:
-                    self.touch([(name, p)], (s, k, offset))
-        return math.nan, math.nan
-
-    def _apply(self, g: list[float], step: int) -> None:
-        """The update of a step, now or, with `lazy_update`, owed until each weight's next touch."""
-        if not self.lazy_update:
-            self.move(None, g, step)
-            return
-        for name, p, group in self.named_params():
-            state = self.state[p]
-            if "owed" in state:  # not touched since its previous update
-                self._move_param(name, p, None, state.pop("owed"))
-            state["owed"] = self._update_of(group, g, step)
 
     # -- the public step ------------------------------------------------------------
 
@@ -296,7 +333,6 @@ class ZOOptimizer(torch.optim.Optimizer):
         if self._step not in (None, step):
             raise RuntimeError(f"estimate() for step {step} while step {self._step} is not applied yet")
         if self._step is None:
-            self._flushed_before, self._flushed = self._flushed, False
             self._step = step
             self._notes = self.estimator.begin_step(self, step)
         self.last_loss_fn, self.last_weight = loss_fn, weight
@@ -336,6 +372,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             "estimator": self.estimator.name,
             "perturbation": self.kind,
             "schedule": self.schedule,
+            "master_weights": self.master_weights,
             "micro_batches": micro_batches,
             "loss_plus": [la for la, _ in self.step_losses],
             "loss_minus": [lb for _, lb in self.step_losses],
@@ -346,8 +383,8 @@ class ZOOptimizer(torch.optim.Optimizer):
             record["loss_zero"] = self._losses_at_theta
         if comm_bytes:
             record["comm_bytes"] = comm_bytes
-        if self.schedule == "dual":
-            record.update(lazy_update=self.lazy_update, flushed_before=self._flushed_before, uses=self.forward_uses)
+        if self.out_of_place:
+            record["lazy_update"] = self.lazy_update
         if finite:
             self.estimator.end_step(self, self._step, record)
         self._reset_step()
@@ -387,18 +424,19 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def replay(self, record: dict) -> None:
-        """Repeat a recorded step's passes, without forwards: θ ends bit-equal to training's."""
+        """Repeat a recorded step without forwards: θ ends bit-equal to training's.
+
+        Out of place, a step is its update alone (a lazy update folded into the next perturbed
+        copy writes the same θ as the plain update pass, so it is applied at once here). In place,
+        the perturbation passes are repeated too: +εz −2εz +εz may leave an ulp behind."""
         for group in self.param_groups:
             group["lr"] = record["lr"]
-        # a dual run that fell back records its steps as fused
-        self.schedule, self.lazy_update = record["schedule"], record.get("lazy_update", False)
-        if record.get("flushed_before"):
-            self.flush()
+        self.schedule = record["schedule"]  # a dual run that fell back records its steps as fused
+        self.lazy_update = False
         step = self._step = record["step"]
         self.estimator.begin_step(self, step)
-        uses = list(record.get("uses", []))
         for _ in range(record["micro_batches"]):
-            self._perturbation_passes(step, None, uses)
+            self._perturbation_passes(step, None)
         if record["g"] is not None:
             applied, _ = self.rule.choose(self, record["g"], step, record)
             if applied is not None:

@@ -11,18 +11,29 @@ Compute device
   current one, the prefetched next), each in the weights' dtype: a transfer dtype halves
   the transfer, not the copy, which is cast back on arrival; the 16-bit copy of the largest
   tensor in flight is counted as well;
-- **fp32 master copy**: `zotune.optim` keeps one beside each 16-bit trainable weight, on
-  the weight's device: with offloading only the resident parts' master is here. Every
-  weight is taken to train (a recipe's `params.include`/`exclude` are not applied: an
-  upper bound), except with a PEFT adapter, where none of the base weights do;
+- **fp32 master copy**: `zotune.optim` keeps one beside a 16-bit trainable weight where
+  `zotune.precision.keeps_master` says so for `zo.master_weights` (taking ZO-SGD's
+  stochastically rounded update): under `auto`, only with the in-place `sequential` and
+  `fused` schedules, never under `dual`; `fp32` beside every 16-bit weight; `none` never; fp32
+  weights never. It lives on the weight's device: with offloading only the resident parts'
+  master is here. Every weight is taken to train (a recipe's `params.include`/`exclude` are not
+  applied: an upper bound), except with a PEFT adapter, where none of the base weights do;
+- **scratch (perturbed copies)**: under `dual` each module that owns trainable parameters runs
+  on perturbed copies of its own parameters, made for its call and freed after
+  (`zotune.scratch`): the largest `scratch_bytes` of any one module, with an Embedding's rows
+  looked up taken as min(V, 2·B·T) and a Linear over `CHUNK_ELEMENTS` elements as one chunk
+  of output rows; a tied weight counts for each module that uses it. None under `sequential`
+  and `fused` (they displace θ in place) and none counted with a PEFT adapter (only the
+  adapter's small matrices are copied; negligible);
 - **buffers**: all of the model's buffers (rotary `inv_freq`, causal masks where a model
   keeps one); the offloader keeps every buffer on the compute device;
 - **activations**: no gradients, no optimizer state (ZO-SGD), no stored activations: the
   largest transient working set of one no-grad forward and its loss
   (`block_working_set`, `head_working_set`).
 
-Host: nothing for a resident run. With offloading, every block's home copy in the weights'
-dtype (pinned on CUDA) and the fp32 master copy of the 16-bit ones.
+Host: nothing for a resident run. With offloading, one home copy of every block in the
+weights' dtype (pinned on CUDA), plus the fp32 master copy of the 16-bit weights that keep
+one (see above: none under `dual` with `auto`).
 
 The forward is assumed to run with `use_cache=False`. transformers' default follows
 `config.use_cache` (usually True), and then every layer's k and v stay alive to the end of
@@ -31,9 +42,9 @@ offloading.
 
 Not counted: the CUDA context and allocator slack, the noise (generated piecewise: in
 registers with Triton, tens of MB of temporaries at most on the CPU's eager path),
-rotary cos/sin and other tensors of B·T·head_dim or less, a PEFT adapter (negligible; its
-frozen base has no master copy). `benchmarks/planner_check.py` compares the estimates
-with measurements.
+rotary cos/sin and other tensors of B·T·head_dim or less, a PEFT adapter's own weights,
+master copies and scratch (negligible; its frozen base has neither master copies nor
+scratch). `benchmarks/planner_check.py` compares the estimates with measurements.
 """
 
 from __future__ import annotations
@@ -49,6 +60,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig
 from zotune.blocks import find_blocks
 from zotune.errors import UserError
 from zotune.models import DTYPES, _head, _import_gguf_package, gguf_cache_dir
+from zotune.precision import MASTER_WEIGHTS, keeps_master
+from zotune.scratch import CHUNK_ELEMENTS, scratch_bytes
 from zotune.schema import Recipe
 
 GIB = 2**30
@@ -116,13 +129,15 @@ class MemoryPlan:
     transfer_dtype: str | None
     buffers: int  # blocks in flight when offloading (at most all of them)
     attention: str
-    master_copy: bool
+    master_weights: str  # zo.master_weights: auto, fp32 or none
+    adapter: bool  # a PEFT adapter trains: the base weights are frozen
     param_count: int
     resident_param_bytes: int  # embeddings, final norm, head (tied weights once)
     block_param_bytes: tuple[int, ...]  # one entry per block, in the weight dtype
     compute_params: int
     compute_master: int
     compute_buffers: int
+    compute_scratch: int  # the largest module's perturbed copies under dual (zotune.scratch)
     block_activations: int
     head_activations: int
     host_params: int
@@ -138,7 +153,8 @@ class MemoryPlan:
 
     @property
     def compute_total(self) -> int:
-        return self.compute_params + self.compute_master + self.compute_buffers + self.compute_activations
+        return (self.compute_params + self.compute_master + self.compute_buffers + self.compute_scratch
+                + self.compute_activations)
 
     @property
     def host_total(self) -> int:
@@ -152,10 +168,21 @@ class MemoryPlan:
             where = f"offload: {self.buffers} blocks on the compute device{sent}, all blocks at home on the host"
         else:
             where = "resident: every weight on the compute device"
-        if self.dtype == "float32":
-            master = "fp32 weights need no master copy"
+        if self.adapter:
+            master = "PEFT adapter: frozen base weights, no master copies or scratch (the adapter's own negligible)"
         else:
-            master = "an fp32 master copy beside each 16-bit weight" if self.master_copy else "no master copy (adapter)"
+            if self.dtype == "float32":
+                master = "fp32 weights need no master copy"
+            elif self.compute_master or self.host_master:
+                master = f"master_weights {self.master_weights}: an fp32 master copy beside each 16-bit weight"
+            else:
+                master = f"master_weights {self.master_weights}: no master copy of the 16-bit weights"
+            if self.schedule == "dual":
+                scratch = ("perturbed copies of the largest module's own weights for its call (an embedding's "
+                           f"looked-up rows, a Linear over {CHUNK_ELEMENTS} elements one chunk of rows at a time)")
+            else:
+                scratch = f"no perturbed copies (the {self.schedule} schedule moves the weights in place)"
+            master = f"{master}; {scratch}"
         return (
             f"{self.config_name}, {self.param_count / 1e9:.2f}B parameters in {self.dtype}; {self.schedule} schedule: "
             f"forwards of {rows} sequences × {self.seq_len} tokens with the LM loss, use_cache=False; "
@@ -174,7 +201,8 @@ def plan_memory(
     schedule: str = "dual",
     buffers: int = 3,
     attention: str | None = None,
-    master_copy: bool = True,
+    master_weights: str = "auto",
+    adapter: bool = False,
 ) -> MemoryPlan:
     """The memory of one ZO step of the causal LM `config` describes (see the module docstring).
 
@@ -183,10 +211,14 @@ def plan_memory(
     of blocks in flight on the compute device when offloading (3 on CUDA; on the CPU a block is
     written back before the next is prefetched, so 2). `attention` defaults to the
     implementation transformers picks for the config (usually "sdpa"); "eager" and "math"
-    materialise the attention scores. `master_copy=False` when only a PEFT adapter trains.
+    materialise the attention scores. `master_weights` is `zo.master_weights`
+    (`zotune.precision`; the update taken as ZO-SGD's, stochastically rounded). `adapter=True`
+    when only a PEFT adapter trains: the base weights get neither master copies nor scratch.
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    if master_weights not in MASTER_WEIGHTS:
+        raise ValueError(f"unknown master_weights {master_weights!r}; choose one of {', '.join(MASTER_WEIGHTS)}")
     dtype = _dtype(dtype)
     transfer_dtype = _dtype(transfer_dtype) if offload and transfer_dtype is not None else None
     with torch.device("meta"):
@@ -202,7 +234,9 @@ def plan_memory(
     in_flight = sorted(range(len(blocks)), key=block_bytes.__getitem__, reverse=True)[:buffers]
 
     def master_bytes(params) -> int:
-        return sum(4 * p.numel() for p in params if master_copy and p.element_size() < 4)
+        if adapter:
+            return 0
+        return sum(4 * p.numel() for p in params if keeps_master(master_weights, schedule, p.dtype, True))
 
     rows = 2 * batch_size if schedule == "dual" else batch_size
     dims = _dims(config, model, blocks[0])
@@ -211,9 +245,11 @@ def plan_memory(
         config_name=getattr(config, "name_or_path", None) or config.model_type,
         batch_size=batch_size, seq_len=seq_len, dtype=_name(dtype), schedule=schedule, offload=offload,
         transfer_dtype=_name(transfer_dtype) if transfer_dtype is not None else None, buffers=len(in_flight),
-        attention=attention, master_copy=master_copy, param_count=sum(p.numel() for p in model.parameters()),
+        attention=attention, master_weights=master_weights, adapter=adapter,
+        param_count=sum(p.numel() for p in model.parameters()),
         resident_param_bytes=resident_bytes, block_param_bytes=tuple(block_bytes),
         compute_buffers=sum(_nbytes(b) for b in model.buffers()),
+        compute_scratch=0 if adapter or schedule != "dual" else largest_scratch(model, min(dims.vocab, rows * seq_len)),
         block_activations=block_working_set(dims, rows, seq_len, size, attention in MATERIALISING),
         head_activations=head_working_set(dims, batch_size, seq_len, size, dual=schedule == "dual"),
     )
@@ -230,6 +266,14 @@ def plan_memory(
         host_params=sum(block_bytes),
         host_master=master_bytes(p for ps in block_params for p in ps),
     )
+
+
+def largest_scratch(model: torch.nn.Module, rows_looked_up: int) -> int:
+    """The peak bytes of perturbed copies of one module call under dual: the largest `scratch_bytes`
+    of any module with its own parameters (each taken to train; a tied weight counts for each
+    module that uses it), an Embedding looking up `rows_looked_up` distinct rows."""
+    return max((scratch_bytes(m, own, rows_looked_up) for m in model.modules()
+                if (own := list(m.parameters(recurse=False)))), default=0)
 
 
 def block_working_set(dims: Dims, rows: int, seq: int, size: int, materialise: bool) -> int:
@@ -345,7 +389,8 @@ def recipe_settings(recipe: Recipe) -> dict:
         schedule=recipe.zo.schedule,
         offload=recipe.zo.offload == "cpu",
         transfer_dtype=recipe.zo.offload_transfer_dtype,
-        master_copy=recipe.model.peft is None,
+        master_weights=recipe.zo.master_weights,
+        adapter=recipe.model.peft is not None,
     )
 
 

@@ -38,6 +38,7 @@ def optimizer_from_header(header: dict, named: list) -> ZOOptimizer:
         perturbation=opt["perturbation"],
         schedule=opt["schedule"],
         lazy_update=opt.get("lazy_update", False),
+        master_weights=opt.get("master_weights", "auto"),
         rule=opt.get("rule", "sgd"),
         estimator=opt.get("estimator", "spsa"),
         seed=opt["seed"],

@@ -64,6 +64,7 @@ def training_arguments(recipe: Recipe, task: TaskData) -> TrainingArguments:
         **method_arguments("estimator", zo.estimator),
         zo_schedule=zo.schedule,
         zo_lazy_update=zo.lazy_update,
+        zo_master_weights=zo.master_weights,
         zo_offload=zo.offload,
         zo_offload_transfer_dtype=zo.offload_transfer_dtype,
         zo_max_nonfinite=zo.max_nonfinite,

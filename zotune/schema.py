@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from zotune import precision
 from zotune.methods import build_estimator, build_rule, check_compatible
 from zotune.objectives import check_name
 
@@ -163,6 +164,12 @@ class ZOSection(Section):
         False,
         description="dual only: apply each step's update inside the next step's +eps pass (one pass over the "
         "weights fewer; flushed before evaluation and saving).",
+    )
+    master_weights: Literal["auto", "fp32", "none"] = Field(
+        "auto",
+        description="fp32 master copies of 16-bit trainable weights. auto: only where an in-place schedule "
+        "(sequential, fused) displaces them, none under dual (its updates are stochastically rounded); fp32: always "
+        "(4 more bytes per 16-bit weight); none: never (in-place schedules then drift, with a warning).",
     )
     offload: Literal["none", "cpu"] = Field(
         "none",
@@ -336,6 +343,14 @@ class Recipe(Section):
     zo: ZOSection = Field(default_factory=ZOSection)
     train: TrainSection = Field(default_factory=TrainSection)
     bilevel: BilevelConfig | None = Field(None, description="method scalebio: sources, validation set, alpha, lrs.")
+
+    @model_validator(mode="after")
+    def _master_weights_for_the_rule(self) -> "Recipe":
+        rule = build_rule(self.zo.rule)
+        refusal = precision.refusal(self.zo.master_weights, self.model.dtype, rule.name, rule.stochastic_rounding)
+        if refusal and self.method != "fo":
+            raise ValueError(f"zo.{refusal}")
+        return self
 
     @model_validator(mode="after")
     def _bilevel_with_scalebio(self) -> "Recipe":

@@ -26,6 +26,7 @@ from zotune.models import forward_accepts, stable_name, trainable_parameters
 from zotune.objectives import Objective, load_objective
 from zotune.offload import BlockOffloader
 from zotune.optim import SCHEDULES, ZOOptimizer
+from zotune.precision import MASTER_WEIGHTS
 from zotune.trajectory import TrajectoryWriter, params_digest
 
 logger = logging.get_logger("zotune")
@@ -76,6 +77,13 @@ class ZOConfig(TrainingArguments):
         metadata={"help": "dual only: apply each update inside the next step's +ε pass (one weight pass fewer); "
                   "flushed before evaluation, saving and the end of training."},
     )
+    zo_master_weights: str = field(
+        default="auto",
+        metadata={"help": "fp32 master copies of 16-bit trainable weights: 'auto' (only where an in-place schedule, "
+                  "sequential or fused, displaces them; none under dual, whose 16-bit updates are stochastically "
+                  "rounded), 'fp32' (always: 4 more bytes per 16-bit weight) or 'none' (in-place schedules then "
+                  "drift, with a warning). See zotune.precision."},
+    )
     zo_offload: str = field(
         default="none",
         metadata={"help": "'cpu': keep the transformer blocks in CPU memory and stream each one to the compute "
@@ -114,6 +122,8 @@ class ZOConfig(TrainingArguments):
             raise ValueError(f"zo_perturbation must be one of {PERTURBATIONS}, got {self.zo_perturbation!r}")
         if self.zo_lazy_update and self.zo_schedule != "dual":
             raise ValueError("zo_lazy_update needs zo_schedule='dual'")
+        if self.zo_master_weights not in MASTER_WEIGHTS:
+            raise ValueError(f"zo_master_weights must be one of {MASTER_WEIGHTS}, got {self.zo_master_weights!r}")
         if self.zo_offload not in OFFLOADS:
             raise ValueError(f"zo_offload must be one of {OFFLOADS}, got {self.zo_offload!r}")
         if self.zo_offload_transfer_dtype is not None:
@@ -183,6 +193,7 @@ class ZOTrainer(Trainer):
                 perturbation=self.args.zo_perturbation,
                 schedule=self.args.zo_schedule,
                 lazy_update=self.args.zo_lazy_update,
+                master_weights=self.args.zo_master_weights,
                 rule=self.args.rule(),
                 estimator=self.args.estimator(),
                 seed=self.args.seed,
@@ -190,8 +201,6 @@ class ZOTrainer(Trainer):
             self.optimizer = self.zo
             if self.args.zo_schedule == "dual":
                 self.dual = DualEngine(model, self.zo)
-                if self.offloader is not None and self.offloader.transfer_dtype is not None:
-                    self.offloader.on_discard = self.zo.discard
             if self.offloader is not None:
                 # looked up per call: accelerate reloads the optimizer's state into new dicts
                 self.offloader.state_of = lambda param: self.zo.state[param]
@@ -215,12 +224,14 @@ class ZOTrainer(Trainer):
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         model.eval()  # dropout off: both passes must see the same function
         inputs = _without_kv_cache(model, self._prepare_inputs(inputs))
-        if self.dual is not None and self.zo.schedule == "dual" and not self._dual_probed:
+        if self.dual is not None and not self._dual_probed:
             self._probe_dual(model, inputs)
 
-        if self.zo.schedule == "dual":
+        if self.dual is not None:
             def loss_fn(s: int, k: int) -> tuple[float, float]:
-                return self._half_losses(model, inputs, (s, k))
+                if self._dual_split:
+                    return self._half_losses(model, inputs, (s, k))
+                return self._sign_losses(model, inputs, (s, k))
         else:
             def loss_fn() -> float:
                 return self._value(model, inputs)
@@ -244,12 +255,13 @@ class ZOTrainer(Trainer):
         return int((labels[..., 1:] != -100).sum())
 
     _dual_probed = False
+    _dual_split = True
 
     @torch.no_grad()
     def _probe_dual(self, model, inputs) -> None:
-        """Before any weight moves: run the doubled batch unperturbed and check that every module
+        """Before the first step: run the doubled batch unperturbed and check that every module
         split its input along the batch and that each half's loss equals the plain loss. If not,
-        fall back to `fused` (same numbers as `sequential`) with a one-line warning."""
+        run the two signs as two forwards through the same wrappers, with a one-line warning."""
         self._dual_probed = True
         plain = self._value(model, inputs)
         try:
@@ -258,10 +270,17 @@ class ZOTrainer(Trainer):
                 raise DualRefused(f"the halves' losses {halves} differ from the plain loss {plain}")
         except Exception as e:  # noqa: BLE001 - any failure of the doubled forward: fused runs the plain one
             reason = e if isinstance(e, DualRefused) else f"the doubled forward failed: {type(e).__name__}: {e}"
-            logger.warning("zotune: dual schedule not possible for %s (%s); using fused", type(model).__name__, reason)
-            self.dual.remove()
-            self.dual = None
-            self.zo.schedule, self.zo.lazy_update = "fused", False
+            logger.warning("zotune: %s cannot run both signs in one doubled forward (%s); running them as two "
+                           "forwards", type(model).__name__, reason)
+            self._dual_split = False
+
+    def _sign_losses(self, model, inputs, direction) -> tuple[float, float]:
+        """(L+, L−) from two forwards, every wrapped module on its perturbed copies at one sign."""
+        values = []
+        for half in (0, 1):
+            with self.dual.dual_forward(0, direction, half=half):
+                values.append(self._value(model, inputs))
+        return values[0], values[1]
 
     def _half_losses(self, model, inputs, direction) -> tuple[float, float]:
         def loss_of_outputs(outputs, labels) -> float:
@@ -325,6 +344,7 @@ class ZOTrainer(Trainer):
                         "perturbation": self.zo.kind,
                         "schedule": self.zo.schedule,
                         "lazy_update": self.zo.lazy_update,
+                        "master_weights": self.zo.master_weights,
                         "weight_decay": self.zo.defaults["weight_decay"],
                     },
                 },

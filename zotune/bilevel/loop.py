@@ -97,7 +97,8 @@ class ScaleBiO:
             named, lr=self.lr[which], weight_decay=train.weight_decay,
             no_decay=[n for n, _ in named if "bias" in n or "norm" in n],
             eps=zo.eps, num_directions=zo.num_directions, perturbation=zo.perturbation, schedule=self.schedule,
-            rule=zo.rule, estimator=zo.estimator, seed=self.seed + (0 if which == "w" else 1),
+            master_weights=zo.master_weights, rule=zo.rule, estimator=zo.estimator,
+            seed=self.seed + (0 if which == "w" else 1),
         )
 
     def _ensure_optimizers(self, step: int) -> None:

@@ -51,6 +51,7 @@ class ParamUpdate:
     lr: float
     wd: float
     offset: int = 0  # of this (sharded) parameter's first element in the whole one: z is that slice
+    rounding_seed: int | None = None  # a 16-bit parameter without a master: its stochastic rounding stream
 
     def z(self, seed: int) -> torch.Tensor:
         from zotune.noise import noise
@@ -126,6 +127,10 @@ class Method:
 
 class Rule(Method):
     """How ĝ moves θ."""
+
+    # its update of a 16-bit weight without a master copy is stochastically rounded
+    # (`ParamUpdate.rounding_seed`); a rule without it keeps fp32 masters (zotune.precision)
+    stochastic_rounding: ClassVar[bool] = False
 
     def apply(self, u: ParamUpdate) -> None:
         raise NotImplementedError

@@ -37,12 +37,13 @@ class Conservative(SGD):
 
     def choose(self, opt, g, step, recorded):
         from zotune.noise import step_seed
+        from zotune.optim import Point
 
         s, lr = step_seed(opt.seed, step), opt.param_groups[0]["lr"]
         loss_fn = opt.last_loss_fn if recorded is None else None
         losses = {}
         for label, sign in CANDIDATES.items():
-            opt.move((s, 0, sign * lr * g[0]))
+            opt.move(Point(s, 0, sign * lr * g[0]))
             losses[label] = opt.global_loss(loss_fn()) if loss_fn is not None else math.nan
         opt.move(None)
         if recorded is not None:

@@ -19,6 +19,7 @@ class Sign(Rule):
 
     name = "sign"
     paper = "Liu et al., 2019, ICLR (ZO-signSGD)"
+    stochastic_rounding = True
 
     def apply(self, u: ParamUpdate) -> None:
         import torch
@@ -27,4 +28,5 @@ class Sign(Rule):
 
         u.to_theta()
         signs = torch.sign(u.ghat())
-        restore_and_update_(u.param, 0, 0.0, 1.0, u.lr, u.wd, **u.kernel_kw(lambda _: signs))
+        restore_and_update_(u.param, 0, 0.0, 1.0, u.lr, u.wd, rounding_seed=u.rounding_seed,
+                            **u.kernel_kw(lambda _: signs))
