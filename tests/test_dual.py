@@ -217,6 +217,21 @@ def test_unsplittable_model_runs_two_forwards_with_a_warning(batch, tmp_path, ca
     assert_close(weights(models["dual"]), weights(models["sequential"]))
 
 
+@pytest.mark.parametrize("arch", CORE_ARCHS)
+def test_two_forwards_through_the_wrappers_equal_the_doubled_one(arch, tmp_path):
+    """The fallback for models that cannot be split runs the same perturbed copies, one sign per
+    forward: only the batch shapes of the unwrapped code differ (1e-6)."""
+    models = {}
+    for split in (True, False):
+        models[split] = build(arch)
+        trainer = make_trainer(models[split], tmp_path / str(split), data_for(arch), **STEPS)
+        trainer._dual_probed, trainer._dual_split = not split, split  # skip the probe to force two forwards
+        trainer.train()
+        assert trainer.zo.schedule == "dual" and trainer._dual_split == split
+    assert_close(weights(models[False]), weights(models[True]), atol=1e-6)
+    assert any(not torch.equal(a, b) for a, b in zip(build(arch).parameters(), models[False].parameters()))
+
+
 def test_nested_owners_match_sequential(tmp_path):
     """An MLP that owns a gain and calls children that own weights."""
     models = {}
