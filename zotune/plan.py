@@ -312,15 +312,26 @@ def block_working_set(dims: Dims, rows: int, seq: int, size: int, materialise: b
 def head_working_set(dims: Dims, batch: int, seq: int, size: int, dual: bool) -> int:
     """Bytes alive at the peak of the LM head and the loss.
 
-    The logits of all B' sequences, B'·T·V in the weights' dtype, plus the loss of B sequences
-    at a time (dual computes each half's loss separately): their logits upcast to fp32 (16-bit
-    weights only) and their fp32 log-softmax. Under dual the head, like every module that owns
-    weights, copies each half's output into the joined one (`zotune.dual`): for a moment the
-    joined logits and one half's exist together, 1.5 times the logits.
+    sequential / fused: the logits of B sequences, B·T·V in the weights' dtype, plus the model's
+    own loss over them: the logits upcast to fp32 (16-bit weights only) and their fp32
+    log-softmax.
+
+    dual: the logits of all 2B sequences. A head over more than `CHUNK_ELEMENTS` weights runs in
+    chunks of output rows straight into the joined logits (plus one chunk's B·T × rows output);
+    a smaller one, like every module that owns weights, copies each half's output into the
+    joined one (`zotune.dual`): for a moment 1.5 times the logits. Each half's loss is taken
+    over chunks of rows (`zotune.dual.causal_lm_loss`): one chunk's fp32 upcast and log-softmax.
     """
-    logits = (2 * batch if dual else batch) * seq * dims.vocab * size
-    loss = batch * seq * dims.vocab * (4 + (4 if size < 4 else 0))
-    return max(logits + logits // 2 if dual else logits, logits + loss)
+    rows = batch * seq
+    if not dual:
+        return rows * dims.vocab * (size + 4 + (4 if size < 4 else 0))
+    logits = 2 * rows * dims.vocab * size
+    if dims.vocab * dims.hidden > CHUNK_ELEMENTS:
+        head = logits + rows * min(dims.vocab, max(1, CHUNK_ELEMENTS // dims.hidden)) * size
+    else:
+        head = logits + logits // 2
+    chunk = min(rows, max(1, CHUNK_ELEMENTS // dims.vocab)) * dims.vocab
+    return max(head, logits + chunk * (4 + (4 if size < 4 else 0)))
 
 
 def known_config(name: str) -> PreTrainedConfig:
