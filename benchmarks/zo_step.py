@@ -151,10 +151,10 @@ def main() -> None:
     _, perturbed = timed(lambda: forward_through((0, 0)), args.repeats)
     _, update = timed(lambda: opt._apply([1e-3], 0), args.repeats)
     print(f"\nbreakdown of a raw dual step ({total:.2f} s), in forwards of B rows:")
-    for label, t in (("doubled forward, plain", forward_2x), ("doubled forward through the wrappers", wrapped),
+    for label, t in (("doubled forward, plain", forward_2x), ("through the wrappers, probing (split, join, check)", wrapped),
                      ("doubled forward on perturbed copies", perturbed), ("update pass", update),
                      ("rest (losses, bookkeeping)", total - perturbed - update)):
-        print(f"  {label:<40}{t:>7.2f} s{t / forward:>7.2f}")
+        print(f"  {label:<52}{t:>7.2f} s{t / forward:>7.2f}")
     print(f"ZOTrainer's own work beyond the raw step: {steady - total:.2f} s = {(steady - total) / forward:.2f} forwards")
 
 
