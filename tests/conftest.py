@@ -33,6 +33,16 @@ TINY_CONFIGS = {
     "gpt_neox": dict(COMMON, max_position_embeddings=128),
     "phi3": dict(COMMON, num_key_value_heads=2, max_position_embeddings=128),
 }
+# zotune.kernels' test matrix, shared by tests/test_kernels.py and tests/test_kernels_out_of_place.py
+KERNEL_SEEDS = (2**40 + 3, 0x5EED_0000_0001)  # both past 2**32: the key's high word matters
+KERNEL_IMPLS = [pytest.param("triton", marks=pytest.mark.triton), "compiled", "eager"]
+FAST_KERNEL_IMPLS = [pytest.param("triton", marks=pytest.mark.triton), "compiled"]  # the ones held to the twin
+KERNEL_DTYPES = {  # name -> (param dtype, with fp32 master)
+    "fp32": (torch.float32, False),
+    "bf16": (torch.bfloat16, False),
+    "fp16": (torch.float16, False),
+    "bf16+master": (torch.bfloat16, True),
+}
 # the five architectures every core property is checked on
 CORE_ARCHS = ["gpt2", "opt", "llama", "qwen2", "gemma3_text"]
 
@@ -69,3 +79,35 @@ def no_hang(seconds: int, what: str):
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
+
+
+@contextlib.contextmanager
+def forced_kernels(impl: str):
+    """Run zotune.kernels with implementation `impl` (ZOTUNE_KERNELS) inside the block."""
+    from zotune.kernels import _dispatch
+
+    old = os.environ.get(_dispatch.ENV)
+    os.environ[_dispatch.ENV] = impl
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[_dispatch.ENV]
+        else:
+            os.environ[_dispatch.ENV] = old
+
+
+def assert_kernel_close(actual, expected, kind: str, name: str = "") -> None:
+    """tests/test_kernels.py's tolerance table, on two tensors compared in row-major order:
+    rademacher bit-equal; gaussian abs 1e-5, plus one ulp of the dtype for 16-bit outputs."""
+    act, exp = actual.reshape(-1), expected.reshape(-1)
+    where = f"{name}: " if name else ""
+    assert act.dtype == exp.dtype
+    if kind == "rademacher":
+        bad = (act != exp).nonzero()
+        assert bad.numel() == 0, f"{where}{bad.numel()} of {exp.numel()} elements differ, first at {bad[0].item()}"
+        return
+    rtol = 0.0 if exp.dtype == torch.float32 else torch.finfo(exp.dtype).eps
+    err = (act.float() - exp.float()).abs() - (1e-5 + rtol * exp.float().abs())
+    worst = err.argmax().item()
+    assert err[worst] <= 0, f"{where}element {worst}: {act[worst].item()} vs {exp[worst].item()}"

@@ -22,7 +22,6 @@ momentum against torch.optim.SGD, shards against the whole tensor, and a wrong s
 failing the same comparison the matrix uses.
 """
 
-import contextlib
 import os
 import subprocess
 import sys
@@ -30,6 +29,12 @@ import warnings
 
 import pytest
 import torch
+from conftest import FAST_KERNEL_IMPLS as FAST_IMPLS
+from conftest import KERNEL_DTYPES as DTYPES
+from conftest import KERNEL_IMPLS as IMPLS
+from conftest import KERNEL_SEEDS
+from conftest import assert_kernel_close
+from conftest import forced_kernels as forced
 
 from zotune.kernels import (
     _dispatch,
@@ -44,17 +49,8 @@ from zotune.kernels import (
 from zotune.noise import KINDS, noise, noise_like
 
 EPS32 = torch.finfo(torch.float32).eps
-SEED, SEED2 = 2**40 + 3, 0x5EED_0000_0001  # both past 2**32: the key's high word matters
+SEED, SEED2 = KERNEL_SEEDS
 ENV = _dispatch.ENV
-
-IMPLS = [pytest.param("triton", marks=pytest.mark.triton), "compiled", "eager"]
-FAST_IMPLS = [pytest.param("triton", marks=pytest.mark.triton), "compiled"]  # the ones held to the twin
-DTYPES = {  # name -> (param dtype, with fp32 master)
-    "fp32": (torch.float32, False),
-    "bf16": (torch.bfloat16, False),
-    "fp16": (torch.float16, False),
-    "bf16+master": (torch.bfloat16, True),
-}
 SHAPES = {  # name -> (shape, offset, transposed view)
     "3x5x7@77": ((3, 5, 7), 77, False),
     "1@0": ((1,), 0, False),
@@ -62,19 +58,6 @@ SHAPES = {  # name -> (shape, offset, transposed view)
     "9x5.T@1000": ((9, 5), 1000, True),  # non-contiguous: a (5, 9) view of a (9, 5) tensor
     "41x53@3000": ((41, 53), 3000, False),  # 3 Triton programs
 }
-
-
-@contextlib.contextmanager
-def forced(impl):
-    old = os.environ.get(ENV)
-    os.environ[ENV] = impl
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ[ENV]
-        else:
-            os.environ[ENV] = old
 
 
 def needs(impl):
@@ -142,17 +125,7 @@ def run(op, impl, tensors, kind, offset, seed=SEED):
 def compare(actual, expected, kind):
     """The tolerance of the table above; both dicts of tensors, compared in row-major order."""
     for name, exp in expected.items():
-        act = actual[name].reshape(-1)
-        exp = exp.reshape(-1)
-        assert act.dtype == exp.dtype
-        if kind == "rademacher":
-            bad = (act != exp).nonzero()
-            assert bad.numel() == 0, f"{name}: {bad.numel()} of {exp.numel()} elements differ, first at {bad[0].item()}"
-            continue
-        rtol = 0.0 if exp.dtype == torch.float32 else torch.finfo(exp.dtype).eps
-        err = (act.float() - exp.float()).abs() - (1e-5 + rtol * exp.float().abs())
-        worst = err.argmax().item()
-        assert err[worst] <= 0, f"{name}: element {worst}: {act[worst].item()} vs {exp[worst].item()}"
+        assert_kernel_close(actual[name], exp, kind, name)
 
 
 # ---------------------------------------------------------------------------------------

@@ -8,46 +8,29 @@ implementations, which can flip a final rounding, stochastic or to nearest, by o
 stochastic-rounding bits are an integer stream: bit-equal in every implementation.
 """
 
-import contextlib
 import math
-import os
 
 import pytest
 import torch
+from conftest import FAST_KERNEL_IMPLS as FAST_IMPLS
+from conftest import KERNEL_DTYPES as DTYPES
+from conftest import KERNEL_IMPLS as IMPLS
+from conftest import KERNEL_SEEDS
+from conftest import assert_kernel_close
+from conftest import forced_kernels as forced
 
 from zotune.kernels import _dispatch, _fused, _rounding, lazy_update_and_perturb_, perturb_, perturb_rows, \
     restore_and_update_
 from zotune.noise import KINDS, noise, noise_at, noise_like
 
-SEED, SEED2 = 2**40 + 3, 0x5EED_0000_0001  # past 2**32: the key's high word matters
+SEED, SEED2 = KERNEL_SEEDS
 RSEED = 2**63 + 12345  # a rounding seed past 2**63
-IMPLS = [pytest.param("triton", marks=pytest.mark.triton), "compiled", "eager"]
-FAST_IMPLS = [pytest.param("triton", marks=pytest.mark.triton), "compiled"]
-DTYPES = {  # name -> (param dtype, with fp32 master)
-    "fp32": (torch.float32, False),
-    "bf16": (torch.bfloat16, False),
-    "fp16": (torch.float16, False),
-    "bf16+master": (torch.bfloat16, True),
-}
 SHAPES = {  # name -> (shape, offset, transposed view)
     "130@2^33+5": ((130,), 2**33 + 5, False),  # counters past 2**32
     "9x5.T@1000": ((9, 5), 1000, True),  # non-contiguous
     "41x53@3000": ((41, 53), 3000, False),  # 3 Triton programs
 }
 OTHER_DTYPE = {torch.float32: torch.bfloat16, torch.bfloat16: torch.float16, torch.float16: torch.float32}
-
-
-@contextlib.contextmanager
-def forced(impl):
-    old = os.environ.get(_dispatch.ENV)
-    os.environ[_dispatch.ENV] = impl
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ[_dispatch.ENV]
-        else:
-            os.environ[_dispatch.ENV] = old
 
 
 def needs(impl):
@@ -73,20 +56,6 @@ def make(dtype_key, shape_key, gen_seed=0):
 
 def clone(t):
     return {k: v.clone() for k, v in t.items()}
-
-
-def compare(actual, expected, kind):
-    """test_kernels.py's tolerance; both tensors, compared in row-major order."""
-    act, exp = actual.reshape(-1), expected.reshape(-1)
-    assert act.dtype == exp.dtype
-    if kind == "rademacher":
-        bad = (act != exp).nonzero()
-        assert bad.numel() == 0, f"{bad.numel()} of {exp.numel()} elements differ, first at {bad[0].item()}"
-        return
-    rtol = 0.0 if exp.dtype == torch.float32 else torch.finfo(exp.dtype).eps
-    err = (act.float() - exp.float()).abs() - (1e-5 + rtol * exp.float().abs())
-    worst = err.argmax().item()
-    assert err[worst] <= 0, f"element {worst}: {act[worst].item()} vs {exp[worst].item()}"
 
 
 def assert_unchanged(t, before):
@@ -144,7 +113,7 @@ def test_perturb_out_matches_twin_and_leaves_theta(impl, dtype_key, kind, shape_
     with forced(impl):
         assert perturb_out(t, out, kind, offset) is out
     assert_unchanged(t, before)
-    compare(out, expected, kind)
+    assert_kernel_close(out, expected, kind)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -236,7 +205,7 @@ def test_perturb_rows_equals_the_gathered_whole(impl, dtype, kind, case):
         actual = perturb_rows(param, rows, SEED, 0.37, kind=kind, offset=offset)
     assert actual.shape == (rows.numel(), *shape[1:]) and actual.dtype == dtype
     assert torch.equal(param, before)
-    compare(actual, expected, kind)
+    assert_kernel_close(actual, expected, kind)
     assert torch.equal(actual[19], actual[21])  # a repeated row: the same values
 
 
@@ -256,7 +225,7 @@ def test_perturb_rows_with_directions_gathers_them(kind):
     given = perturb_rows(param, rows, SEED, 0.37, kind=kind, directions=lambda s: noise_like(param, s, kind))
     with forced("eager"):
         assert torch.equal(given, perturb_rows(param, rows, SEED, 0.37, kind=kind))
-    compare(plain, given, kind)
+    assert_kernel_close(plain, given, kind)
 
 
 def test_perturb_rows_arguments_are_checked():
@@ -305,8 +274,8 @@ def test_lazy_out_matches_twin(impl, dtype_key, kind, shape_key, rounding):
     with forced(impl):
         out = lazy(t, kind, offset, torch.empty(t["param"].shape, dtype=out_dtype), rseed)
     for name in t:
-        compare(t[name], ref[name], kind)
-    compare(out, expected_out, kind)
+        assert_kernel_close(t[name], ref[name], kind)
+    assert_kernel_close(out, expected_out, kind)
 
 
 @pytest.mark.parametrize("rounding", [False, True], ids=["nearest", "stochastic"])
@@ -355,7 +324,7 @@ def test_stochastic_rounding_matches_twin(impl, dtype_key, kind, shape_key, op):
         fn(ref, kind, offset, rounding_seed=RSEED)
     with forced(impl):
         fn(t, kind, offset, rounding_seed=RSEED)
-    compare(t["param"], ref["param"], kind)
+    assert_kernel_close(t["param"], ref["param"], kind)
 
 
 def test_fused_compiled_pieces_round_like_the_twin(monkeypatch):
