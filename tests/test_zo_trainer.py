@@ -290,3 +290,49 @@ def test_every_kernel_implementation_trains_the_same(tmp_path, monkeypatch, kind
             assert losses == [pytest.approx(e, abs=1e-5) for e in expected], impl
             for a, b in zip(model.parameters(), eager_model.parameters()):
                 torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+class PenalizedTrainer(ZOTrainer):
+    """A user's compute_loss override: the loss plus a term that reads a weight outside any forward."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        return loss + 10.0 * model.lm_head.weight.sum()
+
+
+def test_a_compute_loss_override_is_what_every_schedule_trains_on(tmp_path, caplog):
+    """dual's perturbed copies live only inside the modules' forwards, where the override's term
+    never looks: the default schedule must train in place on the override (equal to sequential),
+    and say so."""
+    trained = {}
+    for label, cls, schedule in (("default", PenalizedTrainer, "dual"), ("sequential", PenalizedTrainer, "sequential"),
+                                 ("plain", ZOTrainer, "dual")):
+        model = tiny_causal_lm("llama")
+        trainer = cls(model=model, args=make_trainer(model, tmp_path / label).args, train_dataset=counting_dataset(),
+                      data_collator=default_data_collator)
+        trainer.args.zo_schedule = schedule
+        with caplog.at_level("WARNING", logger="zotune"):
+            trainer.train()
+        trained[label] = weights(model)
+    assert "PenalizedTrainer overrides compute_loss" in caplog.text
+    for name, w in trained["sequential"].items():
+        torch.testing.assert_close(trained["default"][name], w, rtol=0, atol=1e-6, msg=name)
+    head = "lm_head.weight"
+    assert (trained["default"][head] - trained["plain"][head]).abs().max() > 1e-4  # the term moved the head
+
+
+@pytest.mark.parametrize("args", ["plain", "none"])
+def test_arguments_that_are_not_a_zoconfig_are_refused_clearly(args, tmp_path):
+    from transformers import TrainingArguments
+
+    given = {"args": TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")} if args == "plain" else {}
+    with pytest.raises(TypeError, match=r"ZOTrainer needs args=ZOConfig\(\.\.\.\)"):
+        ZOTrainer(model=tiny_causal_lm("llama"), train_dataset=counting_dataset(), **given)
+
+
+def test_the_weights_digest_takes_0_dim_parameters():
+    from zotune.trajectory import params_digest
+
+    one, two = torch.nn.Parameter(torch.tensor(1.0)), torch.nn.Parameter(torch.tensor(2.0))
+    assert params_digest([("a", one)]) != params_digest([("a", two)])
+    assert params_digest([("a", one)]) == params_digest([("a", torch.tensor(1.0))])

@@ -159,7 +159,8 @@ class ZOTrainer(Trainer):
         self.offloader: BlockOffloader | None = None
         super().__init__(*args, **kwargs)
         if not isinstance(self.args, ZOConfig):
-            raise TypeError("ZOTrainer needs a ZOConfig, not a plain TrainingArguments")
+            raise TypeError(f"ZOTrainer needs args=ZOConfig(...), which adds the zo_* settings; got a "
+                            f"{type(self.args).__name__} (given no args, the Trainer makes a plain TrainingArguments)")
         if self.args.zo_offload == "cpu" and self.offloader is None:
             self._attach_offloader(self.model, self.args.device)
         self.zo: ZOOptimizer | None = None
@@ -176,9 +177,22 @@ class ZOTrainer(Trainer):
         self.accelerator.prepare_model = functools.partial(self.accelerator.prepare_model, evaluation_mode=True)
         self.add_callback(SaveOnInterrupt())
 
+    def _schedule(self) -> tuple[str, bool]:
+        """(schedule, lazy_update) to run. A subclass's `compute_loss` may read the weights outside
+        the modules' forwards (a penalty on θ), where dual's perturbed copies never are: it runs in
+        place (fused), so that every loss the step sees is `compute_loss`'s at θ ± εz."""
+        if self.args.zo_schedule == "dual" and type(self).compute_loss is not Trainer.compute_loss \
+                and self._objective is None:
+            logger.warning("zotune: %s overrides compute_loss, which may read the weights outside the modules' "
+                           "forwards; training in place with the fused schedule (same numbers as sequential)",
+                           type(self).__name__)
+            return "fused", False
+        return self.args.zo_schedule, self.args.zo_lazy_update
+
     def create_optimizer(self, model=None):
         if self.optimizer is None:
             model = model if model is not None else self.model
+            schedule, lazy_update = self._schedule()
             named = trainable_parameters(model, self.args.zo_include, self.args.zo_exclude)
             decay = {stable_name(n) for n in self.get_decay_parameter_names(model)}
             # kept as a direct reference: accelerate wraps self.optimizer, and state put on
@@ -191,15 +205,15 @@ class ZOTrainer(Trainer):
                 eps=self.args.zo_eps,
                 num_directions=self.args.zo_num_directions,
                 perturbation=self.args.zo_perturbation,
-                schedule=self.args.zo_schedule,
-                lazy_update=self.args.zo_lazy_update,
+                schedule=schedule,
+                lazy_update=lazy_update,
                 master_weights=self.args.zo_master_weights,
                 rule=self.args.rule(),
                 estimator=self.args.estimator(),
                 seed=self.args.seed,
             )
             self.optimizer = self.zo
-            if self.args.zo_schedule == "dual":
+            if schedule == "dual":
                 self.dual = DualEngine(model, self.zo)
             if self.offloader is not None:
                 # looked up per call: accelerate reloads the optimizer's state into new dicts
@@ -214,7 +228,7 @@ class ZOTrainer(Trainer):
         self.offloader = BlockOffloader(model, device, transfer_dtype=dtype)
 
     def _move_model_to_device(self, model, device) -> None:
-        if self.args.zo_offload == "cpu":
+        if getattr(self.args, "zo_offload", "none") == "cpu":  # not a ZOConfig: __init__ says so next
             self._attach_offloader(model, device)
         else:
             super()._move_model_to_device(model, device)

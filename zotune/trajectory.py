@@ -47,7 +47,7 @@ def params_digest(named_params: Iterable[tuple[str, torch.Tensor]]) -> str:
     h = hashlib.sha256()
     for name, p in named_params:
         h.update(name.encode())
-        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(p.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())  # 0-dim too
     return h.hexdigest()
 
 
