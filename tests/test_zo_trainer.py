@@ -336,3 +336,28 @@ def test_the_weights_digest_takes_0_dim_parameters():
     one, two = torch.nn.Parameter(torch.tensor(1.0)), torch.nn.Parameter(torch.tensor(2.0))
     assert params_digest([("a", one)]) != params_digest([("a", two)])
     assert params_digest([("a", one)]) == params_digest([("a", torch.tensor(1.0))])
+
+
+class ScalarRegression(torch.nn.Module):
+    """The shape of transformers' own Trainer test model: y = a·x + b with two 0-dim parameters."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Parameter(torch.tensor(0.0)), torch.nn.Parameter(torch.tensor(0.0))
+
+    def forward(self, input_x, labels=None):
+        y = input_x * self.a + self.b
+        return (y,) if labels is None else (torch.nn.functional.mse_loss(y, labels), y)
+
+
+def test_0_dim_parameters_train_in_every_schedule(tmp_path):
+    x = torch.linspace(-2, 2, 64)
+    data = Dataset.from_dict({"input_x": x.tolist(), "labels": (2 * x + 3).tolist()})
+    trained = {}
+    for schedule in ("dual", "sequential"):
+        model = ScalarRegression()
+        make_trainer(model, tmp_path / schedule, data, max_steps=30, learning_rate=1e-2, zo_eps=1e-2,
+                     zo_schedule=schedule).train()
+        trained[schedule] = (model.a.item(), model.b.item())
+    assert trained["dual"] == pytest.approx(trained["sequential"], abs=1e-5)
+    assert trained["dual"][0] > 0.1 and trained["dual"][1] > 0.1  # towards a = 2, b = 3
