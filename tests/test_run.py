@@ -123,3 +123,16 @@ def test_bad_data_is_a_clear_error(tmp_path):
     done = cli("train", str(path))
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "stars" in done.stderr and "train.jsonl" in done.stderr
+
+
+def test_replay_refuses_a_log_of_the_earlier_in_place_dual(tmp_path):
+    path = write_recipe(tmp_path)
+    train(load_recipe(str(path)), str(path))
+    log = tmp_path / "run/zo_trajectory.jsonl"
+    header, *records = log.read_text().splitlines()
+    old = json.loads(header)
+    old["optimizer"]["schedule"] = "dual"
+    del old["optimizer"]["master_weights"]  # what an earlier zotune wrote
+    log.write_text("\n".join([json.dumps(old), *records]) + "\n")
+    done = cli("replay", str(path), str(log), str(tmp_path / "out"))
+    assert done.returncode == 2 and "recorded by an earlier zotune" in done.stderr and "Traceback" not in done.stderr

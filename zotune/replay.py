@@ -49,6 +49,10 @@ def replay(base: str, trajectory: str, out_dir: str) -> None:
     header, records = read_trajectory(trajectory)
     if header["start_step"] != 0:
         raise UserError(f"{trajectory}: the log starts at step {header['start_step']}, not at the base model")
+    if header["optimizer"]["schedule"] == "dual" and "master_weights" not in header["optimizer"]:
+        raise UserError(f"{trajectory}: recorded by an earlier zotune, whose dual schedule moved the weights in place; "
+                        "this version's dual leaves them at θ, so the replayed weights would differ in their last "
+                        "bits: replay it with the zotune that wrote it")
     model, tokenizer = _base_model(base)
     available = dict(trainable_parameters(model, [], []))
     missing = [n for n in header["params"] if n not in available]
