@@ -431,7 +431,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         the perturbation passes are repeated too: +εz −2εz +εz may leave an ulp behind."""
         for group in self.param_groups:
             group["lr"] = record["lr"]
-        self.schedule = record["schedule"]  # a dual run that fell back records its steps as fused
+        self.schedule = record["schedule"]  # each record says how its step ran
         self.lazy_update = False
         step = self._step = record["step"]
         self.estimator.begin_step(self, step)
