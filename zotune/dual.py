@@ -108,7 +108,7 @@ class DualEngine:
         def forward(*args, **kwargs):
             if self.direction is None and not self.probing:
                 return original(*args, **kwargs)
-            return self._call(original, run, params, args, kwargs)
+            return self._call(original, run, args, kwargs)
 
         module.forward = forward
         self._originals.append((module, original, patched_before))
@@ -136,7 +136,7 @@ class DualEngine:
 
     # -- one wrapped call ---------------------------------------------------------------
 
-    def _call(self, original: Callable, run: Callable, params, args: tuple, kwargs: dict):
+    def _call(self, original: Callable, run: Callable, args: tuple, kwargs: dict):
         if self.half is not None:  # inside a nested owner's half, or a one-sign forward: don't split
             return self._at_half(original, run, self.half, args, kwargs, {})
         halves, shared = _split((args, kwargs), self.batch)
@@ -215,11 +215,11 @@ class DualEngine:
 
     def _run_chunks(self, module: nn.Linear, weight, rest, original, at: Point, args, kwargs, buffers: dict):
         """A large Linear: applied in chunks of output rows, one chunk's perturbed weight at a time."""
-        (name, w), bias = weight, dict(rest)
+        name, w = weight
         x = args[0] if args else kwargs["input"]
-        self.optimizer.settle(name, w)
-        for n, p in rest:
+        for n, p in [weight, *rest]:
             self.optimizer.settle(n, p)
+        b_name = next((n for n, p in rest if p is module.bias), None)  # None: no bias, or a frozen one
         size = min(scratch.chunk_rows(w), w.shape[0])
         out = buffers.pop("into", None)
         if out is None:
@@ -230,7 +230,6 @@ class DualEngine:
                                                      self._buffer(buffers, name, (size, *w.shape[1:]), w)[:hi - lo])
             b_chunk = None
             if module.bias is not None:
-                b_name = next((n for n, p in bias.items() if p is module.bias), None)
                 b_chunk = module.bias[lo:hi] if b_name is None else self.optimizer.perturbed_range(
                     b_name, module.bias, lo, hi, at, self._buffer(buffers, b_name, (size,), module.bias)[:hi - lo])
             out[..., lo:hi] = F.linear(x, w_chunk, b_chunk)
