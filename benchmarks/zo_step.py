@@ -8,8 +8,9 @@ Measured in this order, in one process (timings on a shared machine are noisy: c
    steady state is the median of the last half; the warm-up (compiling the CPU kernels, first in
    this process) is the first steps' excess over it, reported apart;
 2. the forward of the batch (B rows) and of the doubled batch (2B) that dual runs;
-3. the breakdown of a raw dual step: the doubled forward through the wrappers without
-   perturbation (splitting and joining only), with perturbed copies, and the update pass;
+3. the breakdown of a raw dual step: the doubled forward (logits only), through the wrappers with
+   plain copies of θ (splitting, joining, copying), with perturbed copies (the noise), the two
+   halves' losses and the update pass;
 4. the raw `ZOOptimizer` for every schedule and both noise kinds, and a straightforward
    MeZO-style step (four regenerations of z with torch.normal under a re-seeded generator).
 """
@@ -26,7 +27,7 @@ from datasets import Dataset
 from transformers import GPT2Config, GPT2LMHeadModel, TrainerCallback
 
 from zo_steps import zo_step_fn
-from zotune.dual import double
+from zotune.dual import causal_lm_loss, double
 from zotune.trainer import ZOConfig, ZOTrainer
 
 STEPS = 12
@@ -142,18 +143,40 @@ def main() -> None:
 
     step, engine, total = dual_step
     opt = step.optimizer
+    inputs = {"input_ids": ids}
 
-    def forward_through(direction) -> None:
+    def forward_through(direction) -> torch.Tensor:
         with torch.no_grad(), engine.dual_forward(args.batch, direction):
-            model(**double(batch, args.batch))
+            return model(**double(inputs, args.batch)).logits
 
-    _, wrapped = timed(lambda: forward_through(None), args.repeats)
+    def copies_only() -> None:
+        """The wrapped forward with every perturbed copy a plain copy of θ: splitting, joining, copying."""
+        noisy = opt.perturbed, opt.perturbed_range, opt.reflect
+        opt.perturbed = lambda name, p, at, out: out.copy_(p.data)
+        opt.perturbed_range = lambda name, p, lo, hi, at, out: out.copy_(p.data[lo:hi])
+        opt.reflect = lambda p, copy, index=...: copy
+        try:
+            forward_through((0, 0))
+        finally:
+            opt.perturbed, opt.perturbed_range, opt.reflect = noisy
+
+    def logits_2x() -> torch.Tensor:
+        with torch.no_grad():
+            return model(**double(inputs, args.batch)).logits
+
+    _, plain = timed(logits_2x, args.repeats)
+    _, copied = timed(copies_only, args.repeats)
     _, perturbed = timed(lambda: forward_through((0, 0)), args.repeats)
+    logits = logits_2x()
+    _, losses = timed(lambda: [causal_lm_loss(logits[h * args.batch:(h + 1) * args.batch], ids) for h in (0, 1)],
+                      args.repeats)
     _, update = timed(lambda: opt._apply([1e-3], 0), args.repeats)
-    print(f"\nbreakdown of a raw dual step ({total:.2f} s), in forwards of B rows:")
-    for label, t in (("doubled forward, plain", forward_2x), ("through the wrappers, probing (split, join, check)", wrapped),
-                     ("doubled forward on perturbed copies", perturbed), ("update pass", update),
-                     ("rest (losses, bookkeeping)", total - perturbed - update)):
+    print(f"\nbreakdown of a raw dual step ({total:.2f} s), in forwards of B rows, each part timed on its own:")
+    for label, t in (("doubled forward, logits only", plain),
+                     ("+ through the wrappers, copies of θ (no noise)", copied - plain),
+                     ("+ noise of the perturbed copies", perturbed - copied),
+                     ("the two halves' losses", losses), ("update pass", update),
+                     ("rest (bookkeeping, timing noise)", total - perturbed - losses - update)):
         print(f"  {label:<52}{t:>7.2f} s{t / forward:>7.2f}")
     print(f"ZOTrainer's own work beyond the raw step: {steady - total:.2f} s = {(steady - total) / forward:.2f} forwards")
 

@@ -22,7 +22,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification
 from zotune import scratch
 from zotune.blocks import find_blocks
 from zotune.dual import DualRefused, _split
-from zotune.optim import ZOOptimizer
+from zotune.optim import Point, ZOOptimizer
 from zotune.replay import optimizer_from_header
 from zotune.trajectory import read_trajectory
 
@@ -358,6 +358,29 @@ def test_remove_restores_every_forward():
     assert mlp.forward is not patched and "forward" in model.lm_head.__dict__
     engine.remove()
     assert mlp.forward is patched and not any("forward" in m.__dict__ for m in model.modules() if m is not mlp)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_second_copy_of_a_pair_is_the_first_reflected_through_theta(dtype):
+    """θ − εz taken as 2θ − (θ + εz) is within an ulp of generating z again, θ stays untouched,
+    and only the second point of a symmetric pair without a master copy is reflected."""
+    torch.manual_seed(0)
+    p = nn.Parameter(torch.randn(37, 11).to(dtype))
+    theta = p.detach().clone()
+    opt = ZOOptimizer([("w", p)], lr=0.1, eps=1e-2, schedule="dual")
+    a, b = opt.offsets
+    plus, minus = torch.empty_like(p), torch.empty_like(p)
+    opt.perturbed("w", p, Point(5, 0, a), plus)
+    opt.perturbed("w", p, Point(5, 0, b), minus)
+    assert opt.reflects(Point(5, 0, b), p) and not opt.reflects(Point(5, 0, a), p)
+    reflected = opt.reflect(p, plus.clone())
+    ulp = torch.finfo(dtype).eps * torch.maximum(minus.abs(), theta.abs()).float()
+    assert ((reflected.float() - minus.float()).abs() <= ulp).all()
+    assert not torch.equal(plus, minus) and torch.equal(p.detach(), theta)
+    rows = opt.reflect(p, plus[3:9].clone(), slice(3, 9))
+    assert torch.equal(rows, reflected[3:9])
+    with_master = ZOOptimizer([("w", p)], lr=0.1, eps=1e-2, schedule="dual", master_weights="fp32")
+    assert not with_master.reflects(Point(5, 0, b), p) or dtype == torch.float32
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

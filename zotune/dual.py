@@ -5,11 +5,12 @@ Every module that directly owns trainable parameters gets its forward wrapped. I
 a dual forward the wrapper
 
 1. runs the first half of its inputs with its own parameters replaced by θ + εz,
-2. runs the second half with them replaced by θ − εz,
-3. concatenates the two outputs,
+2. runs the second half with them replaced by θ − εz, the first copy reflected through θ
+   (2θ − copy: z is generated once for both halves),
+3. joins the two outputs; a Linear or Conv1D writes each half's product straight into them,
 
 so every module sees the weights its half of the batch would have seen in MeZO's two
-separate forwards. The perturbed copies are made for the call (`ZOOptimizer.perturbed`) and
+separate forwards, to an ulp. The perturbed copies are made for the call (`ZOOptimizer.perturbed`) and
 freed after it; the parameters themselves only ever hold θ, so there is nothing to restore and
 a 16-bit weight needs no fp32 master copy. How much a copy takes is `zotune.scratch`'s rule:
 an Embedding copies only the rows it looks up, a large Linear runs in chunks of output rows,
@@ -114,15 +115,18 @@ class DualEngine:
         self._originals.append((module, original, patched_before))
 
     def _runner(self, module: nn.Module, params) -> Callable:
-        """How `module` runs at one sign: on its looked-up rows, in chunks of output rows, or on
-        whole perturbed copies (`zotune.scratch`); structured directions take whole copies."""
+        """How `module` runs at one sign (`zotune.scratch`): on its looked-up rows; as a product
+        written into its output (nn.Linear, in chunks of output rows when large; Conv1D); or on
+        whole perturbed copies. Structured directions take whole copies."""
         kind = scratch.strategy(module) if self.optimizer.estimator.plain else "whole"
-        if kind != "whole" and any(p is module.weight for _, p in params):
+        form = scratch.linear_form(module)
+        if (kind == "rows" or form) and any(p is module.weight for _, p in params):
             weight = next((n, p) for n, p in params if p is module.weight)
             rest = [(n, p) for n, p in params if p is not module.weight]
             if kind == "rows":
                 return functools.partial(self._run_rows, module, weight, rest)
-            return functools.partial(self._run_chunks, module, weight, rest)
+            rows = scratch.chunk_rows(weight[1]) if kind == "chunks" else None
+            return functools.partial(self._run_linear, module, form, weight, rest, rows)
         return functools.partial(self._run_whole, params)
 
     def remove(self) -> None:
@@ -140,15 +144,12 @@ class DualEngine:
         if self.half is not None:  # inside a nested owner's half, or a one-sign forward: don't split
             return self._at_half(original, run, self.half, args, kwargs, {})
         halves, shared = _split((args, kwargs), self.batch)
-        buffers = {}  # the perturbed copies, reused by the second half
-        if run.func == self._run_chunks and not shared and not self.probing:
-            # a chunked head writes each half straight into the joined output: no second copy of the logits
-            x = args[0] if args else kwargs["input"]
-            joined = x.new_empty((*x.shape[:-1], run.args[0].weight.shape[0]))
-            for half, (h_args, h_kwargs) in enumerate(halves):
-                buffers["into"] = joined.chunk(2)[half]
-                self._at_half(original, run, half, h_args, h_kwargs, buffers)
-            return joined
+        buffers = {}  # the perturbed copies, reflected for the second half
+        if run.func == self._run_linear and not shared and not self.probing:
+            x = _input(args, kwargs)
+            if not torch.is_autocast_enabled(x.device.type):
+                s, k = self.direction
+                return self._linear(*run.args, x, [Point(s, k, c) for c in self.optimizer.offsets], buffers)
         joined = None
         for half, (h_args, h_kwargs) in enumerate(halves):
             self.half = half
@@ -173,13 +174,38 @@ class DualEngine:
             buffers[key] = self.tracker.track(torch.empty(shape, dtype=like.dtype, device=like.device))
         return buffers[key]
 
+    def _copy(self, buffers: dict, name: str, p: nn.Parameter, at: Point, span: tuple[int, int, int] | None = None):
+        """θ + at.coef·z for `p`, or for its rows lo..hi given `span` = (lo, hi, rows of the buffer),
+        in a buffer kept for the call. The second point of a ± pair is the reflection of the first's
+        copy (`ZOOptimizer.reflects`): taken from the buffer when the first half just filled it, so
+        z is generated once for both, and the same numbers when a forward runs one sign."""
+        lo = 0 if span is None else span[0]
+        if span is None:
+            out = self._buffer(buffers, name, p.shape, p)
+        else:
+            out = self._buffer(buffers, name, (span[2], *p.shape[1:]), p)[:span[1] - lo]
+        first = Point(at.seed, at.k, -at.coef)
+        if self.optimizer.reflects(at, p):
+            if buffers.get(("at", name)) != (first, lo):
+                self._perturbed(name, p, first, out, span)
+            self.optimizer.reflect(p, out, ... if span is None else slice(lo, span[1]))
+        else:
+            self._perturbed(name, p, at, out, span)
+        buffers[("at", name)] = (at, lo)
+        return out
+
+    def _perturbed(self, name: str, p: nn.Parameter, at: Point, out: torch.Tensor, span) -> None:
+        if span is None:
+            self.optimizer.perturbed(name, p, at, out)
+        else:
+            self.optimizer.perturbed_range(name, p, span[0], span[1], at, out)
+
     def _run_whole(self, params, original, at: Point, args, kwargs, buffers: dict):
         """Every own parameter replaced by θ + c·z for the call; θ itself is not touched."""
         saved = []
         try:
             for name, p in params:
-                out = self._buffer(buffers, name, p.shape, p)
-                self.optimizer.perturbed(name, p, at, out)
+                out = self._copy(buffers, name, p, at)
                 saved.append((p, p.data))
                 p.data = out
             return original(*args, **kwargs)
@@ -213,26 +239,41 @@ class DualEngine:
             return False
         return torch.is_tensor(got) and got.shape == expected.shape and torch.equal(got, expected)
 
-    def _run_chunks(self, module: nn.Linear, weight, rest, original, at: Point, args, kwargs, buffers: dict):
-        """A large Linear: applied in chunks of output rows, one chunk's perturbed weight at a time."""
-        name, w = weight
-        x = args[0] if args else kwargs["input"]
-        for n, p in [weight, *rest]:
-            self.optimizer.settle(n, p)
-        b_name = next((n for n, p in rest if p is module.bias), None)  # None: no bias, or a frozen one
-        size = min(scratch.chunk_rows(w), w.shape[0])
-        out = buffers.pop("into", None)
-        if out is None:
-            out = x.new_empty((*x.shape[:-1], w.shape[0]))
-        for lo in range(0, w.shape[0], size):
-            hi = min(lo + size, w.shape[0])
-            w_chunk = self.optimizer.perturbed_range(name, w, lo, hi, at,
-                                                     self._buffer(buffers, name, (size, *w.shape[1:]), w)[:hi - lo])
-            b_chunk = None
-            if module.bias is not None:
-                b_chunk = module.bias[lo:hi] if b_name is None else self.optimizer.perturbed_range(
-                    b_name, module.bias, lo, hi, at, self._buffer(buffers, b_name, (size,), module.bias)[:hi - lo])
-            out[..., lo:hi] = F.linear(x, w_chunk, b_chunk)
+    def _run_linear(self, module, form, weight, rest, rows, original, at: Point, args, kwargs, buffers: dict):
+        """One sign of a Linear or Conv1D (`_linear`); under autocast, its own forward on whole copies,
+        since a product written into a given output skips autocast's casts."""
+        x = _input(args, kwargs)
+        if torch.is_autocast_enabled(x.device.type):
+            return self._run_whole([weight, *rest], original, at, args, kwargs, buffers)
+        return self._linear(module, form, weight, rest, rows, x, [at], buffers)
+
+    def _linear(self, module, form: str, weight, rest, rows: int | None, x: torch.Tensor, points: list[Point],
+                buffers: dict) -> torch.Tensor:
+        """y = x·Wᵀ + b (Conv1D: x·W + b), the i-th block of x's rows at points[i], each block's product
+        written straight into one output. Given `rows`, W is perturbed that many output rows at a
+        time (a large Linear: a tied LM head over a large vocabulary never has a whole copy)."""
+        (name, w), bias = weight, module.bias
+        b_name = next((n for n, p in rest if p is bias), None)  # None: no bias, or a frozen one
+        features = w.shape[0] if form == "linear" else w.shape[1]
+        out = x.new_empty((*x.shape[:-1], features))
+        xs, ys = x.reshape(len(points), -1, x.shape[-1]), out.view(len(points), -1, features)
+        if rows is not None:
+            for n, p in [weight, *rest]:
+                self.optimizer.settle(n, p)
+        for lo in range(0, features, rows or features):
+            hi = min(lo + (rows or features), features)
+            span = None if rows is None else (lo, hi, rows)
+            for x_i, y_i, at in zip(xs, ys, points):
+                w_at = self._copy(buffers, name, w, at, span)
+                if bias is None or b_name is None:
+                    b_at = None if bias is None else bias[lo:hi]
+                else:
+                    b_at = self._copy(buffers, b_name, bias, at, span)
+                w_at = w_at.t() if form == "linear" else w_at
+                if b_at is None:
+                    torch.mm(x_i, w_at, out=y_i[:, lo:hi])
+                else:
+                    torch.addmm(b_at, x_i, w_at, out=y_i[:, lo:hi])
         return out
 
     # -- forwards ---------------------------------------------------------------------
@@ -250,6 +291,11 @@ class DualEngine:
             yield
         finally:
             self.direction, self.probing, self.half = None, False, None
+
+
+def _input(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The input of a Linear or Conv1D call."""
+    return args[0] if args else kwargs["input" if "input" in kwargs else "x"]
 
 
 def _renumbered(args: tuple, kwargs: dict):

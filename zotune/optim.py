@@ -13,8 +13,9 @@ Two ways to take the losses at θ + a·z_k and θ + b·z_k (`offsets`: ±ε for 
     dual (default, out of place): θ never moves except by its update. `zotune.dual` runs each
         module that owns trainable parameters on perturbed copies of them, made for its call
         (`perturbed`, `perturbed_rows`) and freed after it: both halves of one forward of the
-        doubled batch, or two forwards where a model cannot be split. z is regenerated once
-        per sign, and once for the update; with `lazy_update` the update rides on the next
+        doubled batch, or two forwards where a model cannot be split. z is generated once
+        for both signs (the copy at θ − c·z is the one at θ + c·z reflected through θ,
+        `reflect`), and once for the update; with `lazy_update` the update rides on the next
         step's first perturbed copy (`lazy_update_and_perturb_` with `out`), and `flush()`
         applies what is still owed before anything reads the weights.
     sequential / fused (in place, MeZO's way): the weights themselves are moved,
@@ -249,6 +250,17 @@ class ZOOptimizer(torch.optim.Optimizer):
         return lazy_update_and_perturb_(p.data, seed_for(step_seed(self.seed, owed.step), 0, name), -owed.lr * owed.g[0],
                                         seed, at.coef, decay=decay, master=state.get("master"), out=out,
                                         rounding_seed=self._rounding_seed(p, name, owed.step), **kw)
+
+    def reflects(self, at: Point, p: torch.nn.Parameter) -> bool:
+        """Whether `p`'s copy at `at` is taken as the reflection through θ of its copy at the pair's
+        other point (`reflect`): the second point of a symmetric pair (θ − c·z after θ + c·z), and
+        not a 16-bit weight with an fp32 master, whose copies are rounded from the master."""
+        return at.coef != 0 and tuple(self.offsets) == (-at.coef, at.coef) and "master" not in self.state[p]
+
+    def reflect(self, p: torch.nn.Parameter, copy: torch.Tensor, index=...) -> torch.Tensor:
+        """`copy`, θ + c·z for `p` (at `index` of it: rows, a slice), becomes 2θ − copy = θ − c·z,
+        within an ulp of generating z again, in one pass without the noise."""
+        return copy.lerp_(p.data[index], 2.0)
 
     def perturbed_range(self, name: str, p: torch.nn.Parameter, lo: int, hi: int, at: Point,
                         out: torch.Tensor) -> torch.Tensor:

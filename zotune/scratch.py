@@ -19,6 +19,7 @@ every architecture against the largest module's own parameter bytes.
 from __future__ import annotations
 
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 # A chunked Linear's perturbed weight never exceeds this many elements (16 MB in fp32); a smaller
 # Linear is copied whole. GPT-2's largest block matrix has 2.4M elements, Llama-3-8B's 58.7M.
@@ -34,6 +35,17 @@ def strategy(module: nn.Module) -> str:
     if type(module).forward is nn.Linear.forward and module.weight.numel() > CHUNK_ELEMENTS:
         return "chunks"
     return "whole"
+
+
+def linear_form(module: nn.Module) -> str | None:
+    """"linear" for a module that runs `nn.Linear`'s forward (y = x Wᵀ + b), "conv1d" for transformers'
+    `Conv1D` (y = x W + b), else None. The dual engine computes these products itself, writing each
+    half of the batch straight into the joined output."""
+    if type(module).forward is nn.Linear.forward:
+        return "linear"
+    if type(module).forward is Conv1D.forward:
+        return "conv1d"
+    return None
 
 
 def chunk_rows(weight) -> int:

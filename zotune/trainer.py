@@ -33,6 +33,9 @@ logger = logging.get_logger("zotune")
 PERTURBATIONS = ("gaussian", "rademacher")
 OFFLOADS = ("none", "cpu")
 TRANSFER_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+# the start-up probe of the dual schedule runs this many rows of the first batch: it costs a
+# doubled forward of them once, and 2 rows still tell a split along the batch from a broadcast
+PROBE_ROWS = 2
 
 
 class NonFiniteLossError(UserError):
@@ -273,10 +276,12 @@ class ZOTrainer(Trainer):
 
     @torch.no_grad()
     def _probe_dual(self, model, inputs) -> None:
-        """Before the first step: run the doubled batch unperturbed and check that every module
-        split its input along the batch and that each half's loss equals the plain loss. If not,
-        run the two signs as two forwards through the same wrappers, with a one-line warning."""
+        """Before the first step: run the first `PROBE_ROWS` rows of the batch doubled, unperturbed,
+        and check that every module split its input along the batch and that each half's loss
+        equals the plain loss. If not, run the two signs as two forwards through the same
+        wrappers, with a one-line warning."""
         self._dual_probed = True
+        inputs = _first_rows(inputs, PROBE_ROWS)
         plain = self._value(model, inputs)
         try:
             halves = self._half_losses(model, inputs, None)
@@ -409,6 +414,12 @@ class ZOTrainer(Trainer):
         if self.trajectory is not None:
             self.trajectory.sync()
         save_checkpoint_atomically(self, super()._save_checkpoint, model, trial)
+
+
+def _first_rows(inputs: dict, rows: int) -> dict:
+    """The first `rows` rows of a batch: every tensor with the batch's rows cut."""
+    batch = next(len(v) for v in inputs.values() if torch.is_tensor(v) and v.dim())
+    return {k: v[:rows] if torch.is_tensor(v) and v.dim() and len(v) == batch else v for k, v in inputs.items()}
 
 
 def _without_kv_cache(model, inputs: dict) -> dict:
