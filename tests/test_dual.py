@@ -66,7 +66,7 @@ def test_dual_equals_sequential(arch, tmp_path, monkeypatch):
     monkeypatch.setattr(scratch, "CHUNK_ELEMENTS", 1024)  # the 300-row heads run in chunks of 32 rows
     seq_model, seq = train(arch, tmp_path / "seq", zo_schedule="sequential")
     dual_model, dual = train(arch, tmp_path / "dual", zo_schedule="dual")
-    assert dual.zo.schedule == "dual", "fell back"
+    assert dual.zo.schedule == "dual" and dual._dual_split, "fell back"
     seq_records, dual_records = read_trajectory(tmp_path / "seq" / "zo_trajectory.jsonl")[1], \
         read_trajectory(tmp_path / "dual" / "zo_trajectory.jsonl")[1]
     for s, d in zip(seq_records, dual_records, strict=True):

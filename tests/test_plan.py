@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from zotune.blocks import find_blocks
 from zotune.cli import app
-from zotune.dual import DualEngine, half_losses, model_loss
+from zotune.dual import DualEngine, half_losses
 from zotune.errors import UserError
 from zotune.models import load_model
 from zotune.offload import BlockOffloader
@@ -287,8 +287,7 @@ def test_activation_estimate_close_to_a_real_dual_forward(arch, attention, monke
     x = torch.randint(config.vocab_size, (2, 128))
     tracker = LivePeak({t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers(), x)})
     with torch.no_grad(), tracker:
-        half_losses(engine, model, {"input_ids": x, "labels": x, "use_cache": False}, (1, 0),
-                    lambda outputs, labels: model_loss(model, outputs, labels))
+        half_losses(engine, model, {"input_ids": x, "labels": x, "use_cache": False}, (1, 0))
     p = plan(arch, changes, seq_len=128, attention=attention)
     assert 0 < engine.tracker.peak <= p.compute_scratch  # an embedding looks up fewer rows than planned
     assert tracker.peak == pytest.approx(p.compute_activations + p.compute_scratch, rel=0.15)

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import CORE_ARCHS, tiny_causal_lm
 from datasets import Dataset
 from transformers import default_data_collator
@@ -300,25 +301,53 @@ class PenalizedTrainer(ZOTrainer):
         return loss + 10.0 * model.lm_head.weight.sum()
 
 
-def test_a_compute_loss_override_is_what_every_schedule_trains_on(tmp_path, caplog):
-    """dual's perturbed copies live only inside the modules' forwards, where the override's term
-    never looks: the default schedule must train in place on the override (equal to sequential),
-    and say so."""
+class SmoothedTrainer(ZOTrainer):
+    """A user's compute_loss override that reduces the model's outputs its own way (label smoothing)."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs.pop("labels")
+        logits = model(**inputs).logits
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), label_smoothing=0.2)
+
+
+def _train_each(tmp_path, runs) -> dict:
     trained = {}
-    for label, cls, schedule in (("default", PenalizedTrainer, "dual"), ("sequential", PenalizedTrainer, "sequential"),
-                                 ("plain", ZOTrainer, "dual")):
+    for label, cls, schedule in runs:
         model = tiny_causal_lm("llama")
         trainer = cls(model=model, args=make_trainer(model, tmp_path / label).args, train_dataset=counting_dataset(),
                       data_collator=default_data_collator)
         trainer.args.zo_schedule = schedule
-        with caplog.at_level("WARNING", logger="zotune"):
-            trainer.train()
-        trained[label] = weights(model)
-    assert "PenalizedTrainer overrides compute_loss" in caplog.text
-    for name, w in trained["sequential"].items():
-        torch.testing.assert_close(trained["default"][name], w, rtol=0, atol=1e-6, msg=name)
+        trainer.train()
+        trained[label] = (weights(model), trainer)
+    return trained
+
+
+def test_a_compute_loss_override_that_reads_the_weights_trains_in_place(tmp_path, caplog):
+    """dual's perturbed copies live only inside the modules' forwards, where the override's term
+    never looks: the probe must see the term read the weight, train in place (equal to
+    sequential), and say so."""
+    with caplog.at_level("WARNING", logger="zotune"):
+        trained = _train_each(tmp_path, (("default", PenalizedTrainer, "dual"),
+                                         ("sequential", PenalizedTrainer, "sequential"), ("plain", ZOTrainer, "dual")))
+    assert "PenalizedTrainer reads lm_head.weight outside the module that owns it" in caplog.text
+    assert trained["default"][1].zo.schedule == "fused" and trained["plain"][1].zo.schedule == "dual"
+    for name, w in trained["sequential"][0].items():
+        torch.testing.assert_close(trained["default"][0][name], w, rtol=0, atol=1e-6, msg=name)
     head = "lm_head.weight"
-    assert (trained["default"][head] - trained["plain"][head]).abs().max() > 1e-4  # the term moved the head
+    assert (trained["default"][0][head] - trained["plain"][0][head]).abs().max() > 1e-4  # the term moved the head
+
+
+def test_a_compute_loss_override_that_reduces_outputs_is_split_by_dual(tmp_path, caplog):
+    """An override that only reduces the model's outputs its own way stays out of place, split into
+    the doubled forward's halves, and trains on its own loss: equal to sequential, not to the plain loss."""
+    with caplog.at_level("WARNING", logger="zotune"):
+        trained = _train_each(tmp_path, (("dual", SmoothedTrainer, "dual"), ("sequential", SmoothedTrainer, "sequential"),
+                                         ("plain", ZOTrainer, "dual")))
+    dual = trained["dual"][1]
+    assert dual.zo.schedule == "dual" and dual._dual_split and "zotune" not in caplog.text
+    for name, w in trained["sequential"][0].items():
+        torch.testing.assert_close(trained["dual"][0][name], w, rtol=0, atol=1e-5, msg=name)
+    assert any(not torch.allclose(w, trained["plain"][0][n], rtol=0, atol=1e-5) for n, w in trained["dual"][0].items())
 
 
 @pytest.mark.parametrize("args", ["plain", "none"])

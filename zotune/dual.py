@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from zotune import scratch
@@ -91,6 +92,7 @@ class DualEngine:
         self.half: int | None = None  # set while a nested owner runs one half, or a forward runs one sign
         self.batch = 0  # B, the rows of one half
         self.tracker = ScratchTracker()
+        self.depth = 0  # wrapped calls running: a weight read outside them sees θ, never a perturbed copy
         self._rows_ok: dict[nn.Module, bool] = {}  # Embeddings: whether renumbering their input is faithful
         names = {id(p): name for name, p, _ in optimizer.named_params()}  # a tied weight has one name
         self._originals: list[tuple[nn.Module, Callable, bool]] = []
@@ -109,7 +111,11 @@ class DualEngine:
         def forward(*args, **kwargs):
             if self.direction is None and not self.probing:
                 return original(*args, **kwargs)
-            return self._call(original, run, args, kwargs)
+            self.depth += 1
+            try:
+                return self._call(original, run, args, kwargs)
+            finally:
+                self.depth -= 1
 
         module.forward = forward
         self._originals.append((module, original, patched_before))
@@ -388,19 +394,99 @@ def _check_halves_agree(halves) -> None:
 
 
 def half_losses(engine: DualEngine, model, inputs: dict, direction: tuple[int, int] | None,
-                loss_of_outputs: Callable) -> tuple[float, float]:
-    """(L+, L−): the losses of the two halves of one dual forward of `inputs` doubled.
-
-    `loss_of_outputs(outputs, labels)` computes one half's loss from its slice of the outputs."""
+                loss_of_outputs: Callable | None = None) -> tuple[float, float]:
+    """(L+, L−): the losses of the two halves of one dual forward of `inputs` doubled, each the
+    model's own loss of its half, or `loss_of_outputs(outputs, labels)` of its slice of the outputs."""
     inputs = dict(inputs)
     labels = inputs.pop("labels", None)
-    batch = next(v.shape[0] for v in inputs.values() if torch.is_tensor(v) and v.dim())
-    with engine.dual_forward(batch, direction):
-        outputs = model(**double(inputs, batch))
-    return tuple(loss_of_outputs(_rows(outputs, half, batch), labels) for half in (0, 1))
+    if loss_of_outputs is None:
+        return call_halves(engine, model, direction, lambda: model(**inputs, labels=labels).loss)
+    return call_halves(engine, model, direction, lambda: loss_of_outputs(model(**inputs), labels))
 
 
-def model_loss(model, outputs, labels) -> float:
+def call_halves(engine: DualEngine, model: nn.Module, direction: tuple[int, int] | None,
+                value: Callable[[], torch.Tensor | float]) -> tuple[float, float]:
+    """(L+, L−) of `value()`, any function that calls `model` on a batch and reduces what it returns
+    (a Trainer's `compute_loss`, a trl trainer's), without knowing how it reduces.
+
+    `value` runs twice. In its first run each call of `model` runs the call's batch doubled, in one
+    dual forward, and returns the first half's outputs, keeping the second half's; in its second
+    run the calls return those, in the same order. So each run computes its value on one half
+    exactly as it would on the plain batch. `labels` are taken out of the doubled call, and each
+    half's loss is the model's own on its half (`model_loss`); a loss the model reduced over the
+    doubled batch is dropped from the halves."""
+    kept: list = []
+    patched_before = "forward" in model.__dict__
+    original = model.forward
+
+    def doubled(*args, **kwargs):
+        if args:
+            raise DualRefused("the model was called with positional inputs; the dual split needs keyword inputs")
+        # a fused head (trl's `fused_lm_head=True`) scores the labels inside the forward: they go in doubled
+        labels = None if kwargs.get("fused_lm_head") else kwargs.pop("labels", None)
+        batch = next(v.shape[0] for v in kwargs.values() if torch.is_tensor(v) and v.dim())
+        with engine.dual_forward(batch, direction):
+            outputs = original(**double(kwargs, batch))
+        halves = [_rows(outputs, half, batch) for half in (0, 1)]
+        if labels is not None:
+            halves = [_with_loss(h, model_loss(model, h, labels)) for h in halves]
+        elif torch.is_tensor(outputs.get("loss") if isinstance(outputs, dict) else None):
+            halves = [_with_loss(h, None) for h in halves]  # reduced over both halves: no half's loss
+        kept.append(halves[1])
+        return halves[0]
+
+    def replayed(*args, **kwargs):
+        if not kept:
+            raise DualRefused("the loss called the model more often on its second run than on its first")
+        return kept.pop(0)
+
+    values = []
+    try:
+        for forward in (doubled, replayed):
+            model.forward = forward
+            values.append(float(value()))
+    finally:
+        if patched_before:
+            model.forward = original
+        else:
+            del model.forward
+    if kept:
+        raise DualRefused("the loss called the model less often on its second run than on its first")
+    return values[0], values[1]
+
+
+def _with_loss(outputs, loss: torch.Tensor):
+    """`outputs` (a transformers ModelOutput) with `loss` as its first field, as the model returns it given labels."""
+    return type(outputs)(loss=loss, **{k: v for k, v in outputs.items() if k != "loss"})
+
+
+# Tensor methods that read or set a parameter's metadata, not its values
+_METADATA = {"dim", "size", "numel", "element_size", "stride", "is_floating_point", "is_complex", "data_ptr",
+             "is_contiguous", "__len__", "__hash__", "__get__", "__set__", "__format__", "__repr__", "detach",
+             "requires_grad_", "retain_grad", "register_hook"}
+
+
+class OutsideReads(TorchFunctionMode):
+    """Records the trainable parameters whose values an operation reads outside the engine's wrapped
+    calls (a penalty on θ in a loss; a model that applies a weight outside the module that owns it):
+    there they hold θ, never a perturbed copy, so the step would not see their perturbation."""
+
+    def __init__(self, engine: DualEngine):
+        super().__init__()
+        self.engine = engine
+        self.names = {id(p): name for name, p, _ in engine.optimizer.named_params()}
+        self.found: set[str] = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if not self.engine.depth and getattr(func, "__name__", "") not in _METADATA:
+            for leaf in tree_flatten((args, kwargs))[0]:
+                if isinstance(leaf, torch.Tensor) and id(leaf) in self.names:
+                    self.found.add(self.names[id(leaf)])
+        return func(*args, **kwargs)
+
+
+def model_loss(model, outputs, labels) -> torch.Tensor:
     """The loss a transformers model computes from its own outputs and labels (by its loss type)."""
     base = unwrapped(model)
     if not hasattr(base, "loss_function"):
@@ -416,7 +502,7 @@ def model_loss(model, outputs, labels) -> float:
         loss = base.loss_function(logits=outputs.logits, labels=labels, vocab_size=config.vocab_size)
     else:
         raise DualRefused(f"no per-half loss for a model of loss type {loss_type!r}")
-    return loss.item()
+    return loss
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -151,11 +151,20 @@ class ZOOptimizer(torch.optim.Optimizer):
             refusal = precision.refusal(self.master_weights, p.dtype, self.rule.name, rounds)
             if refusal:
                 raise ValueError(refusal)
-            if precision.keeps_master(self.master_weights, self.schedule, p.dtype, rounds):
+            if precision.keeps_master(self.master_weights, self.schedule, p.dtype, rounds) and "master" not in self.state[p]:
                 self.state[p]["master"] = p.detach().float().clone()
         drifts = any(precision.is_half(p.dtype) and "master" not in self.state[p] for _, p in named)
         if drifts and self.schedule in precision.IN_PLACE_SCHEDULES:
             warnings.warn(precision.DRIFT_WARNING.format(schedule=self.schedule), stacklevel=3)
+
+    def run_in_place(self, schedule: str = "fused") -> None:
+        """Switch to an in-place schedule before the first step (something reads the weights outside
+        the modules that own them); 16-bit weights get the masters that needs under the policy."""
+        if schedule not in precision.IN_PLACE_SCHEDULES or self._step is not None:
+            raise ValueError(f"run_in_place({schedule!r}) needs an in-place schedule, before the first step")
+        self.flush()
+        self.schedule, self.lazy_update = schedule, False
+        self._keep_masters([(name, p) for name, p, _ in self.named_params()])
 
     @property
     def out_of_place(self) -> bool:

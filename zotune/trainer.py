@@ -19,7 +19,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.utils import logging
 
 from zotune.checkpoints import SaveOnInterrupt, save_checkpoint_atomically
-from zotune.dual import DualEngine, DualRefused, half_losses, losses_agree, model_loss
+from zotune.dual import DualEngine, DualRefused, OutsideReads, call_halves, losses_agree
 from zotune.errors import UserError
 from zotune.methods import Estimator, Rule, build_estimator, build_rule, check_compatible
 from zotune.models import forward_accepts, stable_name, trainable_parameters
@@ -180,22 +180,10 @@ class ZOTrainer(Trainer):
         self.accelerator.prepare_model = functools.partial(self.accelerator.prepare_model, evaluation_mode=True)
         self.add_callback(SaveOnInterrupt())
 
-    def _schedule(self) -> tuple[str, bool]:
-        """(schedule, lazy_update) to run. A subclass's `compute_loss` may read the weights outside
-        the modules' forwards (a penalty on θ), where dual's perturbed copies never are: it runs in
-        place (fused), so that every loss the step sees is `compute_loss`'s at θ ± εz."""
-        if self.args.zo_schedule == "dual" and type(self).compute_loss is not Trainer.compute_loss \
-                and self._objective is None:
-            logger.warning("zotune: %s overrides compute_loss, which may read the weights outside the modules' "
-                           "forwards; training in place with the fused schedule (same numbers as sequential)",
-                           type(self).__name__)
-            return "fused", False
-        return self.args.zo_schedule, self.args.zo_lazy_update
-
     def create_optimizer(self, model=None):
         if self.optimizer is None:
             model = model if model is not None else self.model
-            schedule, lazy_update = self._schedule()
+            schedule, lazy_update = self.args.zo_schedule, self.args.zo_lazy_update
             named = trainable_parameters(model, self.args.zo_include, self.args.zo_exclude)
             decay = {stable_name(n) for n in self.get_decay_parameter_names(model)}
             # kept as a direct reference: accelerate wraps self.optimizer, and state put on
@@ -239,10 +227,21 @@ class ZOTrainer(Trainer):
     # -- the step -------------------------------------------------------------------------
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
-        model.eval()  # dropout off: both passes must see the same function
+        """One micro-batch's ± forwards, with dropout off (both passes must see the same function);
+        the model is back in the mode it had after it, as a plain Trainer leaves it for its callbacks."""
+        was_training = model.training
+        model.eval()
+        try:
+            return self._zo_micro_batch(model, inputs)
+        finally:
+            model.train(was_training)
+
+    def _zo_micro_batch(self, model, inputs) -> torch.Tensor:
         inputs = _without_kv_cache(model, self._prepare_inputs(inputs))
         if self.dual is not None and not self._dual_probed:
             self._probe_dual(model, inputs)
+        if not self._trajectory_begun:  # after the probe, which may change the schedule
+            self.begin_trajectory(self.state.global_step)
 
         if self.dual is not None:
             def loss_fn(s: int, k: int) -> tuple[float, float]:
@@ -276,22 +275,36 @@ class ZOTrainer(Trainer):
 
     @torch.no_grad()
     def _probe_dual(self, model, inputs) -> None:
-        """Before the first step: run the first `PROBE_ROWS` rows of the batch doubled, unperturbed,
-        and check that every module split its input along the batch and that each half's loss
-        equals the plain loss. If not, run the two signs as two forwards through the same
-        wrappers, with a one-line warning."""
+        """Before the first step: run the first `PROBE_ROWS` rows of the batch doubled, unperturbed.
+
+        - Every module must split its input along the batch, and each half's value must equal the
+          plain one; if not, the two signs run as two forwards through the same wrappers.
+        - Nothing may read a trainable weight's values outside the module that owns it (a penalty
+          on θ in an overridden `compute_loss`): there it holds θ, not the perturbed copy. If
+          something does, the step runs in place (fused), where the weights themselves move.
+        Either is said in one line."""
         self._dual_probed = True
         inputs = _first_rows(inputs, PROBE_ROWS)
         plain = self._value(model, inputs)
+        reads = OutsideReads(self.dual)
         try:
-            halves = self._half_losses(model, inputs, None)
+            with reads:
+                halves = self._half_losses(model, inputs, None)
             if not all(losses_agree(h, plain) for h in halves):
-                raise DualRefused(f"the halves' losses {halves} differ from the plain loss {plain}")
-        except Exception as e:  # noqa: BLE001 - any failure of the doubled forward: fused runs the plain one
+                raise DualRefused(f"the halves' values {halves} differ from the plain value {plain}")
+        except Exception as e:  # noqa: BLE001 - any failure of the doubled forward: two forwards
             reason = e if isinstance(e, DualRefused) else f"the doubled forward failed: {type(e).__name__}: {e}"
             logger.warning("zotune: %s cannot run both signs in one doubled forward (%s); running them as two "
                            "forwards", type(model).__name__, reason)
             self._dual_split = False
+        if reads.found:
+            names = sorted(reads.found)
+            logger.warning("zotune: %s reads %s outside the module that owns it, where the out-of-place dual "
+                           "schedule leaves θ; training in place with the fused schedule (the numbers of sequential)",
+                           type(self).__name__, ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else ""))
+            self.zo.run_in_place("fused")
+            self.dual.remove()
+            self.dual = None
 
     def _sign_losses(self, model, inputs, direction) -> tuple[float, float]:
         """(L+, L−) from two forwards, every wrapped module on its perturbed copies at one sign."""
@@ -302,14 +315,9 @@ class ZOTrainer(Trainer):
         return values[0], values[1]
 
     def _half_losses(self, model, inputs, direction) -> tuple[float, float]:
-        def loss_of_outputs(outputs, labels) -> float:
-            if self._objective is not None:
-                return self._objective(outputs, labels)
-            if self.compute_loss_func is not None:
-                return self.compute_loss_func(outputs, labels, num_items_in_batch=None).item()
-            return model_loss(model, outputs, labels)
-
-        return half_losses(self.dual, model, inputs, direction, loss_of_outputs)
+        """(L+, L−) of `_value` (compute_loss, however a subclass reduces it, or the objective) on
+        the two halves of one dual forward."""
+        return call_halves(self.dual, model, direction, lambda: self._value(model, inputs))
 
     @cached_property
     def _objective(self) -> Objective | None:
@@ -345,7 +353,10 @@ class ZOTrainer(Trainer):
         self.flush()
         return super().save_model(*args, **kwargs)
 
+    _trajectory_begun = False
+
     def begin_trajectory(self, step: int) -> None:
+        self._trajectory_begun = True
         if self.trajectory is not None:
             named = [(n, p) for group in self.zo.param_groups for n, p in zip(group["names"], group["params"])]
             self.trajectory.start(
@@ -417,9 +428,12 @@ class ZOTrainer(Trainer):
 
 
 def _first_rows(inputs: dict, rows: int) -> dict:
-    """The first `rows` rows of a batch: every tensor with the batch's rows cut."""
-    batch = next(len(v) for v in inputs.values() if torch.is_tensor(v) and v.dim())
-    return {k: v[:rows] if torch.is_tensor(v) and v.dim() and len(v) == batch else v for k, v in inputs.items()}
+    """The first `rows` rows of a batch whose tensors all have the same rows; any other batch whole
+    (a preference batch with per-pair columns, say)."""
+    lengths = {len(v) for v in inputs.values() if torch.is_tensor(v) and v.dim()}
+    if len(lengths) != 1:
+        return inputs
+    return {k: v[:rows] if torch.is_tensor(v) and v.dim() else v for k, v in inputs.items()}
 
 
 def _without_kv_cache(model, inputs: dict) -> dict:
@@ -436,12 +450,15 @@ class _ZOStepHook(TrainerCallback):
         self.trainer = trainer
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.trainer.begin_trajectory(state.global_step)
+        if self.trainer.dual is None:  # else at the first step, once the probe has settled the schedule
+            self.trainer.begin_trajectory(state.global_step)
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         self.trainer.record_step(self.trainer.zo.last_record)
 
     def on_train_end(self, args, state, control, **kwargs):
+        if not self.trainer._trajectory_begun:  # no step ran
+            self.trainer.begin_trajectory(state.global_step)
         self.trainer.flush()
         if self.trainer.trajectory is not None:
             self.trainer.trajectory.close()

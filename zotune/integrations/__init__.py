@@ -1,0 +1,1 @@
+"""Zeroth-order training inside other libraries' trainers (`zotune.integrations.trl`)."""
