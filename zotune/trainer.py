@@ -125,6 +125,10 @@ class ZOConfig(TrainingArguments):
             raise ValueError(f"zo_perturbation must be one of {PERTURBATIONS}, got {self.zo_perturbation!r}")
         if self.zo_lazy_update and self.zo_schedule != "dual":
             raise ValueError("zo_lazy_update needs zo_schedule='dual'")
+        if self.torch_compile and self.zo_schedule == "dual":
+            raise ValueError("torch_compile=True with zo_schedule='dual': the dual schedule gives each module new "
+                             "perturbed weights on every call, which recompiles the model again and again (a 3-step "
+                             "run took minutes instead of a second); set torch_compile=False")
         if self.zo_master_weights not in MASTER_WEIGHTS:
             raise ValueError(f"zo_master_weights must be one of {MASTER_WEIGHTS}, got {self.zo_master_weights!r}")
         if self.zo_offload not in OFFLOADS:
