@@ -136,3 +136,19 @@ def test_replay_refuses_a_log_of_the_earlier_in_place_dual(tmp_path):
     log.write_text("\n".join([json.dumps(old), *records]) + "\n")
     done = cli("replay", str(path), str(log), str(tmp_path / "out"))
     assert done.returncode == 2 and "recorded by an earlier zotune" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_zo_run_plots_its_steps_and_the_plot_command_redraws_them(tmp_path):
+    from zotune.plot import _eval_series
+
+    path = write_recipe(tmp_path)
+    run = Path(train(load_recipe(str(path)), str(path))["output_dir"])
+    assert (run / "zo_plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    history = json.loads((run / "trainer_state.json").read_text())["log_history"]
+    evals = _eval_series(history)
+    assert evals and all(name.startswith("eval_") and not name.endswith(("_runtime", "_time")) for name in evals)
+    assert sum(len(s) for s in evals.values()) == sum(k in evals for h in history for k in h)
+    done = cli("plot", str(run), "--out", str(tmp_path / "again.png"))
+    assert done.returncode == 0 and (tmp_path / "again.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    done = cli("plot", str(tmp_path))
+    assert done.returncode == 2 and "no zo_trajectory.jsonl" in done.stderr and "Traceback" not in done.stderr

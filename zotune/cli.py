@@ -1,4 +1,4 @@
-"""The `zotune` command: train, validate, ls, replay, export, plan.
+"""The `zotune` command: train, validate, ls, replay, export, plot, plan.
 
 Commands import the heavy modules (torch, transformers) only when they need them, so
 `zotune ls` and `zotune validate` stay quick. A `UserError` prints `error: ...` and exits
@@ -146,6 +146,19 @@ def export(
 
         kind = run_export(run_dir, out_dir, merge=merge, force=force)
     out.print(f"wrote the {kind} of {escape(run_dir)} to {escape(out_dir)}")
+
+
+@app.command()
+def plot(
+    run_dir: Annotated[str, typer.Argument(help="The output directory of a ZO run (it holds zo_trajectory.jsonl).")],
+    png: Annotated[Optional[str], typer.Option("--out", help="Where to write the PNG (default RUN/zo_plot.png).")] = None,
+) -> None:
+    """Plot a ZO run's ± losses, projected gradients and evaluation metrics over its steps (PNG)."""
+    with _user_errors():
+        from zotune.plot import plot_run
+
+        path = plot_run(run_dir, png)
+    out.print(f"wrote {escape(str(path))}")
 
 
 @app.command()

@@ -17,6 +17,7 @@ from transformers.utils import logging as hf_logging
 from zotune.checkpoints import exit_interrupted, save_on_interrupt
 from zotune.data import TaskData, build_task_data
 from zotune.errors import UserError
+from zotune.plot import plot_run
 from zotune.models import load_model, stable_name, trainable_parameters
 from zotune.recipe import dump_recipe
 from zotune.schema import Recipe
@@ -154,6 +155,9 @@ def train(recipe: Recipe, source: str) -> dict:
     after = trainer.evaluate() if has_eval else {}
     trainer.save_model(str(out))
     tokenizer.save_pretrained(str(out))
+    trainer.save_state()  # trainer_state.json: the log `zotune plot` draws the evaluations from
+    if isinstance(trainer, ZOTrainer) and trainer.trajectory is not None:
+        console.print(f"plot of the run: {plot_run(out)}")
 
     summary = {
         "method": recipe.method,
