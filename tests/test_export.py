@@ -107,6 +107,25 @@ def test_merged_export_is_a_plain_model_with_the_adapter_logits(lora_run, tmp_pa
     torch.testing.assert_close(logits(merged), logits(trained), rtol=0, atol=1e-5)
 
 
+def test_every_export_carries_a_model_card_of_its_run(lora_run, tmp_path):
+    """The card states the run's recorded metrics, its data and its recipe."""
+    from huggingface_hub import ModelCard
+
+    run, _ = lora_run
+    out = tmp_path / "carded"
+    export(str(run), str(out))
+    card = ModelCard.load(out / "README.md")
+    assert "zotune" in card.data.tags and card.data.library_name == "peft"
+    summary = json.loads((run / "summary.json").read_text())
+    for key in ("eval_accuracy_before", "eval_accuracy_after", "steps"):
+        assert f"| {key} | {summary[key]} |" in card.text
+    assert "No ZO trajectory (a first-order run)" in card.text  # a ZO run's hash: tests/test_run.py
+    assert (run / "recipe.yaml").read_text().strip() in card.text
+    assert load_recipe(str(run / "recipe.yaml")).data.train.path in card.text
+    export(str(run / "checkpoint-2"), str(tmp_path / "early"))
+    assert "checkpoint-2" in (tmp_path / "early/README.md").read_text()
+
+
 def test_checkpoint_export_finds_the_recipe_in_the_run(lora_run, tmp_path):
     run, _ = lora_run
     checkpoint = run / "checkpoint-2"

@@ -69,6 +69,19 @@ def test_zo_run_reports_before_after_and_replays_bit_exact(tmp_path):
     assert moved(load_recipe(str(path)), trained)  # else replay equal to trained would prove nothing
 
 
+def test_the_model_card_of_an_export_names_the_trajectory_it_replays_from(tmp_path):
+    import hashlib
+
+    from zotune.export import export
+
+    path = write_recipe(tmp_path)
+    run = Path(train(load_recipe(str(path)), str(path))["output_dir"])
+    export(str(run), str(tmp_path / "out"))
+    card = (tmp_path / "out/README.md").read_text()
+    digest = hashlib.sha256((run / "zo_trajectory.jsonl").read_bytes()).hexdigest()
+    assert f"`zo_trajectory.jsonl` sha256 `{digest}`" in card
+
+
 def test_replay_refuses_a_different_base(tmp_path):
     path = write_recipe(tmp_path)
     train(load_recipe(str(path)), str(path))

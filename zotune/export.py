@@ -4,7 +4,8 @@ Without `merge` the weights are written as they trained: the peft adapter
 (adapter_model.safetensors + adapter_config.json) when the run trained one, else the full
 model in safetensors. With `merge` the adapter is folded into the base weights, giving a plain
 transformers model that `from_pretrained` loads without peft. The tokenizer goes along in
-both cases.
+both cases, and a model card (README.md, `zotune.model_card`) with the recipe, the data, the
+run's before/after metrics and the trajectory's hash.
 
 A run whose base was quantized (`model.quantization`) trained its adapter on the dequantized
 weights (zotune keeps bitsandbytes on its dequantizing path), so `merge` dequantizes the base
@@ -23,6 +24,7 @@ from pathlib import Path
 from rich.console import Console
 
 from zotune.errors import UserError
+from zotune.model_card import write_model_card
 
 console = Console(stderr=True, highlight=False)
 
@@ -102,6 +104,7 @@ def export(run_dir: str, out_dir: str, *, merge: bool = False, force: bool = Fal
         out.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(str(out))  # transformers 5 and peft write safetensors
         tokenizer.save_pretrained(str(out))
+        write_model_card(out, run.recipe.parent, run.recipe, run.weights, kind)
     return kind
 
 

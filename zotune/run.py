@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import resource
 import time
@@ -17,8 +18,9 @@ from transformers.utils import logging as hf_logging
 from zotune.checkpoints import exit_interrupted, save_on_interrupt
 from zotune.data import TaskData, build_task_data
 from zotune.errors import UserError
-from zotune.plot import plot_run
+from zotune.model_card import SUMMARY
 from zotune.models import load_model, stable_name, trainable_parameters
+from zotune.plot import plot_run
 from zotune.recipe import dump_recipe
 from zotune.schema import Recipe
 from zotune.trainer import ZOConfig, ZOTrainer
@@ -171,6 +173,7 @@ def train(recipe: Recipe, source: str) -> dict:
     }
     if isinstance(trainer, ZOTrainer):
         summary["nonfinite_steps"] = trainer.nonfinite_steps
+    (out / SUMMARY).write_text(json.dumps(summary, indent=1) + "\n")  # for the model card of an export
     _print_summary(summary)
     return summary
 
