@@ -395,3 +395,34 @@ def test_cli_errors_exit_2_without_traceback(args, tiny_recipe):
     assert result.exit_code == 2
     assert "error:" in result.output and "Traceback" not in result.output
 
+
+
+NO_DROPOUT = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "dropout": 0.0, "attention_dropout": 0.0,
+              "hidden_dropout": 0.0, "activation_dropout": 0.0}
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_first_order_rows_close_to_a_real_adamw_step(arch, checkpointing):
+    """`plan --compare`'s AdamW rows against real AdamW steps (forward, backward, update) on the CPU:
+    the live bytes beyond the weights, at their peak."""
+    from zotune.plan_compare import compare
+
+    changes = {k: v for k, v in {**WIDER, **NO_DROPOUT}.items() if k in TINY_CONFIGS[arch] or k in NO_DROPOUT}
+    config = config_of(arch, **changes)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").train()
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x = torch.randint(config.vocab_size, (2, 128))
+    tracker = LivePeak({t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers(), x)})
+    with tracker:
+        for _ in range(2):  # the second step is the steady state: AdamW's moments exist during its backward
+            model(input_ids=x, labels=x).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    rows = {r.method: r for r in compare(config, batch_size=2, seq_len=128, dtype="float32", attention="sdpa")}
+    row = rows["AdamW + gradient checkpointing" if checkpointing else "AdamW"]
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert tracker.peak == pytest.approx(row.compute - weights, rel=0.25)

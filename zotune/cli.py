@@ -200,6 +200,12 @@ def plan(
                      "schedules (default: the recipe's, or auto)."),
     ] = None,
     buffers: Annotated[int, typer.Option(min=1, help="Blocks on the compute device when offloading.")] = 3,
+    compare: Annotated[
+        bool, typer.Option("--compare", help="ZO beside AdamW, AdamW + gradient checkpointing, LoRA and QLoRA.")
+    ] = False,
+    gpu_gb: Annotated[
+        Optional[float], typer.Option("--gpu-gb", min=0.0, help="With --compare: say which fit on a card of this many GB.")
+    ] = None,
 ) -> None:
     """Plan the peak memory of a ZO step on the compute device and the host, without loading weights."""
     with _user_errors():
@@ -217,6 +223,18 @@ def plan(
         given = dict(batch_size=batch_size, seq_len=seq_len, dtype=dtype, offload=offload,
                      transfer_dtype=transfer_dtype, schedule=schedule, master_weights=master_weights)
         settings.update({k: v for k, v in given.items() if v is not None})
+        if gpu_gb is not None and not compare:
+            raise UserError("--gpu-gb goes with --compare")
+        if compare:
+            from zotune.plan_compare import compare as compare_methods
+
+            rows = compare_methods(config, batch_size=settings["batch_size"], seq_len=settings["seq_len"],
+                                   dtype=settings["dtype"], master_weights=settings.get("master_weights", "auto"),
+                                   attention=attention, buffers=buffers)
+            out.print(_compare_table(rows, gpu_gb))
+            out.print(f"assumed: {settings['batch_size']} × {settings['seq_len']} tokens, {settings['dtype']} weights; "
+                      "how each row is counted: zotune/plan_compare.py")
+            return
         result = plan_memory(config, **settings, buffers=buffers, attention=attention)
     out.print(_plan_table(result))
     out.print(f"assumed: {escape(result.assumptions())}")
@@ -239,6 +257,20 @@ def _plan_table(plan) -> Table:
     ]
     for label, compute, host in rows:
         table.add_row(label, *(f"{b / GIB:.2f} GiB ({b / GB:.2f} GB)" for b in (compute, host)))
+    return table
+
+
+def _compare_table(rows, gpu_gb: float | None) -> Table:
+    from zotune.plan import GB
+    from zotune.plan_compare import fits
+
+    table = Table(header_style="bold")
+    for column in ("method", "compute device", "host", *([f"fits {gpu_gb:g} GB"] if gpu_gb is not None else []), "how"):
+        table.add_column(column, justify="left" if column in ("method", "how") else "right")
+    for row in rows:
+        fit = ["yes" if fits(row, gpu_gb) else "no"] if gpu_gb is not None else []
+        table.add_row(row.method, f"{row.compute / GB:.2f} GB", f"{row.host / GB:.2f} GB" if row.host else "-", *fit,
+                      row.note)
     return table
 
 

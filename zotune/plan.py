@@ -113,6 +113,7 @@ class Dims:
     intermediate: int  # F
     vocab: int  # V
     mlp_live: int  # B·T·F tensors alive at the MLP's peak
+    gated: bool  # a gated MLP (act(gate) · up)
     qkv_kept: bool  # a fused qkv projection's output stays alive beside the rotated q and k
 
 
@@ -268,6 +269,14 @@ def plan_memory(
     )
 
 
+def block_dims(config: PreTrainedConfig, dtype: str | torch.dtype) -> Dims:
+    """The sizes of `config` that the activation estimates need (its model built on the meta device)."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=_dtype(dtype))
+    _, blocks = find_blocks(model)
+    return _dims(config, model, blocks[0])
+
+
 def largest_scratch(model: torch.nn.Module, rows_looked_up: int) -> int:
     """The peak bytes of perturbed copies of one module call under dual: the largest `scratch_bytes`
     of any module with its own parameters (each taken to train; a tied weight counts for each
@@ -316,22 +325,17 @@ def head_working_set(dims: Dims, batch: int, seq: int, size: int, dual: bool) ->
     own loss over them: the logits upcast to fp32 (16-bit weights only) and their fp32
     log-softmax.
 
-    dual: the logits of all 2B sequences. A head over more than `CHUNK_ELEMENTS` weights runs in
-    chunks of output rows straight into the joined logits (plus one chunk's B·T × rows output);
-    a smaller one, like every module that owns weights, copies each half's output into the
-    joined one (`zotune.dual`): for a moment 1.5 times the logits. Each half's loss is taken
-    over chunks of rows (`zotune.dual.causal_lm_loss`): one chunk's fp32 upcast and log-softmax.
+    dual: the logits of all 2B sequences. The head (a Linear) writes each half's product straight
+    into the joined logits (`zotune.dual`), a head over more than `CHUNK_ELEMENTS` weights one
+    chunk of output rows at a time. Each half's loss is taken over chunks of rows
+    (`zotune.dual.causal_lm_loss`): one chunk's fp32 upcast and log-softmax.
     """
     rows = batch * seq
     if not dual:
         return rows * dims.vocab * (size + 4 + (4 if size < 4 else 0))
     logits = 2 * rows * dims.vocab * size
-    if dims.vocab * dims.hidden > CHUNK_ELEMENTS:
-        head = logits + rows * min(dims.vocab, max(1, CHUNK_ELEMENTS // dims.hidden)) * size
-    else:
-        head = logits + logits // 2
     chunk = min(rows, max(1, CHUNK_ELEMENTS // dims.vocab)) * dims.vocab
-    return max(head, logits + chunk * (4 + (4 if size < 4 else 0)))
+    return logits + chunk * (4 + (4 if size < 4 else 0))
 
 
 def known_config(name: str) -> PreTrainedConfig:
@@ -436,6 +440,7 @@ def _dims(config: PreTrainedConfig, model: torch.nn.Module, block: torch.nn.Modu
         intermediate=intermediate,
         vocab=config.vocab_size,
         mlp_live=(3 if gated else 2) + fused_gate_up + COMPOSITE_ACTIVATIONS.get(activation, 0),
+        gated=gated,
         qkv_kept=fused_qkv and rotary,
     )
 
