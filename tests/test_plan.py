@@ -401,20 +401,28 @@ NO_DROPOUT = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "dropout
               "hidden_dropout": 0.0, "activation_dropout": 0.0}
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
+FIRST_ORDER = {"AdamW": {}, "AdamW + gradient checkpointing": {"checkpointing": True}, "LoRA": {"lora": True}}
+
+
+@pytest.mark.parametrize("method", list(FIRST_ORDER))
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_first_order_rows_close_to_a_real_adamw_step(arch, checkpointing):
-    """`plan --compare`'s AdamW rows against real AdamW steps (forward, backward, update) on the CPU:
-    the live bytes beyond the weights, at their peak."""
+def test_first_order_rows_close_to_a_real_adamw_step(arch, method):
+    """`plan --compare`'s first-order rows against real AdamW steps (forward, backward, update) on the
+    CPU: the live bytes beyond the weights, at their peak."""
+    from peft import LoraConfig, get_peft_model
+
     from zotune.plan_compare import compare
 
     changes = {k: v for k, v in {**WIDER, **NO_DROPOUT}.items() if k in TINY_CONFIGS[arch] or k in NO_DROPOUT}
     config = config_of(arch, **changes)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").train()
-    if checkpointing:
+    if FIRST_ORDER[method].get("checkpointing"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    if FIRST_ORDER[method].get("lora"):
+        targets = ["q_proj", "v_proj"] if arch == "llama" else ["c_attn"]
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=targets))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     x = torch.randint(config.vocab_size, (2, 128))
     tracker = LivePeak({t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers(), x)})
     with tracker:
@@ -423,6 +431,6 @@ def test_first_order_rows_close_to_a_real_adamw_step(arch, checkpointing):
             optimizer.step()
             optimizer.zero_grad()
     rows = {r.method: r for r in compare(config, batch_size=2, seq_len=128, dtype="float32", attention="sdpa")}
-    row = rows["AdamW + gradient checkpointing" if checkpointing else "AdamW"]
+    row = rows[method]
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     assert tracker.peak == pytest.approx(row.compute - weights, rel=0.25)
