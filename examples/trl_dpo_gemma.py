@@ -1,6 +1,6 @@
 """ZO-DPO with trl on the real Gemma 3 270M: forward passes only, a LoRA policy.
 
-    python examples/trl_dpo_gemma.py                 # ~10 min on 2 CPU cores
+    python examples/trl_dpo_gemma.py                 # about 15 min on 2 CPU cores
     python examples/trl_dpo_gemma.py --steps 10      # a quick look
 
 Preference pairs from rotten_tomatoes (../shared/data): the prompt is "{review} It was", the
@@ -38,11 +38,11 @@ def pairs(split: str, limit: int) -> Dataset:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch", type=int, default=8, help="preference pairs per step")
-    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--eps", type=float, default=1e-2)
-    parser.add_argument("--eval-pairs", type=int, default=200)
+    parser.add_argument("--eval-pairs", type=int, default=100)
     parser.add_argument("--output-dir", default="runs/trl-dpo-gemma")
     args = parser.parse_args()
 
@@ -50,7 +50,7 @@ def main() -> None:
     config = ZODPOConfig(
         output_dir=args.output_dir, max_steps=args.steps, per_device_train_batch_size=args.batch,
         per_device_eval_batch_size=16, learning_rate=args.lr, lr_scheduler_type="constant", zo_eps=args.eps,
-        logging_steps=10, save_strategy="no", report_to="none", use_cpu=True, max_length=96,
+        logging_steps=10, save_strategy="no", report_to="none", use_cpu=True, max_length=64,
         precompute_ref_log_probs=True, seed=0,
     )
     trainer = ZODPOTrainer(
