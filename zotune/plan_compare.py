@@ -24,7 +24,8 @@ and the gate's output for a gated MLP; the activation's input and output otherwi
 an activation written as several ops); with eager attention the B·H·T·T probabilities too.
 The head's: the logits, their fp32 upcast (16-bit), their log-softmax and its gradient.
 Not counted: the CUDA context and allocator slack, the optimizer's transient buffers.
-`tests/test_plan.py` holds the AdamW rows to a real AdamW step on the CPU.
+`tests/test_plan.py` holds every first-order row to real AdamW steps on the CPU (bitsandbytes
+NF4 for QLoRA): the bytes beyond the weights within 25%.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class Row:
     compute: int  # bytes on the compute device at the peak
     host: int  # bytes on the host (offloading only)
     note: str
+    weights: int  # of `compute`, the model's weights (quantized for QLoRA; the blocks in flight offloaded)
 
 
 def compare(config: PreTrainedConfig, *, batch_size: int, seq_len: int, dtype: str, master_weights: str = "auto",
@@ -65,15 +67,17 @@ def compare(config: PreTrainedConfig, *, batch_size: int, seq_len: int, dtype: s
     checkpointed = layers * tokens * dims.hidden * size + block
     quantised = dual.resident_param_bytes + round(sum(dual.block_param_bytes) / size * NF4_BITS / 8)
     return [
-        Row("ZO dual", dual.compute_total, 0, "forwards only, θ never displaced"),
-        Row("ZO dual, offloaded", offloaded.compute_total, offloaded.host_total, f"{offloaded.buffers} blocks on the device"),
-        Row("ZO fused (in place)", fused.compute_total, 0, f"master_weights {master_weights}"),
-        Row("AdamW", adam + layers * block + head + dual.compute_buffers, 0, "16 bytes per parameter"),
+        Row("ZO dual", dual.compute_total, 0, "forwards only, θ never displaced", dual.compute_params),
+        Row("ZO dual, offloaded", offloaded.compute_total, offloaded.host_total,
+            f"{offloaded.buffers} blocks on the device", offloaded.compute_params),
+        Row("ZO fused (in place)", fused.compute_total, 0, f"master_weights {master_weights}", fused.compute_params),
+        Row("AdamW", adam + layers * block + head + dual.compute_buffers, 0, "16 bytes per parameter", weights),
         Row("AdamW + gradient checkpointing", adam + checkpointed + head + dual.compute_buffers, 0,
-            "block inputs kept, one block recomputed"),
-        Row("LoRA", weights + layers * block + head + dual.compute_buffers, 0, "frozen base, adapter negligible"),
+            "block inputs kept, one block recomputed", weights),
+        Row("LoRA", weights + layers * block + head + dual.compute_buffers, 0, "frozen base, adapter negligible",
+            weights),
         Row("QLoRA", quantised + checkpointed + head + dual.compute_buffers, 0,
-            f"blocks in NF4 ({NF4_BITS} bits), gradient checkpointing"),
+            f"blocks in NF4 ({NF4_BITS} bits), gradient checkpointing", quantised),
     ]
 
 
