@@ -28,7 +28,7 @@ def rows(n: int, seed: int) -> Dataset:
 
 
 class Recorder(TrainerCallback):
-    """Every event with the step it saw; the learning rate of every training log."""
+    """Every event with the step it saw and the model's mode; the learning rate of every training log."""
 
     def __init__(self):
         self.events, self.lrs = [], []
@@ -36,8 +36,8 @@ class Recorder(TrainerCallback):
             setattr(self, name, self._record(name))
 
     def _record(self, name):
-        def record(args, state, control, logs=None, **kwargs):
-            self.events.append((name, state.global_step))
+        def record(args, state, control, logs=None, model=None, **kwargs):
+            self.events.append((name, state.global_step, model.training))
             if name == "on_log" and logs and "learning_rate" in logs:
                 self.lrs.append((state.global_step, logs["learning_rate"]))
         return record
@@ -75,6 +75,7 @@ def run(kind: str, out, case: str, schedule: str = "dual", resume=None, **extra)
         trainer = ZOTrainer(args=ZOConfig(**fields, zo_schedule=schedule, zo_eps=1e-2), **common)
     else:
         trainer = Trainer(args=TrainingArguments(**fields), **common)
+    trainer.evaluate()  # leaves the model in eval mode: training must not depend on it
     trainer.train(resume_from_checkpoint=resume)
     return trainer, recorder
 

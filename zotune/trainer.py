@@ -232,13 +232,13 @@ class ZOTrainer(Trainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         """One micro-batch's ± forwards, with dropout off (both passes must see the same function);
-        the model is back in the mode it had after it, as a plain Trainer leaves it for its callbacks."""
-        was_training = model.training
+        the model is left in training mode, as a plain Trainer's step leaves it for the callbacks
+        and logs that follow (trl files its metrics by it)."""
         model.eval()
         try:
             return self._zo_micro_batch(model, inputs)
         finally:
-            model.train(was_training)
+            model.train()
 
     def _zo_micro_batch(self, model, inputs) -> torch.Tensor:
         inputs = _without_kv_cache(model, self._prepare_inputs(inputs))
