@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import random
+import shlex
 import signal
 import subprocess
 import sys
@@ -288,11 +289,12 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, reference):
     [step] = checkpoints(run)
     assert 5 <= step < MAX_STEPS
     message = [line for line in stderr.splitlines() if line.startswith("interrupted")]
-    assert message == [f"interrupted at step {step}: saved {run / f'checkpoint-{step}'}; resume with: zotune train "
-                       f"{path} train.resume_from_checkpoint={run / f'checkpoint-{step}'} (and the same overrides)"]
+    command = f"zotune train {run / 'recipe.yaml'} train.resume_from_checkpoint=latest"
+    assert message == [f"interrupted at step {step}: saved {run / f'checkpoint-{step}'}; resume with: {command}"]
     assert not (run / "model.safetensors").exists()  # an interrupted run leaves no final model to mistake
 
-    train(load_recipe(str(path), [f"train.resume_from_checkpoint={run / f'checkpoint-{step}'}"]), str(path))
+    _, _, recipe, override = shlex.split(command)  # the command as printed, with no override retyped
+    train(load_recipe(recipe, [override]), recipe)
     assert_same_weights(load_file(run / "model.safetensors"), load_file(reference / "model.safetensors"))
 
 

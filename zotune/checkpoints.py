@@ -6,24 +6,36 @@ hidden staging directory, which no resume (`get_last_checkpoint` matches `checkp
 exactly) and no rotation (`checkpoint-*`) ever takes for a checkpoint, and which the
 next run removes. transformers' own `Trainer._save_checkpoint` writes in place.
 
+A checkpoint damaged after it was published (a copy cut short, a failing disk) is found
+before a resume loads it: `damage` reads every file's framing (JSON, safetensors header and
+length, torch's zip archive and its CRCs) without loading any weights.
+
 The first Ctrl-C (SIGINT) asks the run to stop after the optimizer step in progress
-and to save a checkpoint there; a second one interrupts at once.
+and to save a checkpoint there; a second one interrupts at once. While the finished run's
+files are written (`finish_writing`), a first Ctrl-C waits for them to be whole.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 import shutil
 import signal
+import struct
 import sys
 import threading
-from collections.abc import Callable
+import zipfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, rotate_checkpoints
+
+from zotune.rundir import stamp_checkpoint
 
 logger = logging.getLogger("zotune")
 STAGING = ".tmp-" + PREFIX_CHECKPOINT_DIR + "-"  # .tmp-checkpoint-N: a checkpoint being written
@@ -60,6 +72,8 @@ def save_checkpoint_atomically(trainer, save: Callable, model, trial) -> None:
         del trainer._get_output_dir
     staged = os.path.join(staging, name)
     _fix_best_checkpoint(trainer, run_dir, staging, staged)
+    if args.should_save:
+        stamp_checkpoint(run_dir, staged)
     trainer.accelerator.wait_for_everyone()  # every rank's files are in
 
     if args.should_save:
@@ -146,6 +160,41 @@ def clean_stale(run_dir: str) -> None:
                 os.replace(path, final)
 
 
+# -- damaged checkpoints --------------------------------------------------------------------
+
+
+def damage(checkpoint: Path) -> str | None:
+    """What is wrong with a checkpoint's files, or None when every one reads whole."""
+    if not (checkpoint / TRAINER_STATE).is_file():
+        return f"{TRAINER_STATE} is missing"
+    for file in sorted(p for p in checkpoint.rglob("*") if p.is_file()):
+        try:
+            if file.suffix == ".json":
+                json.loads(file.read_text(encoding="utf-8"))
+            elif file.suffix == ".safetensors":
+                _check_safetensors(file)
+            elif file.suffix in (".pt", ".pth", ".bin"):
+                with zipfile.ZipFile(file) as archive:  # torch.save writes a zip archive
+                    bad = archive.testzip()
+                if bad is not None:
+                    raise ValueError(f"{bad} fails its CRC")
+        except (OSError, ValueError, UnicodeDecodeError, zipfile.BadZipFile, struct.error) as e:
+            return f"{file.relative_to(checkpoint)}: {e}"
+    return None
+
+
+def _check_safetensors(file: Path) -> None:
+    """The header parses and the file is as long as the header says."""
+    with file.open("rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        if length > file.stat().st_size:
+            raise ValueError("cut short inside its header")
+        header = json.loads(f.read(length))
+    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    if file.stat().st_size != 8 + length + end:
+        raise ValueError(f"{file.stat().st_size} bytes, its header describes {8 + length + end}")
+
+
 # -- Ctrl-C ---------------------------------------------------------------------------------
 
 
@@ -208,9 +257,39 @@ def save_on_interrupt(trainer) -> SaveOnInterrupt:
     return callback
 
 
-def exit_interrupted(checkpoint: str, source: str) -> None:
-    """After a run stopped by Ctrl-C: one line saying where its checkpoint is and how to resume; exit 130."""
-    step = _STEP.search(checkpoint).group(1)
-    print(f"interrupted at step {step}: saved {checkpoint}; resume with: zotune train {source} "
-          f"train.resume_from_checkpoint={checkpoint} (and the same overrides)", file=sys.stderr, flush=True)
+def resume_command(run_dir: str | os.PathLike) -> str:
+    """The one line that continues the run in `run_dir` (its recipe.yaml holds every override)."""
+    return f"zotune train {os.path.join(run_dir, 'recipe.yaml')} train.resume_from_checkpoint=latest"
+
+
+def exit_interrupted(message: str) -> None:
+    """After a run stopped by Ctrl-C: one line saying what was saved; exit 130."""
+    print(message, file=sys.stderr, flush=True)
     raise SystemExit(130)
+
+
+class _Deferred:
+    requested = False
+
+
+@contextmanager
+def finish_writing(what: str) -> Iterator[_Deferred]:
+    """Files being written whole: a first Ctrl-C waits for the block to end (`requested` is then
+    True), a second one interrupts at once."""
+    deferred = _Deferred()
+    if threading.current_thread() is not threading.main_thread():
+        yield deferred
+        return
+    message = f"\nzotune: finishing writing {what} first (Ctrl-C again to quit at once)\n".encode()
+
+    def handler(signum, frame):
+        deferred.requested = True
+        signal.signal(signal.SIGINT, previous)
+        os.write(2, message)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield deferred
+    finally:
+        if signal.getsignal(signal.SIGINT) is handler:
+            signal.signal(signal.SIGINT, previous)

@@ -67,15 +67,21 @@ def _root(
 
 
 @app.command()
-def train(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
-    """Validate RECIPE (with overrides), then fine-tune."""
+def train(
+    recipe: RecipeArg,
+    overrides: OverridesArg = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Delete the earlier run in train.output_dir and start over.")
+    ] = False,
+) -> None:
+    """Validate RECIPE (with overrides), then fine-tune in train.output_dir, which the run owns."""
     from zotune.recipe import load_recipe, resolve
 
     with _user_errors():
         loaded = load_recipe(recipe, overrides or [])
         from zotune.run import train as run_train
 
-        run_train(loaded, str(resolve(recipe)))
+        run_train(loaded, str(resolve(recipe)), overwrite=overwrite)
 
 
 @app.command()

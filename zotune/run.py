@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import resource
@@ -12,16 +13,19 @@ import torch
 from rich.console import Console
 from rich.table import Table
 from transformers import Trainer, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging as hf_logging
 
-from zotune.checkpoints import exit_interrupted, save_on_interrupt
+from zotune.checkpoints import (
+    damage, exit_interrupted, finish_writing, resume_command, save_checkpoint_atomically, save_on_interrupt,
+)
 from zotune.data import TaskData, build_task_data
 from zotune.errors import UserError
+from zotune.failures import describe as describe_failure
 from zotune.model_card import SUMMARY
 from zotune.models import load_model, stable_name, trainable_parameters
 from zotune.plot import plot_run
 from zotune.recipe import dump_recipe
+from zotune.rundir import CHECKPOINT, RECIPE, RunFolder, claim, write_whole
 from zotune.schema import Recipe
 from zotune.trainer import ZOConfig, ZOTrainer
 
@@ -119,14 +123,47 @@ def peak_memory_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def train(recipe: Recipe, source: str) -> dict:
-    """Run a recipe end to end; returns the summary it prints."""
+def train(recipe: Recipe, source: str, *, overwrite: bool = False) -> dict:
+    """Run a recipe end to end in the output folder it claims; returns the summary it prints.
+
+    A full disk or an unwritable folder, wherever it strikes, is a `UserError` saying how to resume."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     hf_logging.set_verbosity_warning()
     out = Path(recipe.train.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "recipe.yaml").write_text(dump_recipe(recipe, source))
+    resume = recipe.train.resume_from_checkpoint
+    phase = Phase("claiming the output folder")
+    try:
+        folder = claim(out, dump_recipe(_without_resume(recipe)), seed=recipe.train.seed,
+                       resuming=resume is not None, overwrite=overwrite)
+        try:
+            return _train_in(folder, recipe, source, phase)
+        finally:
+            folder.release()
+    except Exception as e:
+        what = describe_failure(e, out)
+        if what is None:
+            raise
+        then = f"resume with: {resume_command(out)}" if (out / RECIPE).is_file() else "run the same command again"
+        raise UserError(f"{what}, while {phase.now}; once fixed, {then}") from None
 
+
+class Phase:
+    """What the run is doing, for the message of a failure."""
+
+    def __init__(self, now: str):
+        self.now = now
+
+
+def _without_resume(recipe: Recipe) -> Recipe:
+    return recipe.model_copy(update={"train": recipe.train.model_copy(update={"resume_from_checkpoint": None})})
+
+
+def _train_in(folder: RunFolder, recipe: Recipe, source: str, phase: Phase) -> dict:
+    out = folder.path
+    phase.now = f"writing {out / RECIPE}"
+    write_whole(out / RECIPE, dump_recipe(recipe, source))
+
+    phase.now = "loading the model"
     console.print(f"[bold]zotune[/] {recipe.method} · loading the model")
     if recipe.method == "scalebio":
         from zotune.bilevel import run_scalebio
@@ -134,48 +171,84 @@ def train(recipe: Recipe, source: str) -> dict:
         verbalizer = recipe.data.verbalizer  # w and u are chosen from params.include/exclude there
         model, tokenizer = load_model(recipe.model, num_labels=len(verbalizer) if verbalizer else None,
                                       seed=recipe.train.seed, unfreeze=recipe.params.unfreeze)
+        phase.now = "training"
         summary = run_scalebio(recipe, model, tokenizer, console=console)
         summary["peak_memory_gib"] = round(peak_memory_gib(), 2)
         _print_summary(summary)
         return summary
     model, tokenizer = build_model(recipe)
     trainer, metric = build_trainer(recipe, model, tokenizer)
+    if not isinstance(trainer, ZOTrainer):  # ZOTrainer's checkpoints are atomic and stamped already
+        trainer._save_checkpoint = functools.partial(save_checkpoint_atomically, trainer, trainer._save_checkpoint)
     has_eval = trainer.eval_dataset is not None
+    checkpoint = _checkpoint_to_resume(folder, recipe.train.resume_from_checkpoint)
 
+    phase.now = "evaluating before training"
     before = trainer.evaluate() if has_eval and recipe.train.evaluate_before else {}
+    phase.now = f"training (writing checkpoints and the log in {out})"
     start = time.perf_counter()
-    resume = recipe.train.resume_from_checkpoint
     interrupt = save_on_interrupt(trainer)  # Ctrl-C: stop after the step, save a checkpoint, exit 130
-    if resume == "latest":
-        resume = get_last_checkpoint(str(out))
-        if resume is None:  # e.g. a crash before the first save
-            console.print(f"no checkpoint in {out} yet: training from the start")
-    trainer.train(resume_from_checkpoint=resume)
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     if interrupt.checkpoint is not None:
-        exit_interrupted(interrupt.checkpoint, source)
+        exit_interrupted(f"interrupted at step {trainer.state.global_step}: saved {interrupt.checkpoint}; "
+                         f"resume with: {resume_command(out)}")
     elapsed = time.perf_counter() - start
-    after = trainer.evaluate() if has_eval else {}
-    trainer.save_model(str(out))
-    tokenizer.save_pretrained(str(out))
-    trainer.save_state()  # trainer_state.json: the log `zotune plot` draws the evaluations from
-    if isinstance(trainer, ZOTrainer) and trainer.trajectory is not None:
-        console.print(f"plot of the run: {plot_run(out)}")
+    steps_run = trainer.state.global_step - (int(CHECKPOINT.match(checkpoint.name).group(1)) if checkpoint else 0)
 
-    summary = {
-        "method": recipe.method,
-        "steps": trainer.state.global_step,
-        "train_seconds": round(elapsed, 1),
-        "seconds_per_step": round(elapsed / max(trainer.state.global_step, 1), 3),
-        "peak_memory_gib": round(peak_memory_gib(), 2),
-        f"{metric}_before": before.get(metric),
-        f"{metric}_after": after.get(metric),
-        "output_dir": str(out),
-    }
-    if isinstance(trainer, ZOTrainer):
-        summary["nonfinite_steps"] = trainer.nonfinite_steps
-    (out / SUMMARY).write_text(json.dumps(summary, indent=1) + "\n")  # for the model card of an export
+    phase.now = "the final evaluation"
+    interrupted = None
+    try:
+        after = trainer.evaluate() if has_eval else {}
+    except KeyboardInterrupt:  # training is done: keep its weights, drop the evaluation
+        interrupted, after = "during the final evaluation", {}
+    phase.now = f"saving the model to {out}"
+    with finish_writing(f"the trained model to {out}") as deferred:
+        trainer.save_model(str(out))
+        tokenizer.save_pretrained(str(out))
+        trainer.save_state()  # trainer_state.json: the log `zotune plot` draws the evaluations from
+        if isinstance(trainer, ZOTrainer) and trainer.trajectory is not None:
+            console.print(f"plot of the run: {plot_run(out)}")
+        summary = {
+            "method": recipe.method,
+            "steps": trainer.state.global_step,
+            "train_seconds": round(elapsed, 1),
+            "seconds_per_step": round(elapsed / max(steps_run, 1), 3),  # of the steps this run took
+            "peak_memory_gib": round(peak_memory_gib(), 2),
+            f"{metric}_before": before.get(metric),
+            f"{metric}_after": after.get(metric),
+            "output_dir": str(out),
+        }
+        if isinstance(trainer, ZOTrainer):
+            summary["nonfinite_steps"] = trainer.nonfinite_steps
+        write_whole(out / SUMMARY, json.dumps(summary, indent=1) + "\n")  # for the model card of an export
+    if interrupted or deferred.requested:
+        exit_interrupted(f"interrupted {interrupted or 'while saving'}: the trained model is saved in {out}"
+                         + (" without its final evaluation" if interrupted else ""))
     _print_summary(summary)
     return summary
+
+
+def _checkpoint_to_resume(folder: RunFolder, resume: str | None) -> Path | None:
+    """The checkpoint the run continues from, checked: this run's, and whole."""
+    if resume is None:
+        return None
+    if resume == "latest":
+        checkpoint = folder.latest_checkpoint()
+        if checkpoint is None:  # e.g. a crash before the first save
+            console.print(f"no checkpoint of this run in {folder.path} yet: training from the start")
+            return None
+    else:
+        checkpoint = Path(resume)
+        if not checkpoint.is_dir():
+            raise UserError(f"train.resume_from_checkpoint: {resume}: no such checkpoint folder")
+        folder.check_checkpoint(checkpoint)
+    problem = damage(checkpoint)
+    if problem is not None:
+        intact = [p for step, p in folder.checkpoints_before(checkpoint) if damage(p) is None]
+        instead = (f"resume from the last intact one: train.resume_from_checkpoint={intact[-1]}" if intact
+                   else "no earlier checkpoint of this run is intact: start over with --overwrite")
+        raise UserError(f"{checkpoint} is damaged ({problem}); {instead}")
+    return checkpoint
 
 
 def _print_summary(summary: dict) -> None:
