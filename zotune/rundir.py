@@ -120,6 +120,7 @@ def claim(out: Path, recipe_text: str, *, seed: int, resuming: bool, overwrite: 
     `recipe_text` is the resolved recipe without its resume setting."""
     if resuming and overwrite:
         raise UserError("--overwrite starts the run over; it cannot go with train.resume_from_checkpoint")
+    fresh_lock = not (out / LOCK).exists()
     lock = _lock(out)
     try:
         identity = _identity(out)
@@ -140,6 +141,8 @@ def claim(out: Path, recipe_text: str, *, seed: int, resuming: bool, overwrite: 
             _remove_run(out, identity, entries)
         return RunFolder(out, _write_identity(out, recipe_text, seed), lock)
     except BaseException:
+        if fresh_lock:  # refused: leave the folder as it was found
+            (out / LOCK).unlink(missing_ok=True)
         lock.close()
         raise
 
