@@ -102,8 +102,8 @@ def fake_run(monkeypatch):
     """Stands in for zotune.run, recording calls; `raises` makes train raise."""
     calls, module = [], types.ModuleType("zotune.run")
 
-    def train(recipe, source):
-        calls.append((recipe, source))
+    def train(recipe, source, *, overwrite):
+        calls.append((recipe, source, overwrite))
         if module.raises:
             raise module.raises
 
@@ -115,9 +115,11 @@ def fake_run(monkeypatch):
 def test_train_passes_the_validated_recipe_and_source(tiny, fake_run):
     r = CliRunner().invoke(app, ["train", "tiny.yaml", "train.max_steps=9", "zo.eps=1e-4"])
     assert r.exit_code == 0, r.output
-    [(recipe, source)] = fake_run.calls
+    r = CliRunner().invoke(app, ["train", "tiny.yaml", "--overwrite"])
+    assert r.exit_code == 0, r.output
+    [(recipe, source, overwrite), (_, _, overwritten)] = fake_run.calls
     assert isinstance(recipe, Recipe) and recipe.train.max_steps == 9 and recipe.zo.eps == 1e-4
-    assert source == "tiny.yaml"
+    assert source == "tiny.yaml" and not overwrite and overwritten
 
 
 @pytest.mark.parametrize("error, code", [(UserError("data.jsonl:3: no 'text' column"), 2), (KeyboardInterrupt(), 130)])

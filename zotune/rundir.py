@@ -161,10 +161,14 @@ def _lock(out: Path):
         lock.close()
         raise UserError(f"{out}: another zotune run ({holder}) is writing to this folder; wait for it to end "
                         "or choose another train.output_dir") from None
-    lock.seek(0)
-    lock.truncate()
-    lock.write(f"pid {os.getpid()}")
-    lock.flush()
+    try:
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"pid {os.getpid()}")
+        lock.flush()
+    except BaseException:
+        lock.close()
+        raise
     return lock
 
 
