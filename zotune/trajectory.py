@@ -172,7 +172,7 @@ class _Log:
     path: Path
     header: dict
     records: list[dict] = field(default_factory=list)  # each with its checksum, if the log is chained
-    tip: str | None = None
+    tip: str | None = field(init=False)  # None: an unchained log
 
     def __post_init__(self):
         self.tip = _chain_origin(self.header)
