@@ -134,8 +134,11 @@ def test_train_errors_exit_codes(tiny, fake_run, error, code):
 def test_replay_calls_replay(monkeypatch):
     calls = []
     module = types.ModuleType("zotune.replay")
-    module.replay = lambda base, trajectory, out_dir: calls.append((base, trajectory, out_dir))
+    module.replay = lambda base, trajectory, out_dir, force: calls.append((base, trajectory, out_dir, force))
     monkeypatch.setitem(sys.modules, "zotune.replay", module)
     r = CliRunner().invoke(app, ["replay", "gpt2", "runs/x/trajectory.jsonl", "out"])
     assert r.exit_code == 0, r.output
-    assert calls == [("gpt2", "runs/x/trajectory.jsonl", "out")]
+    r = CliRunner().invoke(app, ["replay", "gpt2", "runs/x/trajectory.jsonl", "out", "--force"])
+    assert r.exit_code == 0, r.output
+    args = ("gpt2", "runs/x/trajectory.jsonl", "out")
+    assert calls == [(*args, False), (*args, True)]

@@ -28,7 +28,7 @@ from zotune.models import trainable_parameters
 from zotune.recipe import load_recipe
 from zotune.replay import optimizer_from_header, replay
 from zotune.run import build_model, train
-from zotune.trajectory import FILENAME, FORMAT, TrajectoryWriter, read_trajectory
+from zotune.trajectory import CHAIN, FILENAME, FORMAT, TrajectoryWriter, read_trajectory
 
 MAX_STEPS = 14
 CHECKPOINT_FILES = ("model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json")
@@ -40,6 +40,11 @@ HEADER = {"params": ["w"], "no_decay": [], "init_sha256": "0" * 64, "optimizer":
 
 def log_lines(path: Path) -> list[str]:
     return path.read_text().split("\n")
+
+
+def unchained(line: str) -> dict:
+    """A log line's row without its checksum (tests/test_trajectory_chain.py checks those)."""
+    return {k: v for k, v in json.loads(line).items() if k != CHAIN}
 
 
 def test_resume_appends_a_marker_and_later_records_supersede(tmp_path):
@@ -56,7 +61,7 @@ def test_resume_appends_a_marker_and_later_records_supersede(tmp_path):
     w.close()
     text = (tmp_path / FILENAME).read_text()
     assert text.startswith(before)  # nothing written is ever rewritten
-    assert json.loads(text.splitlines()[6]) == {"resume": 3}
+    assert unchained(text.splitlines()[6]) == {"resume": 3}
     header, records = read_trajectory(tmp_path)
     assert header["format"] == FORMAT and header["start_step"] == 0
     assert [(r["step"], r["g"][0]) for r in records] == [(0, 0.0), (1, 1.0), (2, 2.0), (3, 13.0), (4, 14.0), (5, 15.0)]
@@ -80,7 +85,9 @@ def test_torn_last_line_is_ignored_with_a_warning(tmp_path, caplog):
     w.start(2, HEADER)
     w.append({"step": 2, "g": [2.0]})
     w.close()
-    assert log_lines(path)[4:7] == ['{"step": 3, "g": [0.12', '{"resume": 2}', '{"step": 2, "g": [2.0]}']
+    lines = log_lines(path)
+    assert lines[4] == '{"step": 3, "g": [0.12'
+    assert [unchained(line) for line in lines[5:7]] == [{"resume": 2}, {"step": 2, "g": [2.0]}]
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="zotune"):
         _, records = read_trajectory(path)
@@ -90,7 +97,8 @@ def test_torn_last_line_is_ignored_with_a_warning(tmp_path, caplog):
 
 def test_a_malformed_line_elsewhere_is_an_error_naming_it(tmp_path):
     path = tmp_path / FILENAME
-    head = json.dumps({"format": FORMAT, "start_step": 0, **HEADER})
+    # an unchained /2 log: these checks come before and without the chain's (tests/test_trajectory_chain.py)
+    head = json.dumps({"format": "zotune-trajectory/2", "start_step": 0, **HEADER})
     path.write_text(head + '\n{"step": 0, "g": [1.0]}\n{"step": 1, "g\n{"step": 2, "g": [1.0]}\n')
     with pytest.raises(UserError, match=r":3: not a JSON line"):
         read_trajectory(path)
@@ -105,9 +113,11 @@ def test_a_malformed_line_elsewhere_is_an_error_naming_it(tmp_path):
         read_trajectory(path)
 
 
-def test_version_1_logs_still_read(tmp_path):
+@pytest.mark.parametrize("version", [1, 2])
+def test_unchained_logs_of_versions_1_and_2_still_read(tmp_path, version):
     path = tmp_path / FILENAME
-    rows = [{"format": "zotune-trajectory/1", "start_step": 0, **HEADER}] + [{"step": s, "g": [1.0]} for s in range(3)]
+    rows = [{"format": f"zotune-trajectory/{version}", "start_step": 0, **HEADER}]
+    rows += [{"step": s, "g": [1.0]} for s in range(3)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert [r["step"] for r in read_trajectory(path)[1]] == [0, 1, 2]
 

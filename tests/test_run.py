@@ -142,11 +142,13 @@ def test_replay_refuses_a_log_of_the_earlier_in_place_dual(tmp_path):
     path = write_recipe(tmp_path)
     train(load_recipe(str(path)), str(path))
     log = tmp_path / "run/zo_trajectory.jsonl"
-    header, *records = log.read_text().splitlines()
-    old = json.loads(header)
-    old["optimizer"]["schedule"] = "dual"
-    del old["optimizer"]["master_weights"]  # what an earlier zotune wrote
-    log.write_text("\n".join([json.dumps(old), *records]) + "\n")
+    header, *records = [json.loads(line) for line in log.read_text().splitlines()]
+    for row in (header, *records):
+        del row["chain"]  # an earlier zotune wrote unchained logs of format 2
+    header["format"] = "zotune-trajectory/2"
+    header["optimizer"]["schedule"] = "dual"
+    del header["optimizer"]["master_weights"]  # what an earlier zotune wrote
+    log.write_text("".join(json.dumps(row) + "\n" for row in (header, *records)))
     done = cli("replay", str(path), str(log), str(tmp_path / "out"))
     assert done.returncode == 2 and "recorded by an earlier zotune" in done.stderr and "Traceback" not in done.stderr
 

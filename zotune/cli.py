@@ -128,13 +128,16 @@ def list_recipes() -> None:
 def replay(
     base: Annotated[str, typer.Argument(help="The base model the trajectory was recorded on.")],
     trajectory: Annotated[str, typer.Argument(help="The trajectory file of a ZO run.")],
-    out_dir: Annotated[str, typer.Argument(help="Where to write the fine-tuned model.")],
+    out_dir: Annotated[str, typer.Argument(help="Where to write the fine-tuned model (new or empty).")],
+    force: Annotated[
+        bool, typer.Option("--force", help="Write into OUT_DIR even if it is not empty (never the run directory).")
+    ] = False,
 ) -> None:
-    """Rebuild a fine-tuned model from BASE and the seeds and scalars of a TRAJECTORY."""
+    """Rebuild a fine-tuned model from BASE and the seeds and scalars of a TRAJECTORY (its checksums checked)."""
     with _user_errors():
         from zotune.replay import replay as run_replay
 
-        run_replay(base, trajectory, out_dir)
+        run_replay(base, trajectory, out_dir, force=force)
 
 
 @app.command()

@@ -25,18 +25,11 @@ from rich.console import Console
 
 from zotune.errors import UserError
 from zotune.model_card import write_model_card
+from zotune.outdir import ADAPTER_CONFIG, FULL_WEIGHTS, prepare_out_dir
 
 console = Console(stderr=True, highlight=False)
 
 RECIPE = "recipe.yaml"
-ADAPTER_CONFIG = "adapter_config.json"
-FULL_WEIGHTS = (
-    "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"
-)
-# weight files of either kind: a forced export removes them first, so OUT_DIR never holds
-# an adapter beside a full model (transformers would load the adapter)
-STALE_WEIGHTS = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", *FULL_WEIGHTS)
-STALE_SHARDS = ("model-*-of-*.safetensors", "pytorch_model-*-of-*.bin")
 
 
 @dataclass(frozen=True)
@@ -68,20 +61,6 @@ def find_run(run_dir: str) -> RunWeights:
     raise UserError(f"{run_dir}: no saved weights ({ADAPTER_CONFIG} or model.safetensors); did the run finish?")
 
 
-def prepare_out_dir(out_dir: str, run: RunWeights, force: bool) -> Path:
-    """OUT_DIR, checked: not the run itself, and empty unless `force` (then its old weight files go)."""
-    out = Path(out_dir).expanduser()
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out_dir}: exists and is not a directory")
-    if out.exists() and out.resolve() in (run.weights.resolve(), run.recipe.parent.resolve()):
-        raise UserError(f"{out_dir}: is the run directory itself; export to another directory")
-    if out.is_dir() and any(out.iterdir()):
-        if not force:
-            raise UserError(f"{out_dir}: exists and is not empty; pass --force to write into it")
-        _remove_weight_files(out)
-    return out
-
-
 def export(run_dir: str, out_dir: str, *, merge: bool = False, force: bool = False) -> str:
     """Write the run's weights to OUT_DIR; returns what was written ("adapter", "merged model", "full model")."""
     run = find_run(run_dir)
@@ -90,7 +69,8 @@ def export(run_dir: str, out_dir: str, *, merge: bool = False, force: bool = Fal
             f"{run_dir}: the run trained the full model, there is no adapter, so nothing to merge; "
             "export it without --merge"
         )
-    out = prepare_out_dir(out_dir, run, force)
+    run_itself = "the run directory itself"
+    out = prepare_out_dir(out_dir, {run.weights: run_itself, run.recipe.parent: run_itself}, force)
     with console.status(f"loading {run.weights}"):
         if not run.adapter:
             model, tokenizer = _full_model(run)
@@ -149,11 +129,3 @@ def _merged(peft_model, run_dir: str):
             "export it without --merge"
         )
     return peft_model.merge_and_unload()
-
-
-def _remove_weight_files(out: Path) -> None:
-    stale = [out / name for name in STALE_WEIGHTS]
-    stale += [p for pattern in STALE_SHARDS for p in out.glob(pattern)]
-    for path in stale:
-        if path.is_file():
-            path.unlink()

@@ -1,4 +1,8 @@
-"""`zotune replay`: rebuild fine-tuned weights from a base model and a trajectory log."""
+"""`zotune replay`: rebuild fine-tuned weights from a base model and a trajectory log.
+
+The log's checksum chain is checked as it is read (zotune.trajectory), and OUT_DIR follows
+the rule export follows (zotune.outdir): never the run's folder (the one holding the
+trajectory, or BASE), and empty unless --force."""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from rich.progress import track
 from zotune.errors import UserError
 from zotune.models import load_model, trainable_parameters
 from zotune.optim import ZOOptimizer
+from zotune.outdir import prepare_out_dir
 from zotune.recipe import load_recipe, shipped_recipes
 from zotune.run import build_model
 from zotune.schema import ModelSection
@@ -45,8 +50,13 @@ def optimizer_from_header(header: dict, named: list) -> ZOOptimizer:
     )
 
 
-def replay(base: str, trajectory: str, out_dir: str) -> None:
+def replay(base: str, trajectory: str, out_dir: str, *, force: bool = False) -> None:
     header, records = read_trajectory(trajectory)
+    log = Path(trajectory).expanduser()
+    protected = {log if log.is_dir() else log.parent: "the run directory itself (it holds the trajectory)"}
+    if Path(base).expanduser().is_dir():
+        protected.setdefault(Path(base).expanduser(), "BASE itself")
+    out = prepare_out_dir(out_dir, protected, force)
     if header["start_step"] != 0:
         raise UserError(f"{trajectory}: the log starts at step {header['start_step']}, not at the base model")
     if header["optimizer"]["schedule"] == "dual" and "master_weights" not in header["optimizer"]:
@@ -66,5 +76,5 @@ def replay(base: str, trajectory: str, out_dir: str) -> None:
     for record in track(records, description="replaying"):
         zo.replay(record)
     zo.flush()  # training flushed a pending lazy update before saving
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+    model.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
