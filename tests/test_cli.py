@@ -36,9 +36,9 @@ def tiny(tmp_path, monkeypatch):
     return tmp_path / "tiny.yaml"
 
 
-def zotune(*args, probe=False):
+def zotune(*args, probe=False, columns=200):
     command = [sys.executable, "-c", PROBE] if probe else [sys.executable, "-m", "zotune.cli"]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", COLUMNS="200")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", COLUMNS=str(columns))
     return subprocess.run(command + list(args), capture_output=True, text=True, env=env, timeout=120)
 
 
@@ -66,12 +66,16 @@ def test_validate_bad_recipe(tiny):
     assert "Traceback" not in r.stderr
 
 
-def test_ls_lists_shipped_recipes():
-    r = zotune("ls")
+@pytest.mark.parametrize("columns", [200, 80])
+def test_ls_lists_shipped_recipes(columns):
+    r = zotune("ls", columns=columns)
     assert r.returncode == 0, r.stderr
+    assert max(len(line) for line in r.stdout.splitlines()) <= columns
+    words = r.stdout.split()
     for name, file in shipped_recipes().items():
-        assert name in r.stdout
-        assert file.read_text().splitlines()[0].lstrip("# ").strip() in r.stdout
+        first, second = (line.lstrip("# ").strip() for line in file.read_text().splitlines()[:2])
+        assert name in words and first in r.stdout
+        assert " ".join(second.split()) in " ".join(words)  # whole, however it wraps
 
 
 def test_unknown_recipe_name():

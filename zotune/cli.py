@@ -13,6 +13,7 @@ from typing import Annotated, Iterator, Literal, Optional
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.padding import Padding
 from rich.table import Table
 
 from zotune.errors import UserError
@@ -27,6 +28,7 @@ out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 RecipeArg = Annotated[str, typer.Argument(help="A recipe file, or the name of a shipped recipe (see `zotune ls`).")]
+WIDE = 120  # columns from which `zotune ls` fits its table; narrower, a block per recipe
 OverridesArg = Annotated[
     Optional[list[str]], typer.Argument(help="Overrides such as train.max_steps=50 (values are YAML).")
 ]
@@ -108,20 +110,24 @@ def list_recipes() -> None:
     """List the shipped recipes."""
     from zotune.recipe import describe, shipped_recipes
 
-    table = Table(box=None, header_style="bold")
-    table.add_column("recipe", no_wrap=True)
-    table.add_column("method")
-    table.add_column("task", no_wrap=True)
-    table.add_column("run with", no_wrap=True)
-    table.add_column("description")
     shipped = shipped_recipes()
     if not shipped:
         out.print("no shipped recipes")
         return
-    for name, file in shipped.items():
-        info = describe(name, file)
-        table.add_row(*(escape(v) for v in info))
-    out.print(table)
+    recipes = [describe(name, file) for name, file in shipped.items()]
+    if out.width >= WIDE:
+        table = Table(box=None, header_style="bold")
+        for column, wrap in (("recipe", False), ("method", True), ("task", False), ("run with", False),
+                             ("description", True)):
+            table.add_column(column, no_wrap=not wrap)
+        for info in recipes:
+            table.add_row(*(escape(v) for v in info))
+        out.print(table)
+        return
+    for info in recipes:  # a narrow terminal: one block per recipe, the description wrapped under it
+        out.print(f"[bold]{escape(info.name)}[/]  {escape(info.method)} · {escape(info.task)} · "
+                  f"{escape(info.command)}", soft_wrap=False)
+        out.print(Padding(escape(info.description), (0, 0, 1, 2)), soft_wrap=False)
 
 
 @app.command()
