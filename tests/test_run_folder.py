@@ -163,3 +163,34 @@ def test_ctrl_c_while_saving_waits_for_whole_files(tmp_path, finished, monkeypat
     assert_same_weights(load_file(run / "model.safetensors"), load_file(finished / "model.safetensors"))
     assert json.loads((run / "summary.json").read_text())["steps"] == STEPS["max_steps"]
 
+
+
+@pytest.mark.parametrize("command", ["export", "replay"])
+def test_ctrl_c_while_exporting_or_replaying_waits_for_whole_files(tmp_path, finished, monkeypatch, command):
+    from transformers import PreTrainedModel
+
+    from zotune.export import export
+    from zotune.replay import replay
+
+    save_pretrained = PreTrainedModel.save_pretrained
+
+    def interrupted_midway(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return save_pretrained(self, *args, **kwargs)
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", interrupted_midway)
+    with pytest.raises(SystemExit) as stopped:
+        if command == "export":
+            export(str(finished), str(tmp_path / "out"))
+        else:
+            replay(str(finished), str(finished / "zo_trajectory.jsonl"), str(tmp_path / "out"))
+    assert stopped.value.code == 130
+    assert_same_weights(load_file(tmp_path / "out" / "model.safetensors"), load_file(finished / "model.safetensors"))
+
+
+def test_an_unwritable_output_folder_is_an_error_line(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    path = write_recipe(tmp_path, "r", output_dir=str(tmp_path / "a-file" / "run"), **STEPS)
+    result = cli("train", str(path))
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert f"{tmp_path / 'a-file' / 'run'}: cannot write to train.output_dir: Not a directory" in result.output

@@ -80,11 +80,15 @@ def export(run_dir: str, out_dir: str, *, merge: bool = False, force: bool = Fal
             kind = "adapter"
             if merge:
                 model, kind = _merged(model, run_dir), "merged model"
-    with console.status(f"writing the {kind} to {out}"):
+    from zotune.checkpoints import exit_interrupted, finish_writing
+
+    with console.status(f"writing the {kind} to {out}"), finish_writing(f"the {kind} to {out}") as deferred:
         out.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(str(out))  # transformers 5 and peft write safetensors
         tokenizer.save_pretrained(str(out))
         write_model_card(out, run.recipe.parent, run.recipe, run.weights, kind)
+    if deferred.requested:
+        exit_interrupted(f"interrupted: the {kind} in {out} was written whole first")
     return kind
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from rich.progress import track
 
+from zotune.checkpoints import exit_interrupted, finish_writing
 from zotune.errors import UserError
 from zotune.models import load_model, trainable_parameters
 from zotune.optim import ZOOptimizer
@@ -76,5 +77,8 @@ def replay(base: str, trajectory: str, out_dir: str, *, force: bool = False) -> 
     for record in track(records, description="replaying"):
         zo.replay(record)
     zo.flush()  # training flushed a pending lazy update before saving
-    model.save_pretrained(str(out))
-    tokenizer.save_pretrained(str(out))
+    with finish_writing(f"the replayed model to {out}") as deferred:
+        model.save_pretrained(str(out))
+        tokenizer.save_pretrained(str(out))
+    if deferred.requested:
+        exit_interrupted(f"interrupted: the replayed model in {out} was written whole first")
