@@ -80,11 +80,14 @@ def train(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
 
 @app.command()
 def validate(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
-    """Check RECIPE (with overrides) without loading any weights."""
+    """Check RECIPE (with overrides), its training arguments and its data without loading any weights."""
     from zotune.recipe import load_recipe
 
     with _user_errors():
         r = load_recipe(recipe, overrides or [])
+        from zotune.preflight import preflight  # imports transformers: only for a recipe of the right form
+
+        notes = preflight(r, run_user_code=False)
     model = r.model
     if model.name_or_path is not None:
         source = model.name_or_path + (f" ({model.gguf_file})" if model.gguf_file else "")
@@ -95,6 +98,8 @@ def validate(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
     else:
         source = f"random {model.config.get('model_type', '?')}"
     out.print(f"ok: {escape(recipe)} ({r.method}, {escape(source)}, {r.data.task}, {r.train.max_steps} steps)")
+    for note in notes:
+        out.print(f"note: {escape(note)}")
 
 
 @app.command(name="ls")

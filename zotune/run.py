@@ -11,22 +11,22 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from rich.table import Table
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging as hf_logging
 
 from zotune.checkpoints import exit_interrupted, save_on_interrupt
-from zotune.data import TaskData, build_task_data
+from zotune.data import build_task_data
 from zotune.errors import UserError
 from zotune.model_card import SUMMARY
 from zotune.models import load_model, stable_name, trainable_parameters
 from zotune.plot import plot_run
+from zotune.preflight import RUN_ONLY, method_arguments, preflight, training_arguments  # noqa: F401
 from zotune.recipe import dump_recipe
 from zotune.schema import Recipe
-from zotune.trainer import ZOConfig, ZOTrainer
+from zotune.trainer import ZOTrainer
 
 console = Console()
-RUN_ONLY = {"evaluate_before", "resume_from_checkpoint"}  # TrainSection keys that are not TrainingArguments
 
 
 def build_model(recipe: Recipe):
@@ -46,41 +46,6 @@ def build_model(recipe: Recipe):
             "widen params.include or narrow params.unfreeze"
         )
     return model, tokenizer
-
-
-def training_arguments(recipe: Recipe, task: TaskData) -> TrainingArguments:
-    fields = recipe.train.model_dump(exclude=RUN_ONLY)
-    fields.update(
-        remove_unused_columns=False,  # the collators pick their columns themselves
-        dataloader_pin_memory=torch.cuda.is_available(),
-        train_sampling_strategy="sequential" if task.sequential_sampling else "random",
-    )
-    if recipe.method == "fo":
-        return TrainingArguments(**fields)
-    zo = recipe.zo
-    return ZOConfig(
-        **fields,
-        zo_eps=zo.eps,
-        zo_num_directions=zo.num_directions,
-        zo_perturbation=zo.perturbation,
-        **method_arguments("rule", zo.rule),
-        **method_arguments("estimator", zo.estimator),
-        zo_schedule=zo.schedule,
-        zo_lazy_update=zo.lazy_update,
-        zo_master_weights=zo.master_weights,
-        zo_offload=zo.offload,
-        zo_offload_transfer_dtype=zo.offload_transfer_dtype,
-        zo_max_nonfinite=zo.max_nonfinite,
-        zo_objective=zo.objective,
-        zo_include=recipe.params.include,
-        zo_exclude=recipe.params.exclude,
-    )
-
-
-def method_arguments(kind: str, spec: str | dict) -> dict:
-    """A recipe's `zo.rule` / `zo.estimator` as ZOConfig's zo_<kind> and zo_<kind>_kwargs."""
-    fields = {"name": spec} if isinstance(spec, str) else dict(spec)
-    return {f"zo_{kind}": fields.pop("name"), f"zo_{kind}_kwargs": fields}
 
 
 def build_trainer(recipe: Recipe, model, tokenizer) -> tuple[Trainer, str]:
@@ -121,6 +86,7 @@ def peak_memory_gib() -> float:
 
 def train(recipe: Recipe, source: str) -> dict:
     """Run a recipe end to end; returns the summary it prints."""
+    preflight(recipe, run_user_code=True)  # every check that needs no weights, before any load
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     hf_logging.set_verbosity_warning()
     out = Path(recipe.train.output_dir)
