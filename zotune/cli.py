@@ -1,7 +1,7 @@
 """The `zotune` command: train, validate, ls, replay, export, plot, plan.
 
 Commands import the heavy modules (torch, transformers) only when they need them, so
-`zotune ls` and `zotune validate` stay quick. A `UserError` prints `error: ...` and exits
+`zotune ls` stays quick, and `zotune validate` imports them only for a recipe whose form is right. A `UserError` prints `error: ...` and exits
 with status 2, without a traceback; anything else is a bug and propagates as usual.
 """
 

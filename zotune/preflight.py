@@ -25,12 +25,15 @@ from zotune.data import check_rows, label_word_ids, load_task_rows
 from zotune.errors import UserError
 from zotune.models import _head, byte_tokenizer, gguf_cache_dir
 from zotune.recipe import RecipeError, expand_path, locate
-from zotune.schema import Recipe
+from zotune.schema import Recipe, TrainSection, ZOSection
 from zotune.trainer import ZOConfig
 
 RUN_ONLY = {"evaluate_before", "resume_from_checkpoint"}  # TrainSection keys that are not TrainingArguments
 # errors with which TrainingArguments, ZOConfig and the Trainer's set-up refuse a value
 SETUP_ERRORS = (ValueError, TypeError, ImportError, RuntimeError)
+# the recipe keys that reach the training arguments, in the schema's order
+SETUP_KEYS = [f"{name}.{key}" for name, section in (("train", TrainSection), ("zo", ZOSection))
+              for key in section.model_fields if key not in RUN_ONLY]
 
 
 def training_arguments(recipe: Recipe, task=None) -> TrainingArguments:
@@ -99,33 +102,34 @@ def preflight(recipe: Recipe, *, run_user_code: bool) -> list[str]:
 
 
 def _setup_problems(recipe: Recipe) -> list[str]:
-    """`key: message` for each value the training arguments or the Trainer's set-up refuse.
+    """`key: message` for each value the training arguments or the Trainer's set-up refuse, in the
+    order of the schema's keys.
 
     A refusal names no key, so each one is pinned on the first key whose default makes it go away
     (or change); that key is then reset and the set-up tried again, to find the next."""
-    problems = []
+    found: dict[str, str] = {}
     error = _setup_error(recipe)
     while error is not None:
         if isinstance(error, UserError):  # our own checks (e.g. zo.objective) name their key
-            return problems + [str(error)]
-        found = next(((key, trial, _setup_error(trial)) for key, trial in _with_one_default(recipe)
-                      if str(_setup_error(trial)) != str(error)), None)
-        if found is None:
+            return [*(f"{k}: {m}" for k, m in found.items()), str(error)]
+        culprit = next(((key, trial, _setup_error(trial)) for key, trial in _with_one_default(recipe)
+                        if str(_setup_error(trial)) != str(error)), None)
+        if culprit is None:
             raise error  # no value of the recipe causes it: a bug, with its traceback
-        key, recipe, next_error = found
-        problems.append(f"{key}: {error}")
+        key, recipe, next_error = culprit
+        found[key] = str(error)
         error = next_error
-    return problems
+    return [f"{key}: {found[key]}" for key in SETUP_KEYS if key in found]
 
 
 def _with_one_default(recipe: Recipe):
     """(dotted key, the recipe with that key back at its default) for each train and zo key the recipe changes."""
-    for name in ("train", "zo"):
+    for key in SETUP_KEYS:
+        name, field = key.split(".")
         section = getattr(recipe, name)
-        for key, field in type(section).model_fields.items():
-            default = field.get_default(call_default_factory=True)
-            if getattr(section, key) != default:
-                yield f"{name}.{key}", recipe.model_copy(update={name: section.model_copy(update={key: default})})
+        default = type(section).model_fields[field].get_default(call_default_factory=True)
+        if getattr(section, field) != default:
+            yield key, recipe.model_copy(update={name: section.model_copy(update={field: default})})
 
 
 def _setup_error(recipe: Recipe) -> Exception | None:
