@@ -1,8 +1,9 @@
 """The `zotune` command: train, validate, ls, replay, export, plot, plan.
 
 Commands import the heavy modules (torch, transformers) only when they need them, so
-`zotune ls` stays quick, and `zotune validate` imports them only for a recipe whose form is right. A `UserError` prints `error: ...` and exits
-with status 2, without a traceback; anything else is a bug and propagates as usual.
+`zotune ls` stays quick, and `zotune validate` imports them only for a recipe whose form is right.
+A `UserError` prints `error: ...` and exits with status 2, without a traceback; anything else is a
+bug and propagates as usual.
 """
 
 from __future__ import annotations

@@ -109,17 +109,16 @@ def _setup_problems(recipe: Recipe) -> list[str]:
     (or change); that key is then reset and the set-up tried again, to find the next."""
     found: dict[str, str] = {}
     error = _setup_error(recipe)
-    while error is not None:
-        if isinstance(error, UserError):  # our own checks (e.g. zo.objective) name their key
-            return [*(f"{k}: {m}" for k, m in found.items()), str(error)]
-        culprit = next(((key, trial, _setup_error(trial)) for key, trial in _with_one_default(recipe)
-                        if str(_setup_error(trial)) != str(error)), None)
-        if culprit is None:
+    while error is not None and not isinstance(error, UserError):  # our own errors name their key
+        for key, trial in _with_one_default(recipe):
+            trial_error = _setup_error(trial)
+            if str(trial_error) != str(error):
+                break
+        else:
             raise error  # no value of the recipe causes it: a bug, with its traceback
-        key, recipe, next_error = culprit
         found[key] = str(error)
-        error = next_error
-    return [f"{key}: {found[key]}" for key in SETUP_KEYS if key in found]
+        recipe, error = trial, trial_error
+    return [f"{key}: {found[key]}" for key in SETUP_KEYS if key in found] + ([str(error)] if error else [])
 
 
 def _with_one_default(recipe: Recipe):
