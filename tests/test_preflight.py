@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from zotune import run
 from zotune.cli import app
 
-from test_recipe import TINY, line_of
+from test_recipe import CONFIG, TINY, line_of
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 ONE_TOKEN = '{"0": "n", "1": "y"}'  # the byte tokenizer gives one token per byte
@@ -154,6 +154,11 @@ def test_lm_refuses_the_classification_settings_it_would_ignore(folder, no_model
     ]
 
 
+def test_every_problem_is_reported_at_once(folder, no_model):
+    found = both("train.optim=bogus", "data.template='{review} It was'")
+    assert [line.split(": ")[2] for line in found] == ["train.optim", "data.template"]
+
+
 def test_a_template_column_that_does_not_exist(folder, no_model):
     [line] = both("data.template='{review} It was'")
     assert line == (f"error: <override data.template='{{review}} It was'>: data.template: column 'review' not found "
@@ -181,6 +186,29 @@ def test_label_words_are_checked_with_the_tokenizer(folder, no_model):
     [line] = both()
     assert line.startswith(f"error: tiny.yaml:{line_of(text, 'verbalizer')}: data.verbalizer: label word "
                            "' terrible' (label '0') is 9 tokens")
+
+
+@pytest.mark.parametrize("model_type, scored_on_words", [("llama", True), ("bert", False)])
+def test_a_model_folder_is_read_without_its_weights(folder, no_model, model_type, scored_on_words):
+    """Config and tokenizer only: a causal LM scores label words, which must be one token each; a
+    BERT classifier scores its own head, so its verbalizer only names the classes."""
+    from transformers import AutoConfig
+
+    from zotune.models import byte_tokenizer
+
+    config = dict(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    AutoConfig.for_model(model_type, **config).save_pretrained(folder / "model")
+    byte_tokenizer().save_pretrained(folder / "model")  # no weights in the folder at all
+    text = RECIPE.replace(CONFIG, "  name_or_path: ./model\n").replace(ONE_TOKEN, '{"0": " terrible", "1": "y"}')
+    (folder / "tiny.yaml").write_text(text)
+    if scored_on_words:
+        [line] = both()
+        assert line.startswith(f"error: tiny.yaml:{line_of(text, 'verbalizer')}: data.verbalizer: label word "
+                               "' terrible' (label '0') is 9 tokens")
+    else:
+        r = CliRunner().invoke(app, ["validate", "tiny.yaml"])
+        assert r.exit_code == 0, r.output
+        assert r.stdout == "ok: tiny.yaml (zo, ./model, classification, 5 steps)\n"
 
 
 def test_train_reports_before_the_model_loads(folder):
