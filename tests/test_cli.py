@@ -16,11 +16,14 @@ from zotune.schema import Recipe
 
 from test_recipe import TINY, line_of
 
-# Runs the CLI, then reports on stderr whether anything imported torch or transformers.
+# Runs the CLI, then reports on stderr how far it got: LIGHT (neither torch nor transformers imported),
+# NO MODEL (they were, but not the tiny recipe's llama model code) or MODEL.
 PROBE = (
     "import atexit, sys\n"
-    "heavy = lambda: {'torch', 'transformers'} & set(sys.modules)\n"
-    "atexit.register(lambda: print('HEAVY' if heavy() else 'LIGHT', file=sys.stderr))\n"
+    "def reach():\n"
+    "    if 'transformers.models.llama.modeling_llama' in sys.modules: return 'MODEL'\n"
+    "    return 'NO MODEL' if {'torch', 'transformers'} & set(sys.modules) else 'LIGHT'\n"
+    "atexit.register(lambda: print(reach(), file=sys.stderr))\n"
     "from zotune.cli import main\n"
     "sys.argv[0] = 'zotune'\n"
     "main()\n"
@@ -47,11 +50,12 @@ def test_version():
     assert r.returncode == 0 and r.stdout.startswith("zotune ")
 
 
-def test_validate_ok_without_loading_torch(tiny):
+def test_validate_ok_without_loading_the_model(tiny):
+    tiny.write_text(TINY.replace('" terrible", "1": " great"', '"n", "1": "y"'))  # one token each: bytes
     r = zotune("validate", "tiny.yaml", "train.max_steps=7", probe=True)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "ok: tiny.yaml (zo, random llama, classification, 7 steps)"
-    assert r.stderr.strip() == "LIGHT"
+    assert r.stderr.splitlines()[-1] == "NO MODEL"  # preflight reads the config, the data and the tokenizer
 
 
 def test_validate_bad_recipe(tiny):

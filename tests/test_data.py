@@ -184,8 +184,6 @@ def test_balanced_needs_a_batch_divisible_by_the_classes(tmp_path, tokenizer):
     train = write_jsonl(tmp_path / "train.jsonl", ROWS)
     user_error(["train.per_device_train_batch_size", "data.balanced", str(train)],
                build_task_data, classification(train, balanced=True), tokenizer, None, seed=0, batch_size=3)
-    sft = DataSection(task="sft", train=DataSource(path=str(train)), balanced=True)
-    user_error(["data.balanced", "classification"], build_task_data, sft, tokenizer, None, seed=0, batch_size=2)
 
 
 # ---------------------------------------------------------------- classification with a causal LM

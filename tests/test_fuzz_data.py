@@ -260,7 +260,7 @@ def test_missing_values_name_the_line(tmp_path, tokenizer, task, field, how):
         rows[broken][field] = None
     path = tmp_path / "d.jsonl"
     path.write_text("\n" + "".join(json.dumps(r) + "\n" for r in rows))  # a blank first line: rows != lines
-    section = DataSection(task=task, train=DataSource(path=str(path)), block_size=4,
+    section = DataSection(task=task, train=DataSource(path=str(path)), **({"block_size": 4} if task == "lm" else {}),
                           verbalizer=VERBALIZER if task == "classification" else None)
     result = build(section, tokenizer)
     assert isinstance(result, UserError)

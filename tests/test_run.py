@@ -118,7 +118,8 @@ def test_lora_trains_only_the_adapter(tmp_path, method):
     "task, data",
     [
         ("lm", {"train": {"path": str(DATA / "austen/persuasion.txt"), "max_samples": 200},
-                "eval": {"path": str(DATA / "austen/emma.txt"), "max_samples": 100}, "block_size": 32}),
+                "eval": {"path": str(DATA / "austen/emma.txt"), "max_samples": 100}, "block_size": 32,
+                "max_length": 256}),  # back to the default: lm reads block_size, and refuses a max_length
         ("sft", {"train": {"path": str(DATA / "bbc_news/train.jsonl"), "max_samples": 32},
                  "eval": {"path": str(DATA / "bbc_news/validation.jsonl"), "max_samples": 8},
                  "template": "Headline: {title}\nTopic:", "completion_field": "label", "max_length": 48}),

@@ -1,8 +1,9 @@
 """The `zotune` command: train, validate, ls, replay, export, plot, plan.
 
 Commands import the heavy modules (torch, transformers) only when they need them, so
-`zotune ls` and `zotune validate` stay quick. A `UserError` prints `error: ...` and exits
-with status 2, without a traceback; anything else is a bug and propagates as usual.
+`zotune ls` stays quick, and `zotune validate` imports them only for a recipe whose form is right.
+A `UserError` prints `error: ...` and exits with status 2, without a traceback; anything else is a
+bug and propagates as usual.
 """
 
 from __future__ import annotations
@@ -88,11 +89,14 @@ def train(
 
 @app.command()
 def validate(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
-    """Check RECIPE (with overrides) without loading any weights."""
+    """Check RECIPE (with overrides), its training arguments and its data without loading any weights."""
     from zotune.recipe import load_recipe
 
     with _user_errors():
         r = load_recipe(recipe, overrides or [])
+        from zotune.preflight import preflight  # imports transformers: only for a recipe of the right form
+
+        notes = preflight(r, run_user_code=False)
     model = r.model
     if model.name_or_path is not None:
         source = model.name_or_path + (f" ({model.gguf_file})" if model.gguf_file else "")
@@ -103,6 +107,8 @@ def validate(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
     else:
         source = f"random {model.config.get('model_type', '?')}"
     out.print(f"ok: {escape(recipe)} ({r.method}, {escape(source)}, {r.data.task}, {r.train.max_steps} steps)")
+    for note in notes:
+        out.print(f"note: {escape(note)}")
 
 
 @app.command(name="ls")

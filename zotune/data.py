@@ -406,11 +406,16 @@ def _keep_end(ids: list[int], max_length: int, bos_id: int | None) -> list[int]:
     return head + ids[len(ids) - (max_length - len(head)) :]
 
 
-def encode_classification(rows, data_key, where, section, tokenizer, classes, encoder: bool):
+def classification_labels(rows, data_key, where, section, classes) -> list[int]:
+    """The class index of every row, after checking the columns the task reads (no tokenizer needed)."""
     require_column(rows, section.label_field, "data.label_field", data_key, where)
     columns = _check_template(section.template, rows, data_key, where)
     _check_values(rows, [section.label_field, *columns], data_key, where)
-    labels = _class_indices(rows, section, classes, where)
+    return _class_indices(rows, section, classes, where)
+
+
+def encode_classification(rows, data_key, where, section, tokenizer, classes, encoder: bool):
+    labels = classification_labels(rows, data_key, where, section, classes)
 
     def encode(batch, indices):
         prompts = _fill(section.template, batch)
@@ -455,14 +460,48 @@ def _balanced_order(labels: np.ndarray, num_classes: int, batch_size: int, num_r
     return batches.reshape(-1)
 
 
-def _classification(section, tokenizer, model, train_rows, eval_rows, *, seed, batch_size, num_rows_needed):
+def classification_classes(section, train_rows, *, encoder: bool, batch_size: int) -> list[str]:
+    """The classes of a classification task, after the checks on data.train that need no tokenizer or weights."""
     train_where = describe(section.train)
-    encoder = is_sequence_classifier(model)
     if not encoder and section.verbalizer is None:
         raise UserError("data.verbalizer: task classification with a causal LM needs label words, "
                         "e.g. verbalizer: {'0': ' terrible', '1': ' great'}")
     require_column(train_rows, section.label_field, "data.label_field", "data.train", train_where)
     classes = class_values(train_rows, section)
+    if section.balanced and batch_size % len(classes):
+        raise UserError(
+            f"train.per_device_train_batch_size: {batch_size} is not a multiple of the {len(classes)} classes "
+            f"({', '.join(classes)}) of {train_where}, as data.balanced needs"
+        )
+    return classes
+
+
+def check_rows(section: DataSection, train_rows, eval_rows, *, encoder: bool, batch_size: int) -> list[str] | None:
+    """Every rule on the rows of `section`'s task that needs neither a tokenizer nor weights; the classes
+    of a classification task.
+
+    `encoder`: the model is a `...ForSequenceClassification` (it scores its own head, not label words)."""
+    if section.task == "classification":
+        classes = classification_classes(section, train_rows, encoder=encoder, batch_size=batch_size)
+        train_where = describe(section.train)
+        labels = np.asarray(classification_labels(train_rows, "data.train", train_where, section, classes))
+        if eval_rows is not None:
+            classification_labels(eval_rows, "data.eval", describe(section.eval), section, classes)
+        if section.balanced:
+            for k, c in enumerate(classes):
+                if not (labels == k).any():
+                    raise UserError(f"data.balanced: class {c!r} has no rows in {train_where}")
+        return classes
+    check = sft_columns if section.task == "sft" else _lm_columns
+    check(train_rows, "data.train", describe(section.train), section)
+    if eval_rows is not None:
+        check(eval_rows, "data.eval", describe(section.eval), section)
+    return None
+
+
+def _classification(section, tokenizer, model, train_rows, eval_rows, classes, *, seed, batch_size, num_rows_needed):
+    train_where = describe(section.train)
+    encoder = is_sequence_classifier(model)
     if encoder:
         num_labels = model.config.num_labels
         if num_labels != len(classes):
@@ -470,11 +509,6 @@ def _classification(section, tokenizer, model, train_rows, eval_rows, *, seed, b
                 f"data.verbalizer: {len(classes)} classes ({', '.join(classes)}) in {train_where}, but the model's "
                 f"classifier has {num_labels} outputs (model.config.num_labels)"
             )
-    if section.balanced and batch_size % len(classes):
-        raise UserError(
-            f"train.per_device_train_batch_size: {batch_size} is not a multiple of the {len(classes)} classes "
-            f"({', '.join(classes)}) of {train_where}, as data.balanced needs"
-        )
     word_ids = None if encoder else label_word_ids(tokenizer, section.verbalizer)
 
     train = encode_classification(train_rows, "data.train", train_where, section, tokenizer, classes, encoder)
@@ -483,11 +517,8 @@ def _classification(section, tokenizer, model, train_rows, eval_rows, *, seed, b
         evaluation = encode_classification(eval_rows, "data.eval", describe(section.eval), section, tokenizer,
                                             classes, encoder)
     if section.balanced:
-        labels = np.asarray(train["labels"])
-        for k, c in enumerate(classes):
-            if not (labels == k).any():
-                raise UserError(f"data.balanced: class {c!r} has no rows in {train_where}")
-        train = train.select(_balanced_order(labels, len(classes), batch_size, num_rows_needed, seed))
+        train = train.select(_balanced_order(np.asarray(train["labels"]), len(classes), batch_size,
+                                             num_rows_needed, seed))
 
     pad_id = pad_token_id(tokenizer)
     if encoder:
@@ -502,10 +533,15 @@ def _classification(section, tokenizer, model, train_rows, eval_rows, *, seed, b
 # ---------------------------------------------------------------- sft and lm
 
 
-def encode_sft(rows, data_key, where, section, tokenizer):
+def sft_columns(rows, data_key, where, section) -> None:
+    """The completion column and the template's columns exist and have a value in every row."""
     require_column(rows, section.completion_field, "data.completion_field", data_key, where)
     columns = _check_template(section.template, rows, data_key, where)
     _check_values(rows, [section.completion_field, *columns], data_key, where)
+
+
+def encode_sft(rows, data_key, where, section, tokenizer):
+    sft_columns(rows, data_key, where, section)
     eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
 
     def encode(batch):
@@ -531,8 +567,12 @@ def encode_sft(rows, data_key, where, section, tokenizer):
     return _warn_truncated(encoded, data_key, where, section.max_length, "their completions are cut at the end")
 
 
-def _encode_lm(rows, data_key, where, section, tokenizer):
+def _lm_columns(rows, data_key, where, section) -> None:
     _check_values(rows, _check_template(section.template, rows, data_key, where), data_key, where)
+
+
+def _encode_lm(rows, data_key, where, section, tokenizer):
+    _lm_columns(rows, data_key, where, section)
     eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
 
     def encode(batch):
@@ -557,6 +597,13 @@ def _encode_lm(rows, data_key, where, section, tokenizer):
 # ---------------------------------------------------------------- entry point
 
 
+def load_task_rows(section: DataSection) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """The rows of data.train and data.eval (None without data.eval)."""
+    train_rows = load_rows(section.train, "data.train")
+    eval_rows = load_rows(section.eval, "data.eval") if section.eval is not None else None
+    return train_rows, eval_rows
+
+
 def build_task_data(section: DataSection, tokenizer, model, *, seed: int, batch_size: int,
                     num_rows_needed: int | None = None) -> TaskData:
     """Load, tokenize and arrange the data of `section` for `transformers.Trainer`.
@@ -564,13 +611,10 @@ def build_task_data(section: DataSection, tokenizer, model, *, seed: int, batch_
     `batch_size` is the per-device train batch size; `num_rows_needed` (max_steps x batch x
     gradient accumulation) is how many rows a balanced arrangement must cover.
     """
-    if section.balanced and section.task != "classification":
-        raise UserError(f"data.balanced: only for task classification, not {section.task!r}")
-    train_rows = load_rows(section.train, "data.train")
-    eval_rows = load_rows(section.eval, "data.eval") if section.eval is not None else None
-
+    train_rows, eval_rows = load_task_rows(section)
+    classes = check_rows(section, train_rows, eval_rows, encoder=is_sequence_classifier(model), batch_size=batch_size)
     if section.task == "classification":
-        return _classification(section, tokenizer, model, train_rows, eval_rows, seed=seed,
+        return _classification(section, tokenizer, model, train_rows, eval_rows, classes, seed=seed,
                                batch_size=batch_size, num_rows_needed=num_rows_needed)
 
     encode = encode_sft if section.task == "sft" else _encode_lm

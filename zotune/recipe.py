@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import stat
+import weakref
 from importlib.resources import files
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, Sequence, get_args, get_origin
@@ -140,6 +141,25 @@ def describe(name: str, file: Path | Traversable) -> RecipeInfo:
 KeyPath = tuple[str, ...]  # a key path, e.g. ("train", "max_steps")
 
 
+# id(recipe) -> where each of its keys was written, for the recipes load_recipe returns (while they live)
+_LOCATIONS: dict[int, dict[KeyPath, str]] = {}
+
+
+def _remember(recipe: Recipe, where: dict[KeyPath, str]) -> None:
+    _LOCATIONS[id(recipe)] = where
+    weakref.finalize(recipe, _LOCATIONS.pop, id(recipe), None)
+
+
+def locate(recipe: Recipe, problem: str) -> str:
+    """`problem` ("data.template: ...", starting with a dotted key) prefixed with where that key was written:
+    `FILE:LINE: data.template: ...`. Unchanged for a recipe built in code, which was written nowhere."""
+    where = _LOCATIONS.get(id(recipe))
+    key = re.match(r"^([A-Za-z_]\w*(?:\.\w+)*):", problem)
+    if not where or key is None:
+        return problem
+    return f"{_where(tuple(key.group(1).split('.')), where)}: {problem}"
+
+
 def load_recipe(name_or_path: str, overrides: Sequence[str] = ()) -> Recipe:
     """Load, override and validate a recipe; raise `RecipeError` listing every problem."""
     file = resolve(name_or_path)
@@ -151,6 +171,7 @@ def load_recipe(name_or_path: str, overrides: Sequence[str] = ()) -> Recipe:
     recipe = None
     try:
         recipe = Recipe.model_validate(data)
+        _remember(recipe, where)
     except ValidationError as e:
         problems += [_describe_error(err, where) for err in e.errors()]
     except (TypeError, KeyError, AttributeError, IndexError) as e:

@@ -12,25 +12,25 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from rich.table import Table
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer
 from transformers.utils import logging as hf_logging
 
 from zotune.checkpoints import (
     damage, exit_interrupted, finish_writing, resume_command, save_checkpoint_atomically, save_on_interrupt,
 )
-from zotune.data import TaskData, build_task_data
+from zotune.data import build_task_data
 from zotune.errors import UserError
 from zotune.failures import describe as describe_failure
 from zotune.model_card import SUMMARY
 from zotune.models import load_model, stable_name, trainable_parameters
 from zotune.plot import plot_run
+from zotune.preflight import preflight, training_arguments
 from zotune.recipe import dump_recipe
 from zotune.rundir import CHECKPOINT, RECIPE, RunFolder, claim, write_whole
 from zotune.schema import Recipe
-from zotune.trainer import ZOConfig, ZOTrainer
+from zotune.trainer import ZOTrainer
 
 console = Console()
-RUN_ONLY = {"evaluate_before", "resume_from_checkpoint"}  # TrainSection keys that are not TrainingArguments
 
 
 def build_model(recipe: Recipe):
@@ -50,41 +50,6 @@ def build_model(recipe: Recipe):
             "widen params.include or narrow params.unfreeze"
         )
     return model, tokenizer
-
-
-def training_arguments(recipe: Recipe, task: TaskData) -> TrainingArguments:
-    fields = recipe.train.model_dump(exclude=RUN_ONLY)
-    fields.update(
-        remove_unused_columns=False,  # the collators pick their columns themselves
-        dataloader_pin_memory=torch.cuda.is_available(),
-        train_sampling_strategy="sequential" if task.sequential_sampling else "random",
-    )
-    if recipe.method == "fo":
-        return TrainingArguments(**fields)
-    zo = recipe.zo
-    return ZOConfig(
-        **fields,
-        zo_eps=zo.eps,
-        zo_num_directions=zo.num_directions,
-        zo_perturbation=zo.perturbation,
-        **method_arguments("rule", zo.rule),
-        **method_arguments("estimator", zo.estimator),
-        zo_schedule=zo.schedule,
-        zo_lazy_update=zo.lazy_update,
-        zo_master_weights=zo.master_weights,
-        zo_offload=zo.offload,
-        zo_offload_transfer_dtype=zo.offload_transfer_dtype,
-        zo_max_nonfinite=zo.max_nonfinite,
-        zo_objective=zo.objective,
-        zo_include=recipe.params.include,
-        zo_exclude=recipe.params.exclude,
-    )
-
-
-def method_arguments(kind: str, spec: str | dict) -> dict:
-    """A recipe's `zo.rule` / `zo.estimator` as ZOConfig's zo_<kind> and zo_<kind>_kwargs."""
-    fields = {"name": spec} if isinstance(spec, str) else dict(spec)
-    return {f"zo_{kind}": fields.pop("name"), f"zo_{kind}_kwargs": fields}
 
 
 def build_trainer(recipe: Recipe, model, tokenizer) -> tuple[Trainer, str]:
@@ -127,6 +92,7 @@ def train(recipe: Recipe, source: str, *, overwrite: bool = False) -> dict:
     """Run a recipe end to end in the output folder it claims; returns the summary it prints.
 
     A full disk or an unwritable folder, wherever it strikes, is a `UserError` saying how to resume."""
+    preflight(recipe, run_user_code=True)  # every check that needs no weights, before any load
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     hf_logging.set_verbosity_warning()
     out = Path(recipe.train.output_dir)

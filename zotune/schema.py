@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from zotune import precision
 from zotune.methods import build_estimator, build_rule, check_compatible
@@ -102,6 +102,17 @@ class DataSource(Section):
     max_samples: int | None = Field(None, gt=0, description="Keep only the first N rows.")
 
 
+# DataSection keys that only some tasks read; the others read `template`, `train` and `eval`
+TASKS_READING = {
+    "label_field": ("classification",),
+    "verbalizer": ("classification",),
+    "balanced": ("classification",),
+    "completion_field": ("sft",),
+    "max_length": ("classification", "sft"),
+    "block_size": ("lm",),
+}
+
+
 class DataSection(Section):
     task: Literal["classification", "sft", "lm"] = Field(description="How rows become examples and losses.")
     train: DataSource = Field(description="Training data.")
@@ -123,6 +134,16 @@ class DataSection(Section):
         description="classification: every batch holds the same number of examples of each class. "
         "Without it ZO tends to learn the label prior.",
     )
+
+    @field_validator(*TASKS_READING)
+    @classmethod
+    def _read_by_the_task(cls, value: Any, info: ValidationInfo) -> Any:
+        # runs only for keys the recipe gives (defaults are not validated); `task` is validated first
+        task, readers = info.data.get("task"), TASKS_READING[info.field_name]
+        if task is not None and task not in readers and value != cls.model_fields[info.field_name].default:
+            raise ValueError(f"a setting of task {' and '.join(readers)}, which task {task!r} does not read; "
+                             f"remove it, or set data.task to {readers[0]!r}")
+        return value
 
 
 class ParamsSection(Section):
@@ -239,6 +260,12 @@ class TrainSection(Section):
     dataloader_num_workers: int = Field(0, ge=0, description="Worker processes for data loading.")
     evaluate_before: bool = Field(True, description="Measure the metrics before training for the summary.")
     resume_from_checkpoint: str | None = Field(None, description="A checkpoint dir to resume from, or 'latest'.")
+
+    @field_validator("eval_strategy", "save_strategy", mode="before")
+    @classmethod
+    def _yaml_no(cls, value: Any) -> Any:
+        # YAML 1.1 reads an unquoted `no` (and `false`) as the boolean False
+        return "no" if value is False else value
 
 
 class BilevelSource(Section):
