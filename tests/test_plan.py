@@ -328,10 +328,34 @@ def test_classification_plans_the_last_positions_logits_only(monkeypatch):
     assert as_lm.compute_activations + as_lm.compute_scratch > 2 * peak
 
 
+@pytest.mark.parametrize("task", ["lm", "classification"])
+def test_evaluation_forward_close_to_the_plan(task):
+    """An evaluation (the Trainer's, with the model's own loss; the classification collator's
+    logits_to_keep=1) holds a whole eval batch's logits and their fp32 log-softmax: with an eval batch
+    twice the train batch, as the quickstart has, more than a dual step of the lm task holds."""
+    seq, eval_batch = 64, 8
+    model = tiny_causal_lm_with("llama", **BIG_VOCAB).eval()
+    x = torch.randint(256, (eval_batch, seq))
+    inputs = {"input_ids": x, "labels": x, "use_cache": False}
+    if task == "classification":
+        inputs.update(labels=None, logits_to_keep=1)
+    tracker = LivePeak({t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers(), x]})
+    with torch.no_grad(), tracker:
+        model(**inputs)
+    p = plan("llama", BIG_VOCAB, batch_size=eval_batch // 2, seq_len=seq, task=task, eval_batch_size=eval_batch)
+    assert tracker.peak == pytest.approx(p.eval_activations, rel=0.15)
+    if task == "lm":
+        assert p.eval_activations > p.head_activations + p.compute_scratch  # the evaluation is the run's peak
+        assert p.compute_activations == p.eval_activations
+    assert plan("llama", BIG_VOCAB, seq_len=seq, task=task).eval_activations == 0  # no eval data
+
+
 def test_recipe_plans_its_task(tiny_recipe):
     classification = load_recipe(tiny_recipe, ["zo.schedule=dual"])
     lm = load_recipe(tiny_recipe, ["zo.schedule=dual", "data.task=lm", "data.verbalizer=null"])
     assert recipe_settings(classification)["task"] == "classification" and recipe_settings(lm)["task"] == "lm"
+    assert recipe_settings(lm)["eval_batch_size"] == lm.train.per_device_eval_batch_size
+    assert recipe_settings(load_recipe(tiny_recipe, ["data.eval=null"]))["eval_batch_size"] is None
     assert plan_memory(recipe_config(classification), **recipe_settings(classification)).assumptions().count(
         "label words") == 1
 

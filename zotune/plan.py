@@ -29,7 +29,9 @@ Compute device
   keeps one); the offloader keeps every buffer on the compute device;
 - **activations**: no gradients, no optimizer state (ZO-SGD), no stored activations: the
   largest transient working set of one no-grad forward and its loss
-  (`block_working_set`, `head_working_set`).
+  (`block_working_set`, `head_working_set`: the head's logits follow `data.task`, every
+  position for lm and sft, the last one for classification), or of one evaluation forward
+  when the run evaluates (`eval_working_set`).
 
 Host: nothing for a resident run. With offloading, one home copy of every block in the
 weights' dtype (pinned on CUDA), plus the fp32 master copy of the 16-bit weights that keep
@@ -145,6 +147,8 @@ class MemoryPlan:
     compute_scratch: int  # the largest module's perturbed copies under dual (zotune.scratch)
     block_activations: int
     head_activations: int
+    eval_batch_size: int | None  # per_device_eval_batch_size when the run evaluates, else None
+    eval_activations: int  # the peak of one evaluation forward and its loss (eval_working_set)
     host_params: int
     host_master: int
 
@@ -154,7 +158,9 @@ class MemoryPlan:
 
     @property
     def compute_activations(self) -> int:
-        return max(self.block_activations, self.head_activations)
+        """The larger of a step's and an evaluation's working set (the scratch, added to either in
+        `compute_total`, is freed before an evaluation: an upper bound by the scratch)."""
+        return max(self.block_activations, self.head_activations, self.eval_activations)
 
     @property
     def compute_total(self) -> int:
@@ -188,9 +194,14 @@ class MemoryPlan:
             else:
                 scratch = f"no perturbed copies (the {self.schedule} schedule moves the weights in place)"
             master = f"{master}; {scratch}"
+        evaluation = "no evaluation"
+        if self.eval_batch_size is not None:
+            evaluation = (f"evaluation forwards of {self.eval_batch_size} sequences with the model's own loss "
+                          f"({self.eval_activations / GIB:.2f} GiB at their peak)")
         return (
             f"{self.config_name}, {self.param_count / 1e9:.2f}B parameters in {self.dtype}; {self.schedule} schedule: "
             f"forwards of {rows} sequences × {self.seq_len} tokens with {LOSSES[self.task]}, use_cache=False; "
+            f"{evaluation}; "
             f"{self.attention} attention ({scores}); {where}; {master}; no CUDA context or allocator slack"
         )
 
@@ -209,6 +220,7 @@ def plan_memory(
     master_weights: str = "auto",
     adapter: bool = False,
     task: str = "lm",
+    eval_batch_size: int | None = None,
 ) -> MemoryPlan:
     """The memory of one ZO step of the causal LM `config` describes (see the module docstring).
 
@@ -221,7 +233,8 @@ def plan_memory(
     (`zotune.precision`; the update taken as ZO-SGD's, stochastically rounded). `adapter=True`
     when only a PEFT adapter trains: the base weights get neither master copies nor scratch.
     `task` is `data.task`: lm and sft score every position, classification only the last one's
-    label words (`head_working_set`).
+    label words (`head_working_set`). `eval_batch_size`: the run evaluates, in batches of this
+    many sequences (`eval_working_set`); the final evaluation of `zotune train` may be its peak.
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
@@ -262,6 +275,9 @@ def plan_memory(
         compute_scratch=0 if adapter or schedule != "dual" else largest_scratch(model, min(dims.vocab, rows * seq_len)),
         block_activations=block_working_set(dims, rows, seq_len, size, attention in MATERIALISING),
         head_activations=head_working_set(dims, batch_size, seq_len, size, dual=schedule == "dual", task=task),
+        eval_batch_size=eval_batch_size,
+        eval_activations=0 if eval_batch_size is None else eval_working_set(
+            dims, eval_batch_size, seq_len, size, attention in MATERIALISING, task),
     )
     if not offload:
         return MemoryPlan(**common, compute_params=resident_bytes + sum(block_bytes),
@@ -356,6 +372,15 @@ def head_working_set(dims: Dims, batch: int, seq: int, size: int, dual: bool, ta
     return max(softcap * logits, logits + chunk * (4 + (4 if size < 4 else 0)))
 
 
+def eval_working_set(dims: Dims, batch: int, seq: int, size: int, materialise: bool, task: str) -> int:
+    """Bytes alive at the peak of one evaluation forward of `batch` sequences and its loss: no
+    perturbation and no doubling, the model's own loss over its logits, as a sequential step's
+    (`head_working_set`); the Trainer keeps no logits across batches unless it computes metrics,
+    and the classification metrics keep only the label words' logits."""
+    return max(block_working_set(dims, batch, seq, size, materialise),
+               head_working_set(dims, batch, seq, size, dual=False, task=task))
+
+
 def known_config(name: str) -> PreTrainedConfig:
     """The config of a KNOWN_CONFIGS entry; a UserError with a suggestion for any other name."""
     if name not in KNOWN_CONFIGS:
@@ -425,6 +450,7 @@ def recipe_settings(recipe: Recipe) -> dict:
         master_weights=recipe.zo.master_weights,
         adapter=recipe.model.peft is not None,
         task=recipe.data.task,
+        eval_batch_size=recipe.train.per_device_eval_batch_size if recipe.data.eval is not None else None,
     )
 
 
