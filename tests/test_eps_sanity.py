@@ -20,7 +20,7 @@ from zotune.recipe import load_recipe
 from zotune.run import build_model
 from zotune.trainer import ZOConfig
 
-pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason="needs ../shared/data")
+needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="needs ../shared/data")
 
 
 def train_cli(path, *overrides):
@@ -28,6 +28,7 @@ def train_cli(path, *overrides):
     return result.exit_code, result.output
 
 
+@needs_data
 @pytest.mark.parametrize("eps", ["1e6", "1e30"])
 def test_the_reported_eps_values_are_refused_before_any_weight_loads(tmp_path, eps):
     path = write_recipe(tmp_path, zo={"eps": float(eps), "schedule": "sequential"}, train={"learning_rate": 1e-30})
@@ -42,6 +43,7 @@ def test_zoconfig_refuses_them_too(tmp_path):
         ZOConfig(output_dir=str(tmp_path), zo_eps=1e6)
 
 
+@needs_data
 @pytest.mark.parametrize("schedule", ["dual", "sequential"])
 def test_an_eps_that_swamps_the_trainable_weights_is_refused_at_train_start(tmp_path, schedule):
     eps = 0.5  # below the validation bound, far above a tiny model's weights (initializer_range 0.02)
@@ -58,6 +60,7 @@ def test_an_eps_that_swamps_the_trainable_weights_is_refused_at_train_start(tmp_
     assert f"{eps / rms:.3g}x" in message
 
 
+@needs_data
 def test_a_normal_eps_trains_without_a_word(tmp_path):
     path = write_recipe(tmp_path, zo={"eps": 1e-3, "schedule": "sequential"}, train={"max_steps": 1})
     with warnings.catch_warnings(record=True) as caught:
