@@ -22,6 +22,14 @@ Forwards pass use_cache=False, as the planner assumes, except in the case marked
 
 Writes benchmarks/results/planner_check.txt and benchmarks/results/plan_table.md (the
 planner's compute-device peak for OPT and Llama 3 next to ZO2's published GPU figures).
+
+    MALLOC_MMAP_THRESHOLD_=65536 python benchmarks/planner_check.py --recipe quickstart train.max_steps=2
+
+checks `zotune plan RECIPE` against the recipe itself, as `zotune train` builds it (prints only):
+the RSS once the model, data and trainer are built (libraries, weights, tokenizer, data: the
+baseline the planner leaves out), then the peak above it of the evaluation (when the recipe has
+eval data) and of training's steps, against the planned evaluation working set and the planned
+step (activations + scratch + master copies, which the optimizer makes at the first step).
 """
 
 from __future__ import annotations
@@ -188,12 +196,43 @@ def zo2_table() -> str:
     return "\n".join(rows) + "\n"
 
 
+def check_recipe(source: str, overrides: list[str]) -> None:
+    from zotune.plan import GIB, plan_memory, recipe_config, recipe_settings
+    from zotune.recipe import load_recipe
+    from zotune.run import build_model, build_trainer
+
+    recipe = load_recipe(source, overrides)
+    plan = plan_memory(recipe_config(recipe), **recipe_settings(recipe))
+    model, tokenizer = build_model(recipe)
+    trainer, _ = build_trainer(recipe, model, tokenizer)
+    for p in model.parameters():  # weights loaded lazily from a memory-mapped file count once read
+        p.detach().sum()
+    base = settle()
+    print(f"{source} {' '.join(overrides)}\nplanned total {plan.compute_total / GIB:.2f} GiB (weights "
+          f"{plan.compute_params / GIB:.2f}); baseline RSS {base / GIB:.2f} GiB (weights, libraries, data)", flush=True)
+    if trainer.eval_dataset is not None:
+        trainer.evaluate()
+        peak = rss("VmHWM") - base
+        print(f"evaluation: {peak / GIB:.2f} GiB above the baseline, planned {plan.eval_activations / GIB:.2f} "
+              f"({peak / plan.eval_activations - 1:+.1%})", flush=True)
+        base = settle()
+    trainer.train()
+    peak, step = rss("VmHWM") - base, max(plan.block_activations, plan.head_activations) + plan.compute_scratch
+    step += plan.compute_master
+    print(f"training: {peak / GIB:.2f} GiB above the baseline, planned {step / GIB:.2f} ({peak / step - 1:+.1%}); "
+          f"peak RSS {rss('VmHWM') / GIB:.2f} GiB", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--measure", metavar="CASE", help=argparse.SUPPRESS)
     parser.add_argument("--case", metavar="TEXT",
                         help="only the cases whose name contains TEXT; prints, writes no results file")
+    parser.add_argument("--recipe", nargs="+", metavar="ARG", help="RECIPE [KEY=VALUE ...]: check a recipe's plan")
     args = parser.parse_args()
+    if args.recipe:
+        check_recipe(args.recipe[0], args.recipe[1:])
+        return
     if args.measure:
         print(json.dumps(measure(args.measure)))
         return

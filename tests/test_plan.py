@@ -269,6 +269,26 @@ WIDER = {"hidden_size": 128, "n_embd": 128, "intermediate_size": 256, "ffn_dim":
          "head_dim": 32, "n_positions": 256, "max_position_embeddings": 256}
 
 
+def measured_dual_step(model, inputs: dict, monkeypatch, loss_of_outputs=None) -> tuple[int, int]:
+    """(peak bytes alive, peak scratch) of zotune's dual forward of `inputs` doubled and each half's
+    loss (the model's own, or `loss_of_outputs`), on the CPU, weights and inputs not counted."""
+    optimizer = ZOOptimizer(model.named_parameters(), lr=1e-3, schedule="dual")
+    # the copies are exact: the noise's temporaries depend on the kernels (none with Triton) and are
+    # not part of the estimate; the copies themselves (allocated by the engine) are
+    monkeypatch.setattr(optimizer, "perturbed", lambda name, p, at, out: out.copy_(p.data))
+    monkeypatch.setattr(optimizer, "perturbed_range", lambda name, p, lo, hi, at, out: out.copy_(p.data[lo:hi]))
+    monkeypatch.setattr(optimizer, "perturbed_rows", lambda name, p, rows, at: p.data[rows])
+    engine = DualEngine(model, optimizer)
+    x = inputs["input_ids"]
+    with torch.no_grad():
+        model(input_ids=x[:, :8])  # bitsandbytes' CPU path repacks 4-bit weights on their first forward
+    held = [*model.parameters(), *model.buffers(), *inputs.values(), *_quant_state_tensors(model)]
+    tracker = LivePeak({t.untyped_storage().data_ptr() for t in held if torch.is_tensor(t)})
+    with torch.no_grad(), tracker:
+        half_losses(engine, model, {**inputs, "use_cache": False}, (1, 0), loss_of_outputs)
+    return tracker.peak, engine.tracker.peak
+
+
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 @pytest.mark.parametrize("arch", TINY_CONFIGS)
 def test_activation_estimate_close_to_a_real_dual_forward(arch, attention, monkeypatch):
@@ -277,23 +297,78 @@ def test_activation_estimate_close_to_a_real_dual_forward(arch, attention, monke
     changes = {k: v for k, v in WIDER.items() if k in TINY_CONFIGS[arch]}
     config = config_of(arch, **changes)
     model = AutoModelForCausalLM.from_config(config, attn_implementation=attention).eval()
-    optimizer = ZOOptimizer(model.named_parameters(), lr=1e-3, schedule="dual")
-    # the copies are exact: the noise's temporaries depend on the kernels (none with Triton) and are
-    # not part of the estimate; the copies themselves (allocated by the engine) are
-    monkeypatch.setattr(optimizer, "perturbed", lambda name, p, at, out: out.copy_(p.data))
-    monkeypatch.setattr(optimizer, "perturbed_range", lambda name, p, lo, hi, at, out: out.copy_(p.data[lo:hi]))
-    monkeypatch.setattr(optimizer, "perturbed_rows", lambda name, p, rows, at: p.data[rows])
-    engine = DualEngine(model, optimizer)
     x = torch.randint(config.vocab_size, (2, 128))
-    with torch.no_grad():
-        model(input_ids=x[:, :8])  # bitsandbytes' CPU path repacks 4-bit weights on their first forward
-    held = [*model.parameters(), *model.buffers(), x, *_quant_state_tensors(model)]
-    tracker = LivePeak({t.untyped_storage().data_ptr() for t in held})
-    with torch.no_grad(), tracker:
-        half_losses(engine, model, {"input_ids": x, "labels": x, "use_cache": False}, (1, 0))
+    peak, scratch = measured_dual_step(model, {"input_ids": x, "labels": x}, monkeypatch)
     p = plan(arch, changes, seq_len=128, attention=attention)
-    assert 0 < engine.tracker.peak <= p.compute_scratch  # an embedding looks up fewer rows than planned
-    assert tracker.peak == pytest.approx(p.compute_activations + p.compute_scratch, rel=0.15)
+    assert 0 < scratch <= p.compute_scratch  # an embedding looks up fewer rows than planned
+    assert peak == pytest.approx(p.compute_activations + p.compute_scratch, rel=0.15)
+
+
+# a vocabulary large enough for the head's logits to dominate the step, as in real models
+BIG_VOCAB = {"vocab_size": 32000}
+
+
+def test_classification_plans_the_last_positions_logits_only(monkeypatch):
+    """The quickstart's case: a causal LM scores the label words at the last position (the collator
+    passes logits_to_keep=1, `zotune.data.label_word_loss`), so the head computes B'·V logits, not
+    B'·T·V. Planning it as the LM loss overestimated the quickstart about 2x."""
+    from functools import partial
+
+    from zotune.data import label_word_loss
+
+    seq = 64
+    model = tiny_causal_lm_with("llama", **BIG_VOCAB).eval()
+    x = torch.randint(256, (2, seq))
+    inputs = {"input_ids": x, "labels": torch.tensor([0, 1]), "logits_to_keep": 1}
+    peak, _ = measured_dual_step(model, inputs, monkeypatch, partial(label_word_loss, label_word_ids=[10, 20]))
+    p = plan("llama", BIG_VOCAB, seq_len=seq, task="classification")
+    assert peak == pytest.approx(p.compute_activations + p.compute_scratch, rel=0.15)
+    assert p.head_activations == 2 * 2 * 32000 * 4  # 2B rows of V fp32 logits
+    as_lm = plan("llama", BIG_VOCAB, seq_len=seq)  # what the planner assumed before
+    assert as_lm.compute_activations + as_lm.compute_scratch > 2 * peak
+
+
+@pytest.mark.parametrize("task", ["lm", "classification"])
+def test_evaluation_forward_close_to_the_plan(task):
+    """An evaluation (the Trainer's, with the model's own loss; the classification collator's
+    logits_to_keep=1) holds a whole eval batch's logits and their fp32 log-softmax: with an eval batch
+    twice the train batch, as the quickstart has, more than a dual step of the lm task holds."""
+    seq, eval_batch = 64, 8
+    model = tiny_causal_lm_with("llama", **BIG_VOCAB).eval()
+    x = torch.randint(256, (eval_batch, seq))
+    inputs = {"input_ids": x, "labels": x, "use_cache": False}
+    if task == "classification":
+        inputs.update(labels=None, logits_to_keep=1)
+    tracker = LivePeak({t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers(), x]})
+    with torch.no_grad(), tracker:
+        model(**inputs)
+    p = plan("llama", BIG_VOCAB, batch_size=eval_batch // 2, seq_len=seq, task=task, eval_batch_size=eval_batch)
+    assert tracker.peak == pytest.approx(p.eval_activations, rel=0.15)
+    if task == "lm":
+        assert p.eval_activations > p.head_activations + p.compute_scratch  # the evaluation is the run's peak
+        assert p.compute_activations == p.eval_activations
+    assert plan("llama", BIG_VOCAB, seq_len=seq, task=task).eval_activations == 0  # no eval data
+
+
+def test_recipe_plans_its_task(tiny_recipe):
+    classification = load_recipe(tiny_recipe, ["zo.schedule=dual"])
+    lm = load_recipe(tiny_recipe, ["zo.schedule=dual", "data.task=lm", "data.verbalizer=null"])
+    assert recipe_settings(classification)["task"] == "classification" and recipe_settings(lm)["task"] == "lm"
+    assert recipe_settings(lm)["eval_batch_size"] == lm.train.per_device_eval_batch_size
+    assert recipe_settings(load_recipe(tiny_recipe, ["data.eval=null"]))["eval_batch_size"] is None
+    assert plan_memory(recipe_config(classification), **recipe_settings(classification)).assumptions().count(
+        "label words") == 1
+
+
+def test_soft_capped_logits_are_held_twice(monkeypatch):
+    """Gemma 2 and 3 with final_logit_softcapping compute cap·tanh(logits/cap) out of place."""
+    capped = {**BIG_VOCAB, "final_logit_softcapping": 30.0}
+    model = tiny_causal_lm_with("gemma3_text", **capped).eval()
+    x = torch.randint(256, (2, 64))
+    peak, _ = measured_dual_step(model, {"input_ids": x, "labels": x}, monkeypatch)
+    p = plan("gemma3_text", capped, seq_len=64)
+    assert p.head_activations == 2 * (2 * 2 * 64 * 32000 * 4)  # the doubled batch's logits, twice
+    assert peak == pytest.approx(p.compute_activations + p.compute_scratch, rel=0.15)
 
 
 # ---------------------------------------------------------------- known configs

@@ -12,6 +12,7 @@ weights never train.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import importlib
@@ -23,10 +24,13 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -390,17 +394,43 @@ def _converted_gguf(section: ModelSection) -> Path:
     return target
 
 
+GGUF_STAGES = ("reading the tokenizer", "dequantizing the weights", "copying them into a plain model",
+               "saving safetensors")
+
+
+@contextlib.contextmanager
+def stage_progress(title: str, stages: tuple[str, ...], console: Console | None = None) -> Iterator[Callable[[], None]]:
+    """A progress bar over `stages` with the elapsed time, on stderr (drawn on a terminal only);
+    yields `next_stage()`, to call as each stage after the first begins."""
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console or Console(stderr=True), transient=True) as progress:
+        task = progress.add_task(f"{title}: {stages[0]}", total=len(stages))
+        done = iter(stages[1:])
+
+        def next_stage() -> None:
+            progress.update(task, advance=1, description=f"{title}: {next(done)}", refresh=True)
+
+        yield next_stage
+        progress.update(task, advance=1)
+
+
 def _convert_gguf(gguf: Path, out: Path) -> None:
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    # save_pretrained refuses a model loaded from GGUF: copy its weights into a plain model
-    config = loaded.config
-    del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(loaded.state_dict())
-    del loaded
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    # minutes for a few hundred million parameters, the dequantizing most (transformers draws its
+    # own bar over the tensors under this one)
+    with stage_progress(f"converting {gguf.name}", GGUF_STAGES) as next_stage:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        next_stage()
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        next_stage()
+        # save_pretrained refuses a model loaded from GGUF: copy its weights into a plain model
+        config = loaded.config
+        del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(loaded.state_dict())
+        del loaded
+        next_stage()
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
 
 
 # --- peft ------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ import torch
 import torch.distributed as dist
 
 from zotune import precision
+from zotune.eps import PROBE_ELEMENTS, round_trip_warning
 from zotune.kernels import lazy_update_and_perturb_, perturb_, perturb_rows
 from zotune.methods import Estimator, ParamUpdate, Rule, build_estimator, build_rule, check_compatible
 from zotune.noise import seed_for, step_seed
@@ -143,6 +144,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._keep_masters(named)
         self.nonfinite_in_a_row = 0
         self.last_record: dict | None = None
+        self.round_trip_checked = False
         self._reset_step()
 
     def _keep_masters(self, named: list[tuple[str, torch.nn.Parameter]]) -> None:
@@ -342,6 +344,35 @@ class ZOOptimizer(torch.optim.Optimizer):
             losses.append((loss_a, loss_b))
         return losses
 
+    def round_trip_change(self, name: str, p: torch.nn.Parameter, step: int) -> float:
+        """The relative L2 change that the in-place round trip θ → θ+a·z → θ+b·z → θ of `step`'s first
+        direction leaves in `p` (its first `PROBE_ELEMENTS` elements): the same kernels run on a copy.
+        0 for a 16-bit weight with an fp32 master, which is restored from the master."""
+        if "master" in self.state[p]:
+            return 0.0
+        kw = self._kernel_kw(name, p, step)
+        sample = p.detach().flatten()[:PROBE_ELEMENTS] if kw["directions"] is None else p.detach()
+        copy, seed, (a, b) = sample.clone(), seed_for(step_seed(self.seed, step), 0, name), self.offsets
+        for coef in (a, b - a, -b):
+            perturb_(copy, seed, coef, **kw)
+        reference = sample.float()
+        norm = reference.norm().item()
+        return (copy.float() - reference).norm().item() / norm if norm else 0.0
+
+    def _check_round_trip(self, step: int) -> None:
+        """Once, at the first step: warn when the in-place round trip moves the trainable tensor of
+        smallest RMS (the one it moves most, relatively) by more than `zotune.eps.ROUND_TRIP_TOLERANCE`."""
+        self.round_trip_checked = True
+        candidates = [(torch.linalg.vector_norm(p, dtype=torch.float32).item() / math.sqrt(p.numel()), name, p)
+                      for name, p, _ in self.named_params() if "master" not in self.state[p] and p.numel()]
+        nonzero = [c for c in candidates if c[0] > 0]
+        if not nonzero:
+            return
+        _, name, p = min(nonzero, key=lambda c: c[0])
+        warning = round_trip_warning(self.eps, self.round_trip_change(name, p, step), name, self.schedule)
+        if warning:
+            warnings.warn(warning, stacklevel=3)
+
     # -- the public step ------------------------------------------------------------
 
     @torch.no_grad()
@@ -356,6 +387,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         if self._step is None:
             self._step = step
             self._notes = self.estimator.begin_step(self, step)
+            if not self.round_trip_checked and not self.out_of_place:
+                self._check_round_trip(step)
         self.last_loss_fn, self.last_weight = loss_fn, weight
         losses = self._perturbation_passes(step, loss_fn)
         self.step_losses.extend(losses)

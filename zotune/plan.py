@@ -29,7 +29,9 @@ Compute device
   keeps one); the offloader keeps every buffer on the compute device;
 - **activations**: no gradients, no optimizer state (ZO-SGD), no stored activations: the
   largest transient working set of one no-grad forward and its loss
-  (`block_working_set`, `head_working_set`).
+  (`block_working_set`, `head_working_set`: the head's logits follow `data.task`, every
+  position for lm and sft, the last one for classification), or of one evaluation forward
+  when the run evaluates (`eval_working_set`).
 
 Host: nothing for a resident run. With offloading, one home copy of every block in the
 weights' dtype (pinned on CUDA), plus the fp32 master copy of the 16-bit weights that keep
@@ -67,6 +69,8 @@ from zotune.schema import Recipe
 GIB = 2**30
 GB = 10**9
 SCHEDULES = ("dual", "sequential", "fused")
+# data.task -> what its loss scores (head_working_set)
+LOSSES = {"lm": "the LM loss", "sft": "the LM loss", "classification": "the last position's label words scored"}
 # attention implementations that build the B·H·T·T scores: transformers' eager code and the
 # math fallback of torch's SDPA; "sdpa" means its flash / memory-efficient kernels
 MATERIALISING = ("eager", "math")
@@ -114,6 +118,7 @@ class Dims:
     vocab: int  # V
     mlp_live: int  # B·T·F tensors alive at the MLP's peak
     gated: bool  # a gated MLP (act(gate) · up)
+    softcapped: bool  # the logits are soft-capped (config.final_logit_softcapping)
     qkv_kept: bool  # a fused qkv projection's output stays alive beside the rotated q and k
 
 
@@ -132,6 +137,7 @@ class MemoryPlan:
     attention: str
     master_weights: str  # zo.master_weights: auto, fp32 or none
     adapter: bool  # a PEFT adapter trains: the base weights are frozen
+    task: str  # data.task: what the head scores (head_working_set)
     param_count: int
     resident_param_bytes: int  # embeddings, final norm, head (tied weights once)
     block_param_bytes: tuple[int, ...]  # one entry per block, in the weight dtype
@@ -141,6 +147,8 @@ class MemoryPlan:
     compute_scratch: int  # the largest module's perturbed copies under dual (zotune.scratch)
     block_activations: int
     head_activations: int
+    eval_batch_size: int | None  # per_device_eval_batch_size when the run evaluates, else None
+    eval_activations: int  # the peak of one evaluation forward and its loss (eval_working_set)
     host_params: int
     host_master: int
 
@@ -150,7 +158,9 @@ class MemoryPlan:
 
     @property
     def compute_activations(self) -> int:
-        return max(self.block_activations, self.head_activations)
+        """The larger of a step's and an evaluation's working set (the scratch, added to either in
+        `compute_total`, is freed before an evaluation: an upper bound by the scratch)."""
+        return max(self.block_activations, self.head_activations, self.eval_activations)
 
     @property
     def compute_total(self) -> int:
@@ -184,9 +194,14 @@ class MemoryPlan:
             else:
                 scratch = f"no perturbed copies (the {self.schedule} schedule moves the weights in place)"
             master = f"{master}; {scratch}"
+        evaluation = "no evaluation"
+        if self.eval_batch_size is not None:
+            evaluation = (f"evaluation forwards of {self.eval_batch_size} sequences with the model's own loss "
+                          f"({self.eval_activations / GIB:.2f} GiB at their peak)")
         return (
             f"{self.config_name}, {self.param_count / 1e9:.2f}B parameters in {self.dtype}; {self.schedule} schedule: "
-            f"forwards of {rows} sequences × {self.seq_len} tokens with the LM loss, use_cache=False; "
+            f"forwards of {rows} sequences × {self.seq_len} tokens with {LOSSES[self.task]}, use_cache=False; "
+            f"{evaluation}; "
             f"{self.attention} attention ({scores}); {where}; {master}; no CUDA context or allocator slack"
         )
 
@@ -204,6 +219,8 @@ def plan_memory(
     attention: str | None = None,
     master_weights: str = "auto",
     adapter: bool = False,
+    task: str = "lm",
+    eval_batch_size: int | None = None,
 ) -> MemoryPlan:
     """The memory of one ZO step of the causal LM `config` describes (see the module docstring).
 
@@ -215,9 +232,14 @@ def plan_memory(
     materialise the attention scores. `master_weights` is `zo.master_weights`
     (`zotune.precision`; the update taken as ZO-SGD's, stochastically rounded). `adapter=True`
     when only a PEFT adapter trains: the base weights get neither master copies nor scratch.
+    `task` is `data.task`: lm and sft score every position, classification only the last one's
+    label words (`head_working_set`). `eval_batch_size`: the run evaluates, in batches of this
+    many sequences (`eval_working_set`); the final evaluation of `zotune train` may be its peak.
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    if task not in LOSSES:
+        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(LOSSES)}")
     if master_weights not in MASTER_WEIGHTS:
         raise ValueError(f"unknown master_weights {master_weights!r}; choose one of {', '.join(MASTER_WEIGHTS)}")
     dtype = _dtype(dtype)
@@ -246,13 +268,16 @@ def plan_memory(
         config_name=getattr(config, "name_or_path", None) or config.model_type,
         batch_size=batch_size, seq_len=seq_len, dtype=_name(dtype), schedule=schedule, offload=offload,
         transfer_dtype=_name(transfer_dtype) if transfer_dtype is not None else None, buffers=len(in_flight),
-        attention=attention, master_weights=master_weights, adapter=adapter,
+        attention=attention, master_weights=master_weights, adapter=adapter, task=task,
         param_count=sum(p.numel() for p in model.parameters()),
         resident_param_bytes=resident_bytes, block_param_bytes=tuple(block_bytes),
         compute_buffers=sum(_nbytes(b) for b in model.buffers()),
         compute_scratch=0 if adapter or schedule != "dual" else largest_scratch(model, min(dims.vocab, rows * seq_len)),
         block_activations=block_working_set(dims, rows, seq_len, size, attention in MATERIALISING),
-        head_activations=head_working_set(dims, batch_size, seq_len, size, dual=schedule == "dual"),
+        head_activations=head_working_set(dims, batch_size, seq_len, size, dual=schedule == "dual", task=task),
+        eval_batch_size=eval_batch_size,
+        eval_activations=0 if eval_batch_size is None else eval_working_set(
+            dims, eval_batch_size, seq_len, size, attention in MATERIALISING, task),
     )
     if not offload:
         return MemoryPlan(**common, compute_params=resident_bytes + sum(block_bytes),
@@ -318,24 +343,42 @@ def block_working_set(dims: Dims, rows: int, seq: int, size: int, materialise: b
     return stream + max(attention, mlp)
 
 
-def head_working_set(dims: Dims, batch: int, seq: int, size: int, dual: bool) -> int:
+def head_working_set(dims: Dims, batch: int, seq: int, size: int, dual: bool, task: str = "lm") -> int:
     """Bytes alive at the peak of the LM head and the loss.
 
-    sequential / fused: the logits of B sequences, B·T·V in the weights' dtype, plus the model's
-    own loss over them: the logits upcast to fp32 (16-bit weights only) and their fp32
+    classification (`zotune.data`): the collator passes `logits_to_keep=1`, so the head computes
+    the last position's logits only, B'·V, and the loss reads the label words' few logits of them.
+
+    lm, sft, sequential / fused: the logits of B sequences, B·T·V in the weights' dtype, plus the
+    model's own loss over them: the logits upcast to fp32 (16-bit weights only) and their fp32
     log-softmax.
 
-    dual: the logits of all 2B sequences. The head (a Linear) writes each half's product straight
-    into the joined logits (`zotune.dual`), a head over more than `CHUNK_ELEMENTS` weights one
-    chunk of output rows at a time. Each half's loss is taken over chunks of rows
+    lm, sft, dual: the logits of all 2B sequences. The head (a Linear) writes each half's product
+    straight into the joined logits (`zotune.dual`), a head over more than `CHUNK_ELEMENTS` weights
+    one chunk of output rows at a time. Each half's loss is taken over chunks of rows
     (`zotune.dual.causal_lm_loss`): one chunk's fp32 upcast and log-softmax.
+
+    A model with `final_logit_softcapping` (Gemma 2 and 3) computes cap·tanh(logits/cap) in three
+    out-of-place steps, each holding the logits twice.
     """
-    rows = batch * seq
+    rows = (2 if dual else 1) * batch
+    softcap = 2 if dims.softcapped else 1
+    if task == "classification":
+        return softcap * rows * dims.vocab * size
+    logits = rows * seq * dims.vocab * size
     if not dual:
-        return rows * dims.vocab * (size + 4 + (4 if size < 4 else 0))
-    logits = 2 * rows * dims.vocab * size
-    chunk = min(rows, max(1, CHUNK_ELEMENTS // dims.vocab)) * dims.vocab
-    return logits + chunk * (4 + (4 if size < 4 else 0))
+        return max(softcap * logits, logits + batch * seq * dims.vocab * (4 + (4 if size < 4 else 0)))
+    chunk = min(batch * seq, max(1, CHUNK_ELEMENTS // dims.vocab)) * dims.vocab
+    return max(softcap * logits, logits + chunk * (4 + (4 if size < 4 else 0)))
+
+
+def eval_working_set(dims: Dims, batch: int, seq: int, size: int, materialise: bool, task: str) -> int:
+    """Bytes alive at the peak of one evaluation forward of `batch` sequences and its loss: no
+    perturbation and no doubling, the model's own loss over its logits, as a sequential step's
+    (`head_working_set`); the Trainer keeps no logits across batches unless it computes metrics,
+    and the classification metrics keep only the label words' logits."""
+    return max(block_working_set(dims, batch, seq, size, materialise),
+               head_working_set(dims, batch, seq, size, dual=False, task=task))
 
 
 def known_config(name: str) -> PreTrainedConfig:
@@ -406,6 +449,8 @@ def recipe_settings(recipe: Recipe) -> dict:
         transfer_dtype=recipe.zo.offload_transfer_dtype,
         master_weights=recipe.zo.master_weights,
         adapter=recipe.model.peft is not None,
+        task=recipe.data.task,
+        eval_batch_size=recipe.train.per_device_eval_batch_size if recipe.data.eval is not None else None,
     )
 
 
@@ -442,6 +487,7 @@ def _dims(config: PreTrainedConfig, model: torch.nn.Module, block: torch.nn.Modu
         mlp_live=(3 if gated else 2) + fused_gate_up + COMPOSITE_ACTIVATIONS.get(activation, 0),
         gated=gated,
         qkv_kept=fused_qkv and rotary,
+        softcapped=getattr(config, "final_logit_softcapping", None) is not None,
     )
 
 

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from zotune import precision
+from zotune.eps import MAX_EPS, bound_error
 from zotune.methods import build_estimator, build_rule, check_compatible
 from zotune.objectives import check_name
 
@@ -173,7 +174,10 @@ class ZOSection(Section):
         description="Gradient estimator: a name (spsa, sparse, hizoo, lowrank) or a mapping with `name` and its "
         "settings, e.g. {name: sparse, density: 0.1}. spsa with num_directions > 1 is n-SPSA.",
     )
-    eps: float = Field(1e-3, gt=0, description="Perturbation scale epsilon.")
+    eps: float = Field(
+        1e-3, gt=0, description=f"Perturbation scale epsilon, below {MAX_EPS:g} (MeZO's 1e-3 is the default); at train "
+        "start it must also be below the RMS of the trainable weights (see zotune.eps).",
+    )
     num_directions: int = Field(1, ge=1, description="Directions q per step; the update averages them.")
     perturbation: Literal["gaussian", "rademacher"] = Field("gaussian", description="Distribution of z.")
     schedule: Literal["dual", "sequential", "fused"] = Field(
@@ -203,6 +207,14 @@ class ZOSection(Section):
         "the full-precision copy.",
     )
     max_nonfinite: int = Field(5, ge=1, description="Stop after this many non-finite steps in a row.")
+
+    @field_validator("eps")
+    @classmethod
+    def _below_weight_scale(cls, eps: float) -> float:
+        error = bound_error(eps)
+        if error:
+            raise ValueError(error)
+        return eps
 
     @field_validator("rule")
     @classmethod

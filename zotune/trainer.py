@@ -20,6 +20,7 @@ from transformers.utils import logging
 
 from zotune.checkpoints import SaveOnInterrupt, save_checkpoint_atomically
 from zotune.dual import DualEngine, DualRefused, OutsideReads, call_halves, losses_agree
+from zotune.eps import bound_error, swamp_error, trainable_rms
 from zotune.errors import UserError
 from zotune.methods import Estimator, Rule, build_estimator, build_rule, check_compatible
 from zotune.models import forward_accepts, stable_name, trainable_parameters
@@ -144,6 +145,9 @@ class ZOConfig(TrainingArguments):
                          num_directions=self.zo_num_directions)
         if self.zo_eps <= 0 or self.zo_num_directions < 1 or self.zo_max_nonfinite < 1:
             raise ValueError("zo_eps must be > 0, zo_num_directions and zo_max_nonfinite >= 1")
+        too_large = bound_error(self.zo_eps)
+        if too_large:
+            raise ValueError(f"zo_{too_large}")  # the message begins with "eps"
         load_objective(self.zo_objective)  # a bad import path fails here, before training starts
 
     def rule(self) -> Rule:
@@ -170,6 +174,11 @@ class ZOTrainer(Trainer):
                             f"{type(self.args).__name__} (given no args, the Trainer makes a plain TrainingArguments)")
         if self.args.zo_offload == "cpu" and self.offloader is None:
             self._attach_offloader(self.model, self.args.device)
+        # with the weights at hand, before any evaluation or step (zotune.eps)
+        trainable = trainable_parameters(self.model, self.args.zo_include, self.args.zo_exclude)
+        swamped = swamp_error(self.args.zo_eps, trainable_rms(p for _, p in trainable), "zo.eps (ZOConfig.zo_eps)")
+        if swamped:
+            raise UserError(swamped)
         self.zo: ZOOptimizer | None = None
         self.dual: DualEngine | None = None
         self._zo_log = {"loss_plus": [], "loss_minus": [], "projected_grad": []}
