@@ -17,7 +17,7 @@ import yaml
 from conftest import tiny_config
 
 import zotune
-from zotune import recipe as recipe_mod
+from zotune import yaml_safe
 from zotune.errors import UserError
 from zotune.recipe import RecipeError, load_recipe
 
@@ -79,8 +79,8 @@ def test_python_tags_are_refused(folder, tag):
 
 
 def test_every_yaml_load_is_safe():
-    assert issubclass(recipe_mod._Loader, yaml.SafeLoader)
-    assert not issubclass(recipe_mod._Loader, (yaml.FullLoader, yaml.UnsafeLoader))
+    assert issubclass(yaml_safe._Loader, yaml.SafeLoader)
+    assert not issubclass(yaml_safe._Loader, (yaml.FullLoader, yaml.UnsafeLoader))
     unsafe = calls(lambda f: f in {"yaml.unsafe_load", "yaml.full_load", "yaml.load_all", "yaml.unsafe_load_all"})
     assert not unsafe
     for path, call in calls(lambda f: f == "yaml.load"):

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from zotune.errors import UserError
 from zotune.models import forward_accepts
-from zotune.recipe import expand_path, path_kind
+from zotune.paths import expand_path, path_kind
 from zotune.schema import DataSection, DataSource
 
 logger = logging.getLogger(__name__)

@@ -24,7 +24,8 @@ from transformers.optimization import get_scheduler
 from zotune.data import check_rows, label_word_ids, load_task_rows
 from zotune.errors import UserError
 from zotune.models import _head, byte_tokenizer, gguf_cache_dir
-from zotune.recipe import RecipeError, expand_path, locate
+from zotune.paths import expand_path
+from zotune.recipe import RecipeError, locate
 from zotune.schema import Recipe, TrainSection, ZOSection
 from zotune.trainer import ZOConfig
 

@@ -13,7 +13,6 @@ import difflib
 import logging
 import os
 import re
-import stat
 import weakref
 from importlib.resources import files
 from pathlib import Path
@@ -23,7 +22,9 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from zotune.errors import UserError
+from zotune.paths import expand_path, looks_local, path_kind
 from zotune.schema import Recipe
+from zotune.yaml_safe import YAMLProblem, load_yaml
 
 try:
     from importlib.resources.abc import Traversable
@@ -32,13 +33,8 @@ except ImportError:  # Python 3.10
 
 log = logging.getLogger("zotune")
 
-LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
-LOCAL_PREFIXES = ("./", "../", "/", "~")
-
-# Limits on hostile or broken YAML: a recipe is a few kilobytes and a few levels deep.
+# A recipe is a few kilobytes (the YAML limits are in zotune.yaml_safe).
 MAX_RECIPE_BYTES = 1 << 20  # larger files are refused unread
-MAX_DEPTH = 64  # nesting of mappings and sequences, counting what aliases expand to
-MAX_NODES = 100_000  # values after expanding aliases (a "billion laughs" expands to 10^9)
 
 
 class RecipeError(UserError):
@@ -47,31 +43,6 @@ class RecipeError(UserError):
     def __init__(self, problems: Sequence[str]):
         self.problems = list(problems)
         super().__init__("\n".join(self.problems))
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads `1e-3` as a float (YAML 1.1 wants `1.0e-3`).
-
-    A scalar that the safe constructors cannot convert (a date 2001-13-45, an integer of
-    more than 4300 digits) is a located YAML error rather than a bare ValueError."""
-
-    def construct_object(self, node, deep=False):
-        try:
-            value = super().construct_object(node, deep=deep)
-        except (ValueError, OverflowError, TypeError) as e:
-            raise yaml.constructor.ConstructorError(None, None, f"cannot read this value: {e}", node.start_mark) from None
-        if isinstance(value, int) and not -(2**63) <= value < 2**63:
-            # no setting needs more, and Python cannot even print an integer of 0x + 4000 digits
-            raise yaml.constructor.ConstructorError(None, None, "an integer larger than 64 bits", node.start_mark)
-        return value
-
-
-_Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$"),
-    list("-+.0123456789"),
-)
 
 
 # ---------------------------------------------------------------- finding recipes
@@ -121,8 +92,8 @@ def describe(name: str, file: Path | Traversable) -> RecipeInfo:
             break
         comments.append(line.strip().lstrip("#").strip())
     try:
-        raw = _load_yaml(text)[0]
-    except _YAMLProblem:
+        raw = load_yaml(text)[0]
+    except YAMLProblem:
         raw = None
     raw = raw if isinstance(raw, dict) else {}
     data = raw.get("data") if isinstance(raw.get("data"), dict) else {}
@@ -196,14 +167,6 @@ def dump_recipe(recipe: Recipe, source: str | None = None, overrides: Sequence[s
     return header + yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
 
-class _YAMLProblem(Exception):
-    """YAML that cannot be read, or that would hang or exhaust the loader; `line` is 1-based."""
-
-    def __init__(self, line: int, message: str):
-        super().__init__(message)
-        self.line, self.message = line, message
-
-
 def _read(file: Path | Traversable, label: str) -> str:
     """The text of a recipe file: regular, at most MAX_RECIPE_BYTES, UTF-8 (a BOM is allowed)."""
     try:
@@ -229,99 +192,11 @@ def _read(file: Path | Traversable, label: str) -> str:
                            "save the recipe as UTF-8"]) from None
 
 
-def _line(e: yaml.YAMLError, text: str) -> int:
-    if isinstance(e, yaml.reader.ReaderError):
-        return text.count("\n", 0, e.position) + 1
-    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
-    return mark.line + 1 if mark else 1
-
-
-def _yaml_message(e: yaml.YAMLError) -> str:
-    if isinstance(e, yaml.reader.ReaderError):
-        char = f"U+{e.character:04X}" if isinstance(e.character, int) else repr(e.character)
-        return f"character {char} is not allowed in YAML (nor are NUL and the other control characters)"
-    return str(getattr(e, "problem", None) or getattr(e, "context", None) or e)
-
-
-def _load_yaml(text: str) -> tuple[Any, yaml.Node | None]:
-    """YAML text -> (data, its node graph), refusing what would exhaust the loader.
-
-    Nesting deeper than MAX_DEPTH, recursive aliases and aliases that expand to more than
-    MAX_NODES values are refused before anything is built from them. Raises `_YAMLProblem`."""
-    try:
-        loader = _Loader(text)  # the reader refuses control characters here
-    except yaml.YAMLError as e:
-        raise _YAMLProblem(_line(e, text), f"invalid YAML: {_yaml_message(e)}") from None
-    try:
-        depth = 0  # the parser is not recursive: find deep nesting before the composer recurses
-        while loader.check_event():
-            event = loader.get_event()
-            if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
-                depth += 1
-                if depth > MAX_DEPTH:
-                    raise _YAMLProblem(event.start_mark.line + 1, f"nested more than {MAX_DEPTH} levels deep")
-            elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
-                depth -= 1
-    except yaml.YAMLError as e:
-        raise _YAMLProblem(_line(e, text), f"invalid YAML: {_yaml_message(e)}") from None
-    finally:
-        loader.dispose()
-    loader = _Loader(text)
-    try:
-        node = loader.get_single_node()
-        if node is None:
-            return None, None
-        _check_expansion(node)
-        return loader.construct_document(node), node
-    except yaml.YAMLError as e:
-        raise _YAMLProblem(_line(e, text), f"invalid YAML: {_yaml_message(e)}") from None
-    finally:
-        loader.dispose()
-
-
-def _check_expansion(root: yaml.Node) -> None:
-    """Refuse recursive aliases, and aliases expanding beyond MAX_NODES values or MAX_DEPTH levels.
-
-    Iterative, and each node is visited once: the cost is the size of the text, not of its expansion."""
-    size: dict[int, tuple[int, int]] = {}  # id(node) -> (values, depth) once expanded
-    on_path: set[int] = set()
-    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
-    while stack:
-        node, done = stack.pop()
-        children = _children(node)
-        if done:
-            on_path.discard(id(node))
-            values = 1 + sum(size[id(c)][0] for c in children)
-            depth = 1 + max((size[id(c)][1] for c in children), default=0)
-            line = node.start_mark.line + 1
-            if values > MAX_NODES:
-                raise _YAMLProblem(line, f"aliases here expand to more than {MAX_NODES} values")
-            if depth > MAX_DEPTH:
-                raise _YAMLProblem(line, f"aliases here expand to more than {MAX_DEPTH} levels of nesting")
-            size[id(node)] = (values, depth)
-            continue
-        if id(node) in size:
-            continue
-        if id(node) in on_path:
-            raise _YAMLProblem(node.start_mark.line + 1, "a recursive alias (a value that contains itself)")
-        on_path.add(id(node))
-        stack.append((node, True))
-        stack.extend((c, False) for c in children if id(c) not in size)
-
-
-def _children(node: yaml.Node) -> list[yaml.Node]:
-    if isinstance(node, yaml.MappingNode):
-        return [n for pair in node.value for n in pair]
-    if isinstance(node, yaml.SequenceNode):
-        return list(node.value)
-    return []
-
-
 def _parse(text: str, label: str) -> tuple[Any, dict[KeyPath, str], list[str]]:
     """YAML -> (data, key path -> "FILE:LINE", problems such as duplicate keys)."""
     try:
-        data, node = _load_yaml(text)
-    except _YAMLProblem as e:
+        data, node = load_yaml(text)
+    except YAMLProblem as e:
         raise RecipeError([f"{label}:{e.line}: {e.message}"]) from None
     where: dict[KeyPath, str] = {(): f"{label}:1"}
     problems: list[str] = []
@@ -373,8 +248,8 @@ def _apply_override(data: dict, where: dict[KeyPath, str], text: str) -> list[st
     if not sep or not all(parts):
         return [f"{label}: expected KEY=VALUE with a dotted key, e.g. train.max_steps=50"]
     try:
-        value = _str_keys(_load_yaml(raw)[0])
-    except _YAMLProblem as e:
+        value = _str_keys(load_yaml(raw)[0])
+    except YAMLProblem as e:
         return [f"{label}: {key}: the value is not valid YAML ({e.message.removeprefix('invalid YAML: ')})"]
     node = data
     for i, part in enumerate(parts[:-1]):
@@ -395,34 +270,8 @@ def _apply_override(data: dict, where: dict[KeyPath, str], text: str) -> list[st
 # ---------------------------------------------------------------- local files
 
 
-def expand_path(path: str) -> Path:
-    """`path` with ~ expanded; as given when it cannot be (`~nosuchuser`, no HOME)."""
-    try:
-        return Path(path).expanduser()
-    except (RuntimeError, KeyError, ValueError):  # no such user, no HOME, a NUL byte
-        return Path(path)
-
-
-def path_kind(path: Path) -> str | None:
-    """"file", "directory", "special" (device, FIFO, socket), or None when it cannot be found.
-
-    Never raises: a name too long, a NUL byte or a denied permission count as not found.
-    Nothing is opened, so a FIFO or a device cannot block or stream forever."""
-    try:
-        mode = path.stat().st_mode
-    except (OSError, ValueError):
-        return None
-    if stat.S_ISREG(mode):
-        return "file"
-    return "directory" if stat.S_ISDIR(mode) else "special"
-
-
 def _short_path(path: str) -> str:
     return path if len(path) <= 200 else path[:197] + "..."
-
-
-def _looks_local(path: Any) -> bool:
-    return isinstance(path, str) and (path.startswith(LOCAL_PREFIXES) or path.lower().endswith(LOCAL_SUFFIXES))
 
 
 def _check_files(data: dict, where: dict[KeyPath, str]) -> list[str]:
@@ -444,7 +293,7 @@ def _check_files(data: dict, where: dict[KeyPath, str]) -> list[str]:
     model = data.get("model")
     if isinstance(model, dict):
         name = model.get("name_or_path")
-        if _looks_local(name):
+        if looks_local(name):
             check(("model", "name_or_path"), name, "local model")
         gguf = model.get("gguf_file")
         if isinstance(gguf, str) and name is None:
@@ -460,7 +309,7 @@ def _check_files(data: dict, where: dict[KeyPath, str]) -> list[str]:
         sources += [(("bilevel", "sources", str(i), "path"), source) for i, source in enumerate(listed)]
         sources.append((("bilevel", "validation", "path"), bilevel.get("validation")))
     for key, source in sources:
-        if isinstance(source, dict) and not source.get("fallback") and _looks_local(source.get("path")):
+        if isinstance(source, dict) and not source.get("fallback") and looks_local(source.get("path")):
             check(key, source["path"], "data file")
     return missing
 
