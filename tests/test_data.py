@@ -14,8 +14,7 @@ import torch.nn.functional as F
 from conftest import tiny_causal_lm
 from transformers import EvalPrediction
 
-from zotune import data as zdata
-from zotune.data import build_task_data, load_rows
+from zotune.data import build_task_data, load_rows, tasks
 from zotune.errors import UserError
 from zotune.models import forward_accepts
 from zotune.schema import DataSection, DataSource
@@ -210,9 +209,9 @@ def test_classification_collator_pads_left(tmp_path, tokenizer):
 
 
 def test_left_truncation_keeps_the_end_and_a_leading_bos():
-    assert zdata._keep_end([9, 1, 2, 3, 4], 3, bos_id=9) == [9, 3, 4]
-    assert zdata._keep_end([1, 2, 3, 4], 3, bos_id=9) == [2, 3, 4]
-    assert zdata._keep_end([9, 1], 3, bos_id=9) == [9, 1]
+    assert tasks._keep_end([9, 1, 2, 3, 4], 3, bos_id=9) == [9, 3, 4]
+    assert tasks._keep_end([1, 2, 3, 4], 3, bos_id=9) == [2, 3, 4]
+    assert tasks._keep_end([9, 1], 3, bos_id=9) == [9, 1]
 
 
 def test_long_prompts_are_cut_from_the_left(tmp_path, tokenizer):
@@ -386,7 +385,7 @@ def test_balanced_batches_hold_equal_class_counts(tmp_path, tokenizer):
 
 def test_balanced_draws_each_class_without_replacement():
     labels = np.repeat([0, 1], [10, 3])
-    order = zdata._balanced_order(labels, 2, batch_size=4, num_rows=40, seed=0)
+    order = tasks._balanced_order(labels, 2, batch_size=4, num_rows=40, seed=0)
     uses = np.bincount(order, minlength=13)
     assert (uses[:10] == 2).all()  # 20 draws of class 0: two full passes
     assert sorted(uses[10:]) == [6, 7, 7]  # 20 draws of 3 rows: six passes, then two rows of the seventh

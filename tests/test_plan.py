@@ -314,7 +314,7 @@ def test_classification_plans_the_last_positions_logits_only(monkeypatch):
     B'·T·V. Planning it as the LM loss overestimated the quickstart about 2x."""
     from functools import partial
 
-    from zotune.data import label_word_loss
+    from zotune.data.tasks import label_word_loss
 
     seq = 64
     model = tiny_causal_lm_with("llama", **BIG_VOCAB).eval()

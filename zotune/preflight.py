@@ -7,8 +7,8 @@ cheapest first:
    Trainer checks without a model: the trackers of `train.report_to` are installed, the optimizer
    (method fo) and the learning-rate scheduler can be made;
 2. the data against the task, without a tokenizer: the files' columns and label values
-   (`zotune.data.check_rows`, the rules `zotune train` applies again when it builds the data);
-3. with the tokenizer alone (seconds, no weights): the label words (`zotune.data.label_word_ids`).
+   (`zotune.data.tasks.check_rows`, the rules `zotune train` applies again when it builds the data);
+3. with the tokenizer alone (seconds, no weights): the label words (`zotune.data.tasks.label_word_ids`).
 
 Every problem becomes an error line `FILE:LINE: key: what`, like the recipe's own. What cannot be
 checked before the weights load is returned as a note rather than passed over in silence.
@@ -21,7 +21,8 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 from transformers.integrations import get_reporting_integration_callbacks
 from transformers.optimization import get_scheduler
 
-from zotune.data import check_rows, label_word_ids, load_task_rows
+from zotune.data.files import load_task_rows
+from zotune.data.tasks import check_rows, label_word_ids
 from zotune.errors import UserError
 from zotune.models import _head, byte_tokenizer, gguf_cache_dir
 from zotune.paths import expand_path
@@ -40,7 +41,7 @@ SETUP_KEYS = [f"{name}.{key}" for name, section in (("train", TrainSection), ("z
 def training_arguments(recipe: Recipe, task=None) -> TrainingArguments:
     """The recipe's `TrainingArguments` (`ZOConfig` for method zo).
 
-    `task` (a `zotune.data.TaskData`) says whether batches must be read in order (balanced ones);
+    `task` (a `zotune.data.tasks.TaskData`) says whether batches must be read in order (balanced ones);
     before the data is built, checks pass None and get random sampling."""
     fields = recipe.train.model_dump(exclude=RUN_ONLY)
     fields.update(

@@ -19,8 +19,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from zotune import data as task_data
+from zotune.data.collate import LeftPadCollator, RightPadCollator, pad_token_id
+from zotune.data.files import load_rows
+from zotune.data.tasks import (class_values, encode_classification, encode_sft, is_sequence_classifier,
+                               label_word_ids, output_logits, require_column)
 from zotune.errors import UserError
+from zotune.models import forward_accepts
 from zotune.schema import BilevelSource, DataSource, Recipe
 
 
@@ -82,17 +86,17 @@ class BilevelData:
         if section.task == "lm":
             raise UserError("data.task: scalebio weights sources of rows (classification or sft), not packed lm blocks")
         self.recipe, self.section, self.seed = recipe, section, recipe.train.seed
-        self.encoder = task_data.is_sequence_classifier(model)
+        self.encoder = is_sequence_classifier(model)
         raw = []
         for i, source in enumerate(bilevel.sources):
             key = f"bilevel.sources[{i}]"
-            rows = task_data.load_rows(as_data_source(source, recipe), key)
+            rows = load_rows(as_data_source(source, recipe), key)
             raw.append(_slice(rows, source.skip, source.max_samples, key))
         validation = bilevel.validation
-        val_rows = task_data.load_rows(DataSource(**validation.model_dump(exclude={"skip", "max_samples"})),
-                                       "bilevel.validation")
+        val_rows = load_rows(DataSource(**validation.model_dump(exclude={"skip", "max_samples"})),
+                             "bilevel.validation")
         val_rows = _slice(val_rows, validation.skip, validation.max_samples, "bilevel.validation")
-        eval_rows = task_data.load_rows(section.eval, "data.eval") if section.eval is not None else None
+        eval_rows = load_rows(section.eval, "data.eval") if section.eval is not None else None
 
         self.classes: list[str] | None = None
         self.word_ids: list[int] | None = None
@@ -101,11 +105,11 @@ class BilevelData:
                 raise UserError("data.verbalizer: task classification with a causal LM needs label words, "
                                 "e.g. verbalizer: {'0': ' terrible', '1': ' great'}")
             for i, rows in enumerate(raw):
-                task_data.require_column(rows, section.label_field, "data.label_field", f"bilevel.sources[{i}]",
-                                          bilevel.sources[i].name)
-            self.classes = task_data.class_values(datasets.concatenate_datasets(raw), section)
+                require_column(rows, section.label_field, "data.label_field", f"bilevel.sources[{i}]",
+                               bilevel.sources[i].name)
+            self.classes = class_values(datasets.concatenate_datasets(raw), section)
             if not self.encoder:
-                self.word_ids = task_data.label_word_ids(tokenizer, section.verbalizer)
+                self.word_ids = label_word_ids(tokenizer, section.verbalizer)
         elif any(s.label_noise for s in bilevel.sources):
             raise UserError("bilevel.sources: label_noise is for task classification")
 
@@ -120,12 +124,12 @@ class BilevelData:
         self.validation_classes = self._class_array(self.validation)
         self.eval = None if eval_rows is None else self._encode(eval_rows, "data.eval", "data.eval", tokenizer)
 
-        pad = task_data.pad_token_id(tokenizer)
+        pad = pad_token_id(tokenizer)
         if section.task == "classification" and not self.encoder:
-            self.collator = task_data.LeftPadCollator(pad, task_data.forward_accepts(model, "position_ids"),
-                                                      task_data.forward_accepts(model, "logits_to_keep"))
+            self.collator = LeftPadCollator(pad, forward_accepts(model, "position_ids"),
+                                            forward_accepts(model, "logits_to_keep"))
         else:
-            self.collator = task_data.RightPadCollator(pad)
+            self.collator = RightPadCollator(pad)
         self.balanced = section.balanced and self.classes is not None
         if self.balanced:
             for what, size in (("bilevel.per_source_batch_size", bilevel.per_source_batch_size),
@@ -136,9 +140,9 @@ class BilevelData:
 
     def _encode(self, rows, key, where, tokenizer) -> datasets.Dataset:
         if self.section.task == "classification":
-            return task_data.encode_classification(rows, key, where, self.section, tokenizer, self.classes,
-                                                    self.encoder)
-        return task_data.encode_sft(rows, key, where, self.section, tokenizer)
+            return encode_classification(rows, key, where, self.section, tokenizer, self.classes,
+                                         self.encoder)
+        return encode_sft(rows, key, where, self.section, tokenizer)
 
     def _class_array(self, encoded) -> np.ndarray | None:
         return np.asarray(encoded["labels"]) if self.classes is not None else None
@@ -188,7 +192,7 @@ class BilevelData:
         """The loss of every row of `batch` under `forward` (the model at w or at u), shape [B]."""
         inputs = dict(batch)
         labels = inputs.pop("labels")
-        logits = task_data.output_logits(forward(inputs))
+        logits = output_logits(forward(inputs))
         if self.word_ids is not None:
             scores = logits[:, -1, self.word_ids].float()
             return F.cross_entropy(scores, labels.to(scores.device), reduction="none")
@@ -203,7 +207,7 @@ class BilevelData:
     def predictions_correct(self, forward, batch: dict) -> torch.Tensor:
         inputs = dict(batch)
         labels = inputs.pop("labels")
-        logits = task_data.output_logits(forward(inputs))
+        logits = output_logits(forward(inputs))
         scores = logits[:, -1, self.word_ids] if self.word_ids is not None else logits
         return (scores.argmax(-1).cpu() == labels).float()
 
