@@ -4,7 +4,8 @@ A recipe is a path or the name of a shipped recipe (`zotune.recipes`). Loading k
 line of every key, applies `section.key=value` overrides from the command line, validates
 with pydantic and checks that local files exist, all before any weights load. Every
 problem found becomes one line `FILE:LINE: key.path: what is wrong`; they are raised
-together as one `RecipeError`.
+together as one `RecipeError`. The YAML itself is read by `zotune.yaml_safe`, which refuses
+what would hang or exhaust the loader.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ except ImportError:  # Python 3.10
 
 log = logging.getLogger("zotune")
 
-# A recipe is a few kilobytes (the YAML limits are in zotune.yaml_safe).
+# A recipe is a few kilobytes; the limits on its YAML are in zotune.yaml_safe.
 MAX_RECIPE_BYTES = 1 << 20  # larger files are refused unread
 
 
