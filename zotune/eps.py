@@ -9,8 +9,10 @@ every model and task; zotune's default is the same. Three checks, from the cheap
   N(0, 1) or less, matrices at about 0.02 or 1/√fan_in), so ε ≥ 1 perturbs every weight by more
   than its own size.
 - **at train start** (weights loaded): ε against the RMS of all trainable parameters together
-  (`trainable_rms`); ε above it (`swamp_error`) means θ ± ε·z is more noise than weights, and
-  training is refused. Zero-initialised trainables (LoRA's B) count with their zeros; when
+  (`trainable_rms`); ε above `SWAMP_RATIO` times it (`swamp_error`) means θ ± ε·z is mostly
+  noise, and training is refused. The ratio is 10, not 1: a large ε is a legitimate choice for
+  objectives that only change when a prediction flips (training on accuracy learns at ε ≈ 2.5×
+  the RMS of a tiny model's weights, `tests/test_objectives.py`). Zero-initialised trainables (LoRA's B) count with their zeros; when
   everything is zero there is no scale to compare with and nothing is refused.
 - **at the first step of an in-place schedule** (sequential, fused): the weights themselves go
   θ → θ+εz → θ−εz → θ, and float arithmetic does not bring them back exactly (in 16 bits without
@@ -26,7 +28,7 @@ from __future__ import annotations
 import math
 
 MAX_EPS = 1.0
-SWAMP_RATIO = 1.0  # refused when ε > SWAMP_RATIO · RMS(trainable θ)
+SWAMP_RATIO = 10.0  # refused when ε > SWAMP_RATIO · RMS(trainable θ)
 ROUND_TRIP_TOLERANCE = 0.01  # warned when the in-place round trip changes a weight by more (relative L2)
 PROBE_ELEMENTS = 1 << 16  # the round trip is measured on at most this many elements of one tensor
 
@@ -54,7 +56,7 @@ def swamp_error(eps: float, rms: float, key: str) -> str | None:
     """Why `eps` is refused against trainable weights of RMS `rms`, naming the setting `key`, or None."""
     if rms > 0 and eps > SWAMP_RATIO * rms:
         return (f"{key} = {eps:g} is {eps / rms:.3g}x the RMS of the trainable weights ({rms:.3g}): θ ± ε·z would be "
-                f"more noise than weights (an in-place schedule can destroy them in its round trip); use an eps well "
+                f"mostly noise (an in-place schedule can destroy the weights in its round trip); use an eps well "
                 f"below {rms:.3g}, such as 1e-3 (MeZO's)")
     return None
 

@@ -176,7 +176,7 @@ class ZOSection(Section):
     )
     eps: float = Field(
         1e-3, gt=0, description=f"Perturbation scale epsilon, below {MAX_EPS:g} (MeZO's 1e-3 is the default); at train "
-        "start it must also be below the RMS of the trainable weights (see zotune.eps).",
+        "start it must also be below 10x the RMS of the trainable weights (see zotune.eps).",
     )
     num_directions: int = Field(1, ge=1, description="Directions q per step; the update averages them.")
     perturbation: Literal["gaussian", "rademacher"] = Field("gaussian", description="Distribution of z.")
