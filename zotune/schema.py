@@ -2,7 +2,8 @@
 
 Every section forbids unknown keys, so a typo is an error rather than a silently
 ignored setting. `zotune.recipe` loads YAML into these models and turns validation
-errors into messages that name the file, the key and its line.
+errors into messages that name the file, the key and its line. The `zo` section is
+`zotune.settings.ZOSettings`, the one definition of the ZO step's settings.
 """
 
 from __future__ import annotations
