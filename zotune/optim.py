@@ -47,8 +47,8 @@ from zotune.eps import PROBE_ELEMENTS, round_trip_warning
 from zotune.kernels import lazy_update_and_perturb_, perturb_, perturb_rows
 from zotune.methods import Estimator, ParamUpdate, Rule, build_estimator, build_rule, check_compatible
 from zotune.noise import seed_for, step_seed
+from zotune.settings import SCHEDULES, ZOSettings, check_schedule  # noqa: F401 - SCHEDULES is imported from here too
 
-SCHEDULES = ("dual", *precision.IN_PLACE_SCHEDULES)
 ROUNDING = -1  # the direction index of a step's stochastic-rounding stream: never a perturbation's
 
 
@@ -98,27 +98,26 @@ class ZOOptimizer(torch.optim.Optimizer):
     def __init__(
         self,
         named_params: Iterable[tuple[str, torch.nn.Parameter]],
+        settings: ZOSettings | None = None,
         *,
         lr: float,
         weight_decay: float = 0.0,
         no_decay: Iterable[str] = (),
-        eps: float = 1e-3,
-        num_directions: int = 1,
-        perturbation: str = "gaussian",
-        schedule: str = "fused",
-        lazy_update: bool = False,
-        master_weights: str = "auto",
-        rule: Rule | str | dict = "sgd",
-        estimator: Estimator | str | dict = "spsa",
         seed: int = 0,
         shards: dict[str, int] | None = None,
+        **overrides,
     ):
-        if schedule not in SCHEDULES:
-            raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
-        if lazy_update and schedule != "dual":
-            raise ValueError("lazy_update needs the dual schedule")
-        self.rule = rule if isinstance(rule, Rule) else build_rule(rule)
-        self.estimator = estimator if isinstance(estimator, Estimator) else build_estimator(estimator)
+        """`settings`: how the step runs (default: `ZOSettings()`'s defaults); `overrides`: some of
+        them by their `ZOSettings` names, e.g. `schedule="fused"`. The step's own refusals are
+        checked here; the limits on what a user may ask (eps's bound) are the model's validation."""
+        unknown = sorted(overrides.keys() - ZOSettings.model_fields.keys())
+        if unknown:
+            raise TypeError(f"ZOOptimizer got unknown settings {unknown}; the settings are ZOSettings' fields")
+        s = (settings or ZOSettings.model_construct()).model_copy(update=overrides)
+        eps, num_directions, schedule, lazy_update = s.eps, s.num_directions, s.schedule, s.lazy_update
+        check_schedule(schedule, lazy_update)
+        self.rule = s.rule if isinstance(s.rule, Rule) else build_rule(s.rule)
+        self.estimator = s.estimator if isinstance(s.estimator, Estimator) else build_estimator(s.estimator)
         check_compatible(self.rule, self.estimator, schedule=schedule, lazy_update=lazy_update,
                          num_directions=num_directions)
         self.offsets = self.estimator.offsets(eps)
@@ -139,10 +138,9 @@ class ZOOptimizer(torch.optim.Optimizer):
         for group in groups:
             group["params"] = [by_name[n] for n in group["names"]]
         super().__init__([g for g in groups if g["params"]], {"lr": lr, "weight_decay": weight_decay})
-        self.eps, self.q, self.kind, self.schedule, self.seed = eps, num_directions, perturbation, schedule, seed
-        self.lazy_update, self.master_weights = lazy_update, master_weights
+        self.eps, self.q, self.kind, self.schedule, self.seed = eps, num_directions, s.perturbation, schedule, seed
+        self.lazy_update, self.master_weights = lazy_update, s.master_weights
         self._keep_masters(named)
-        self.nonfinite_in_a_row = 0
         self.last_record: dict | None = None
         self.round_trip_checked = False
         self._reset_step()
@@ -413,7 +411,6 @@ class ZOOptimizer(torch.optim.Optimizer):
                 self._apply(applied, self._step)
         else:
             self.flush()
-        self.nonfinite_in_a_row = 0 if finite else self.nonfinite_in_a_row + 1
         record = {
             "step": self._step,
             "seed": step_seed(self.seed, self._step),

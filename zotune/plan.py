@@ -65,10 +65,10 @@ from zotune.models import DTYPES, _head, _import_gguf_package, gguf_cache_dir
 from zotune.precision import MASTER_WEIGHTS, keeps_master
 from zotune.scratch import CHUNK_ELEMENTS, scratch_bytes
 from zotune.schema import Recipe
+from zotune.settings import SCHEDULES
 
 GIB = 2**30
 GB = 10**9
-SCHEDULES = ("dual", "sequential", "fused")
 # data.task -> what its loss scores (head_working_set)
 LOSSES = {"lm": "the LM loss", "sft": "the LM loss", "classification": "the last position's label words scored"}
 # attention implementations that build the B·H·T·T scores: transformers' eager code and the

@@ -27,14 +27,15 @@ from zotune.errors import UserError
 from zotune.models import _head, byte_tokenizer, gguf_cache_dir
 from zotune.paths import expand_path
 from zotune.recipe import RecipeError, locate
-from zotune.schema import Recipe, TrainSection, ZOSection
+from zotune.schema import Recipe, TrainSection
+from zotune.settings import ZOSettings, to_config
 from zotune.trainer import ZOConfig
 
 RUN_ONLY = {"evaluate_before", "resume_from_checkpoint"}  # TrainSection keys that are not TrainingArguments
 # errors with which TrainingArguments, ZOConfig and the Trainer's set-up refuse a value
 SETUP_ERRORS = (ValueError, TypeError, ImportError, RuntimeError)
 # the recipe keys that reach the training arguments, in the schema's order
-SETUP_KEYS = [f"{name}.{key}" for name, section in (("train", TrainSection), ("zo", ZOSection))
+SETUP_KEYS = [f"{name}.{key}" for name, section in (("train", TrainSection), ("zo", ZOSettings))
               for key in section.model_fields if key not in RUN_ONLY]
 
 
@@ -51,30 +52,8 @@ def training_arguments(recipe: Recipe, task=None) -> TrainingArguments:
     )
     if recipe.method == "fo":
         return TrainingArguments(**fields)
-    zo = recipe.zo
-    return ZOConfig(
-        **fields,
-        zo_eps=zo.eps,
-        zo_num_directions=zo.num_directions,
-        zo_perturbation=zo.perturbation,
-        **method_arguments("rule", zo.rule),
-        **method_arguments("estimator", zo.estimator),
-        zo_schedule=zo.schedule,
-        zo_lazy_update=zo.lazy_update,
-        zo_master_weights=zo.master_weights,
-        zo_offload=zo.offload,
-        zo_offload_transfer_dtype=zo.offload_transfer_dtype,
-        zo_max_nonfinite=zo.max_nonfinite,
-        zo_objective=zo.objective,
-        zo_include=recipe.params.include,
-        zo_exclude=recipe.params.exclude,
-    )
-
-
-def method_arguments(kind: str, spec: str | dict) -> dict:
-    """A recipe's `zo.rule` / `zo.estimator` as ZOConfig's zo_<kind> and zo_<kind>_kwargs."""
-    fields = {"name": spec} if isinstance(spec, str) else dict(spec)
-    return {f"zo_{kind}": fields.pop("name"), f"zo_{kind}_kwargs": fields}
+    return ZOConfig(**fields, **to_config(recipe.zo), zo_include=recipe.params.include,
+                    zo_exclude=recipe.params.exclude)
 
 
 def preflight(recipe: Recipe, *, run_user_code: bool) -> list[str]:

@@ -18,6 +18,7 @@ from zotune.outdir import prepare_out_dir
 from zotune.recipe import load_recipe, shipped_recipes
 from zotune.run import build_model
 from zotune.schema import ModelSection
+from zotune.settings import from_header
 from zotune.trajectory import params_digest, read_trajectory
 
 
@@ -34,21 +35,8 @@ def _base_model(base: str):
 def optimizer_from_header(header: dict, named: list) -> ZOOptimizer:
     """An optimizer over `named` (stable name, parameter) set up as the logged run's was, ready to replay."""
     opt = header["optimizer"]
-    return ZOOptimizer(
-        named,
-        lr=0.0,
-        weight_decay=opt["weight_decay"],
-        no_decay=header["no_decay"],
-        eps=opt["eps"],
-        num_directions=opt["num_directions"],
-        perturbation=opt["perturbation"],
-        schedule=opt["schedule"],
-        lazy_update=opt.get("lazy_update", False),
-        master_weights=opt.get("master_weights", "auto"),
-        rule=opt.get("rule", "sgd"),
-        estimator=opt.get("estimator", "spsa"),
-        seed=opt["seed"],
-    )
+    return ZOOptimizer(named, from_header(opt), lr=0.0, weight_decay=opt["weight_decay"],
+                       no_decay=header["no_decay"], seed=opt["seed"])
 
 
 def replay(base: str, trajectory: str, out_dir: str, *, force: bool = False) -> None:

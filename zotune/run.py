@@ -185,7 +185,7 @@ def _train_in(folder: RunFolder, recipe: Recipe, source: str, phase: Phase) -> d
             "output_dir": str(out),
         }
         if isinstance(trainer, ZOTrainer):
-            summary["nonfinite_steps"] = trainer.nonfinite_steps
+            summary["nonfinite_steps"] = trainer.nonfinite.total
         write_whole(out / SUMMARY, json.dumps(summary, indent=1) + "\n")  # for the model card of an export
     if interrupted or deferred.requested:
         exit_interrupted(f"interrupted {interrupted or 'while saving'}: the trained model is saved in {out}"

@@ -2,23 +2,19 @@
 
 Every section forbids unknown keys, so a typo is an error rather than a silently
 ignored setting. `zotune.recipe` loads YAML into these models and turns validation
-errors into messages that name the file, the key and its line.
+errors into messages that name the file, the key and its line. The `zo` section is
+`zotune.settings.ZOSettings`, the one definition of the ZO step's settings.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from zotune import precision
-from zotune.eps import MAX_EPS, bound_error
-from zotune.methods import build_estimator, build_rule, check_compatible
-from zotune.objectives import check_name
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+from zotune.methods import build_rule
+from zotune.settings import Section, ZOSettings
 
 
 class QuantizationSection(Section):
@@ -160,94 +156,6 @@ class ParamsSection(Section):
     )
 
 
-MethodSpec = str | dict[str, Any]
-
-
-class ZOSection(Section):
-    rule: MethodSpec = Field(
-        "sgd",
-        description="Update rule: a name (sgd, momentum, adam, sign, conservative) or a mapping with `name` and its "
-        "settings, e.g. {name: momentum, beta: 0.9}. See the README's table of methods.",
-    )
-    estimator: MethodSpec = Field(
-        "spsa",
-        description="Gradient estimator: a name (spsa, sparse, hizoo, lowrank) or a mapping with `name` and its "
-        "settings, e.g. {name: sparse, density: 0.1}. spsa with num_directions > 1 is n-SPSA.",
-    )
-    eps: float = Field(
-        1e-3, gt=0, description=f"Perturbation scale epsilon, below {MAX_EPS:g} (MeZO's 1e-3 is the default); at train "
-        "start it must also be below 10x the RMS of the trainable weights (see zotune.eps).",
-    )
-    num_directions: int = Field(1, ge=1, description="Directions q per step; the update averages them.")
-    perturbation: Literal["gaussian", "rademacher"] = Field("gaussian", description="Distribution of z.")
-    schedule: Literal["dual", "sequential", "fused"] = Field(
-        "dual",
-        description="dual: one forward of the doubled batch, each module perturbed around its own call; "
-        "sequential: MeZO's two forwards; fused: sequential with one noise pass fewer.",
-    )
-    lazy_update: bool = Field(
-        False,
-        description="dual only: apply each step's update inside the next step's +eps pass (one pass over the "
-        "weights fewer; flushed before evaluation and saving).",
-    )
-    master_weights: Literal["auto", "fp32", "none"] = Field(
-        "auto",
-        description="fp32 master copies of 16-bit trainable weights. auto: only where an in-place schedule "
-        "(sequential, fused) displaces them, none under dual (its updates are stochastically rounded); fp32: always "
-        "(4 more bytes per 16-bit weight); none: never (in-place schedules then drift, with a warning).",
-    )
-    offload: Literal["none", "cpu"] = Field(
-        "none",
-        description="cpu: keep the transformer blocks in CPU memory and stream each one to the compute device "
-        "for its forward (trades transfer time for device memory).",
-    )
-    offload_transfer_dtype: Literal["bfloat16", "float16"] | None = Field(
-        None,
-        description="offload: send blocks in this 16-bit dtype (half the transfer) while the CPU keeps "
-        "the full-precision copy.",
-    )
-    max_nonfinite: int = Field(5, ge=1, description="Stop after this many non-finite steps in a row.")
-
-    @field_validator("eps")
-    @classmethod
-    def _below_weight_scale(cls, eps: float) -> float:
-        error = bound_error(eps)
-        if error:
-            raise ValueError(error)
-        return eps
-
-    @field_validator("rule")
-    @classmethod
-    def _known_rule(cls, spec: MethodSpec) -> MethodSpec:
-        build_rule(spec)
-        return spec
-
-    @field_validator("estimator")
-    @classmethod
-    def _known_estimator(cls, spec: MethodSpec) -> MethodSpec:
-        build_estimator(spec)
-        return spec
-
-    objective: Annotated[str, AfterValidator(check_name)] = Field(
-        "loss",
-        description="What ZO minimizes: loss (the task's), accuracy or f1 (classification; minimized as "
-        "1 - metric on the batch), or a function's import path 'package.module:function' called as "
-        "fn(outputs, labels) -> float, lower is better (see zotune.objectives).",
-    )
-
-    @model_validator(mode="after")
-    def _compatible(self) -> "ZOSection":
-        if self.lazy_update and self.schedule != "dual":
-            raise ValueError("`lazy_update` needs `schedule: dual`")
-        if self.offload_transfer_dtype is not None and self.offload == "none":
-            raise ValueError("`offload_transfer_dtype` needs `offload: cpu`")
-        if self.offload_transfer_dtype is not None and self.lazy_update:
-            raise ValueError("`offload_transfer_dtype` drops the 16-bit copies after each block: not with `lazy_update`")
-        check_compatible(build_rule(self.rule), build_estimator(self.estimator), schedule=self.schedule,
-                         lazy_update=self.lazy_update, num_directions=self.num_directions)
-        return self
-
-
 class TrainSection(Section):
     """A subset of `transformers.TrainingArguments`, passed through as is."""
 
@@ -379,7 +287,7 @@ class Recipe(Section):
     model: ModelSection
     data: DataSection
     params: ParamsSection = Field(default_factory=ParamsSection)
-    zo: ZOSection = Field(default_factory=ZOSection)
+    zo: ZOSettings = Field(default_factory=ZOSettings)
     train: TrainSection = Field(default_factory=TrainSection)
     bilevel: BilevelConfig | None = Field(None, description="method scalebio: sources, validation set, alpha, lrs.")
 

@@ -8,9 +8,9 @@ evaluation, checkpointing and `resume_from_checkpoint` are the Trainer's own.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import json
-from collections.abc import Callable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -20,98 +20,38 @@ from transformers.utils import logging
 
 from zotune.checkpoints import SaveOnInterrupt, save_checkpoint_atomically
 from zotune.dual import DualEngine, DualRefused, OutsideReads, call_halves, losses_agree
-from zotune.eps import bound_error, swamp_error, trainable_rms
+from zotune.eps import swamp_error, trainable_rms
 from zotune.errors import UserError
-from zotune.methods import Estimator, Rule, build_estimator, build_rule, check_compatible
 from zotune.models import forward_accepts, stable_name, trainable_parameters
+from zotune.nonfinite import NonFiniteLossError, NonFiniteSteps  # noqa: F401 - NonFiniteLossError is imported from here too
 from zotune.objectives import Objective, load_objective
 from zotune.offload import BlockOffloader
-from zotune.optim import SCHEDULES, ZOOptimizer
-from zotune.precision import MASTER_WEIGHTS
+from zotune.optim import ZOOptimizer
+from zotune.settings import ZOSettings, config_fields, from_config, header_fields
 from zotune.trajectory import TrajectoryWriter, params_digest
 
 logger = logging.get_logger("zotune")
-PERTURBATIONS = ("gaussian", "rademacher")
-OFFLOADS = ("none", "cpu")
-TRANSFER_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 # the start-up probe of the dual schedule runs this many rows of the first batch: it costs a
 # doubled forward of them once, and 2 rows still tell a split along the batch from a broadcast
 PROBE_ROWS = 2
 
 
-class NonFiniteLossError(UserError):
-    """Training produced non-finite losses for too many steps in a row (the CLI prints it, no traceback)."""
+# TrainingArguments plus a `zo_<name>` field per ZO setting, generated from `zotune.settings.ZOSettings`
+ZOSettingsArguments = dataclasses.make_dataclass("ZOSettingsArguments", config_fields(), bases=(TrainingArguments,))
+ZOSettingsArguments.__module__ = __name__
 
 
 @dataclass
-class ZOConfig(TrainingArguments):
-    """`TrainingArguments` plus the zeroth-order settings (all prefixed `zo_`)."""
+class ZOConfig(ZOSettingsArguments):
+    """`TrainingArguments` plus the zeroth-order settings (all prefixed `zo_`): one per field of
+    `zotune.settings.ZOSettings` (its rule and estimator as `zo_rule` + `zo_rule_kwargs`, ...),
+    validated by it, and which parameters train."""
 
-    zo_eps: float = field(default=1e-3, metadata={"help": "Perturbation scale ε of the ± forwards."})
-    zo_num_directions: int = field(
-        default=1, metadata={"help": "Random directions q per step; their estimates are averaged."}
-    )
-    zo_perturbation: str = field(
-        default="gaussian", metadata={"help": "Distribution of z: 'gaussian' or 'rademacher' (±1, cheaper)."}
-    )
-    zo_rule: str = field(
-        default="sgd",
-        metadata={"help": "Update rule, by registered name: 'sgd' (MeZO), 'momentum', 'adam' (2x the trainable "
-                  "parameters in state), 'sign' or 'conservative' (see zotune.methods)."},
-    )
-    zo_rule_kwargs: dict | str = field(
-        default_factory=dict, metadata={"help": "Settings of the rule, e.g. {'beta': 0.9} (a dict, or JSON)."}
-    )
-    zo_estimator: str = field(
-        default="spsa",
-        metadata={"help": "Gradient estimator, by registered name: 'spsa' (two- or one-sided; n-SPSA with "
-                  "zo_num_directions > 1), 'sparse', 'hizoo' (one extra forward per step) or 'lowrank'."},
-    )
-    zo_estimator_kwargs: dict | str = field(
-        default_factory=dict, metadata={"help": "Settings of the estimator, e.g. {'density': 0.1} (a dict, or JSON)."}
-    )
-    zo_schedule: str = field(
-        default="dual",
-        metadata={"help": "'dual' (one forward of the doubled batch, each module perturbed around its own call), "
-                  "'sequential' (MeZO: two forwards, restore after each − pass) or 'fused' (sequential with the "
-                  "restore merged into the next pass)."},
-    )
-    zo_lazy_update: bool = field(
-        default=False,
-        metadata={"help": "dual only: apply each update inside the next step's +ε pass (one weight pass fewer); "
-                  "flushed before evaluation, saving and the end of training."},
-    )
-    zo_master_weights: str = field(
-        default="auto",
-        metadata={"help": "fp32 master copies of 16-bit trainable weights: 'auto' (only where an in-place schedule, "
-                  "sequential or fused, displaces them; none under dual, whose 16-bit updates are stochastically "
-                  "rounded), 'fp32' (always: 4 more bytes per 16-bit weight) or 'none' (in-place schedules then "
-                  "drift, with a warning). See zotune.precision."},
-    )
-    zo_offload: str = field(
-        default="none",
-        metadata={"help": "'cpu': keep the transformer blocks in CPU memory and stream each one to the compute "
-                  "device for its forward (device memory for transfer time)."},
-    )
-    zo_offload_transfer_dtype: str | None = field(
-        default=None,
-        metadata={"help": "With zo_offload: send blocks as 'bfloat16' or 'float16' (half the transfer); the CPU "
-                  "keeps full precision. Not with zo_lazy_update."},
-    )
     zo_include: list[str] = field(
         default_factory=list, metadata={"help": "Regexes: train only parameters whose stable name matches one."}
     )
     zo_exclude: list[str] = field(
         default_factory=list, metadata={"help": "Regexes: never train parameters whose stable name matches one."}
-    )
-    zo_max_nonfinite: int = field(
-        default=5, metadata={"help": "Stop training after this many steps in a row with a non-finite loss."}
-    )
-    zo_objective: str | Callable = field(
-        default="loss",
-        metadata={"help": "What ZO minimizes: 'loss', 'accuracy' or 'f1' (classification, as 1 - metric on the "
-                  "batch), an import path 'package.module:function', or a module-level function "
-                  "(outputs, labels) -> float, lower is better (see zotune.objectives)."},
     )
     zo_trajectory: bool = field(
         default=True, metadata={"help": "Append every step to output_dir/zo_trajectory.jsonl (for replay)."}
@@ -120,45 +60,15 @@ class ZOConfig(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.zo_schedule not in SCHEDULES:
-            raise ValueError(f"zo_schedule must be one of {SCHEDULES}, got {self.zo_schedule!r}")
-        if self.zo_perturbation not in PERTURBATIONS:
-            raise ValueError(f"zo_perturbation must be one of {PERTURBATIONS}, got {self.zo_perturbation!r}")
-        if self.zo_lazy_update and self.zo_schedule != "dual":
-            raise ValueError("zo_lazy_update needs zo_schedule='dual'")
         if self.torch_compile and self.zo_schedule == "dual":
             raise ValueError("torch_compile=True with zo_schedule='dual': the dual schedule gives each module new "
                              "perturbed weights on every call, which recompiles the model again and again (a 3-step "
                              "run took minutes instead of a second); set torch_compile=False")
-        if self.zo_master_weights not in MASTER_WEIGHTS:
-            raise ValueError(f"zo_master_weights must be one of {MASTER_WEIGHTS}, got {self.zo_master_weights!r}")
-        if self.zo_offload not in OFFLOADS:
-            raise ValueError(f"zo_offload must be one of {OFFLOADS}, got {self.zo_offload!r}")
-        if self.zo_offload_transfer_dtype is not None:
-            if self.zo_offload_transfer_dtype not in TRANSFER_DTYPES or self.zo_offload == "none":
-                raise ValueError("zo_offload_transfer_dtype must be 'bfloat16' or 'float16', with zo_offload='cpu'")
-            if self.zo_lazy_update:
-                raise ValueError("zo_offload_transfer_dtype cannot be combined with zo_lazy_update: the 16-bit "
-                                 "copies are dropped after each block, and with them any update they carried")
-        self.zo_rule_kwargs, self.zo_estimator_kwargs = _as_dict(self.zo_rule_kwargs), _as_dict(self.zo_estimator_kwargs)
-        check_compatible(self.rule(), self.estimator(), schedule=self.zo_schedule, lazy_update=self.zo_lazy_update,
-                         num_directions=self.zo_num_directions)
-        if self.zo_eps <= 0 or self.zo_num_directions < 1 or self.zo_max_nonfinite < 1:
-            raise ValueError("zo_eps must be > 0, zo_num_directions and zo_max_nonfinite >= 1")
-        too_large = bound_error(self.zo_eps)
-        if too_large:
-            raise ValueError(f"zo_{too_large}")  # the message begins with "eps"
-        load_objective(self.zo_objective)  # a bad import path fails here, before training starts
+        load_objective(self.zo_settings().objective)  # a bad import path fails here, before training starts
 
-    def rule(self) -> Rule:
-        return build_rule({"name": self.zo_rule, **self.zo_rule_kwargs})
-
-    def estimator(self) -> Estimator:
-        return build_estimator({"name": self.zo_estimator, **self.zo_estimator_kwargs})
-
-
-def _as_dict(value: dict | str) -> dict:
-    return json.loads(value) if isinstance(value, str) else dict(value)
+    def zo_settings(self) -> ZOSettings:
+        """The `zo_*` fields as the settings model, validated (a refusal is a ValueError naming the zo_ field)."""
+        return from_config(self)
 
 
 class ZOTrainer(Trainer):
@@ -172,6 +82,7 @@ class ZOTrainer(Trainer):
         if not isinstance(self.args, ZOConfig):
             raise TypeError(f"ZOTrainer needs args=ZOConfig(...), which adds the zo_* settings; got a "
                             f"{type(self.args).__name__} (given no args, the Trainer makes a plain TrainingArguments)")
+        self.settings = self.args.zo_settings()  # the settings the steps run with (the header records them)
         if self.args.zo_offload == "cpu" and self.offloader is None:
             self._attach_offloader(self.model, self.args.device)
         # with the weights at hand, before any evaluation or step (zotune.eps)
@@ -182,7 +93,8 @@ class ZOTrainer(Trainer):
         self.zo: ZOOptimizer | None = None
         self.dual: DualEngine | None = None
         self._zo_log = {"loss_plus": [], "loss_minus": [], "projected_grad": []}
-        self.nonfinite_steps = 0
+        self.nonfinite = NonFiniteSteps(self.args.zo_max_nonfinite, "lower learning_rate or zo_eps. "
+                                        "Nothing was applied for those steps.")
         # only the main process writes the log (every rank can replay it)
         writes_log = self.args.zo_trajectory and self.args.should_save
         self.trajectory = TrajectoryWriter(self.args.output_dir) if writes_log else None
@@ -196,28 +108,15 @@ class ZOTrainer(Trainer):
     def create_optimizer(self, model=None):
         if self.optimizer is None:
             model = model if model is not None else self.model
-            schedule, lazy_update = self.args.zo_schedule, self.args.zo_lazy_update
             named = trainable_parameters(model, self.args.zo_include, self.args.zo_exclude)
-            decay = {stable_name(n) for n in self.get_decay_parameter_names(model)}
             # kept as a direct reference: accelerate wraps self.optimizer, and state put on
             # the wrapper would never reach the optimizer that updates the weights
-            self.zo = ZOOptimizer(
-                named,
-                lr=self.args.learning_rate,
-                weight_decay=self.args.weight_decay,
-                no_decay=[n for n, _ in named if n not in decay],
-                eps=self.args.zo_eps,
-                num_directions=self.args.zo_num_directions,
-                perturbation=self.args.zo_perturbation,
-                schedule=schedule,
-                lazy_update=lazy_update,
-                master_weights=self.args.zo_master_weights,
-                rule=self.args.rule(),
-                estimator=self.args.estimator(),
-                seed=self.args.seed,
-            )
+            self.zo = ZOOptimizer(named, self.settings, lr=self.args.learning_rate,
+                                  weight_decay=self.args.weight_decay,
+                                  no_decay=no_decay_names(named, self.get_decay_parameter_names(model)),
+                                  seed=self.args.seed)
             self.optimizer = self.zo
-            if schedule == "dual":
+            if self.settings.schedule == "dual":
                 self.dual = DualEngine(model, self.zo)
             if self.offloader is not None:
                 # looked up per call: accelerate reloads the optimizer's state into new dicts
@@ -228,7 +127,8 @@ class ZOTrainer(Trainer):
     # -- offloading: blocks stay home instead of moving to the device -------------------
 
     def _attach_offloader(self, model, device) -> None:
-        dtype = TRANSFER_DTYPES.get(self.args.zo_offload_transfer_dtype)
+        name = self.args.zo_offload_transfer_dtype
+        dtype = getattr(torch, name) if name is not None else None
         self.offloader = BlockOffloader(model, device, transfer_dtype=dtype)
 
     def _move_model_to_device(self, model, device) -> None:
@@ -316,6 +216,8 @@ class ZOTrainer(Trainer):
                            "schedule leaves θ; training in place with the fused schedule (the numbers of sequential)",
                            type(self).__name__, ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else ""))
             self.zo.run_in_place("fused")
+            self.settings = self.settings.model_copy(update={"schedule": self.zo.schedule,
+                                                             "lazy_update": self.zo.lazy_update})
             self.dual.remove()
             self.dual = None
 
@@ -378,18 +280,8 @@ class ZOTrainer(Trainer):
                     "params": [n for n, _ in named],
                     "no_decay": self.zo.no_decay,
                     "init_sha256": params_digest(named),
-                    "optimizer": {
-                        "rule": self.zo.rule.spec(),
-                        "estimator": self.zo.estimator.spec(),
-                        "seed": self.zo.seed,
-                        "eps": self.zo.eps,
-                        "num_directions": self.zo.q,
-                        "perturbation": self.zo.kind,
-                        "schedule": self.zo.schedule,
-                        "lazy_update": self.zo.lazy_update,
-                        "master_weights": self.zo.master_weights,
-                        "weight_decay": self.zo.defaults["weight_decay"],
-                    },
+                    "optimizer": {**header_fields(self.settings), "seed": self.zo.seed,
+                                  "weight_decay": self.zo.defaults["weight_decay"]},
                 },
             )
 
@@ -397,14 +289,8 @@ class ZOTrainer(Trainer):
         """Called after every optimizer step with its trajectory record."""
         if self.trajectory is not None:
             self.trajectory.append(record)
-        if record["g"] is None:
-            self.nonfinite_steps += 1
-            if self.zo.nonfinite_in_a_row >= self.args.zo_max_nonfinite:
-                raise NonFiniteLossError(
-                    f"{self.zo.nonfinite_in_a_row} steps in a row had non-finite losses (last at step "
-                    f"{record['step']}); lower learning_rate or zo_eps. Nothing was applied for those steps."
-                )
-        else:
+        self.nonfinite.count(record["step"], finite=record["g"] is not None)
+        if record["g"] is not None:
             self._zo_log["projected_grad"] += record["g"]
 
     def _get_grad_norm(self, model, grad_norm=None):
@@ -418,7 +304,7 @@ class ZOTrainer(Trainer):
             if zo["projected_grad"]:
                 logs["projected_grad"] = sum(zo["projected_grad"]) / len(zo["projected_grad"])
                 logs["projected_grad_abs"] = sum(abs(g) for g in zo["projected_grad"]) / len(zo["projected_grad"])
-            logs["nonfinite_steps"] = self.nonfinite_steps
+            logs["nonfinite_steps"] = self.nonfinite.total
             if "comm_bytes" in (self.zo.last_record or {}):
                 logs["comm_bytes_per_step"] = self.zo.last_record["comm_bytes"]  # data parallel: all a step sends
             zo["loss_plus"], zo["loss_minus"], zo["projected_grad"] = [], [], []
@@ -438,6 +324,13 @@ class ZOTrainer(Trainer):
         if self.trajectory is not None:
             self.trajectory.sync()
         save_checkpoint_atomically(self, super()._save_checkpoint, model, trial)
+
+
+def no_decay_names(named: Iterable[tuple[str, torch.nn.Parameter]], decay_names: Iterable[str]) -> list[str]:
+    """The names in `named` (stable names) that weight decay skips: those not among `decay_names`,
+    the full names `Trainer.get_decay_parameter_names` gives (HF's rule: biases and norms)."""
+    decay = {stable_name(n) for n in decay_names}
+    return [n for n, _ in named if n not in decay]
 
 
 def _first_rows(inputs: dict, rows: int) -> dict:

@@ -35,9 +35,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from zotune.bilevel.data import BilevelData
 from zotune.bilevel.sets import LayerSampler, TwoSets
+from zotune.checkpoints import STAGING, clean_stale, fsync_tree, publish
 from zotune.errors import UserError
+from zotune.nonfinite import NonFiniteSteps
 from zotune.optim import ZOOptimizer
 from zotune.schema import Recipe
+from zotune.trainer import ZOTrainer, no_decay_names
 
 log = logging.getLogger("zotune")
 STATE_FILE = "bilevel_state.pt"
@@ -70,47 +73,47 @@ class ScaleBiO:
         self.active_names: set[str] | None = None
         self._built = False
         self.step = 0
-        self.nonfinite_in_a_row = 0
+        self.nonfinite = NonFiniteSteps(recipe.zo.max_nonfinite, "lower bilevel.lr_w / lr_u, alpha or zo.eps")
+        # the trainer's rule (HF's: biases and norms), on w's names; u's parameters follow their w counterparts
+        self.no_decay = set(no_decay_names(self.sets.w, ZOTrainer.get_decay_parameter_names(None, model)))
+        self.zo_settings = recipe.zo
         if b.gradient == "zo":
             zo = recipe.zo
             if zo.offload != "none":
                 raise UserError("zo.offload: not available with method scalebio")
             if zo.objective != "loss":
                 raise UserError("zo.objective: method scalebio weights per-sample losses; use `objective: loss`")
-            self.schedule = zo.schedule
             if zo.schedule == "dual":
                 log.info("zotune scalebio: zo.schedule dual runs as fused here (same numbers as sequential): "
                          "w and u share the model's modules")
-                self.schedule = "fused"
+                self.zo_settings = zo.model_copy(update={"schedule": "fused", "lazy_update": False})
 
     # -- optimizers (rebuilt when LISA switches blocks; state kept for blocks that stay) ------
 
-    def _make_optimizer(self, which: str, named):
-        train = self.recipe.train
+    def _make_optimizer(self, which: str, names: set[str] | None):
+        """The optimizer of set `which`'s parameters that train now (LISA: those of `names`)."""
+        named = self.sets.active(which, names)
+        no_decay = [n for (n, _), (w_name, _) in zip(named, self.sets.active("w", names)) if w_name in self.no_decay]
+        lr, weight_decay = self.lr[which], self.recipe.train.weight_decay
         if self.config.gradient == "fo":
-            params = [p for _, p in named]
+            groups = [{"params": [p for n, p in named if n not in no_decay], "weight_decay": weight_decay},
+                      {"params": [p for n, p in named if n in no_decay], "weight_decay": 0.0}]
+            groups = [g for g in groups if g["params"]]
             if self.config.optim == "adamw":
-                return torch.optim.AdamW(params, lr=self.lr[which], weight_decay=train.weight_decay)
-            return torch.optim.SGD(params, lr=self.lr[which], weight_decay=train.weight_decay)
-        zo = self.recipe.zo
-        return ZOOptimizer(
-            named, lr=self.lr[which], weight_decay=train.weight_decay,
-            no_decay=[n for n, _ in named if "bias" in n or "norm" in n],
-            eps=zo.eps, num_directions=zo.num_directions, perturbation=zo.perturbation, schedule=self.schedule,
-            master_weights=zo.master_weights, rule=zo.rule, estimator=zo.estimator,
-            seed=self.seed + (0 if which == "w" else 1),
-        )
+                return torch.optim.AdamW(groups, lr=lr)
+            return torch.optim.SGD(groups, lr=lr)
+        return ZOOptimizer(named, self.zo_settings, lr=lr, weight_decay=weight_decay, no_decay=no_decay,
+                           seed=self.seed + (0 if which == "w" else 1))
 
     def _ensure_optimizers(self, step: int) -> None:
         names = self.lisa.names_at(step) if self.lisa is not None else None
         if self._built and names == self.active_names:
             return
         for which in ("w", "u"):
-            named = self.sets.active(which, names)
-            new = self._make_optimizer(which, named)
+            new = self._make_optimizer(which, names)
             old = self.opts.get(which)
             if old is not None:  # blocks that stay keep their state; switched-off blocks release it
-                for _, p in named:
+                for _, p in self.sets.active(which, names):
                     if p in old.state and old.state[p]:
                         new.state[p] = old.state[p]
             self.opts[which] = new
@@ -189,10 +192,7 @@ class ScaleBiO:
             m_w = torch.stack(stash["w"]).mean(0)
             loss_val = float(np.mean(stash["val"]))
             finite = all(r["g"] is not None for r in records.values())
-            self.nonfinite_in_a_row = 0 if finite else self.nonfinite_in_a_row + 1
-            if self.nonfinite_in_a_row >= self.recipe.zo.max_nonfinite:
-                raise UserError(f"{self.nonfinite_in_a_row} steps in a row had non-finite losses (last at step "
-                                f"{step}); lower bilevel.lr_w / lr_u, alpha or zo.eps")
+            self.nonfinite.count(step, finite)
 
         grad_norm = 0.0
         if step >= self.config.warmup_steps and finite and torch.isfinite(m_w - m_u).all():
@@ -239,7 +239,7 @@ class ScaleBiO:
             "u": {n: p.detach().clone() for n, p in self.sets.u},
             "optimizer_w": by_name("w"),
             "optimizer_u": by_name("u"),
-            "nonfinite_in_a_row": self.nonfinite_in_a_row,
+            "nonfinite_in_a_row": self.nonfinite.in_a_row,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -251,7 +251,7 @@ class ScaleBiO:
                     p.copy_(saved[n])
         self.lam_opt.load_state_dict(state["lambda_optimizer"])
         self.step = state["step"]
-        self.nonfinite_in_a_row = state.get("nonfinite_in_a_row", 0)
+        self.nonfinite.in_a_row = state.get("nonfinite_in_a_row", 0)
         self._built = False
         self.opts = {}
         self._ensure_optimizers(self.step)
@@ -284,9 +284,14 @@ def _resume_path(value: str, out: Path) -> Path:
 
 
 def _save(run: ScaleBiO, out: Path, limit: int | None) -> None:
-    folder = out / f"checkpoint-{run.step}"
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.save(run.state_dict(), folder / STATE_FILE)
+    """Write checkpoint-N whole or not at all: into a staging folder, fsynced, then renamed into place
+    (zotune.checkpoints, as the trainer's checkpoints are)."""
+    staging = out / f"{STAGING}{run.step}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    torch.save(run.state_dict(), staging / STATE_FILE)
+    fsync_tree(str(staging))
+    publish(str(staging), str(out / f"checkpoint-{run.step}"))
     if limit is not None:
         for old in _checkpoints(out)[:-limit]:
             shutil.rmtree(old)
@@ -338,6 +343,7 @@ def run_scalebio(recipe: Recipe, model, tokenizer, *, console=None) -> dict:
     train, b = recipe.train, recipe.bilevel
     out = Path(train.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    clean_stale(str(out))  # what a crash mid-save left
     data = BilevelData(recipe, tokenizer, model)
     run = ScaleBiO(recipe, model, data, has_adapter=recipe.model.peft is not None)
     history_file = out / "mixture_weights.jsonl"
