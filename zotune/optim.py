@@ -198,6 +198,7 @@ class ZOOptimizer(torch.optim.Optimizer):
     # -- what the methods see of a step --------------------------------------------------------
 
     def _view(self, step: int, probe: Callable[[Sequence[float]], list[float]] | None = None) -> StepView:
+        """All that a rule or an estimator gets to see of `step` (`zotune.methods.base.StepView`)."""
         return StepView(step, Noise(self.seed, self.kind), self.param_groups[0]["lr"],
                         tuple(Trainable(name, p, self.state[p]) for name, p, _ in self.named_params()),
                         tuple(self.step_losses), probe)
