@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -45,7 +45,17 @@ import torch.distributed as dist
 from zotune import precision
 from zotune.eps import PROBE_ELEMENTS, round_trip_warning
 from zotune.kernels import lazy_update_and_perturb_, perturb_, perturb_rows
-from zotune.methods import Estimator, ParamUpdate, Rule, build_estimator, build_rule, check_compatible
+from zotune.methods import (
+    Estimator,
+    Noise,
+    ParamUpdate,
+    Rule,
+    StepView,
+    Trainable,
+    build_estimator,
+    build_rule,
+    check_compatible,
+)
 from zotune.noise import seed_for, step_seed
 from zotune.settings import SCHEDULES, ZOSettings, check_schedule  # noqa: F401 - SCHEDULES is imported from here too
 
@@ -183,8 +193,29 @@ class ZOOptimizer(torch.optim.Optimizer):
             for name, p in zip(group["names"], group["params"]):
                 yield name, p, group
 
+    # -- what the methods see of a step --------------------------------------------------------
+
+    def _view(self, step: int, probe: Callable[[Sequence[float]], list[float]] | None = None) -> StepView:
+        """All that a rule or an estimator gets to see of `step` (`zotune.methods.base.StepView`)."""
+        return StepView(step, Noise(self.seed, self.kind), self.param_groups[0]["lr"],
+                        tuple(Trainable(name, p, self.state[p]) for name, p, _ in self.named_params()),
+                        tuple(self.step_losses), probe)
+
+    def _probe(self, step: int, measure: bool) -> Callable[[Sequence[float]], list[float]]:
+        """`StepView.probe`: the step's last micro-batch (`measure`) or the moves alone (replay)."""
+        def probe(coefs: Sequence[float]) -> list[float]:
+            s, loss_fn = step_seed(self.seed, step), self.last_loss_fn if measure else None
+            losses = []
+            for coef in coefs:
+                self.move(Point(s, 0, coef))
+                losses.append(self.global_loss(loss_fn()) if loss_fn is not None else math.nan)
+            self.move(None)
+            return losses
+
+        return probe
+
     def _kernel_kw(self, name: str, p: torch.nn.Parameter, step: int | None) -> dict:
-        directions = self.estimator.directions(name, p, self.state[p], step, self)
+        directions = self.estimator.directions(Trainable(name, p, self.state[p]), step, Noise(self.seed, self.kind))
         return {"kind": self.kind, "directions": directions, "offset": self.shards.get(name, 0)}
 
     def _rounding_seed(self, p: torch.nn.Parameter, name: str, step: int) -> int | None:
@@ -384,7 +415,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             raise RuntimeError(f"estimate() for step {step} while step {self._step} is not applied yet")
         if self._step is None:
             self._step = step
-            self._notes = self.estimator.begin_step(self, step)
+            self._notes = self.estimator.begin_step(self._view(step))
             if not self.round_trip_checked and not self.out_of_place:
                 self._check_round_trip(step)
         self.last_loss_fn, self.last_weight = loss_fn, weight
@@ -406,7 +437,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         finite = all(math.isfinite(v) for v in g)
         choice = {}
         if finite:
-            applied, choice = self.rule.choose(self, g, self._step, None)
+            applied, choice = self.rule.choose(self._view(self._step, self._probe(self._step, measure=True)), g, None)
             if applied is not None:
                 self._apply(applied, self._step)
         else:
@@ -437,7 +468,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         if self.out_of_place:
             record["lazy_update"] = self.lazy_update
         if finite:
-            self.estimator.end_step(self, self._step, record)
+            self.estimator.end_step(self._view(self._step), record)
         self._reset_step()
         self.last_record = record
         return record
@@ -485,14 +516,14 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.schedule = record["schedule"]  # each record says how its step ran
         self.lazy_update = False
         step = self._step = record["step"]
-        self.estimator.begin_step(self, step)
+        self.estimator.begin_step(self._view(step))
         for _ in range(record["micro_batches"]):
             self._perturbation_passes(step, None)
         if record["g"] is not None:
-            applied, _ = self.rule.choose(self, record["g"], step, record)
+            applied, _ = self.rule.choose(self._view(step, self._probe(step, measure=False)), record["g"], record)
             if applied is not None:
                 self._apply(applied, step)
-            self.estimator.end_step(self, step, record)
+            self.estimator.end_step(self._view(step), record)
         else:
             self.flush()
         self._reset_step()

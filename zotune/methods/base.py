@@ -9,7 +9,7 @@ from the step's seeds, so a step stays a handful of scalars in the trajectory lo
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -18,12 +18,54 @@ from pydantic import BaseModel, ConfigDict
 if TYPE_CHECKING:
     import torch
 
-    from zotune.optim import ZOOptimizer
-
 # Method modules import torch inside their functions: validating a recipe (which builds the
 # methods' configs) stays light.
 
 Directions = Callable[[int], "torch.Tensor"]  # a direction's seed -> z for the whole parameter
+
+
+@dataclass(frozen=True)
+class Noise:
+    """The run's noise, from which a method regenerates any z: its seed and its kind."""
+
+    run_seed: int
+    kind: str  # "gaussian" or "rademacher"
+
+    def step_seed(self, step: int) -> int:
+        from zotune.noise import step_seed
+
+        return step_seed(self.run_seed, step)
+
+
+@dataclass(frozen=True)
+class Trainable:
+    """One trainable parameter: its stable name, the tensor, and its optimizer state."""
+
+    name: str
+    param: torch.Tensor
+    state: dict
+
+
+@dataclass(frozen=True)
+class StepView:
+    """What a rule or an estimator sees of one optimizer step; `zotune.optim` builds it.
+
+    `losses` are the (L_a, L_b) pairs taken so far, micro-batch after micro-batch, q per
+    micro-batch. `probe`, given to `Rule.choose` only, moves θ to θ + c·z_0 for each c in turn,
+    takes the loss of the step's last micro-batch there (the mean over data-parallel ranks; NaN
+    when replaying: the moves alone), and returns θ to where it was.
+    """
+
+    step: int
+    noise: Noise
+    lr: float  # of the first parameter group
+    params: tuple[Trainable, ...]
+    losses: tuple[tuple[float, float], ...] = ()
+    probe: Callable[[Sequence[float]], list[float]] | None = None
+
+    @property
+    def seed(self) -> int:
+        return self.noise.step_seed(self.step)
 
 
 class MethodConfig(BaseModel):
@@ -135,7 +177,7 @@ class Rule(Method):
     def apply(self, u: ParamUpdate) -> None:
         raise NotImplementedError
 
-    def choose(self, opt: ZOOptimizer, g: list[float], step: int, recorded: dict | None) -> tuple[list[float] | None, dict]:
+    def choose(self, view: StepView, g: list[float], recorded: dict | None) -> tuple[list[float] | None, dict]:
         """The projected gradients to apply (None: leave θ as it is), and what to record about
         the choice. `recorded` is the step's trajectory record when replaying."""
         return g, {}
@@ -152,13 +194,13 @@ class Estimator(Method):
         """The coefficients a, b of the two points θ + a·z and θ + b·z; g = (L_a − L_b) / (a − b)."""
         return eps, -eps
 
-    def directions(self, name: str, param: torch.Tensor, state: dict, step: int, opt: ZOOptimizer) -> Directions | None:
-        """z for this parameter as a function of a direction's seed; None for plain noise."""
+    def directions(self, p: Trainable, step: int | None, noise: Noise) -> Directions | None:
+        """z for this parameter at `step` as a function of a direction's seed; None for plain noise."""
         return None
 
-    def begin_step(self, opt: ZOOptimizer, step: int) -> dict:
+    def begin_step(self, view: StepView) -> dict:
         """Called before a step's first forward (and when replaying it); returns what to record."""
         return {}
 
-    def end_step(self, opt: ZOOptimizer, step: int, record: dict) -> None:
+    def end_step(self, view: StepView, record: dict) -> None:
         """Called after a step's update was applied, with its record (also when replaying)."""

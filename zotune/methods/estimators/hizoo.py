@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from zotune.methods import register
 from zotune.methods.base import Estimator, MethodConfig
+from zotune.methods.registry import register_estimator
 
 
 class HiZOOConfig(MethodConfig):
@@ -14,7 +14,7 @@ class HiZOOConfig(MethodConfig):
     )
 
 
-@register
+@register_estimator
 class HiZOO(Estimator):
     """Hessian-informed directions after HiZOO (Zhao et al., 2024, "Second-Order Fine-Tuning
     without Pain for LLMs: A Hessian Informed Zeroth-Order Optimizer", arXiv:2402.15173).
@@ -43,18 +43,18 @@ class HiZOO(Estimator):
             return "estimator 'hizoo' needs a plain forward at θ each step: use schedule sequential or fused"
         return None
 
-    def directions(self, name, param, state, step, opt):
+    def directions(self, p, step, noise):
         import torch
 
         from zotune.noise import noise_like
 
-        if "hessian" not in state:
-            state["hessian"] = torch.ones(param.shape, dtype=torch.float32, device=param.device)
-        scale = state["hessian"].rsqrt()
-        kind = opt.kind
+        if "hessian" not in p.state:
+            p.state["hessian"] = torch.ones(p.param.shape, dtype=torch.float32, device=p.param.device)
+        scale = p.state["hessian"].rsqrt()
+        param, kind = p.param, noise.kind
         return lambda seed: noise_like(param, seed, kind) * scale
 
-    def end_step(self, opt, step, record):
+    def end_step(self, view, record):
         import torch
 
         from zotune.noise import noise_like, seed_for
@@ -65,10 +65,10 @@ class HiZOO(Estimator):
         curvature = [0.0] * q
         for i, (loss_plus, loss_minus) in enumerate(pairs):
             curvature[i % q] += abs(loss_plus + loss_minus - 2 * zero[i // q]) / (2 * eps**2) / len(zero)
-        for name, p, _ in opt.named_params():
-            h = opt.state[p]["hessian"]
+        for p in view.params:
+            h = p.state["hessian"]
             observed = torch.zeros_like(h)
             for k, c in enumerate(curvature):
-                z = noise_like(p, seed_for(record["seed"], k, name), opt.kind)
+                z = noise_like(p.param, seed_for(record["seed"], k, p.name), view.noise.kind)
                 observed.add_(z * z, alpha=c / q)
             h.mul_(observed.mul_(alpha).add_(1 - alpha))  # (1 − α)·h + α·c·h·z²

@@ -6,8 +6,8 @@ import math
 
 from pydantic import Field
 
-from zotune.methods import register
 from zotune.methods.base import Estimator, MethodConfig
+from zotune.methods.registry import register_estimator
 
 
 class LowRankConfig(MethodConfig):
@@ -15,7 +15,7 @@ class LowRankConfig(MethodConfig):
     refresh_steps: int = Field(50, ge=1, description="ν: draw a new V every ν steps (U is new every step).")
 
 
-@register
+@register_estimator
 class LowRank(Estimator):
     """Low-rank perturbations for 2-D weights after LOZO (Chen et al., 2024, "Enhancing
     Zeroth-Order Fine-Tuning for Language Models with Low-Rank Structures", arXiv:2410.07698)
@@ -32,22 +32,24 @@ class LowRank(Estimator):
     paper = "Chen et al., 2024, arXiv:2410.07698; Yu et al., 2024, arXiv:2410.08989"
     Config = LowRankConfig
 
-    def directions(self, name, param, state, step, opt):
-        from zotune.noise import noise, seed_for, step_seed
+    def directions(self, p, step, noise):
+        from zotune.noise import noise as generate
+        from zotune.noise import seed_for
 
+        param = p.param
         if param.dim() != 2:
             return None
         rows, cols = param.shape
         r = min(self.config.rank, rows, cols)
         window = step // self.config.refresh_steps
-        v = noise(seed_for(step_seed(opt.seed, window), 0, f"{name}#lowrank-V"), cols * r, opt.kind,
-                  device=param.device).view(cols, r)
+        v = generate(seed_for(noise.step_seed(window), 0, f"{p.name}#lowrank-V"), cols * r, noise.kind,
+                     device=param.device).view(cols, r)
 
         def product(seed: int):
-            u = noise(seed, rows * r, opt.kind, device=param.device).view(rows, r)
+            u = generate(seed, rows * r, noise.kind, device=param.device).view(rows, r)
             return (u @ v.T) / math.sqrt(r)
 
         return product
 
-    def begin_step(self, opt, step):
-        return {"v_window": step // self.config.refresh_steps}
+    def begin_step(self, view):
+        return {"v_window": view.step // self.config.refresh_steps}

@@ -7,8 +7,8 @@ from typing import Literal
 
 from pydantic import Field
 
-from zotune.methods import register
 from zotune.methods.base import Estimator, MethodConfig
+from zotune.methods.registry import register_estimator
 
 
 class SparseConfig(MethodConfig):
@@ -19,7 +19,7 @@ class SparseConfig(MethodConfig):
     refresh_steps: int = Field(100, ge=1, description="magnitude: recompute the masks from θ every N steps.")
 
 
-@register
+@register_estimator
 class Sparse(Estimator):
     """Sparse perturbations z ⊙ m, with a 0/1 mask m of the given density per parameter.
 
@@ -42,14 +42,14 @@ class Sparse(Estimator):
     def state_copies(self) -> float:
         return 0.25 if self.config.mask == "magnitude" else 0.0
 
-    def directions(self, name, param, state, step, opt):
+    def directions(self, p, step, noise):
         import torch
 
         from zotune.noise import noise_like, seed_for
 
-        kind = opt.kind
+        param, kind = p.param, noise.kind
         if self.config.mask == "magnitude":
-            mask = state["sparse_mask"]
+            mask = p.state["sparse_mask"]
             return lambda seed: noise_like(param, seed, kind) * mask
         threshold = math.sqrt(2) * torch.erfinv(torch.tensor(self.config.density, dtype=torch.float64)).item()
 
@@ -59,16 +59,14 @@ class Sparse(Estimator):
 
         return masked
 
-    def begin_step(self, opt, step):
+    def begin_step(self, view):
         if self.config.mask != "magnitude":
             return {}
-        named = list(opt.named_params())
-        if step % self.config.refresh_steps and all("sparse_mask" in opt.state[p] for _, p, _ in named):
+        if view.step % self.config.refresh_steps and all("sparse_mask" in p.state for p in view.params):
             return {}
-        for _, p, _ in named:
-            state = opt.state[p]
-            magnitude = state.get("master", p.data).abs().reshape(-1)
+        for p in view.params:
+            magnitude = p.state.get("master", p.param.data).abs().reshape(-1)
             k = max(1, round(self.config.density * magnitude.numel()))
             threshold = magnitude.kthvalue(k).values
-            state["sparse_mask"] = (magnitude <= threshold).view(p.shape)
+            p.state["sparse_mask"] = (magnitude <= threshold).view(p.param.shape)
         return {"mask_refreshed": True}

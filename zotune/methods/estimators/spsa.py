@@ -6,8 +6,8 @@ from typing import Literal
 
 from pydantic import Field
 
-from zotune.methods import register
 from zotune.methods.base import Estimator, MethodConfig
+from zotune.methods.registry import register_estimator
 
 
 class SPSAConfig(MethodConfig):
@@ -16,7 +16,7 @@ class SPSAConfig(MethodConfig):
     )
 
 
-@register
+@register_estimator
 class SPSA(Estimator):
     """SPSA (Spall, 1992, "Multivariate Stochastic Approximation Using a Simultaneous
     Perturbation Gradient Approximation", IEEE TAC 37(3)) with Gaussian or Rademacher z, as in

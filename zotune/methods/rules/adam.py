@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from zotune.methods import register
 from zotune.methods.base import MethodConfig, ParamUpdate, Rule
+from zotune.methods.registry import register_rule
 
 
 class AdamConfig(MethodConfig):
@@ -14,7 +14,7 @@ class AdamConfig(MethodConfig):
     eps: float = Field(1e-8, gt=0, description="Added to the second moment's square root.")
 
 
-@register
+@register_rule
 class Adam(Rule):
     """ZO-Adam: AdamW (decoupled weight decay, bias correction) on the ZO estimate ĝ, after
     ZO-AdaMM (Chen et al., 2019, "ZO-AdaMM: Zeroth-Order Adaptive Momentum Method for Black-Box

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import math
 
-from zotune.methods import register
+from zotune.methods.registry import register_rule
 from zotune.methods.rules.sgd import SGD
 
 CANDIDATES = {"-": -1.0, "+": 1.0}  # θ − lr·ĝ and θ + lr·ĝ, besides θ itself ("0")
 
 
-@register
+@register_rule
 class Conservative(SGD):
     """ZO-SGD-Cons, the conservative ZO-SGD of ZO-Bench (Zhang et al., 2024, "Revisiting
     Zeroth-Order Optimization for Memory-Efficient LLM Fine-Tuning: A Benchmark",
@@ -35,21 +35,12 @@ class Conservative(SGD):
             return "rule 'conservative' compares candidates along one direction: use num_directions 1"
         return None
 
-    def choose(self, opt, g, step, recorded):
-        from zotune.noise import step_seed
-        from zotune.optim import Point
-
-        s, lr = step_seed(opt.seed, step), opt.param_groups[0]["lr"]
-        loss_fn = opt.last_loss_fn if recorded is None else None
-        losses = {}
-        for label, sign in CANDIDATES.items():
-            opt.move(Point(s, 0, sign * lr * g[0]))
-            losses[label] = opt.global_loss(loss_fn()) if loss_fn is not None else math.nan
-        opt.move(None)
+    def choose(self, view, g, recorded):
+        losses = dict(zip(CANDIDATES, view.probe([sign * view.lr * g[0] for sign in CANDIDATES.values()])))
         if recorded is not None:
             choice = recorded["candidate"]
         else:
-            loss_plus, loss_minus = opt.step_losses[-1]
+            loss_plus, loss_minus = view.losses[-1]
             losses["0"] = (loss_plus + loss_minus) / 2
             choice = min(("0", "-", "+"), key=lambda c: losses[c] if math.isfinite(losses[c]) else math.inf)
         applied = {"0": None, "-": g, "+": [-g[0]]}[choice]

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from zotune.methods import register
 from zotune.methods.base import MethodConfig, ParamUpdate, Rule
+from zotune.methods.registry import register_rule
 
 
 class MomentumConfig(MethodConfig):
     beta: float = Field(0.9, ge=0, lt=1, description="Momentum coefficient β.")
 
 
-@register
+@register_rule
 class Momentum(Rule):
     """ZO-SGD-MMT, heavy-ball momentum on the ZO estimate, as benchmarked by ZO-Bench (Zhang et
     al., 2024, "Revisiting Zeroth-Order Optimization for Memory-Efficient LLM Fine-Tuning: A

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from zotune.methods import register
 from zotune.methods.base import ParamUpdate, Rule
+from zotune.methods.registry import register_rule
 
 
-@register
+@register_rule
 class SGD(Rule):
     """ZO-SGD (Malladi et al., 2023, "Fine-Tuning Language Models with Just Forward Passes",
     arXiv:2305.17333)::

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from zotune.methods import register
 from zotune.methods.base import ParamUpdate, Rule
+from zotune.methods.registry import register_rule
 
 
-@register
+@register_rule
 class Sign(Rule):
     """ZO-SGD-Sign, after ZO-signSGD (Liu et al., 2019, "signSGD via Zeroth-Order Oracle",
     ICLR 2019), as benchmarked by ZO-Bench (arXiv:2402.11592)::
