@@ -46,8 +46,13 @@ def zotune(*args, probe=False, columns=200):
 
 
 def test_version():
+    from importlib.metadata import version
+
+    import zotune as package
+
     r = zotune("--version")
-    assert r.returncode == 0 and r.stdout.startswith("zotune ")
+    assert r.returncode == 0 and r.stdout == f"zotune {version('zotune')}\n"
+    assert package.__version__ == version("zotune")
 
 
 def test_validate_ok_without_loading_the_model(tiny):

@@ -51,12 +51,9 @@ def _user_errors() -> Iterator[None]:
 
 def _version(value: bool) -> None:
     if value:
-        from importlib.metadata import PackageNotFoundError, version
+        from zotune import __version__
 
-        try:
-            out.print(f"zotune {version('zotune')}")
-        except PackageNotFoundError:
-            out.print("zotune (not installed)")
+        out.print(f"zotune {__version__}")
         raise typer.Exit()
 
 
