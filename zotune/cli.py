@@ -18,6 +18,7 @@ from rich.padding import Padding
 from rich.table import Table
 
 from zotune.errors import UserError
+from zotune.precision import MASTER_WEIGHTS, SCHEDULES
 
 app = typer.Typer(
     help="Zeroth-order fine-tuning of language models.",
@@ -205,7 +206,7 @@ def plan(
         Optional[Literal["bfloat16", "float16"]], typer.Option(help="Send offloaded blocks in this dtype.")
     ] = None,
     schedule: Annotated[
-        Optional[Literal["dual", "sequential", "fused"]],
+        Optional[Literal[SCHEDULES]],
         typer.Option(help="ZO schedule (default: the recipe's, or dual)."),
     ] = None,
     attention: Annotated[
@@ -213,7 +214,7 @@ def plan(
         typer.Option(help="eager and math (SDPA's fallback) hold the T×T scores (default: the model's)."),
     ] = None,
     master_weights: Annotated[
-        Optional[Literal["auto", "fp32", "none"]],
+        Optional[Literal[MASTER_WEIGHTS]],
         typer.Option(help="fp32 master copies of 16-bit weights; auto: only with the in-place sequential and fused "
                      "schedules (default: the recipe's, or auto)."),
     ] = None,

@@ -65,7 +65,7 @@ from zotune.models import DTYPES, _head, _import_gguf_package, gguf_cache_dir
 from zotune.precision import MASTER_WEIGHTS, keeps_master
 from zotune.scratch import CHUNK_ELEMENTS, scratch_bytes
 from zotune.schema import Recipe
-from zotune.settings import SCHEDULES
+from zotune.settings import SCHEDULES, ZOSettings
 
 GIB = 2**30
 GB = 10**9
@@ -214,10 +214,10 @@ def plan_memory(
     dtype: str | torch.dtype,
     offload: bool = False,
     transfer_dtype: str | torch.dtype | None = None,
-    schedule: str = "dual",
+    schedule: str = ZOSettings.model_fields["schedule"].default,
     buffers: int = 3,
     attention: str | None = None,
-    master_weights: str = "auto",
+    master_weights: str = ZOSettings.model_fields["master_weights"].default,
     adapter: bool = False,
     task: str = "lm",
     eval_batch_size: int | None = None,

@@ -36,6 +36,7 @@ from transformers import PreTrainedConfig
 
 from zotune.models import DTYPES
 from zotune.plan import MATERIALISING, Dims, block_dims, plan_memory
+from zotune.settings import ZOSettings
 
 ADAM_BYTES_PER_PARAM = 16  # weights + gradients + two fp32 moments (+ an fp32 master for 16-bit weights)
 NF4_BITS = 4.127  # QLoRA's NF4 with double quantisation, bits per parameter
@@ -50,7 +51,8 @@ class Row:
     weights: int  # of `compute`, the model's weights (quantized for QLoRA; the blocks in flight offloaded)
 
 
-def compare(config: PreTrainedConfig, *, batch_size: int, seq_len: int, dtype: str, master_weights: str = "auto",
+def compare(config: PreTrainedConfig, *, batch_size: int, seq_len: int, dtype: str,
+            master_weights: str = ZOSettings.model_fields["master_weights"].default,
             attention: str | None = None, buffers: int = 3) -> list[Row]:
     """The rows of the comparison (see the module docstring)."""
     common = dict(batch_size=batch_size, seq_len=seq_len, dtype=dtype, attention=attention, master_weights=master_weights)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 MASTER_WEIGHTS = ("auto", "fp32", "none")
 IN_PLACE_SCHEDULES = ("sequential", "fused")
+SCHEDULES = ("dual", *IN_PLACE_SCHEDULES)  # every ZO schedule; dual perturbs out of place
 HALF_DTYPES = ("float16", "bfloat16")  # torch dtypes by name: validating a recipe does not import torch
 
 DRIFT_WARNING = ("master_weights none with the in-place {schedule} schedule: 16-bit weights are moved by +εz, −2εz, +εz "

@@ -35,9 +35,7 @@ from pydantic import (
 from zotune.eps import MAX_EPS, bound_error
 from zotune.methods import build_estimator, build_rule, check_compatible
 from zotune.objectives import check_name
-from zotune.precision import IN_PLACE_SCHEDULES, MASTER_WEIGHTS
-
-SCHEDULES = ("dual", *IN_PLACE_SCHEDULES)
+from zotune.precision import MASTER_WEIGHTS, SCHEDULES
 PERTURBATIONS = ("gaussian", "rademacher")
 OFFLOADS = ("none", "cpu")
 TRANSFER_DTYPES = ("bfloat16", "float16")
