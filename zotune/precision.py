@@ -18,7 +18,8 @@ MASTER_WEIGHTS = ("auto", "fp32", "none")
 IN_PLACE_SCHEDULES = ("sequential", "fused")
 HALF_DTYPES = ("float16", "bfloat16")  # torch dtypes by name: validating a recipe does not import torch
 
-DRIFT_WARNING = ("master_weights none with the in-place {schedule} schedule: 16-bit weights are moved by +εz, −2εz, +εz "
+DRIFT_WARNING = ("master_weights none with the in-place {schedule} schedule: "
+                 "16-bit weights are moved by +εz, −2εz, +εz "
                  "in place and drift by their rounding every step (MeZO's behaviour without a master copy); the "
                  "out-of-place dual schedule does not")
 
