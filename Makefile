@@ -23,9 +23,10 @@ $(VENV)/.test: $(BIN)/python pyproject.toml
 demo: $(VENV)/.demo
 	$(BIN)/zotune train quickstart
 
-# unit tests on tiny models, then the integration tests on the real Gemma 3 270M (a bare
-# `pytest` skips those: see addopts in pyproject.toml)
+# the lint (ruff, configured in pyproject.toml), then the unit tests on tiny models, then the
+# integration tests on the real Gemma 3 270M (a bare `pytest` skips those: see addopts in pyproject.toml)
 test: $(VENV)/.test
+	$(BIN)/ruff check .
 	$(BIN)/pytest -m "integration or not integration" $(PYTEST_ARGS)
 
 clean:

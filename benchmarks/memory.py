@@ -157,7 +157,8 @@ def main() -> None:
         bound = off["resident"] + 3 * off["block"]
         print(f"\noffload, parameter bytes on the compute side: peak {off['compute_param_peak'] / 2**20:.0f} MiB "
               f"(resident stages {off['resident'] / 2**20:.0f} MiB + blocks of {off['block'] / 2**20:.1f} MiB; "
-              f"bound resident + 3 blocks = {bound / 2**20:.0f} MiB; all parameters {off['all_params'] / 2**20:.0f} MiB)")
+              f"bound resident + 3 blocks = {bound / 2**20:.0f} MiB; "
+              f"all parameters {off['all_params'] / 2**20:.0f} MiB)")
 
 
 if __name__ == "__main__":

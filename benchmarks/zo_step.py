@@ -178,7 +178,8 @@ def main() -> None:
                      ("the two halves' losses", losses), ("update pass", update),
                      ("rest (bookkeeping, timing noise)", total - perturbed - losses - update)):
         print(f"  {label:<52}{t:>7.2f} s{t / forward:>7.2f}")
-    print(f"ZOTrainer's own work beyond the raw step: {steady - total:.2f} s = {(steady - total) / forward:.2f} forwards")
+    print(f"ZOTrainer's own work beyond the raw step: {steady - total:.2f} s = "
+          f"{(steady - total) / forward:.2f} forwards")
 
 
 if __name__ == "__main__":

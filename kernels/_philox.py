@@ -8,8 +8,8 @@ bits over the row's columns (column c takes bit c & 31 of word c >> 5).
 
 Compiled PyTorch: `noise_piece` runs a ``torch.compile``'d Philox on FIXED-size chunks of
 `_dispatch.CHUNK` elements (a piece is a slice of one full chunk; a short tensor pays for a
-padded chunk), so each kind compiles once whatever the tensor sizes and seeds. If compiling fails, or torch.compile is missing,
-it warns once and falls back to `zotune.noise`. The ops' compiled path (`_fused`) uses these
+padded chunk), so each kind compiles once whatever the tensor sizes and seeds. If compiling fails, or
+torch.compile is missing, it warns once and falls back to `zotune.noise`. The ops' compiled path (`_fused`) uses these
 chunk functions at larger fixed sizes inside its fused graphs, and `noise_piece` for ragged ends;
 `_bits_chunk` gives the stochastic-rounding bits of `_rounding` inside those graphs.
 """

@@ -94,5 +94,6 @@ def adam_update_(param: torch.Tensor, m: torch.Tensor, v: torch.Tensor, seed: in
             _dispatch.launch(_adam_kernel, p.numel(), offset, p, p if mst is None else mst, exp_avg, exp_avg_sq, seed,
                              *coefs, KIND=KIND_ID[kind], HAS_MASTER=mst is not None)
         else:
-            adam_update_twin(p, exp_avg, exp_avg_sq, seed, *coefs, kind, offset, master=mst, impl=impl, directions=directions)
+            adam_update_twin(p, exp_avg, exp_avg_sq, seed, *coefs, kind, offset, master=mst, impl=impl,
+                             directions=directions)
     return param

@@ -41,7 +41,8 @@ def _momentum_kernel(p_ptr, m_ptr, buf_ptr, seed, g, lr, decay, beta, n, offset,
     store(p_ptr + idx, theta, mask)
 
 
-def momentum_update_twin(param, buf, seed, g, lr, decay, beta, kind, offset, master=None, impl="eager", directions=None):
+def momentum_update_twin(param, buf, seed, g, lr, decay, beta, kind, offset, master=None, impl="eager",
+                         directions=None):
     """The reference, on flat contiguous tensors; coefficients already rounded to float32."""
     _fused.run("momentum", momentum_update_math, {"param": param, "master": master, "buf": buf}, (seed,), kind,
                offset, (g, lr, decay, beta), impl, directions)
@@ -61,7 +62,8 @@ def momentum_update_math(zs, t, c):
 
 @torch.no_grad()
 def momentum_update_(param: torch.Tensor, buf: torch.Tensor, seed: int, g: float, lr: float, wd: float, beta: float,
-                     *, kind: str, offset: int = 0, master: torch.Tensor | None = None, directions=None) -> torch.Tensor:
+                     *, kind: str, offset: int = 0, master: torch.Tensor | None = None,
+                     directions=None) -> torch.Tensor:
     """In place: buf = beta·buf + g·z; θ = θ·(1 − lr·wd) − lr·buf, θ being param or ``master``
     (then param = round(master)). Returns param."""
     seed, offset = _dispatch.check(param, seed, kind, offset, master=master, buf=buf)
@@ -72,5 +74,6 @@ def momentum_update_(param: torch.Tensor, buf: torch.Tensor, seed: int, g: float
             _dispatch.launch(_momentum_kernel, p.numel(), offset, p, p if m is None else m, b, seed, g, lr32, decay,
                              beta, KIND=KIND_ID[kind], HAS_MASTER=m is not None)
         else:
-            momentum_update_twin(p, b, seed, g, lr32, decay, beta, kind, offset, master=m, impl=impl, directions=directions)
+            momentum_update_twin(p, b, seed, g, lr32, decay, beta, kind, offset, master=m, impl=impl,
+                                 directions=directions)
     return param

@@ -17,7 +17,8 @@ import torch  # noqa: E402
 
 VOCAB = 300  # the byte tokenizer's 256 bytes and a few special tokens fit below this
 SPECIAL = dict(bos_token_id=256, eos_token_id=257, pad_token_id=258)  # the byte tokenizer's ids
-COMMON = dict(SPECIAL, vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+COMMON = dict(SPECIAL, vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+              intermediate_size=64)
 
 # model_type -> config fields of a tiny model with random weights
 TINY_CONFIGS = {

@@ -3,8 +3,8 @@
 
 A recording run lists the write sites: every write primitive (open for writing, a file's write,
 mkdir, rename, torch.save, safetensors' save_file) reached under the output folder, keyed by the
-primitive, the innermost zotune line that led to it, and whether it wrote into a checkpoint. Then each site in turn fails with the
-error a full disk raises there: OSError(ENOSPC) from Python, a SafetensorError "(os error 28)"
+primitive, the innermost zotune line that led to it, and whether it wrote into a checkpoint. Then each site
+in turn fails with the error a full disk raises there: OSError(ENOSPC) from Python, a SafetensorError "(os error 28)"
 from safetensors' Rust writer, and torch's archive writer's RuntimeError, which names no cause
 (the three as measured on a full tmpfs, see zotune/failures.py).
 """

@@ -144,7 +144,8 @@ def test_offloaded_equals_resident_with_bounded_residency(arch, schedule, tmp_pa
     offloaded, off_trainer = train(arch, tmp_path / "offload", zo_offload="cpu", **kw)
     for (name, a), b in zip(resident.named_parameters(), offloaded.parameters()):
         assert torch.equal(a, b), name
-    evals = [[log["eval_loss"] for log in t.state.log_history if "eval_loss" in log] for t in (res_trainer, off_trainer)]
+    evals = [[log["eval_loss"] for log in t.state.log_history if "eval_loss" in log]
+             for t in (res_trainer, off_trainer)]
     assert evals[0] == evals[1]  # evaluation streams the blocks too
 
     tracker = off_trainer.offloader.tracker

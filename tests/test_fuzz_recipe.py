@@ -99,7 +99,8 @@ def key_paths(value, path=()):
 
 PATHS = [p for p in key_paths(TINY_DATA) if p]
 SECTION_KEYS = sorted({f"{section}.{key}" for section, fields in
-                       ((s, getattr(Recipe.model_fields[s].annotation, "model_fields", {})) for s in Recipe.model_fields)
+                       ((s, getattr(Recipe.model_fields[s].annotation, "model_fields", {}))
+                        for s in Recipe.model_fields)
                        for key in fields})
 
 # known YAML attacks and breakages, as whole documents or as a value
@@ -302,7 +303,7 @@ def test_wrong_encodings_name_the_line(folder, encoding):
     result = outcome(name)
     assert isinstance(result, RecipeError)
     if encoding == "latin-1":
-        line = next(i for i, l in enumerate(text.splitlines(), 1) if "caf" in l)
+        line = next(i for i, text_line in enumerate(text.splitlines(), 1) if "caf" in text_line)
         assert result.problems[0].startswith(f"{name}:{line}: not UTF-8")
     else:
         assert "UTF-16" in str(result)

@@ -44,7 +44,8 @@ def test_the_conversion_advances_the_bar_as_each_stage_begins(tmp_path, monkeypa
 
     monkeypatch.setattr(models, "AutoTokenizer", types.SimpleNamespace(from_pretrained=loads("tokenizer")))
     monkeypatch.setattr(models, "AutoModelForCausalLM",
-                        types.SimpleNamespace(from_pretrained=loads("weights"), from_config=lambda *a, **k: Fake("model")))
+                        types.SimpleNamespace(from_pretrained=loads("weights"),
+                                              from_config=lambda *a, **k: Fake("model")))
     models._convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
     assert events == ["tokenizer", "next", "weights", "next", "copy", "next", "save model", "save tokenizer"]
     shown = screen.getvalue()
@@ -55,7 +56,8 @@ def test_the_conversion_advances_the_bar_as_each_stage_begins(tmp_path, monkeypa
 
 def test_quiet_when_not_a_terminal():
     screen = io.StringIO()
-    with models.stage_progress("converting m.gguf", models.GGUF_STAGES, Console(file=screen, force_terminal=False)) as nxt:
+    console = Console(file=screen, force_terminal=False)
+    with models.stage_progress("converting m.gguf", models.GGUF_STAGES, console) as nxt:
         for _ in models.GGUF_STAGES[1:]:
             nxt()
     assert screen.getvalue().strip() == ""

@@ -84,7 +84,8 @@ def _lazy(t, kind, offset, seed=SEED, **kw):
 
 
 def _momentum(t, kind, offset, seed=SEED, **kw):  # g, lr, wd, beta
-    momentum_update_(t["param"], t["buf"], seed, 1.7, 0.1, 0.5, 0.9, kind=kind, offset=offset, master=t.get("master"), **kw)
+    momentum_update_(t["param"], t["buf"], seed, 1.7, 0.1, 0.5, 0.9, kind=kind, offset=offset,
+                     master=t.get("master"), **kw)
 
 
 def _adam(t, kind, offset, seed=SEED, **kw):  # g, lr, wd, beta1, beta2, adam_eps, step

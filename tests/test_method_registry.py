@@ -59,7 +59,8 @@ def test_a_registered_rule_is_a_recipe_name_and_sees_the_step():
         assert isinstance(view, StepView) and view.noise == Noise(7, "gaussian")
         assert (view.step, view.seed, view.lr) == (record["step"], record["seed"], record["lr"])
         assert view.losses == tuple(zip(record["loss_plus"], record["loss_minus"]))
-        assert [(p.name, p.param, p.state) for p in view.params] == [(n, t, opt.state[t]) for n, t in zip("wb", trained)]
+        assert [(p.name, p.param, p.state) for p in view.params] == [(n, t, opt.state[t])
+                                                                     for n, t in zip("wb", trained)]
 
 
 def test_a_registered_estimator_sees_each_parameter_and_the_step():

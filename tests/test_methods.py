@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import tiny_causal_lm
 from datasets import Dataset
-from test_zo_trainer import counting_dataset, make_trainer, mean_loss, weights
+from test_zo_trainer import make_trainer, mean_loss, weights
 
 from zotune.methods import ESTIMATORS, RULES
 from zotune.noise import noise, seed_for, step_seed

@@ -390,7 +390,7 @@ def test_unknown_model_suggests_a_name():
 
 
 @pytest.fixture
-def tiny_recipe(tiny):
+def tiny_recipe(tiny):  # noqa: F811 - the `tiny` fixture imported from test_cli
     """test_cli's tiny recipe and its data, in a temporary working directory: the name to pass."""
     return tiny.name
 

@@ -161,7 +161,7 @@ def test_every_problem_is_reported_at_once(folder, no_model):
 
 def test_a_template_column_that_does_not_exist(folder, no_model):
     [line] = both("data.template='{review} It was'")
-    assert line == (f"error: <override data.template='{{review}} It was'>: data.template: column 'review' not found "
+    assert line == ("error: <override data.template='{review} It was'>: data.template: column 'review' not found "
                     "in train.jsonl (data.train) (columns: text, label)")
 
 

@@ -74,7 +74,8 @@ def test_quantized_weights_are_byte_identical_after_training(kind, tmp_path):
         assert torch.equal(tensor, frozen[name]), name
     for name in quantized_names:
         assert torch.equal(model.get_parameter(name), raw[name]), name
-    assert all(not torch.equal(adapter[n], p) for n, p in model.named_parameters() if n.endswith("lora_B.default.weight"))
+    assert all(not torch.equal(adapter[n], p)
+               for n, p in model.named_parameters() if n.endswith("lora_B.default.weight"))
 
 
 def test_unfrozen_norms_train_beside_the_adapter_and_the_quantized_bytes_stay(tmp_path):

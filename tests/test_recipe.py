@@ -97,7 +97,8 @@ def test_unknown_key_names_file_line_and_suggestion(write, after, typo, path, su
 def test_unknown_key_without_close_match_lists_valid_keys(write):
     text = TINY.replace("  eps: 1e-3", "  colour: blue\n  eps: 1e-3")
     [p] = problems(write(text))
-    assert p.startswith(f"tiny.yaml:{line_of(text, 'colour')}: zo.colour: unknown key; valid keys: rule, estimator, eps, num_directions")
+    assert p.startswith(f"tiny.yaml:{line_of(text, 'colour')}: zo.colour: unknown key; "
+                        "valid keys: rule, estimator, eps, num_directions")
 
 
 def test_key_in_the_wrong_section_says_where_it_belongs(write):

@@ -118,7 +118,7 @@ def test_a_damaged_checkpoint_is_named_with_the_last_intact_one(tmp_path, finish
     result = cli("train", str(tmp_path / "run" / "recipe.yaml"), here, "train.resume_from_checkpoint=latest")
     assert result.exit_code == 2 and "Traceback" not in result.output
     good = tmp_path / "run" / "checkpoint-2"
-    assert f"checkpoint-4 is damaged (model.safetensors:" in result.output
+    assert "checkpoint-4 is damaged (model.safetensors:" in result.output
     assert f"train.resume_from_checkpoint={good}" in result.output
 
     result = cli("train", str(tmp_path / "run" / "recipe.yaml"), here, f"train.resume_from_checkpoint={good}")

@@ -52,9 +52,8 @@ def test_zo_sft_full_parameter_reads_the_head_outside_it_and_trains_in_place(tmp
 def test_zo_dpo_with_a_lora_policy_stays_out_of_place_and_learns_the_preference(tmp_path):
     rows = {"prompt": [f"{i} is" for i in range(16)], "chosen": [" even" if i % 2 == 0 else " odd" for i in range(16)],
             "rejected": [" odd" if i % 2 == 0 else " even" for i in range(16)]}
-    args = ZODPOConfig(output_dir=str(tmp_path), learning_rate=0.3, zo_eps=1e-2, **{**COMMON, "max_steps": 30,
-                                                                                        "per_device_train_batch_size": 8,
-                                                                                        "logging_steps": 10})
+    args = ZODPOConfig(output_dir=str(tmp_path), learning_rate=0.3, zo_eps=1e-2,
+                       **{**COMMON, "max_steps": 30, "per_device_train_batch_size": 8, "logging_steps": 10})
     trainer = ZODPOTrainer(model=tiny_causal_lm("llama"), args=args, train_dataset=Dataset.from_dict(rows),
                            processing_class=byte_tokenizer(),
                            peft_config=LORA)

@@ -341,7 +341,8 @@ def test_a_compute_loss_override_that_reduces_outputs_is_split_by_dual(tmp_path,
     """An override that only reduces the model's outputs its own way stays out of place, split into
     the doubled forward's halves, and trains on its own loss: equal to sequential, not to the plain loss."""
     with caplog.at_level("WARNING", logger="zotune"):
-        trained = _train_each(tmp_path, (("dual", SmoothedTrainer, "dual"), ("sequential", SmoothedTrainer, "sequential"),
+        trained = _train_each(tmp_path, (("dual", SmoothedTrainer, "dual"),
+                                         ("sequential", SmoothedTrainer, "sequential"),
                                          ("plain", ZOTrainer, "dual")))
     dual = trained["dual"][1]
     assert dual.zo.schedule == "dual" and dual._dual_split and "zotune" not in caplog.text
@@ -359,7 +360,8 @@ def test_torch_compile_with_dual_is_refused_clearly(tmp_path):
 def test_arguments_that_are_not_a_zoconfig_are_refused_clearly(args, tmp_path):
     from transformers import TrainingArguments
 
-    given = {"args": TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")} if args == "plain" else {}
+    given = ({"args": TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")}
+             if args == "plain" else {})
     with pytest.raises(TypeError, match=r"ZOTrainer needs args=ZOConfig\(\.\.\.\)"):
         ZOTrainer(model=tiny_causal_lm("llama"), train_dataset=counting_dataset(), **given)
 

@@ -48,7 +48,8 @@ _STEP = re.compile(r"-(\d+)$")
 
 
 def save_checkpoint_atomically(trainer, save: Callable, model, trial) -> None:
-    """Run the Trainer's `save(model, trial)` (its `_save_checkpoint`) so that `checkpoint-N` appears whole or not at all.
+    """Run the Trainer's `save(model, trial)` (its `_save_checkpoint`) so that `checkpoint-N` appears
+    whole or not at all.
 
     Every process writes its part into the staging directory; after a barrier the main
     process fsyncs it, renames it into place, then rotates old checkpoints as the Trainer

@@ -170,7 +170,9 @@ def export(
 @app.command()
 def plot(
     run_dir: Annotated[str, typer.Argument(help="The output directory of a ZO run (it holds zo_trajectory.jsonl).")],
-    png: Annotated[Optional[str], typer.Option("--out", help="Where to write the PNG (default RUN/zo_plot.png).")] = None,
+    png: Annotated[
+        Optional[str], typer.Option("--out", help="Where to write the PNG (default RUN/zo_plot.png).")
+    ] = None,
 ) -> None:
     """Plot a ZO run's ± losses, projected gradients and evaluation metrics over its steps (PNG)."""
     with _user_errors():
@@ -223,7 +225,8 @@ def plan(
         bool, typer.Option("--compare", help="ZO beside AdamW, AdamW + gradient checkpointing, LoRA and QLoRA.")
     ] = False,
     gpu_gb: Annotated[
-        Optional[float], typer.Option("--gpu-gb", min=0.0, help="With --compare: say which fit on a card of this many GB.")
+        Optional[float],
+        typer.Option("--gpu-gb", min=0.0, help="With --compare: say which fit on a card of this many GB."),
     ] = None,
 ) -> None:
     """Plan the peak memory of a ZO step on the compute device and the host, without loading weights."""

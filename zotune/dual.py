@@ -346,7 +346,8 @@ def _split(tree, batch: int):
             elif rows == 1:
                 first = second = leaf
             else:
-                raise DualRefused(f"an input of shape {tuple(leaf.shape)} is neither a multiple of 2×{batch} rows nor 1")
+                raise DualRefused(f"an input of shape {tuple(leaf.shape)} is neither a multiple of 2×{batch} rows "
+                                  "nor 1")
         else:
             first = second = leaf
         firsts.append(first)

@@ -12,8 +12,8 @@ every model and task; zotune's default is the same. Three checks, from the cheap
   (`trainable_rms`); ε above `SWAMP_RATIO` times it (`swamp_error`) means θ ± ε·z is mostly
   noise, and training is refused. The ratio is 10, not 1: a large ε is a legitimate choice for
   objectives that only change when a prediction flips (training on accuracy learns at ε ≈ 2.5×
-  the RMS of a tiny model's weights, `tests/test_objectives.py`). Zero-initialised trainables (LoRA's B) count with their zeros; when
-  everything is zero there is no scale to compare with and nothing is refused.
+  the RMS of a tiny model's weights, `tests/test_objectives.py`). Zero-initialised trainables (LoRA's B)
+  count with their zeros; when everything is zero there is no scale to compare with and nothing is refused.
 - **at the first step of an in-place schedule** (sequential, fused): the weights themselves go
   θ → θ+εz → θ−εz → θ, and float arithmetic does not bring them back exactly (in 16 bits without
   an fp32 master, or in any dtype once ε·z dwarfs θ). `ZOOptimizer` measures the relative change

@@ -48,7 +48,8 @@ def write_model_card(out: Path, run_dir: Path, recipe_file: Path, weights: Path,
         "## Trajectory",
         "",
         *([f"`{FILENAME}` sha256 `{_sha256(trajectory)}`: with the base model, `zotune replay` rebuilds the "
-           "trained weights from it bit for bit."] if trajectory.is_file() else ["No ZO trajectory (a first-order run)."]),
+           "trained weights from it bit for bit."]
+          if trajectory.is_file() else ["No ZO trajectory (a first-order run)."]),
         "",
         "## Recipe",
         "",

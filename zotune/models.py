@@ -402,7 +402,8 @@ GGUF_STAGES = ("reading the tokenizer", "dequantizing the weights", "copying the
 def stage_progress(title: str, stages: tuple[str, ...], console: Console | None = None) -> Iterator[Callable[[], None]]:
     """A progress bar over `stages` with the elapsed time, on stderr (drawn on a terminal only);
     yields `next_stage()`, to call as each stage after the first begins."""
-    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn())
     with Progress(*columns, console=console or Console(stderr=True), transient=True) as progress:
         task = progress.add_task(f"{title}: {stages[0]}", total=len(stages))
         done = iter(stages[1:])

@@ -69,7 +69,8 @@ def check_name(spec: str) -> str:
     """The schema's check of `zo.objective`: a built-in name or the form of an import path (nothing is imported)."""
     if spec in BUILTINS or IMPORT_PATH.fullmatch(spec):
         return spec
-    message = f"unknown objective {spec!r}; use one of {', '.join(BUILTINS)} or an import path 'package.module:function'"
+    message = (f"unknown objective {spec!r}; use one of {', '.join(BUILTINS)} "
+               "or an import path 'package.module:function'")
     close = difflib.get_close_matches(spec, BUILTINS, n=1)
     raise ValueError(message + (f"; did you mean {close[0]!r}?" if close else ""))
 

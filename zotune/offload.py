@@ -12,8 +12,8 @@ true weights. Around each block's forward:
 
 The fp32 master copies that the optimizer keeps for 16-bit trainable weights, and the state
 an estimator's directions read (a sparse mask, a Hessian estimate), travel with their block
-the same way (`state_of`, `travelling_keys`). So at most three blocks are on the compute device at once: the one being written back,
-the one running and the one being prefetched. Embeddings, final norm and head stay
+the same way (`state_of`, `travelling_keys`). So at most three blocks are on the compute device at once:
+the one being written back, the one running and the one being prefetched. Embeddings, final norm and head stay
 resident. `tracker` counts the parameter bytes held on the compute device.
 
 CUDA: uploads and write-backs run on one side stream, ordered against the compute

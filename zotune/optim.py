@@ -161,7 +161,8 @@ class ZOOptimizer(torch.optim.Optimizer):
             refusal = precision.refusal(self.master_weights, p.dtype, self.rule.name, rounds)
             if refusal:
                 raise ValueError(refusal)
-            if precision.keeps_master(self.master_weights, self.schedule, p.dtype, rounds) and "master" not in self.state[p]:
+            if (precision.keeps_master(self.master_weights, self.schedule, p.dtype, rounds)
+                    and "master" not in self.state[p]):
                 self.state[p]["master"] = p.detach().float().clone()
         drifts = any(precision.is_half(p.dtype) and "master" not in self.state[p] for _, p in named)
         if drifts and self.schedule in precision.IN_PLACE_SCHEDULES:
@@ -287,8 +288,9 @@ class ZOOptimizer(torch.optim.Optimizer):
                 self._update_param(name, p, owed)
             return perturb_(p.data, seed, at.coef, master=state.get("master"), out=out, **kw)
         decay = 1.0 - owed.lr * owed.wd
-        return lazy_update_and_perturb_(p.data, seed_for(step_seed(self.seed, owed.step), 0, name), -owed.lr * owed.g[0],
-                                        seed, at.coef, decay=decay, master=state.get("master"), out=out,
+        return lazy_update_and_perturb_(p.data, seed_for(step_seed(self.seed, owed.step), 0, name),
+                                        -owed.lr * owed.g[0], seed, at.coef, decay=decay, master=state.get("master"),
+                                        out=out,
                                         rounding_seed=self._rounding_seed(p, name, owed.step), **kw)
 
     def reflects(self, at: Point, p: torch.nn.Parameter) -> bool:

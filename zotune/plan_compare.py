@@ -55,7 +55,8 @@ def compare(config: PreTrainedConfig, *, batch_size: int, seq_len: int, dtype: s
             master_weights: str = ZOSettings.model_fields["master_weights"].default,
             attention: str | None = None, buffers: int = 3) -> list[Row]:
     """The rows of the comparison (see the module docstring)."""
-    common = dict(batch_size=batch_size, seq_len=seq_len, dtype=dtype, attention=attention, master_weights=master_weights)
+    common = dict(batch_size=batch_size, seq_len=seq_len, dtype=dtype, attention=attention,
+                  master_weights=master_weights)
     dual = plan_memory(config, **common)
     offloaded = plan_memory(config, **common, offload=True, buffers=buffers)
     fused = plan_memory(config, **common, schedule="fused")

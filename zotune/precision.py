@@ -19,7 +19,8 @@ IN_PLACE_SCHEDULES = ("sequential", "fused")
 SCHEDULES = ("dual", *IN_PLACE_SCHEDULES)  # every ZO schedule; dual perturbs out of place
 HALF_DTYPES = ("float16", "bfloat16")  # torch dtypes by name: validating a recipe does not import torch
 
-DRIFT_WARNING = ("master_weights none with the in-place {schedule} schedule: 16-bit weights are moved by +εz, −2εz, +εz "
+DRIFT_WARNING = ("master_weights none with the in-place {schedule} schedule: "
+                 "16-bit weights are moved by +εz, −2εz, +εz "
                  "in place and drift by their rounding every step (MeZO's behaviour without a master copy); the "
                  "out-of-place dual schedule does not")
 

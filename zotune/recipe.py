@@ -181,7 +181,8 @@ def _read(file: Path | Traversable, label: str) -> str:
     except OSError as e:
         raise RecipeError([f"{label}:1: cannot read the recipe: {e.strerror or e}"]) from None
     if len(raw) > MAX_RECIPE_BYTES:
-        raise RecipeError([f"{label}:1: the file is larger than {MAX_RECIPE_BYTES >> 20} MiB; a recipe is a small YAML file"])
+        raise RecipeError([f"{label}:1: the file is larger than {MAX_RECIPE_BYTES >> 20} MiB; "
+                           "a recipe is a small YAML file"])
     if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
         raise RecipeError([f"{label}:1: the file is UTF-16 (or UTF-32) encoded; save it as UTF-8"])
     try:
@@ -419,7 +420,7 @@ def _sorted(problems: list[str], overrides: Sequence[str]) -> list[str]:
 
     def key(problem: str) -> tuple[int, int]:
         if problem.startswith("<override"):
-            return (1, next((i for i, l in enumerate(labels) if problem.startswith(l)), 0))
+            return (1, next((i for i, label in enumerate(labels) if problem.startswith(label)), 0))
         m = re.match(r"^.*?:(\d+): ", problem)
         return (0, int(m.group(1)) if m else 0)
 

@@ -141,7 +141,8 @@ class ZOSettings(Section):
         if self.offload_transfer_dtype is not None and self.offload == "none":
             raise ValueError("`offload_transfer_dtype` needs `offload: cpu`")
         if self.offload_transfer_dtype is not None and self.lazy_update:
-            raise ValueError("`offload_transfer_dtype` drops the 16-bit copies after each block: not with `lazy_update`")
+            raise ValueError("`offload_transfer_dtype` drops the 16-bit copies after each block: "
+                             "not with `lazy_update`")
         check_compatible(build_rule(self.rule), build_estimator(self.estimator), schedule=self.schedule,
                          lazy_update=self.lazy_update, num_directions=self.num_directions)
         return self

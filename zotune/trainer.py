@@ -214,7 +214,8 @@ class ZOTrainer(Trainer):
             names = sorted(reads.found)
             logger.warning("zotune: %s reads %s outside the module that owns it, where the out-of-place dual "
                            "schedule leaves θ; training in place with the fused schedule (the numbers of sequential)",
-                           type(self).__name__, ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else ""))
+                           type(self).__name__,
+                           ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else ""))
             self.zo.run_in_place("fused")
             self.settings = self.settings.model_copy(update={"schedule": self.zo.schedule,
                                                              "lazy_update": self.zo.lazy_update})

@@ -27,7 +27,8 @@ class _Loader(yaml.SafeLoader):
         try:
             value = super().construct_object(node, deep=deep)
         except (ValueError, OverflowError, TypeError) as e:
-            raise yaml.constructor.ConstructorError(None, None, f"cannot read this value: {e}", node.start_mark) from None
+            raise yaml.constructor.ConstructorError(None, None, f"cannot read this value: {e}",
+                                                    node.start_mark) from None
         if isinstance(value, int) and not -(2**63) <= value < 2**63:
             # no setting needs more, and Python cannot even print an integer of 0x + 4000 digits
             raise yaml.constructor.ConstructorError(None, None, "an integer larger than 64 bits", node.start_mark)

@@ -62,8 +62,8 @@ def _check_values(rows: datasets.Dataset, columns: list[str], data_key: str, whe
         if values.null_count:
             first = pc.index(pc.is_null(values), True).as_py()
             raise UserError(
-                f"{data_key}: {row_location(where, first)}: no value for {column!r} (missing or null; {values.null_count} of "
-                f"{len(rows)} rows); fill it in or remove those rows"
+                f"{data_key}: {row_location(where, first)}: no value for {column!r} "
+                f"(missing or null; {values.null_count} of {len(rows)} rows); fill it in or remove those rows"
             )
 
 
@@ -163,8 +163,8 @@ def _class_indices(rows: datasets.Dataset, section: DataSection, classes: list[s
         if i is None:
             key, what = (("data.verbalizer", "has no label word") if section.verbalizer is not None
                          else ("data.label_field", "is not a label of data.train"))
-            raise UserError(f"{key}: label {str(value)!r} in {row_location(where, row)} (column {section.label_field!r}) "
-                            f"{what} (known: {', '.join(classes)})")
+            raise UserError(f"{key}: label {str(value)!r} in {row_location(where, row)} "
+                            f"(column {section.label_field!r}) {what} (known: {', '.join(classes)})")
         out.append(i)
     return out
 

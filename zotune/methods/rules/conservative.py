@@ -30,7 +30,8 @@ class Conservative(SGD):
 
     def refusal(self, *, schedule, lazy_update, num_directions):
         if schedule == "dual":
-            return "rule 'conservative' evaluates its candidate points with plain forwards: use schedule sequential or fused"
+            return ("rule 'conservative' evaluates its candidate points with plain forwards: "
+                    "use schedule sequential or fused")
         if num_directions != 1:
             return "rule 'conservative' compares candidates along one direction: use num_directions 1"
         return None
