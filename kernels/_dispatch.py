@@ -146,29 +146,6 @@ def flat(*tensors):
 
 
 # ---------------------------------------------------------------------------------------
-# the PyTorch paths
-
-
-def pieces(numel: int, seed: int, kind: str, offset: int, impl: str, device):
-    """(lo, hi, z) covering [0, numel): z = noise(seed, hi - lo, kind, offset + lo), float32.
-
-    ``impl`` picks the generator: ``eager`` is `zotune.noise`, ``compiled`` is `_philox`'s.
-    """
-    from zotune.kernels import _philox
-
-    if impl == "compiled":
-        generate, size = _philox.noise_piece, CHUNK
-    else:
-        generate, size = _philox.eager_piece, EAGER_CHUNK
-    lo = 0
-    while lo < numel:
-        start = offset + lo
-        hi = min(numel, (start // size + 1) * size - offset)
-        yield lo, hi, generate(seed, hi - lo, kind, start, device)
-        lo = hi
-
-
-# ---------------------------------------------------------------------------------------
 # lazy Triton
 
 

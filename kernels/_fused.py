@@ -7,13 +7,13 @@ tensor's dtype) into the tensor. Given a ``rounding_seed``, ``t["round_bits"]`` 
 stochastic-rounding bits (`_rounding`: int64 holding uint32; None otherwise), and the math rounds
 what it stores into the param with `_rounding.to_param`. `run` applies it:
 
-- ``eager``: over `_dispatch.pieces` of `zotune.noise`, the reference.
+- ``eager``: over `_philox.pieces` of `zotune.noise`, the reference.
 - ``compiled``: the global index is cut into aligned pieces of `FUSED_SIZES`; each full one
   is ONE compiled graph (Philox noise + the op's arithmetic + the stores into the param's
   slice: a single memory pass), compiled once per (op, kind, tensors present, dtypes, rounding
   or not, size), whatever the tensor sizes, offsets, seeds and coefficients (those are graph
   inputs); the rounding bits are generated inside the graph too (`_philox._bits_chunk`). The
-  ragged ends (and tensors smaller than a piece) take `_dispatch.pieces` with the compiled
+  ragged ends (and tensors smaller than a piece) take `_philox.pieces` with the compiled
   noise of `_philox.noise_piece`, the eager rounding bits of `_rounding.bits` (an integer
   stream: the same bits) and eager arithmetic.
 
@@ -43,7 +43,7 @@ _graphs: dict[tuple, object] = {}
 def _eager_range(math, t, seeds, kind, offset, coefs, impl, lo, hi, rounding_seed=None):
     """math over [lo, hi) of the flat tensors, piece by piece with eager arithmetic."""
     n, device = hi - lo, t["param"].device
-    streams = [_dispatch.pieces(n, s, kind, offset + lo, impl, device) for s in seeds]
+    streams = [_philox.pieces(n, s, kind, offset + lo, impl, device) for s in seeds]
     for parts in zip(*streams):
         a, b = parts[0][0] + lo, parts[0][1] + lo
         sliced = {k: None if v is None else v[a:b] for k, v in t.items()}

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from zotune import noise as _noise
-from zotune.kernels._dispatch import CHUNK, triton_jit
+from zotune.kernels._dispatch import CHUNK, EAGER_CHUNK, triton_jit
 
 if TYPE_CHECKING:
     import triton.language as tl
@@ -120,9 +120,24 @@ def noise_piece(seed: int, numel: int, kind: str, start: int, device) -> torch.T
 
 def noise(seed: int, numel: int, kind: str = "gaussian", offset: int = 0, device=None) -> torch.Tensor:
     """`zotune.noise.noise` from the compiled Philox: integers bit-equal, normals within a few ulp."""
-    from zotune.kernels._dispatch import pieces
-
     out = torch.empty(numel, dtype=torch.float32, device=device)
     for lo, hi, z in pieces(numel, seed, kind, offset, "compiled", out.device):
         out[lo:hi] = z
     return out
+
+
+def pieces(numel: int, seed: int, kind: str, offset: int, impl: str, device):
+    """(lo, hi, z) covering [0, numel): z = noise(seed, hi - lo, kind, offset + lo), float32.
+
+    ``impl`` picks the generator: ``eager`` is `zotune.noise`, ``compiled`` is `_philox`'s.
+    """
+    if impl == "compiled":
+        generate, size = noise_piece, CHUNK
+    else:
+        generate, size = eager_piece, EAGER_CHUNK
+    lo = 0
+    while lo < numel:
+        start = offset + lo
+        hi = min(numel, (start // size + 1) * size - offset)
+        yield lo, hi, generate(seed, hi - lo, kind, start, device)
+        lo = hi

@@ -112,3 +112,15 @@ def assert_kernel_close(actual, expected, kind: str, name: str = "") -> None:
     err = (act.float() - exp.float()).abs() - (1e-5 + rtol * exp.float().abs())
     worst = err.argmax().item()
     assert err[worst] <= 0, f"{where}element {worst}: {act[worst].item()} vs {exp[worst].item()}"
+
+
+@pytest.fixture
+def tiny(tmp_path, monkeypatch):
+    """helpers.TINY as tiny.yaml in a fresh cwd that holds the data files it names."""
+    from helpers import TINY
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("train.jsonl", "validation.jsonl"):
+        (tmp_path / name).write_text('{"text": "good", "label": 1}\n')
+    (tmp_path / "tiny.yaml").write_text(TINY)
+    return tmp_path / "tiny.yaml"

@@ -14,7 +14,7 @@ from zotune.errors import UserError
 from zotune.recipe import shipped_recipes
 from zotune.schema import Recipe
 
-from test_recipe import TINY, line_of
+from helpers import TINY, line_of
 
 # Runs the CLI, then reports on stderr how far it got: LIGHT (neither torch nor transformers imported),
 # NO MODEL (they were, but not the tiny recipe's llama model code) or MODEL.
@@ -28,15 +28,6 @@ PROBE = (
     "sys.argv[0] = 'zotune'\n"
     "main()\n"
 )
-
-
-@pytest.fixture
-def tiny(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    for name in ("train.jsonl", "validation.jsonl"):
-        (tmp_path / name).write_text('{"text": "good", "label": 1}\n')
-    (tmp_path / "tiny.yaml").write_text(TINY)
-    return tmp_path / "tiny.yaml"
 
 
 def zotune(*args, probe=False, columns=200):

@@ -18,9 +18,12 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 from transformers.trainer_utils import get_last_checkpoint
+
+from helpers import MOMENTUM_RUN_STEPS as MAX_STEPS
+from helpers import assert_same_weights
+from helpers import write_momentum_recipe as write_recipe
 
 from zotune.checkpoints import STAGING, TRASH, clean_stale, publish
 from zotune.errors import UserError
@@ -30,7 +33,6 @@ from zotune.replay import optimizer_from_header, replay
 from zotune.run import build_model, train
 from zotune.trajectory import CHAIN, FILENAME, FORMAT, TrajectoryWriter, read_trajectory
 
-MAX_STEPS = 14
 CHECKPOINT_FILES = ("model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json")
 HEADER = {"params": ["w"], "no_decay": [], "init_sha256": "0" * 64, "optimizer": {"rule": "sgd"}}
 
@@ -147,29 +149,6 @@ def test_staging_and_replaced_checkpoints_are_never_taken_for_complete_ones(tmp_
 # -- end to end: SIGKILL and Ctrl-C during `zotune train` ------------------------------------
 
 
-def write_recipe(root: Path, name: str, **train) -> Path:
-    data = root / "train.jsonl"
-    if not data.exists():
-        rows = [{"text": f"{'good' if i % 2 else 'bad'} movie number {i}", "label": i % 2} for i in range(64)]
-        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    recipe = {
-        "method": "zo",
-        "model": {"config": {"model_type": "llama", "vocab_size": 300, "hidden_size": 32, "num_hidden_layers": 2,
-                             "num_attention_heads": 4, "intermediate_size": 64}},
-        "data": {"task": "classification", "train": {"path": str(data)}, "template": "{text} It was",
-                 "verbalizer": {"0": "n", "1": "y"}, "max_length": 32},
-        "params": {"include": ["layers"]},
-        "zo": {"eps": 1e-3, "schedule": "sequential", "rule": "momentum"},  # a rule with state to checkpoint
-        # 64 rows in batches of 8: the run crosses an epoch, so resumes land mid-epoch too
-        "train": {"output_dir": str(root / name), "max_steps": MAX_STEPS, "learning_rate": 1e-3,
-                  "lr_scheduler_type": "linear", "per_device_train_batch_size": 8, "logging_steps": 100,
-                  "save_strategy": "steps", "save_steps": 3, "evaluate_before": False, **train},
-    }
-    path = root / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
     """An uninterrupted run with a checkpoint after every step."""
@@ -216,12 +195,6 @@ def wait_for_step(proc: subprocess.Popen, log: Path, step: int) -> None:
 
 def checkpoints(run: Path) -> dict[int, Path]:
     return {int(p.name.split("-")[1]): p for p in run.glob("checkpoint-*")}
-
-
-def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
 
 
 def replay_tail(recipe: Path, run: Path, checkpoint: int) -> tuple[dict[str, torch.Tensor], int]:
@@ -310,7 +283,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, reference):
 
 def test_resume_from_the_final_checkpoint_trains_no_more(tmp_path):
     from conftest import tiny_causal_lm
-    from test_zo_trainer import make_trainer
+    from helpers import make_trainer
 
     common = dict(max_steps=6, save_strategy="steps", save_steps=3)  # 32 rows, batches of 8: step 6 is mid-epoch
     make_trainer(tiny_causal_lm("llama"), tmp_path, **common).train()

@@ -14,12 +14,13 @@ import torch.nn.functional as F
 from conftest import tiny_causal_lm
 from transformers import EvalPrediction
 
+from helpers import DATA as SHARED
+
 from zotune.data import build_task_data, load_rows, tasks
 from zotune.errors import UserError
 from zotune.models import forward_accepts
 from zotune.schema import DataSection, DataSource
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 ROWS = [
     {"text": "a fine film", "label": 1},
     {"text": "dull, \"long\", and slow", "label": 0},

@@ -30,7 +30,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import zotune
-from test_crash_safety import write_recipe
+from helpers import write_momentum_recipe as write_recipe
 from zotune.cli import app
 
 PACKAGE = Path(zotune.__file__).parent

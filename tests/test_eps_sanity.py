@@ -12,16 +12,13 @@ import torch
 from conftest import tiny_causal_lm
 from typer.testing import CliRunner
 
-from test_run import DATA, write_recipe
+from helpers import needs_data, write_recipe
 from zotune.cli import app
 from zotune.eps import PROBE_ELEMENTS, ROUND_TRIP_TOLERANCE
 from zotune.optim import ZOOptimizer
 from zotune.recipe import load_recipe
 from zotune.run import build_model
 from zotune.trainer import ZOConfig
-
-needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="needs ../shared/data")
-
 
 def train_cli(path, *overrides):
     result = CliRunner().invoke(app, ["train", str(path), *overrides])

@@ -28,7 +28,7 @@ from zotune.errors import UserError
 from zotune.recipe import RecipeError, load_recipe
 from zotune.schema import Recipe
 
-from test_recipe import TINY
+from helpers import TINY
 
 FUZZ = settings(max_examples=60, deadline=timedelta(seconds=5), database=None, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])

@@ -1,4 +1,4 @@
-"""No import cycle among zotune's modules.
+"""No import cycle among zotune's modules (zotune.kernels included), and no test file importing another.
 
 Every file of the package is parsed (not imported) and every `zotune.*` import in it is an
 edge of the module graph: at the top, inside functions and under `TYPE_CHECKING` alike, since an
@@ -10,7 +10,7 @@ import textwrap
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGE_DIRS = {"zotune": ROOT / "zotune"}
+PACKAGE_DIRS = {"zotune": ROOT / "zotune", "zotune.kernels": ROOT / "kernels"}  # as pyproject installs them
 
 
 def module_files(package_dirs: dict[str, Path]) -> dict[str, Path]:
@@ -30,6 +30,11 @@ def imported_modules(module: str, path: Path, known: set[str]) -> set[str]:
 
     `from pkg import name` depends on the submodule `pkg.name` when there is one (Python imports it
     without reading pkg's own names), else on `pkg`."""
+    return imported_names(path, module, known) & known - {module}
+
+
+def imported_names(path: Path, module: str = "", known: frozenset[str] | set[str] = frozenset()) -> set[str]:
+    """Every module name `path` imports anywhere; relative imports resolved against `module`."""
     is_package = path.name == "__init__.py"
     names = set()
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
@@ -42,7 +47,7 @@ def imported_modules(module: str, path: Path, known: set[str]) -> set[str]:
             else:
                 base = node.module
             names.update(f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base for alias in node.names)
-    return names & known - {module}
+    return names
 
 
 def import_graph(package_dirs: dict[str, Path]) -> dict[str, set[str]]:
@@ -79,7 +84,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_zotune_has_no_import_cycle():
     graph = import_graph(PACKAGE_DIRS)
-    assert {"zotune.optim", "zotune.methods.rules.sgd"} <= set(graph)
+    assert {"zotune.optim", "zotune.methods.rules.sgd", "zotune.kernels._philox"} <= set(graph)
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
@@ -122,3 +127,14 @@ def test_a_registry_in_its_own_module_is_no_cycle(tmp_path):
     graph = import_graph(package)
     assert graph["pkg.methods"] == {"pkg.methods.registry", "pkg.methods.rules.sgd"}
     assert find_cycle(graph) is None
+
+
+def test_test_files_import_shared_helpers_never_each_other():
+    tests = ROOT / "tests"
+    test_modules = {path.stem for path in tests.glob("test_*.py")}
+    offenders = {
+        path.name: sorted(imported & test_modules)
+        for path in sorted(tests.glob("*.py"))
+        if (imported := {name.split(".")[0] for name in imported_names(path)}) & test_modules
+    }
+    assert offenders == {}, "move what they share into tests/helpers.py or conftest.py"

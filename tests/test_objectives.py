@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 from conftest import tiny_causal_lm, tiny_config
-from test_zo_trainer import make_trainer
+from helpers import make_trainer
 from typer.testing import CliRunner
 
 from zotune.cli import app

@@ -6,7 +6,6 @@ import weakref
 import pytest
 import torch
 from conftest import TINY_CONFIGS, tiny_causal_lm
-from test_cli import tiny  # noqa: F401 (a fixture)
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -390,7 +389,7 @@ def test_unknown_model_suggests_a_name():
 
 
 @pytest.fixture
-def tiny_recipe(tiny):  # noqa: F811 - the `tiny` fixture imported from test_cli
+def tiny_recipe(tiny):
     """test_cli's tiny recipe and its data, in a temporary working directory: the name to pass."""
     return tiny.name
 

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from zotune import run
 from zotune.cli import app
 
-from test_recipe import CONFIG, TINY, line_of
+from helpers import CONFIG, TINY, line_of
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 ONE_TOKEN = '{"0": "n", "1": "y"}'  # the byte tokenizer gives one token per byte

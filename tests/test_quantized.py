@@ -8,7 +8,7 @@ import torch
 import yaml
 from conftest import TINY_CONFIGS
 from peft import PeftModel
-from test_zo_trainer import counting_dataset, make_trainer, mean_loss
+from helpers import counting_dataset, make_trainer, mean_loss
 from transformers import AutoConfig, AutoModelForCausalLM
 from typer.testing import CliRunner
 

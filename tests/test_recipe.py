@@ -1,44 +1,12 @@
 """Recipe loading: validation messages with file and line, overrides, local file checks."""
 
 import pytest
+from helpers import CONFIG, TINY, line_of
 
 from zotune import recipe as recipe_mod
 from zotune.errors import UserError
 from zotune.recipe import RecipeError, dump_recipe, load_recipe, resolve, shipped_recipes
 from zotune.schema import Recipe
-
-CONFIG = """\
-  config: {model_type: llama, vocab_size: 300, hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 4,
-           intermediate_size: 64}
-"""
-TINY = """\
-# zotune train tiny.yaml
-# A tiny random llama on a few rows, for tests.
-method: zo
-model:
-""" + CONFIG + """\
-data:
-  task: classification
-  train:
-    path: train.jsonl
-    max_samples: 64
-  eval:
-    path: validation.jsonl
-    split: train
-    max_samples: 32
-  template: "{text} It was"
-  verbalizer: {"0": " terrible", "1": " great"}
-params:
-  include: [layers]
-zo:
-  eps: 1e-3
-  schedule: sequential
-train:
-  max_steps: 5
-  learning_rate: 0.001
-  output_dir: runs/tiny
-"""
-
 
 @pytest.fixture
 def write(tmp_path, monkeypatch):
@@ -52,10 +20,6 @@ def write(tmp_path, monkeypatch):
         return name
 
     return write
-
-
-def line_of(text: str, needle: str) -> int:
-    return next(i for i, line in enumerate(text.splitlines(), 1) if needle in line)
 
 
 def problems(name: str, overrides=()) -> list[str]:

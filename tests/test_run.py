@@ -7,40 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from conftest import tiny_config
+from helpers import DATA, write_recipe
 from safetensors.torch import load_file
 
 from zotune.recipe import load_recipe
 from zotune.run import build_model, train
-
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason="needs ../shared/data")
-
-
-def write_recipe(tmp_path: Path, **sections) -> Path:
-    recipe = {
-        "method": "zo",
-        "model": {"config": tiny_config("llama")},
-        "data": {
-            "task": "classification",
-            "train": {"path": str(DATA / "rotten_tomatoes/train.jsonl"), "max_samples": 64},
-            "eval": {"path": str(DATA / "rotten_tomatoes/validation.jsonl"), "max_samples": 16},
-            "template": "{text} It was",
-            "verbalizer": {"0": "n", "1": "y"},  # one byte each: single tokens
-            "balanced": True,
-            "max_length": 48,
-        },
-        "zo": {"eps": 1e-2, "schedule": "fused"},
-        "train": {"output_dir": str(tmp_path / "run"), "max_steps": 4, "learning_rate": 1e-3,
-                  "per_device_train_batch_size": 4, "logging_steps": 2},
-    }
-    for name, values in sections.items():
-        recipe[name] = {**recipe[name], **values} if isinstance(values, dict) else values
-    path = tmp_path / "recipe.yaml"
-    path.write_text("# zotune train recipe.yaml\n" + yaml.safe_dump(recipe))
-    return path
-
 
 def moved(recipe, saved: dict) -> bool:
     """Whether the saved weights differ from the recipe's initial model."""

@@ -17,7 +17,8 @@ import pytest
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from test_crash_safety import assert_same_weights, write_recipe
+from helpers import assert_same_weights
+from helpers import write_momentum_recipe as write_recipe
 from zotune.cli import app
 from zotune.recipe import load_recipe
 from zotune.rundir import IDENTITY

@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import tiny_causal_lm
 from safetensors.torch import load_file
-from test_run import write_recipe
-from test_zo_trainer import make_trainer
+from helpers import make_trainer, write_recipe
 from typer.testing import CliRunner
 
 from zotune.cli import app

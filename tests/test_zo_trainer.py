@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import CORE_ARCHS, tiny_causal_lm
+from helpers import counting_dataset, make_trainer, mean_loss, weights
 from datasets import Dataset
 from transformers import default_data_collator
 
@@ -14,54 +15,6 @@ from zotune.noise import noise_like, seed_for, step_seed
 from zotune.optim import ZOOptimizer
 from zotune.trainer import NonFiniteLossError, ZOConfig, ZOTrainer
 from zotune.trajectory import read_trajectory
-
-SEQ = 12
-
-
-def counting_dataset(n: int = 32, seed: int = 0) -> Dataset:
-    """Sequences that count up by 3 (mod 256): a task a tiny model can learn."""
-    g = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, 256, (n,), generator=g)
-    ids = (starts[:, None] + 3 * torch.arange(SEQ)) % 256
-    return Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist(), "attention_mask": [[1] * SEQ] * n})
-
-
-def make_trainer(model, out, train=None, eval_dataset=None, **overrides) -> ZOTrainer:
-    fields = dict(
-        output_dir=str(out),
-        max_steps=4,
-        per_device_train_batch_size=8,
-        learning_rate=1e-3,
-        zo_eps=1e-3,
-        lr_scheduler_type="constant",
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        disable_tqdm=True,
-        train_sampling_strategy="sequential",
-        seed=0,
-    )
-    fields.update(overrides)
-    return ZOTrainer(
-        model=model,
-        args=ZOConfig(**fields),
-        train_dataset=train if train is not None else counting_dataset(),
-        eval_dataset=eval_dataset,
-        data_collator=default_data_collator,
-    )
-
-
-def weights(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
-
-
-def mean_loss(model, data: Dataset) -> float:
-    batch = default_data_collator([data[i] for i in range(len(data))])
-    model.eval()
-    with torch.no_grad():
-        return model(**batch).loss.item()
-
 
 @pytest.mark.parametrize("arch", CORE_ARCHS)
 def test_training_lowers_loss_and_moves_weights(arch, tmp_path):

@@ -1,0 +1,168 @@
+"""Helpers shared by several test files (fixtures live in conftest.py).
+
+Test files import from here, never from each other.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import tiny_config
+from datasets import Dataset
+from transformers import default_data_collator
+
+from zotune.trainer import ZOConfig, ZOTrainer
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="needs ../shared/data")
+
+# -- recipes -------------------------------------------------------------------------------------
+
+CONFIG = """\
+  config: {model_type: llama, vocab_size: 300, hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 4,
+           intermediate_size: 64}
+"""
+TINY = """\
+# zotune train tiny.yaml
+# A tiny random llama on a few rows, for tests.
+method: zo
+model:
+""" + CONFIG + """\
+data:
+  task: classification
+  train:
+    path: train.jsonl
+    max_samples: 64
+  eval:
+    path: validation.jsonl
+    split: train
+    max_samples: 32
+  template: "{text} It was"
+  verbalizer: {"0": " terrible", "1": " great"}
+params:
+  include: [layers]
+zo:
+  eps: 1e-3
+  schedule: sequential
+train:
+  max_steps: 5
+  learning_rate: 0.001
+  output_dir: runs/tiny
+"""
+
+
+def line_of(text: str, needle: str) -> int:
+    return next(i for i, line in enumerate(text.splitlines(), 1) if needle in line)
+
+
+def write_recipe(tmp_path: Path, **sections) -> Path:
+    """A tiny llama run on rotten_tomatoes from ../shared/data; each of ``sections`` updates that section."""
+    recipe = {
+        "method": "zo",
+        "model": {"config": tiny_config("llama")},
+        "data": {
+            "task": "classification",
+            "train": {"path": str(DATA / "rotten_tomatoes/train.jsonl"), "max_samples": 64},
+            "eval": {"path": str(DATA / "rotten_tomatoes/validation.jsonl"), "max_samples": 16},
+            "template": "{text} It was",
+            "verbalizer": {"0": "n", "1": "y"},  # one byte each: single tokens
+            "balanced": True,
+            "max_length": 48,
+        },
+        "zo": {"eps": 1e-2, "schedule": "fused"},
+        "train": {"output_dir": str(tmp_path / "run"), "max_steps": 4, "learning_rate": 1e-3,
+                  "per_device_train_batch_size": 4, "logging_steps": 2},
+    }
+    for name, values in sections.items():
+        recipe[name] = {**recipe[name], **values} if isinstance(values, dict) else values
+    path = tmp_path / "recipe.yaml"
+    path.write_text("# zotune train recipe.yaml\n" + yaml.safe_dump(recipe))
+    return path
+
+
+MOMENTUM_RUN_STEPS = 14
+
+
+def write_momentum_recipe(root: Path, name: str, **train) -> Path:
+    """A tiny llama run with a stateful rule (momentum) and a checkpoint every 3 steps, on 64 rows of its own."""
+    data = root / "train.jsonl"
+    if not data.exists():
+        rows = [{"text": f"{'good' if i % 2 else 'bad'} movie number {i}", "label": i % 2} for i in range(64)]
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = {
+        "method": "zo",
+        "model": {"config": {"model_type": "llama", "vocab_size": 300, "hidden_size": 32, "num_hidden_layers": 2,
+                             "num_attention_heads": 4, "intermediate_size": 64}},
+        "data": {"task": "classification", "train": {"path": str(data)}, "template": "{text} It was",
+                 "verbalizer": {"0": "n", "1": "y"}, "max_length": 32},
+        "params": {"include": ["layers"]},
+        "zo": {"eps": 1e-3, "schedule": "sequential", "rule": "momentum"},  # a rule with state to checkpoint
+        # 64 rows in batches of 8: the run crosses an epoch, so resumes land mid-epoch too
+        "train": {"output_dir": str(root / name), "max_steps": MOMENTUM_RUN_STEPS, "learning_rate": 1e-3,
+                  "lr_scheduler_type": "linear", "per_device_train_batch_size": 8, "logging_steps": 100,
+                  "save_strategy": "steps", "save_steps": 3, "evaluate_before": False, **train},
+    }
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+
+# -- ZOTrainer on a counting task --------------------------------------------------------------------
+
+SEQ = 12
+
+
+def counting_dataset(n: int = 32, seed: int = 0) -> Dataset:
+    """Sequences that count up by 3 (mod 256): a task a tiny model can learn."""
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, 256, (n,), generator=g)
+    ids = (starts[:, None] + 3 * torch.arange(SEQ)) % 256
+    return Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist(), "attention_mask": [[1] * SEQ] * n})
+
+
+def make_trainer(model, out, train=None, eval_dataset=None, **overrides) -> ZOTrainer:
+    fields = dict(
+        output_dir=str(out),
+        max_steps=4,
+        per_device_train_batch_size=8,
+        learning_rate=1e-3,
+        zo_eps=1e-3,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        train_sampling_strategy="sequential",
+        seed=0,
+    )
+    fields.update(overrides)
+    return ZOTrainer(
+        model=model,
+        args=ZOConfig(**fields),
+        train_dataset=train if train is not None else counting_dataset(),
+        eval_dataset=eval_dataset,
+        data_collator=default_data_collator,
+    )
+
+
+def weights(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def mean_loss(model, data: Dataset) -> float:
+    batch = default_data_collator([data[i] for i in range(len(data))])
+    model.eval()
+    with torch.no_grad():
+        return model(**batch).loss.item()
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
