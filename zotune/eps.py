@@ -56,8 +56,8 @@ def swamp_error(eps: float, rms: float, key: str) -> str | None:
     """Why `eps` is refused against trainable weights of RMS `rms`, naming the setting `key`, or None."""
     if rms > 0 and eps > SWAMP_RATIO * rms:
         return (f"{key} = {eps:g} is {eps / rms:.3g}x the RMS of the trainable weights ({rms:.3g}): θ ± ε·z would be "
-                f"mostly noise (an in-place schedule can destroy the weights in its round trip); use an eps well "
-                f"below {rms:.3g}, such as 1e-3 (MeZO's)")
+                f"mostly noise (an in-place schedule can destroy the weights in its round trip; refused above "
+                f"{SWAMP_RATIO:g}x); use an eps below {rms:.3g}, such as 1e-3 (MeZO's)")
     return None
 
 

@@ -1,6 +1,6 @@
 """w and u: two sets of trainable weights over one model, and LISA-style layer sampling.
 
-Three ways to hold them, cheapest first (the README's memory table):
+Three ways to hold them, cheapest first (docs/scalebio.md):
 
 - `adapters`: two peft adapters on one frozen base (`default` is w, `u` is u). Switching is
   `set_adapter`; the extra memory is one more adapter.
