@@ -2,22 +2,26 @@
 
     python benchmarks/zo_step.py            # GPT-2 124M from config, fp32, batch 8x128, 2 threads
 
-Measured in this order, in one process (timings on a shared machine are noisy: compare ratios):
+Timings on a shared 2-core machine drift by tens of percent over minutes, so every ratio is taken
+between ADJACENT measurements: each step is followed at once by a no-grad forward of its batch
+(and, for the trainer, by a MeZO-style step on a copy of the model), and the figure is the median
+of the per-step ratios. Measured in this order:
 
 1. `ZOTrainer` with its defaults (out-of-place dual, gaussian), as a user runs it: STEPS steps, the
    steady state is the median of the last half; the warm-up (compiling the CPU kernels, first in
    this process) is the first steps' excess over it, reported apart;
 2. the forward of the batch (B rows) and of the doubled batch (2B) that dual runs;
-3. the breakdown of a raw dual step: the doubled forward (logits only), through the wrappers with
+3. the raw `ZOOptimizer` for every schedule and both noise kinds, and a straightforward
+   MeZO-style step (four regenerations of z with torch.normal under a re-seeded generator);
+4. the breakdown of a raw dual step: the doubled forward (logits only), through the wrappers with
    plain copies of θ (splitting, joining, copying), with perturbed copies (the noise), the two
-   halves' losses and the update pass;
-4. the raw `ZOOptimizer` for every schedule and both noise kinds, and a straightforward
-   MeZO-style step (four regenerations of z with torch.normal under a re-seeded generator).
+   halves' losses and the update pass.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import tempfile
 import time
@@ -30,7 +34,25 @@ from zo_steps import zo_step_fn
 from zotune.dual import causal_lm_loss, double
 from zotune.trainer import ZOConfig, ZOTrainer
 
-STEPS = 12
+STEPS = 16
+WARM_STEPS = 3  # the kernels compile in the first two (the lazy update's pass first runs in the second)
+
+
+def clock(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def paired(fn, forward, repeats: int) -> tuple[float, float, float]:
+    """(first call, median seconds, median of seconds ÷ the forward run right after it) over `repeats`."""
+    first = clock(fn)
+    times, ratios = [], []
+    for _ in range(repeats):
+        t = clock(fn)
+        times.append(t)
+        ratios.append(t / clock(forward))
+    return first, statistics.median(times), statistics.median(ratios)
 
 
 def timed(fn, repeats: int) -> tuple[float, float]:
@@ -66,24 +88,41 @@ def mezo_style_step(model, loss_fn, seed: int, eps: float, lr: float) -> None:
 
 
 class StepClock(TrainerCallback):
-    def __init__(self):
-        self.times, self._start = [], 0.0
+    """Times each trainer step, then (outside the step's time) a no-grad forward of the batch on the
+    trained model and a MeZO-style step on a copy of it: three adjacent figures per step."""
+
+    def __init__(self, forward, mezo):
+        self.forward, self.mezo = forward, mezo
+        self.times, self.forwards, self.mezos, self._start = [], [], [], 0.0
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._start = time.perf_counter()
 
-    def on_step_end(self, args, state, control, **kwargs):
+    def on_step_end(self, args, state, control, model=None, **kwargs):
         self.times.append(time.perf_counter() - self._start)
+        training = model.training
+        model.eval()
+        self.forwards.append(clock(lambda: self.forward(model)))
+        model.train(training)
+        self.mezos.append(clock(self.mezo))
 
 
-def trainer_steps(model, ids) -> list[float]:
-    """Per-step seconds of ZOTrainer with its defaults (only what the test needs is set)."""
+def trainer_steps(model, ids, batch) -> StepClock:
+    """Per-step seconds of ZOTrainer with its defaults (only what the test needs is set), each with
+    the adjacent forward and MeZO-style step."""
     rows = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
     args = ZOConfig(output_dir=tempfile.mkdtemp(), max_steps=STEPS, per_device_train_batch_size=len(ids),
                     learning_rate=1e-7, report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=True)
-    clock = StepClock()
-    ZOTrainer(model=model, args=args, train_dataset=rows, callbacks=[clock]).train()
-    return clock.times
+    twin = copy.deepcopy(model)
+    seeds = iter(range(10**9))
+
+    def forward(m) -> float:
+        with torch.no_grad():
+            return m(**batch).loss.item()
+
+    clock_ = StepClock(forward, lambda: mezo_style_step(twin, lambda: forward(twin), next(seeds), 1e-3, 1e-7))
+    ZOTrainer(model=model, args=args, train_dataset=rows, callbacks=[clock_]).train()
+    return clock_
 
 
 def main() -> None:
@@ -103,9 +142,13 @@ def main() -> None:
     batch = {"input_ids": ids, "labels": ids}
     print(f"GPT-2 {n_params / 1e6:.0f}M params, fp32, batch {args.batch}x{args.seq}, {args.threads} threads")
 
-    steps = trainer_steps(model, ids)
-    steady = statistics.median(steps[STEPS // 2:])
-    warmup = sum(t - steady for t in steps[:STEPS // 2])
+    trained = trainer_steps(model, ids, batch)
+    steps, late = trained.times, slice(STEPS // 2, None)
+    steady = statistics.median(steps[late])
+    warmup = sum(t - steady for t in steps[:WARM_STEPS])
+    step_ratios = [s / f for s, f in zip(steps[late], trained.forwards[late])]
+    speedups = [m / s for m, s in zip(trained.mezos[late], steps[late])]
+    mezo_ratios = [m / f for m, f in zip(trained.mezos[late], trained.forwards[late])]
 
     def loss_fn() -> float:
         with torch.no_grad():
@@ -115,23 +158,26 @@ def main() -> None:
         with torch.no_grad():
             return model(**double(batch, args.batch)).loss.item()
 
-    _, forward = timed(loss_fn, args.repeats)
-    _, forward_2x = timed(doubled, args.repeats)
-    print(f"no-grad forward: {forward:.2f} s; of the doubled batch: {forward_2x:.2f} s = {forward_2x / forward:.2f}")
-    print(f"\nZOTrainer, defaults (dual, gaussian): steady step {steady:.2f} s = {steady / forward:.2f} forwards "
-          f"(median of steps {STEPS // 2 + 1}-{STEPS}); warm-up {warmup:.1f} s over the first {STEPS // 2} steps")
+    _, forward_2x, doubled_ratio = paired(doubled, loss_fn, args.repeats)
+    spread = f"{min(step_ratios):.2f}-{max(step_ratios):.2f}"
+    print(f"doubled batch: {forward_2x:.2f} s = {doubled_ratio:.2f} forwards of B rows")
+    print(f"\nZOTrainer, defaults (dual, gaussian): steady step {steady:.2f} s = {statistics.median(step_ratios):.2f} "
+          f"forwards (median over steps {STEPS // 2 + 1}-{STEPS} of step ÷ the forward right after it; "
+          f"range {spread}); "
+          f"vs a MeZO-style step after each: {statistics.median(speedups):.2f}x faster "
+          f"(range {min(speedups):.2f}-{max(speedups):.2f}); warm-up {warmup:.1f} s over the first {WARM_STEPS} steps")
 
-    print(f"\n{'step':<40}{'seconds':>9}{'/ forward':>11}{'first':>9}")
-    _, mezo = timed(lambda: mezo_style_step(model, loss_fn, 0, 1e-3, 1e-7), args.repeats)
-    print(f"{'MeZO-style (torch.normal x4)':<40}{mezo:>9.2f}{mezo / forward:>11.2f}")
-    print(f"{'ZOTrainer, defaults':<40}{steady:>9.2f}{steady / forward:>11.2f}{steps[0]:>9.2f}"
-          f"   vs MeZO-style {mezo / steady:.2f}x")
+    mezo = statistics.median(mezo_ratios)
+    print(f"\n{'step (each ratio: median of step ÷ next forward)':<50}{'seconds':>9}{'/ forward':>11}{'first':>9}")
+    print(f"{'MeZO-style (torch.normal x4), beside the trainer':<50}{statistics.median(trained.mezos[late]):>9.2f}"
+          f"{mezo:>11.2f}")
+    print(f"{'ZOTrainer, defaults':<50}{steady:>9.2f}{statistics.median(step_ratios):>11.2f}{steps[0]:>9.2f}")
     dual_step = None
     for perturbation in ("gaussian", "rademacher"):
         for schedule, lazy in (("dual", False), ("dual", True), ("sequential", False), ("fused", False)):
             step, engine = zo_step_fn(model, batch, schedule, perturbation, lazy)
             counter = iter(range(10**9))
-            first, t = timed(lambda: step(next(counter)), args.repeats)
+            first, t, ratio = paired(lambda: step(next(counter)), loss_fn, args.repeats)
             if engine is not None:
                 if (schedule, lazy, perturbation) == ("dual", False, "gaussian"):
                     dual_step = (step, engine, t)
@@ -139,7 +185,7 @@ def main() -> None:
                     engine.remove()
             label = f"raw {schedule}{' lazy' if lazy else ''}, {perturbation}"
             noise_note = "" if perturbation == "gaussian" else " (noise switched)"
-            print(f"{label:<40}{t:>9.2f}{t / forward:>11.2f}{first:>9.2f}   vs MeZO-style {mezo / t:.2f}x{noise_note}")
+            print(f"{label:<50}{t:>9.2f}{ratio:>11.2f}{first:>9.2f}   vs MeZO-style {mezo / ratio:.2f}x{noise_note}")
 
     step, engine, total = dual_step
     opt = step.optimizer
@@ -164,6 +210,7 @@ def main() -> None:
         with torch.no_grad():
             return model(**double(inputs, args.batch)).logits
 
+    _, forward = timed(loss_fn, args.repeats)
     _, plain = timed(logits_2x, args.repeats)
     _, copied = timed(copies_only, args.repeats)
     _, perturbed = timed(lambda: forward_through((0, 0)), args.repeats)

@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import CORE_ARCHS, TINY_CONFIGS, tiny_causal_lm
 from datasets import Dataset
-from test_zo_trainer import counting_dataset, make_trainer, weights
+from helpers import counting_dataset, make_trainer, weights
 from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
@@ -292,6 +292,17 @@ def test_checkpoints_hold_flushed_weights(tmp_path):
     saved = load_file(tmp_path / "checkpoint-3" / "model.safetensors")
     for name, p in model.named_parameters():
         assert torch.equal(saved[name], p), name
+
+
+@pytest.mark.parametrize("zo, lazy", [({}, True), ({"zo_rule": "momentum"}, False),
+                                      ({"zo_schedule": "fused"}, False), ({"zo_lazy_update": False}, False)])
+def test_the_trainer_folds_the_update_into_the_next_copy_wherever_the_step_allows(zo, lazy, tmp_path):
+    _, trainer = train("llama", tmp_path, max_steps=1, **zo)
+    assert trainer.zo.lazy_update is lazy and trainer.settings.lazy_update is lazy
+    header, _ = read_trajectory(tmp_path / "zo_trajectory.jsonl")
+    assert header["optimizer"]["lazy_update"] is lazy
+    raw = ZOOptimizer([("w", torch.nn.Parameter(torch.zeros(3)))], lr=0.1)
+    assert raw.lazy_update is False  # nothing flushes for a raw optimizer's caller
 
 
 def _lora(model):

@@ -1,6 +1,7 @@
 """The ZO settings model (`zotune.settings`): one definition reaches the recipe, `ZOConfig`, the
 trajectory header, replay and the bilevel mode; trajectories written before it still replay."""
 
+import ast
 import dataclasses
 import json
 import subprocess
@@ -14,6 +15,8 @@ import yaml
 from conftest import tiny_config
 from safetensors.torch import load_file
 
+from helpers import DATA, needs_data
+
 from zotune.bilevel import loop
 from zotune.bilevel.loop import ScaleBiO
 from zotune.models import load_model
@@ -25,9 +28,15 @@ from zotune.settings import ZOSettings
 from zotune.trainer import ZOConfig
 from zotune.trajectory import params_digest
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 LEGACY = Path(__file__).resolve().parent / "data" / "trajectories_v0"
-needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="needs ../shared/data")
+ROOT = Path(__file__).resolve().parents[1]
+
+# Names of ZO settings that other code defines with a default of its own meaning, not the setting's.
+OTHER_MEANINGS = {
+    ("zotune/optim.py", "run_in_place", "schedule"): "which in-place schedule to switch to",
+    ("zotune/plan.py", "plan_memory", "offload"): "a bool: whether the plan streams the blocks",
+    ("zotune/methods/rules/adam.py", "AdamConfig", "eps"): "Adam's denominator epsilon",
+}
 
 
 def base_recipe(tmp_path: Path) -> Path:
@@ -119,6 +128,53 @@ def test_a_setting_added_to_the_model_alone_reaches_the_recipe_zoconfig_the_head
     assert seen["replay_optimizer"] == 2  # and the settings already there still reach the optimizer
 
 
+def default_definitions(paths, names: set[str]) -> set[tuple[str, str, str]]:
+    """(file, function or class, name) wherever a parameter or class field named after a setting (or
+    its `zo_` form) gets a default that is neither None nor read from `ZOSettings`."""
+    found = set()
+    for path in paths:
+        relative = path.relative_to(ROOT).as_posix() if path.is_relative_to(ROOT) else path.name
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                a = node.args
+                positional = a.posonlyargs + a.args
+                pairs = [*zip(positional[len(positional) - len(a.defaults):], a.defaults),
+                         *((arg, d) for arg, d in zip(a.kwonlyargs, a.kw_defaults) if d is not None)]
+                defaults = [(arg.arg, d) for arg, d in pairs]
+            elif isinstance(node, ast.ClassDef):
+                defaults = [(s.target.id, s.value) for s in node.body
+                            if isinstance(s, ast.AnnAssign) and isinstance(s.target, ast.Name) and s.value]
+                defaults += [(s.targets[0].id, s.value) for s in node.body
+                             if isinstance(s, ast.Assign) and isinstance(s.targets[0], ast.Name)]
+            else:
+                continue
+            for name, value in defaults:
+                source = ast.unparse(value)
+                if name in names and source != "None" and "ZOSettings" not in source:
+                    found.add((relative, node.name, name))
+    return found
+
+
+def setting_names() -> set[str]:
+    return {form for name in ZOSettings.model_fields for form in (name, f"zo_{name}")}
+
+
+def test_each_settings_default_is_written_in_one_definition():
+    sources = [p for folder in ("zotune", "kernels") for p in sorted((ROOT / folder).rglob("*.py"))]
+    found = default_definitions(sources, setting_names())
+    defined_by_the_model = {("zotune/settings.py", "ZOSettings", name) for name in ZOSettings.model_fields}
+    assert found - defined_by_the_model == set(OTHER_MEANINGS)
+
+
+def test_a_default_written_out_again_is_found(tmp_path):
+    copy = tmp_path / "copy.py"
+    copy.write_text("def build(params, *, eps=1e-3, schedule=None):\n    pass\n"
+                    "class Args:\n    zo_lazy_update: bool = False\n"
+                    "def derived(num_directions=ZOSettings.model_fields['num_directions'].default):\n    pass\n")
+    assert default_definitions([copy], setting_names()) == {("copy.py", "build", "eps"),
+                                                            ("copy.py", "Args", "zo_lazy_update")}
+
+
 def test_a_recipe_refuses_a_setting_the_model_does_not_have(tmp_path):
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump({"model": {"config": tiny_config("llama")},
@@ -136,7 +192,7 @@ def test_zoconfig_and_the_optimizer_take_their_defaults_and_help_from_the_model(
     opt = ZOOptimizer([("w", torch.nn.Parameter(torch.zeros(3)))], lr=0.1)
     default = ZOSettings()
     assert (opt.eps, opt.q, opt.kind, opt.schedule, opt.lazy_update, opt.master_weights) == (
-        default.eps, default.num_directions, default.perturbation, default.schedule, default.lazy_update,
+        default.eps, default.num_directions, default.perturbation, default.schedule, bool(default.lazy_update),
         default.master_weights)
     assert (opt.rule.name, opt.estimator.name) == (default.rule, default.estimator)
 

@@ -149,7 +149,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             group["params"] = [by_name[n] for n in group["names"]]
         super().__init__([g for g in groups if g["params"]], {"lr": lr, "weight_decay": weight_decay})
         self.eps, self.q, self.kind, self.schedule, self.seed = eps, num_directions, s.perturbation, schedule, seed
-        self.lazy_update, self.master_weights = lazy_update, s.master_weights
+        self.lazy_update, self.master_weights = bool(lazy_update), s.master_weights  # unset: at once
         self._keep_masters(named)
         self.last_record: dict | None = None
         self.round_trip_checked = False

@@ -86,10 +86,13 @@ class ZOSettings(Section):
         description="dual: one forward of the doubled batch, each module perturbed around its own call; "
         "sequential: MeZO's two forwards; fused: sequential with one noise pass fewer.",
     )
-    lazy_update: bool = Field(
-        False,
-        description="dual only: apply each step's update inside the next step's +eps pass (one pass over the "
-        "weights fewer; flushed before evaluation and saving).",
+    lazy_update: bool | None = Field(
+        None,
+        description="dual only: apply each step's update inside the next step's perturbed-copy pass (one pass over "
+        "the weights fewer, the same numbers). Unset: ZOTrainer and `zotune train` do wherever the step allows it "
+        "(dual, rule sgd with a plain estimator, no offload_transfer_dtype) and flush before anything reads the "
+        "weights (evaluation, saving, the end of training; a callback between steps sees them one update behind); "
+        "the raw ZOOptimizer applies each update at once.",
     )
     master_weights: Literal[MASTER_WEIGHTS] = Field(
         "auto",
@@ -146,6 +149,19 @@ class ZOSettings(Section):
         check_compatible(build_rule(self.rule), build_estimator(self.estimator), schedule=self.schedule,
                          lazy_update=self.lazy_update, num_directions=self.num_directions)
         return self
+
+
+def with_lazy_update_decided(settings: ZOSettings) -> ZOSettings:
+    """`settings` with an unset `lazy_update` decided for a caller that flushes before every read of the
+    weights (ZOTrainer): on wherever the model's own checks allow it."""
+    if settings.lazy_update is not None:
+        return settings
+    lazy = settings.model_copy(update={"lazy_update": True})
+    try:
+        lazy._compatible()
+    except ValueError:
+        return settings.model_copy(update={"lazy_update": False})
+    return lazy
 
 
 # -- ZOConfig's zo_* fields ---------------------------------------------------------------------

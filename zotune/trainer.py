@@ -27,7 +27,7 @@ from zotune.nonfinite import NonFiniteLossError, NonFiniteSteps  # noqa: F401 - 
 from zotune.objectives import Objective, load_objective
 from zotune.offload import BlockOffloader
 from zotune.optim import ZOOptimizer
-from zotune.settings import ZOSettings, config_fields, from_config, header_fields
+from zotune.settings import ZOSettings, config_fields, from_config, header_fields, with_lazy_update_decided
 from zotune.trajectory import TrajectoryWriter, params_digest
 
 logger = logging.get_logger("zotune")
@@ -82,7 +82,8 @@ class ZOTrainer(Trainer):
         if not isinstance(self.args, ZOConfig):
             raise TypeError(f"ZOTrainer needs args=ZOConfig(...), which adds the zo_* settings; got a "
                             f"{type(self.args).__name__} (given no args, the Trainer makes a plain TrainingArguments)")
-        self.settings = self.args.zo_settings()  # the settings the steps run with (the header records them)
+        # the settings the steps run with (the header records them); this trainer flushes before every read
+        self.settings = with_lazy_update_decided(self.args.zo_settings())
         if self.args.zo_offload == "cpu" and self.offloader is None:
             self._attach_offloader(self.model, self.args.device)
         # with the weights at hand, before any evaluation or step (zotune.eps)
