@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import tiny_causal_lm
 from datasets import Dataset
-from test_zo_trainer import make_trainer, mean_loss, weights
+from helpers import make_trainer, mean_loss, weights
 
 from zotune.methods import ESTIMATORS, RULES
 from zotune.noise import noise, seed_for, step_seed
@@ -36,8 +36,11 @@ CASES = {
     "sparse-magnitude": ("sgd", {}, "sparse", {"density": 0.5, "mask": "magnitude", "refresh_steps": 3}, {}),
     "hizoo": ("sgd", {}, "hizoo", {"smoothing": 0.1}, {}),
     "lowrank": ("sgd", {}, "lowrank", {"rank": 2, "refresh_steps": 3}, {"learning_rate": 5e-3}),
+    # FZOO: its step is lr/(ε·√q) per element, so a far smaller lr
+    "fzoo": ("fzoo", {}, "onesided", {}, {"zo_num_directions": 4, "zo_perturbation": "rademacher",
+                                         "learning_rate": 2e-4}),
 }
-REFUSED = {("conservative", "dual"), ("hizoo", "dual")}
+REFUSED = {("conservative", "dual"), ("hizoo", "dual"), ("fzoo", "dual")}
 RUNS = [(case, schedule) for case in CASES for schedule in SCHEDULES if (case, schedule) not in REFUSED]
 
 
@@ -105,6 +108,23 @@ def test_refused_schedules_say_why(case, schedule, tmp_path):
         train(case, schedule, tmp_path)
 
 
+def test_fzoo_with_one_direction_is_refused_naming_the_setting(tmp_path):
+    with pytest.raises(ValueError, match="rule 'fzoo' .* use num_directions >= 2"):
+        train("fzoo", "fused", tmp_path, zo_num_directions=1)
+
+
+@pytest.mark.parametrize("estimator, forwards", [({"name": "onesided"}, 4 + 1), ({"name": "spsa", "sided": "one"}, 8)])
+def test_the_batched_one_sided_estimator_takes_the_loss_at_theta_once(estimator, forwards):
+    w = torch.nn.Parameter(THETA0.clone())
+    opt = ZOOptimizer([("w", w)], lr=LR, eps=EPS, num_directions=4, schedule="fused", estimator=estimator)
+    calls = []
+    opt.estimate(lambda: calls.append(quadratic(w.detach())) or calls[-1], 0)
+    record = opt.step()
+    assert len(calls) == forwards
+    if estimator["name"] == "onesided":  # every direction's second loss is the one L(θ)
+        assert record["loss_minus"] == [calls[0]] * 4 == record["loss_zero"] * 4
+
+
 def test_lazy_update_is_refused_for_methods_it_cannot_fold(tmp_path):
     with pytest.raises(ValueError, match="lazy_update .* needs rule 'sgd' and estimator 'spsa'"):
         train("momentum", "dual", tmp_path, zo_lazy_update=True)
@@ -167,6 +187,8 @@ def rule_step(rule: dict, theta, ghat, state, step, pairs):
         return decayed - LR / (1 - b1**t) * state["m"] / (state["v"].sqrt() / math.sqrt(1 - b2**t) + 1e-8)
     if name == "sign":
         return decayed - LR * torch.sign(ghat)
+    if name == "fzoo":  # the sample standard deviation of the losses at θ + a·z_k
+        return decayed - LR * ghat / torch.tensor([la for la, _ in pairs], dtype=torch.float64).std()
     if name == "conservative":
         losses = {"0": sum(pairs[-1]) / 2, "-": quadratic(theta - LR * ghat), "+": quadratic(theta + LR * ghat)}
         return {"0": theta, "-": decayed - LR * ghat, "+": decayed + LR * ghat}[min(("0", "-", "+"), key=losses.get)]
@@ -175,7 +197,7 @@ def rule_step(rule: dict, theta, ghat, state, step, pairs):
 
 def reference_steps(rule: dict, estimator: dict, q: int, steps: int = 2) -> torch.Tensor:
     theta, state = THETA0.double(), {"h": torch.ones(10, dtype=torch.float64)}
-    a, b = (EPS, 0.0) if estimator.get("sided") == "one" else (EPS, -EPS)
+    a, b = (EPS, 0.0) if estimator.get("sided") == "one" or estimator["name"] == "onesided" else (EPS, -EPS)
     for step in range(steps):
         if estimator.get("mask") == "magnitude":
             state["mask"] = theta.abs() <= theta.abs().kthvalue(5).values
@@ -205,6 +227,7 @@ HAND_CASES = [
     ({"name": "sgd"}, {"name": "sparse", "density": 0.5, "mask": "magnitude", "refresh_steps": 1}),
     ({"name": "sgd"}, {"name": "hizoo", "smoothing": ALPHA}),
     ({"name": "sgd"}, {"name": "lowrank", "rank": 2, "refresh_steps": 5}),
+    ({"name": "fzoo"}, {"name": "onesided"}),
 ]
 
 

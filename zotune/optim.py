@@ -368,8 +368,11 @@ class ZOOptimizer(torch.optim.Optimizer):
                 continue
             self.move(Point(s, k, a))
             loss_a = loss_fn() if loss_fn else math.nan
-            self.move(Point(s, k, b))
-            loss_b = loss_fn() if loss_fn else math.nan
+            if self.estimator.shares_theta:  # the second point is θ: its loss is the micro-batch's L(θ)
+                loss_b = self._losses_at_theta[-1]
+            else:
+                self.move(Point(s, k, b))
+                loss_b = loss_fn() if loss_fn else math.nan
             if self.schedule == "sequential":
                 self.move(None)
             losses.append((loss_a, loss_b))

@@ -14,7 +14,7 @@ pydantic `Config`), a docstring citing its paper, and its costs; `@register_rule
 """
 
 from zotune.methods.base import Estimator, MethodConfig, Noise, ParamUpdate, Rule, StepView, Trainable
-from zotune.methods.estimators import hizoo, lowrank, sparse, spsa  # noqa: F401 (importing registers them)
+from zotune.methods.estimators import hizoo, lowrank, onesided, sparse, spsa  # noqa: F401 (importing registers them)
 from zotune.methods.registry import (
     ESTIMATORS,
     RULES,
@@ -24,7 +24,7 @@ from zotune.methods.registry import (
     register_estimator,
     register_rule,
 )
-from zotune.methods.rules import adam, conservative, momentum, sgd, sign  # noqa: F401 (importing registers them)
+from zotune.methods.rules import adam, conservative, fzoo, momentum, sgd, sign  # noqa: F401 (importing registers them)
 
 __all__ = ["RULES", "ESTIMATORS", "register_rule", "register_estimator", "build_rule", "build_estimator",
            "check_compatible", "Rule", "Estimator", "MethodConfig", "ParamUpdate", "StepView", "Trainable", "Noise"]
