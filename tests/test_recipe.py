@@ -276,3 +276,11 @@ def test_master_weights_none_needs_a_stochastically_rounded_rule_on_16_bit_weigh
     [p] = problems(write(text))
     assert f"zo.master_weights none: rule {rule!r} has no stochastically rounded 16-bit update" in p
     load_recipe(write(text.replace("dtype: bfloat16", "dtype: float32")))  # fp32 weights need no rounding
+
+
+def test_activation_checkpointing_is_refused_without_a_backward_pass(write):
+    text = TINY.replace("  output_dir: runs/tiny\n", "  output_dir: runs/tiny\n  activation_checkpointing: true\n")
+    assert any("train.activation_checkpointing" in p and "method 'zo'" in p for p in problems(write(text)))
+    from zotune.preflight import training_arguments
+
+    assert training_arguments(load_recipe(write(text.replace("method: zo", "method: fo")))).activation_checkpointing

@@ -86,6 +86,24 @@ def test_lora_trains_only_the_adapter(tmp_path, method):
         assert header["params"] and all("lora_" in n and not n.startswith("base_model") for n in header["params"])
 
 
+def test_fo_activation_checkpointing_recomputes_the_same_lora_update(tmp_path):
+    """The memory-saving first-order baseline: an adapter under activation checkpointing gets the
+    gradients it gets without (the activations are recomputed, not approximated)."""
+    adapters = {}
+    for checkpointing in (False, True):
+        (tmp_path / str(checkpointing)).mkdir()
+        path = write_recipe(tmp_path / str(checkpointing), method="fo",
+                            model={"config": tiny_config("qwen2"),
+                                   "peft": {"peft_type": "LORA", "r": 4, "target_modules": ["q_proj"]}},
+                            train={"max_steps": 3, "learning_rate": 1e-2, "activation_checkpointing": checkpointing})
+        summary = train(load_recipe(str(path)), str(path))
+        adapters[checkpointing] = load_file(Path(summary["output_dir"]) / "adapter_model.safetensors")
+    assert adapters[True].keys() == adapters[False].keys()
+    for name, weight in adapters[True].items():
+        torch.testing.assert_close(weight, adapters[False][name], rtol=1e-4, atol=1e-6, msg=name)
+    assert any(not torch.equal(w, torch.zeros_like(w)) for w in adapters[True].values())
+
+
 @pytest.mark.parametrize(
     "task, data",
     [

@@ -169,6 +169,10 @@ class TrainSection(Section):
     lr_scheduler_type: str = Field("constant", description="Any transformers scheduler name.")
     warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
     optim: str = Field("adamw_torch", description="fo only: the transformers optimizer name (adamw_torch, sgd).")
+    activation_checkpointing: bool = Field(
+        False, description="fo only: recompute each block's activations in the backward pass instead of keeping them "
+        "(transformers' activation_checkpointing): less memory for about one more forward per step. ZO has no "
+        "backward pass to save memory in.")
     logging_steps: int = Field(10, gt=0, description="Log every N steps.")
     eval_strategy: Literal["no", "steps", "epoch"] = Field("no", description="When to evaluate during training.")
     eval_steps: int | None = Field(None, gt=0, description="Evaluate every N steps (eval_strategy: steps).")
@@ -297,6 +301,13 @@ class Recipe(Section):
         refusal = precision.refusal(self.zo.master_weights, self.model.dtype, rule.name, rule.stochastic_rounding)
         if refusal and self.method != "fo":
             raise ValueError(f"zo.{refusal}")
+        return self
+
+    @model_validator(mode="after")
+    def _checkpointing_with_backprop(self) -> "Recipe":
+        if self.train.activation_checkpointing and self.method != "fo":
+            raise ValueError(f"train.activation_checkpointing saves memory in a backward pass: method {self.method!r} "
+                             "runs none; set it with method fo, or drop it")
         return self
 
     @model_validator(mode="after")

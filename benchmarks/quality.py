@@ -1,0 +1,197 @@
+"""Accuracy against wall-clock and against steps, and peak memory, for a table of configurations.
+
+    python benchmarks/quality.py --data rotten_tomatoes --configs zo-sgd,fzoo,fo-lora --split validation
+    python benchmarks/quality.py --data bbc_news --split test --seeds 0,1,2 --configs <the chosen ones>
+    python benchmarks/quality.py --plot benchmarks/results/quality_rotten_tomatoes_validation.jsonl
+
+Protocol (fixed before the runs):
+- Gemma 3 270M (the quickstart's model), data from ../shared/data: rotten_tomatoes (2 classes,
+  the quickstart's prompt and label words) and bbc_news (5 classes, the title as the prompt).
+  Class-balanced batches; a constant learning rate (every configuration stops on a time budget,
+  not a step count, so no schedule is tied to a length).
+- Every configuration trains for the same wall-clock budget, `--budget` seconds of training steps
+  (evaluations are not counted): by default the 246 s that `zotune train quickstart-fo` trains
+  for (README, "What is measured"). The accuracy is taken every `--eval-every` seconds of training.
+- Settings (learning rate, eps, directions) are chosen on the validation split (`--split
+  validation`: its first 400 rows). The test split is scored once, at the end, with the chosen
+  settings and three seeds (`--split test --seeds 0,1,2`).
+- Each run is its own process, so its peak RSS is its own.
+
+Each run appends one JSON line to benchmarks/results/quality_<data>_<split>.jsonl: the configuration,
+seed, accuracy before, the (training seconds, step, accuracy) points, steps, seconds per step and
+peak RSS. `--plot FILE` draws accuracy against training seconds, one line per configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+RESULTS = ROOT / "benchmarks" / "results"
+FO_QUICKSTART_SECONDS = 246  # quickstart-fo's training time (4.1 min, README "What is measured")
+
+# dataset -> recipe overrides that point the quickstart recipes at it
+DATASETS = {
+    "rotten_tomatoes": [],
+    "bbc_news": [
+        f"data.train.path={DATA}/bbc_news/train.jsonl",
+        "data.eval.split=validation",
+        "data.template='{title}. Topic:'",
+        'data.verbalizer={business: " business", entertainment: " entertainment", politics: " politics", '
+        'sports: " sports", tech: " tech"}',
+        "data.max_length=48",
+        "train.per_device_train_batch_size=15",
+    ],
+}
+
+# name -> (shipped recipe, overrides): each a path a user can take with `zotune train`
+CONFIGS = {
+    "zero-shot": ("quickstart", []),  # evaluated, not trained
+    "zo-sgd": ("quickstart", []),
+    "zo-sgd-rademacher": ("quickstart", ["zo.perturbation=rademacher"]),
+    "zo-momentum": ("quickstart", ["zo.rule=momentum"]),
+    "fzoo": ("quickstart", ["zo.rule=fzoo", "zo.estimator=onesided", "zo.num_directions=4",
+                            "zo.perturbation=rademacher", "zo.schedule=fused", "train.learning_rate=1e-6"]),
+    "zo-prefix": ("prefix-tuning", []),
+    "zo-full-bf16": ("quickstart", ["model.peft=null", "model.dtype=bfloat16", "train.learning_rate=1e-6"]),
+    "fo-lora": ("quickstart-fo", []),
+    "fo-lora-ckpt": ("quickstart-fo", ["train.activation_checkpointing=true"]),
+    "fo-qlora": ("quickstart-fo", ["model.quantization={bits: 4, quant_type: nf4, compute_dtype: float32}"]),
+    "fo-full": ("quickstart-fo", ["model.peft=null", "train.learning_rate=1e-5"]),
+}
+
+
+def eval_path(data: str, split: str) -> str:
+    return f"data.eval.path={DATA}/{data}/{split}.jsonl"
+
+
+def run_one(config: str, data: str, split: str, seed: int, budget: float, every: float, extra: list[str]) -> dict:
+    """One configuration in this process: train for `budget` seconds of steps, evaluating every `every`."""
+    from transformers import TrainerCallback
+
+    from zotune.recipe import load_recipe
+    from zotune.run import build_model, build_trainer
+
+    recipe_name, overrides = CONFIGS[config]
+    out = Path("/tmp") / f"zotune-quality-{data}-{split}-{config}-{seed}-{time.time_ns()}"
+    recipe = load_recipe(recipe_name, [*DATASETS[data], eval_path(data, split), *overrides,
+                                       "data.eval.max_samples=400", f"train.seed={seed}", "train.max_steps=100000",
+                                       "train.lr_scheduler_type=constant", "train.save_strategy=no",
+                                       f"train.output_dir={out}", *extra])
+
+    class Budget(TrainerCallback):
+        """Stops after `budget` seconds of training steps; asks for an evaluation every `every`."""
+
+        def __init__(self):
+            self.spent, self.mark, self.points, self.started = 0.0, every, [], 0.0
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.started = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.spent += time.perf_counter() - self.started
+            if self.spent >= self.mark or self.spent >= budget:
+                control.should_evaluate = True
+                self.mark += every
+            if self.spent >= budget:
+                control.should_training_stop = True
+
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            self.points.append({"seconds": round(self.spent, 1), "step": state.global_step,
+                                "accuracy": metrics.get("eval_accuracy")})
+
+    model, tokenizer = build_model(recipe)
+    trainer, metric = build_trainer(recipe, model, tokenizer)
+    before = trainer.evaluate()[metric]
+    budget_cb = Budget()
+    trainer.add_callback(budget_cb)
+    if config != "zero-shot":
+        trainer.train()
+    steps = trainer.state.global_step
+    return {"config": config, "data": data, "split": split, "seed": seed, "budget_s": budget,
+            "accuracy_before": before, "points": budget_cb.points,
+            "accuracy": budget_cb.points[-1]["accuracy"] if budget_cb.points else before, "steps": steps,
+            "seconds_per_step": round(budget_cb.spent / steps, 3) if steps else None,
+            "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+            "overrides": [*DATASETS[data], *overrides, *extra]}
+
+
+def plot(path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for config in dict.fromkeys(r["config"] for r in rows):
+        for r in (r for r in rows if r["config"] == config):
+            xs = [0] + [p["seconds"] for p in r["points"]]
+            ys = [r["accuracy_before"]] + [p["accuracy"] for p in r["points"]]
+            ax.plot(xs, ys, marker="o", label=f"{config} (seed {r['seed']})")
+    ax.set_xlabel("training seconds (2 CPU cores; evaluations not counted)")
+    ax.set_ylabel(f"accuracy ({rows[0]['split']}, first 400 rows)")
+    ax.set_title(f"Gemma 3 270M on {rows[0]['data']}: accuracy against wall-clock")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    png = path.with_suffix(".png")
+    fig.savefig(png, dpi=110, bbox_inches="tight")
+    return png
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", choices=sorted(DATASETS), default="rotten_tomatoes")
+    parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, of: {', '.join(CONFIGS)}")
+    parser.add_argument("--split", choices=("validation", "test"), default="validation")
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--budget", type=float, default=FO_QUICKSTART_SECONDS, help="training seconds per run")
+    parser.add_argument("--eval-every", type=float, default=60.0)
+    parser.add_argument("--set", action="append", default=[], help="one more recipe override for every run")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one configuration in this process
+    parser.add_argument("--plot", type=Path, help="draw a results file and exit")
+    args = parser.parse_args()
+    if args.plot:
+        print(f"wrote {plot(args.plot)}")
+        return
+    if args.one:
+        row = run_one(args.one, args.data, args.split, int(args.seeds), args.budget, args.eval_every, args.set)
+        print("RESULT " + json.dumps(row))
+        return
+    out = RESULTS / f"quality_{args.data}_{args.split}.jsonl"
+    for config in args.configs.split(","):
+        if config not in CONFIGS:
+            parser.error(f"unknown configuration {config!r}; choose from {', '.join(CONFIGS)}")
+    for seed in (int(s) for s in args.seeds.split(",")):
+        for config in args.configs.split(","):
+            command = [sys.executable, __file__, "--one", config, "--data", args.data, "--split", args.split,
+                       "--seeds", str(seed), "--budget", str(args.budget), "--eval-every", str(args.eval_every),
+                       *(f"--set={s}" for s in args.set)]
+            done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+            result = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+            if done.returncode or not result:
+                print(f"{config} seed {seed}: failed\n{done.stderr[-2000:]}", file=sys.stderr)
+                continue
+            row = json.loads(result[-1].removeprefix("RESULT "))
+            with out.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(f"{config:<20} seed {seed}  {row['accuracy_before']:.4f} -> {row['accuracy']:.4f}  "
+                  f"{row['steps']} steps  {row['seconds_per_step']} s/step  peak {row['peak_rss_gib']} GiB", flush=True)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    for config in dict.fromkeys(r["config"] for r in rows):
+        accs = [r["accuracy"] for r in rows if r["config"] == config]
+        spread = f" ± {statistics.stdev(accs):.4f} (n={len(accs)})" if len(accs) > 1 else ""
+        print(f"  {config:<20} {statistics.fmean(accs):.4f}{spread}")
+    print(f"wrote {out} and {plot(out)}")
+
+
+if __name__ == "__main__":
+    main()
