@@ -59,7 +59,7 @@ CONFIGS = {
     "zo-sgd-rademacher": ("quickstart", ["zo.perturbation=rademacher"]),
     "zo-momentum": ("quickstart", ["zo.rule=momentum"]),
     "fzoo": ("quickstart", ["zo.rule=fzoo", "zo.estimator=onesided", "zo.num_directions=4",
-                            "zo.perturbation=rademacher", "zo.schedule=fused", "train.learning_rate=1e-6"]),
+                            "zo.perturbation=rademacher", "zo.schedule=fused", "train.learning_rate=2e-5"]),
     "zo-prefix": ("prefix-tuning", []),
     "zo-full-bf16": ("quickstart", ["model.peft=null", "model.dtype=bfloat16", "train.learning_rate=1e-6"]),
     "fo-lora": ("quickstart-fo", []),
