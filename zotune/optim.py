@@ -368,7 +368,7 @@ class ZOOptimizer(torch.optim.Optimizer):
                 continue
             self.move(Point(s, k, a))
             loss_a = loss_fn() if loss_fn else math.nan
-            if self.estimator.shares_theta:  # the second point is θ: its loss is the micro-batch's L(θ)
+            if b == 0 and self.estimator.loss_at_theta:  # the second point is θ, whose loss is taken
                 loss_b = self._losses_at_theta[-1]
             else:
                 self.move(Point(s, k, b))

@@ -306,8 +306,8 @@ class Recipe(Section):
     @model_validator(mode="after")
     def _checkpointing_with_backprop(self) -> "Recipe":
         if self.train.activation_checkpointing and self.method != "fo":
-            raise ValueError(f"train.activation_checkpointing saves memory in a backward pass: method {self.method!r} "
-                             "runs none; set it with method fo, or drop it")
+            raise ValueError(f"train.activation_checkpointing saves memory in method fo's backward pass; method "
+                             f"{self.method!r} does not use it: set it with method fo, or drop it")
         return self
 
     @model_validator(mode="after")

@@ -189,7 +189,6 @@ class Estimator(Method):
     plain: ClassVar[bool] = False  # z is the noise itself: the fused kernels regenerate it
     direction_state: ClassVar[tuple[str, ...]] = ()  # state keys `directions` reads (travel when offloading)
     loss_at_theta: ClassVar[bool] = False  # needs L(θ) every micro-batch (one more forward)
-    shares_theta: ClassVar[bool] = False  # offsets (a, 0): each direction's second loss is that L(θ)
 
     def offsets(self, eps: float) -> tuple[float, float]:
         """The coefficients a, b of the two points θ + a·z and θ + b·z; g = (L_a − L_b) / (a − b)."""

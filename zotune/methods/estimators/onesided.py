@@ -22,8 +22,7 @@ class OneSided(Estimator):
     name = "onesided"
     paper = "Dang et al., 2025, arXiv:2506.09034"
     plain = True
-    loss_at_theta = True
-    shares_theta = True
+    loss_at_theta = True  # with offsets (ε, 0): each direction's second loss is this L(θ)
 
     def offsets(self, eps):
         return eps, 0.0
