@@ -8,11 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_config
-from helpers import DATA, write_recipe
+from helpers import DATA, needs_data, write_recipe
 from safetensors.torch import load_file
 
 from zotune.recipe import load_recipe
 from zotune.run import build_model, train
+
+pytestmark = needs_data
+
 
 def moved(recipe, saved: dict) -> bool:
     """Whether the saved weights differ from the recipe's initial model."""
