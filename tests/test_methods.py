@@ -15,6 +15,7 @@ from conftest import tiny_causal_lm
 from datasets import Dataset
 from helpers import make_trainer, mean_loss, weights
 
+from zotune.errors import UserError
 from zotune.methods import ESTIMATORS, RULES
 from zotune.noise import noise, seed_for, step_seed
 from zotune.optim import SCHEDULES, ZOOptimizer
@@ -39,6 +40,9 @@ CASES = {
     # FZOO: its step is lr/(ε·√q) per element, so a far smaller lr
     "fzoo": ("fzoo", {}, "onesided", {}, {"zo_num_directions": 4, "zo_perturbation": "rademacher",
                                          "learning_rate": 2e-4}),
+    # CGE: one direction per trained element, so only the final norm trains (32 elements); its
+    # gradient is small (the random head's weights are ~0.02), hence the large lr
+    "cge": ("sgd", {}, "cge", {}, {"zo_include": ["model.norm"], "learning_rate": 30.0}),
 }
 REFUSED = {("conservative", "dual"), ("hizoo", "dual"), ("fzoo", "dual")}
 RUNS = [(case, schedule) for case in CASES for schedule in SCHEDULES if (case, schedule) not in REFUSED]
@@ -68,7 +72,8 @@ def test_loss_goes_down(case, tmp_path):
     schedule = "fused" if (case, "dual") in REFUSED else "dual"
     data = Dataset.from_dict({"input_ids": [[65] * 12] * 16, "labels": [[65] * 12] * 16,
                               "attention_mask": [[1] * 12] * 16})
-    model, trainer = train(case, schedule, tmp_path, max_steps=20, train=data, zo_include=["lm_head"])
+    include = CASES[case][4].get("zo_include", ["lm_head"])
+    model, trainer = train(case, schedule, tmp_path, max_steps=20, train=data, zo_include=include)
     before = mean_loss(model, data)
     trainer.train()
     assert mean_loss(model, data) < before - 0.05
@@ -106,6 +111,35 @@ def test_resume_equals_uninterrupted(case, schedule, tmp_path):
 def test_refused_schedules_say_why(case, schedule, tmp_path):
     with pytest.raises(ValueError, match="use schedule sequential or fused"):
         train(case, schedule, tmp_path)
+
+
+def test_cge_steps_along_the_central_difference_gradient():
+    """One CGE step is θ(1 − lr·wd) − lr·∇L, ∇L by central differences of ε per element."""
+    w = torch.nn.Parameter(THETA0.clone())
+    opt = ZOOptimizer([("w", w)], lr=LR, weight_decay=WD, eps=EPS, schedule="dual", estimator="cge")
+    opt.estimate(lambda s, k: (quadratic(w.detach() + opt.offsets[0] * _cge_z(opt, w, s, k)),
+                               quadratic(w.detach() + opt.offsets[1] * _cge_z(opt, w, s, k))), 0)
+    record = opt.step()
+    theta, eye = THETA0.double(), torch.eye(10, dtype=torch.float64)
+    central = torch.tensor([(quadratic(theta + EPS * e) - quadratic(theta - EPS * e)) / (2 * EPS) for e in eye])
+    assert record["q"] == 10
+    torch.testing.assert_close(w.detach().double(), theta * (1 - LR * WD) - LR * central, rtol=1e-5, atol=1e-6)
+
+
+def _cge_z(opt, w, s, k):
+    from zotune.methods import Noise, Trainable
+
+    return opt.estimator.directions(Trainable("w", w, {}), 0, Noise(0, "gaussian"))(seed_for(s, k, "w"))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"zo_num_directions": 2}, "estimator 'cge' .* leave zo.num_directions at 1"),
+    ({"zo_include": ["embed_tokens"]}, "estimator 'cge' .* train [0-9,]+ elements, more than its max_coordinates .* "
+                                  "zo.estimator.max_coordinates"),
+])
+def test_cge_refuses_what_would_make_it_absurd(overrides, message, tmp_path):
+    with pytest.raises((ValueError, UserError), match=message):  # the count is known once the model is
+        train("cge", "dual", tmp_path, **overrides)
 
 
 def test_fzoo_with_one_direction_is_refused_naming_the_setting(tmp_path):
@@ -167,6 +201,8 @@ def reference_z(estimator: dict, state: dict, step: int, k: int) -> torch.Tensor
         return z * (noise(seed_for(seed, 0, "sparse-mask"), 10).double().abs() < threshold)
     if name == "hizoo":
         return z / state["h"].sqrt()
+    if name == "cge":  # one coordinate per direction, scaled by √d (d = 10)
+        return torch.eye(10, dtype=torch.float64)[k] * math.sqrt(10)
     if name == "lowrank":  # w is 2×5, rank 2, a new V every 5 steps
         u = noise(seed, 2 * 2).double().view(2, 2)
         v = noise(seed_for(step_seed(0, step // 5), 0, "w#lowrank-V"), 5 * 2).double().view(5, 2)
@@ -198,6 +234,8 @@ def rule_step(rule: dict, theta, ghat, state, step, pairs):
 def reference_steps(rule: dict, estimator: dict, q: int, steps: int = 2) -> torch.Tensor:
     theta, state = THETA0.double(), {"h": torch.ones(10, dtype=torch.float64)}
     a, b = (EPS, 0.0) if estimator.get("sided") == "one" or estimator["name"] == "onesided" else (EPS, -EPS)
+    if estimator["name"] == "cge":
+        a, b = EPS / math.sqrt(10), -EPS / math.sqrt(10)
     for step in range(steps):
         if estimator.get("mask") == "magnitude":
             state["mask"] = theta.abs() <= theta.abs().kthvalue(5).values
@@ -228,14 +266,16 @@ HAND_CASES = [
     ({"name": "sgd"}, {"name": "hizoo", "smoothing": ALPHA}),
     ({"name": "sgd"}, {"name": "lowrank", "rank": 2, "refresh_steps": 5}),
     ({"name": "fzoo"}, {"name": "onesided"}),
+    ({"name": "sgd"}, {"name": "cge"}),
 ]
 
 
 @pytest.mark.parametrize("rule,estimator", HAND_CASES, ids=lambda spec: "-".join(map(str, spec.values())))
 def test_two_steps_match_the_hand_computed_reference(rule, estimator):
-    q = 1 if rule["name"] == "conservative" else 2
+    asked = 1 if rule["name"] == "conservative" or estimator["name"] == "cge" else 2
+    q = 10 if estimator["name"] == "cge" else asked  # CGE takes one direction per element itself
     w = torch.nn.Parameter(THETA0.clone().view(2, 5) if estimator["name"] == "lowrank" else THETA0.clone())
-    opt = ZOOptimizer([("w", w)], lr=LR, weight_decay=WD, eps=EPS, num_directions=q, schedule="sequential",
+    opt = ZOOptimizer([("w", w)], lr=LR, weight_decay=WD, eps=EPS, num_directions=asked, schedule="sequential",
                       rule=rule, estimator=estimator)
     for step in range(2):
         opt.estimate(lambda: quadratic(w.detach()), step)

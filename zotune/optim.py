@@ -130,7 +130,6 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.estimator = s.estimator if isinstance(s.estimator, Estimator) else build_estimator(s.estimator)
         check_compatible(self.rule, self.estimator, schedule=schedule, lazy_update=lazy_update,
                          num_directions=num_directions)
-        self.offsets = self.estimator.offsets(eps)
         # sharded parameters (FSDP-style): each rank holds a flat slice of a parameter, starting at
         # this element of the whole; it perturbs and updates only that slice, with the whole's z
         self.shards = dict(shards or {})
@@ -138,6 +137,8 @@ class ZOOptimizer(torch.optim.Optimizer):
             raise ValueError("sharded parameters need estimator 'spsa' and an in-place schedule (sequential or fused):"
                              " a module runs on whole parameters")
         named = list(named_params)
+        num_directions = self.estimator.num_directions({n: p.numel() for n, p in named}, num_directions)
+        self.offsets = self.estimator.offsets(eps)
         no_decay = set(no_decay)
         groups = [
             {"names": [n for n, _ in named if n not in no_decay], "weight_decay": weight_decay},

@@ -67,13 +67,13 @@ class ZOSettings(Section):
 
     rule: MethodSpec = Field(
         "sgd",
-        description="Update rule: a name (sgd, momentum, adam, sign, conservative) or a mapping with `name` and its "
-        "settings, e.g. {name: momentum, beta: 0.9}. See docs/methods.md.",
+        description="Update rule: a registered name (docs/methods.md lists them) or a mapping with `name` and its "
+        "settings, e.g. {name: momentum, beta: 0.9}.",
     )
     estimator: MethodSpec = Field(
         "spsa",
-        description="Gradient estimator: a name (spsa, sparse, hizoo, lowrank) or a mapping with `name` and its "
-        "settings, e.g. {name: sparse, density: 0.1}. spsa with num_directions > 1 is n-SPSA.",
+        description="Gradient estimator: a registered name (docs/methods.md lists them) or a mapping with `name` and "
+        "its settings, e.g. {name: sparse, density: 0.1}. spsa with num_directions > 1 is n-SPSA.",
     )
     eps: float = Field(
         1e-3, gt=0, description=f"Perturbation scale epsilon, below {MAX_EPS:g} (MeZO's 1e-3 is the default); at train "

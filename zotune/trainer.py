@@ -23,6 +23,7 @@ from zotune.dual import DualEngine, DualRefused, OutsideReads, call_halves, loss
 from zotune.eps import swamp_error, trainable_rms
 from zotune.errors import UserError
 from zotune.models import forward_accepts, stable_name, trainable_parameters
+from zotune.methods import Estimator, build_estimator
 from zotune.nonfinite import NonFiniteLossError, NonFiniteSteps  # noqa: F401 - NonFiniteLossError is imported from here too
 from zotune.objectives import Objective, load_objective
 from zotune.offload import BlockOffloader
@@ -91,6 +92,12 @@ class ZOTrainer(Trainer):
         swamped = swamp_error(self.args.zo_eps, trainable_rms(p for _, p in trainable), "zo.eps (ZOConfig.zo_eps)")
         if swamped:
             raise UserError(swamped)
+        estimator = self.settings.estimator
+        estimator = estimator if isinstance(estimator, Estimator) else build_estimator(estimator)
+        try:  # an estimator's limit on the trained parameters (cge: their count), before any forward
+            estimator.num_directions({n: p.numel() for n, p in trainable}, self.settings.num_directions)
+        except ValueError as e:
+            raise UserError(str(e)) from None
         self.zo: ZOOptimizer | None = None
         self.dual: DualEngine | None = None
         self._zo_log = {"loss_plus": [], "loss_minus": [], "projected_grad": []}

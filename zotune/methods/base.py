@@ -190,6 +190,11 @@ class Estimator(Method):
     direction_state: ClassVar[tuple[str, ...]] = ()  # state keys `directions` reads (travel when offloading)
     loss_at_theta: ClassVar[bool] = False  # needs L(θ) every micro-batch (one more forward)
 
+    def num_directions(self, sizes: dict[str, int], asked: int) -> int:
+        """The directions q per step, given each trainable parameter's element count (in the
+        optimizer's order); `asked` is `zo.num_directions`. Called once, before `offsets`."""
+        return asked
+
     def offsets(self, eps: float) -> tuple[float, float]:
         """The coefficients a, b of the two points θ + a·z and θ + b·z; g = (L_a − L_b) / (a − b)."""
         return eps, -eps
