@@ -238,6 +238,44 @@ def test_two_forwards_through_the_wrappers_equal_the_doubled_one(arch, tmp_path)
     assert any(not torch.equal(a, b) for a, b in zip(build(arch).parameters(), models[False].parameters()))
 
 
+@pytest.mark.parametrize("arch", ALL_ARCHS)
+def test_sliced_directions_in_one_forward_equal_each_direction_on_its_slice(arch, tmp_path, monkeypatch):
+    """slice_directions: 3 directions on 3 row slices of one doubled forward (the heads in chunks),
+    against the same estimate taken direction by direction, each slice in two one-sign forwards
+    (the attention's batch shapes differ: fp32 loss differences of ~1e-7, divided by 2ε, 1e-5)."""
+    monkeypatch.setattr(scratch, "CHUNK_ELEMENTS", 1024)
+    models = {}
+    for one_forward in (True, False):
+        models[one_forward] = build(arch)
+        trainer = make_trainer(models[one_forward], tmp_path / str(one_forward), data_for(arch),
+                               **{**STEPS, "zo_num_directions": 3, "per_device_train_batch_size": 6,
+                                  "zo_slice_directions": True})
+        trainer._dual_probed, trainer._dual_split = not one_forward, one_forward
+        trainer.train()
+        assert trainer.zo.slice_directions and trainer._dual_split == one_forward
+    assert_close(weights(models[False]), weights(models[True]))
+    assert any(not torch.equal(a, b) for a, b in zip(build(arch).parameters(), models[True].parameters()))
+
+
+def test_sliced_directions_each_see_only_their_slice(tmp_path):
+    """Direction k's recorded losses are those of the k-th rows at θ ± εz_k, taken in place, MeZO's way."""
+    model = build("llama")
+    trainer = make_trainer(model, tmp_path, **{**STEPS, "max_steps": 1, "gradient_accumulation_steps": 1,
+                                               "per_device_train_batch_size": 4, "zo_slice_directions": True})
+    batch = next(iter(trainer.get_train_dataloader()))
+    trainer.train()
+    [record] = read_trajectory(tmp_path / "zo_trajectory.jsonl")[1]
+    reference = build("llama").eval()
+    opt = ZOOptimizer(list(reference.named_parameters()), lr=0.0, eps=trainer.args.zo_eps, schedule="sequential")
+    for k in range(2):
+        part = {key: v[2 * k:2 * k + 2] for key, v in batch.items()}
+        for coef, recorded in ((opt.eps, record["loss_plus"][k]), (-opt.eps, record["loss_minus"][k])):
+            opt.move(Point(record["seed"], k, coef))
+            with torch.no_grad():
+                assert reference(**part).loss.item() == pytest.approx(recorded, rel=1e-5)
+        opt.move(None)
+
+
 def test_nested_owners_match_sequential(tmp_path):
     """An MLP that owns a gain and calls children that own weights."""
     models = {}

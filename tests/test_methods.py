@@ -43,8 +43,13 @@ CASES = {
     # CGE: one direction per trained element, so only the final norm trains (32 elements); its
     # gradient is small (the random head's weights are ~0.02), hence the large lr
     "cge": ("sgd", {}, "cge", {}, {"zo_include": ["model.norm"], "learning_rate": 30.0}),
+    # MobiZO's batch split: the q directions on q row slices of one doubled forward
+    "sliced": ("sgd", {}, "spsa", {}, {"zo_num_directions": 2, "zo_slice_directions": True}),
 }
-REFUSED = {("conservative", "dual"), ("hizoo", "dual"), ("fzoo", "dual")}
+IN_PLACE_ONLY = "use schedule sequential or fused"
+DUAL_ONLY = "slice_directions` runs .* needs `.*schedule: dual`"
+REFUSED = {("conservative", "dual"): IN_PLACE_ONLY, ("hizoo", "dual"): IN_PLACE_ONLY, ("fzoo", "dual"): IN_PLACE_ONLY,
+           ("sliced", "sequential"): DUAL_ONLY, ("sliced", "fused"): DUAL_ONLY}
 RUNS = [(case, schedule) for case in CASES for schedule in SCHEDULES if (case, schedule) not in REFUSED]
 
 
@@ -69,7 +74,7 @@ def test_the_table_covers_every_registered_method():
 @pytest.mark.parametrize("case", CASES)
 def test_loss_goes_down(case, tmp_path):
     """Learn to repeat one token, training only the output layer (few parameters: few steps)."""
-    schedule = "fused" if (case, "dual") in REFUSED else "dual"
+    schedule = next(s for s in ("dual", "fused") if (case, s) not in REFUSED)
     data = Dataset.from_dict({"input_ids": [[65] * 12] * 16, "labels": [[65] * 12] * 16,
                               "attention_mask": [[1] * 12] * 16})
     include = CASES[case][4].get("zo_include", ["lm_head"])
@@ -109,7 +114,7 @@ def test_resume_equals_uninterrupted(case, schedule, tmp_path):
 
 @pytest.mark.parametrize("case,schedule", sorted(REFUSED))
 def test_refused_schedules_say_why(case, schedule, tmp_path):
-    with pytest.raises(ValueError, match="use schedule sequential or fused"):
+    with pytest.raises(ValueError, match=REFUSED[case, schedule]):
         train(case, schedule, tmp_path)
 
 
@@ -142,6 +147,35 @@ def test_cge_refuses_what_would_make_it_absurd(overrides, message, tmp_path):
         train("cge", "dual", tmp_path, **overrides)
 
 
+def test_sliced_directions_with_one_direction_are_refused_naming_both_settings(tmp_path):
+    with pytest.raises(ValueError, match="slice_directions` runs .* `.*num_directions` >= 2"):
+        train("sliced", "dual", tmp_path, zo_num_directions=1)
+
+
+def test_sliced_directions_two_steps_match_the_hand_computed_reference():
+    """Two slices with their own targets: direction k's pair is slice k's loss at θ ± εz_k."""
+    targets = [TARGET, -TARGET]
+
+    def slice_loss(theta, i):
+        return float((CURVATURE * (theta.double().reshape(-1) - targets[i]) ** 2).sum())
+
+    w = torch.nn.Parameter(THETA0.clone())
+    opt = ZOOptimizer([("w", w)], lr=LR, weight_decay=WD, eps=EPS, num_directions=2, slice_directions=True)
+
+    def loss_fn(s, ks):
+        zs = [noise(seed_for(s, k, "w"), 10) for k in ks]
+        return [(slice_loss(w.detach() + EPS * z, i), slice_loss(w.detach() - EPS * z, i)) for i, z in enumerate(zs)]
+
+    theta = THETA0.double()
+    for step in range(2):
+        opt.estimate(loss_fn, step)
+        opt.step()
+        zs = [noise(seed_for(step_seed(0, step), k, "w"), 10).double() for k in range(2)]
+        g = [(slice_loss(theta + EPS * z, i) - slice_loss(theta - EPS * z, i)) / (2 * EPS) for i, z in enumerate(zs)]
+        theta = theta * (1 - LR * WD) - LR * (g[0] * zs[0] + g[1] * zs[1]) / 2
+    torch.testing.assert_close(w.detach().double(), theta, rtol=1e-4, atol=1e-5)
+
+
 def test_fzoo_with_one_direction_is_refused_naming_the_setting(tmp_path):
     with pytest.raises(ValueError, match="rule 'fzoo' .* use num_directions >= 2"):
         train("fzoo", "fused", tmp_path, zo_num_directions=1)
@@ -164,7 +198,8 @@ def test_lazy_update_is_refused_for_methods_it_cannot_fold(tmp_path):
         train("momentum", "dual", tmp_path, zo_lazy_update=True)
 
 
-@pytest.mark.parametrize("case", CASES)
+# sliced runs only under dual: tests/test_dual.py holds it to each direction taken on its slice
+@pytest.mark.parametrize("case", [case for case in CASES if (case, "sequential") not in REFUSED])
 def test_schedules_agree(case, tmp_path):
     trained = {}
     for schedule in SCHEDULES:

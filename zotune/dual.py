@@ -32,7 +32,7 @@ from __future__ import annotations
 import functools
 import math
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -87,9 +87,9 @@ class DualEngine:
 
     def __init__(self, model: nn.Module, optimizer):
         self.optimizer = optimizer
-        self.direction: tuple[int, int] | None = None  # (step seed, k) during a perturbed forward
+        self.direction: tuple[int, tuple[int, ...]] | None = None  # (step seed, its k's) in a perturbed forward
         self.probing = False  # checking the splitting rule on unperturbed weights
-        self.half: int | None = None  # set while a nested owner runs one half, or a forward runs one sign
+        self.half: int | None = None  # the block a nested owner runs, or the sign a one-sign forward runs
         self.batch = 0  # B, the rows of one half
         self.tracker = ScratchTracker()
         self.depth = 0  # wrapped calls running: a weight read outside them sees θ, never a perturbed copy
@@ -146,34 +146,49 @@ class DualEngine:
 
     # -- one wrapped call ---------------------------------------------------------------
 
+    @property
+    def blocks(self) -> int:
+        """The blocks of rows a call splits into: the two halves, each cut into one slice per direction."""
+        return 2 * (len(self.direction[1]) if self.direction else 1)
+
+    def point(self, block: int) -> Point:
+        """Block j of 2m (m directions): its half's offset (j // m) and its slice's direction (j % m)."""
+        s, ks = self.direction
+        return Point(s, ks[block % len(ks)], self.optimizer.offsets[block // len(ks)])
+
+    def order(self) -> list[int]:
+        """The blocks direction by direction, each direction's + block before its − block, so the
+        second reflects the first's copy (`_copy`)."""
+        m = self.blocks // 2
+        return [j for k in range(m) for j in (k, k + m)]
+
     def _call(self, original: Callable, run: Callable, args: tuple, kwargs: dict):
-        if self.half is not None:  # inside a nested owner's half, or a one-sign forward: don't split
+        if self.half is not None:  # inside a nested owner's block, or a one-sign forward: don't split
             return self._at_half(original, run, self.half, args, kwargs, {})
-        halves, shared = _split((args, kwargs), self.batch)
-        buffers = {}  # the perturbed copies, reflected for the second half
+        blocks, shared = _split((args, kwargs), self.batch, self.blocks)
+        buffers = {}  # the perturbed copies, reflected for a direction's − block
         if run.func == self._run_linear and not shared and not self.probing:
             x = _input(args, kwargs)
             if not torch.is_autocast_enabled(x.device.type):
-                s, k = self.direction
-                return self._linear(*run.args, x, [Point(s, k, c) for c in self.optimizer.offsets], buffers)
+                return self._linear(*run.args, x, [self.point(j) for j in range(self.blocks)], buffers)
         joined = None
-        for half, (h_args, h_kwargs) in enumerate(halves):
-            self.half = half
+        for j in self.order():
+            self.half = j
             try:
-                out = self._at_half(original, run, half, h_args, h_kwargs, buffers)
-                joined = _place(joined, out, half, self.batch if shared else None)
+                out = self._at_half(original, run, j, *blocks[j], buffers)
+                joined = _place(joined, out, j, self.blocks, self.batch if shared else None)
             finally:
                 self.half = None
         if self.probing:
-            _check_halves_agree(halves)
+            _check_halves_agree(blocks)
         return tree_unflatten(*joined)
 
-    def _at_half(self, original, run, half: int, args, kwargs, buffers: dict):
-        """The first half runs at the estimator's first offset (θ + εz), the second at its other."""
+    def _at_half(self, original, run, block: int, args, kwargs, buffers: dict):
+        """Block j runs at `point(j)`: the first half at the estimator's first offset (θ + εz), the second
+        at its other; with one direction per slice, each slice of a half at its direction's z."""
         if self.probing:
             return original(*args, **kwargs)
-        s, k = self.direction
-        return run(original, Point(s, k, self.optimizer.offsets[half]), args, kwargs, buffers)
+        return run(original, self.point(block), args, kwargs, buffers)
 
     def _buffer(self, buffers: dict, key, shape, like: torch.Tensor) -> torch.Tensor:
         if key not in buffers:
@@ -269,7 +284,8 @@ class DualEngine:
         for lo in range(0, features, rows or features):
             hi = min(lo + (rows or features), features)
             span = None if rows is None else (lo, hi, rows)
-            for x_i, y_i, at in zip(xs, ys, points):
+            for i in self.order() if len(points) == self.blocks else range(len(points)):
+                x_i, y_i, at = xs[i], ys[i], points[i]
                 w_at = self._copy(buffers, name, w, at, span)
                 if bias is None or b_name is None:
                     b_at = None if bias is None else bias[lo:hi]
@@ -285,13 +301,19 @@ class DualEngine:
     # -- forwards ---------------------------------------------------------------------
 
     @contextmanager
-    def dual_forward(self, batch: int, direction: tuple[int, int] | None, half: int | None = None) -> Iterator[None]:
+    def dual_forward(self, batch: int, direction: tuple[int, int | tuple[int, ...]] | None,
+                     half: int | None = None) -> Iterator[None]:
         """Within this context the model runs on a batch of 2·`batch` rows, each module's first half
         at θ + a·z and its second at θ + b·z; given `half`, the whole batch runs at that one sign.
+        `direction` is (step seed, k); given several k's (k_0..k_{m−1}), each half is cut into m
+        slices of batch/m rows, slice i at z_{k_i}: m directions in one forward.
 
         `direction=None` probes: the weights stay unperturbed and every wrapped module checks
         that its two input halves agree, which a split that does not follow the batch would break.
         """
+        if direction is not None:
+            s, ks = direction
+            direction = (s, ks if isinstance(ks, tuple) else (ks,))
         self.batch, self.direction, self.probing, self.half = batch, direction, direction is None, half
         try:
             yield
@@ -332,57 +354,56 @@ def double(inputs: dict, batch: int) -> dict:
             for k, v in inputs.items()}
 
 
-def _split(tree, batch: int):
-    """Both halves of every tensor leaf in `tree`, and whether all of them were shared (first dim 1)."""
+def _split(tree, batch: int, blocks: int = 2):
+    """Every tensor leaf of `tree` cut into `blocks` blocks of rows, as (args, kwargs) per block, and
+    whether all of them were shared (first dim 1, the same in every block)."""
     leaves, spec = tree_flatten(tree)
-    firsts, seconds, all_shared, any_tensor = [], [], True, False
+    cut, all_shared, any_tensor = [], True, False
     for leaf in leaves:
         if torch.is_tensor(leaf) and leaf.dim() > 0:
             any_tensor = True
             rows = leaf.shape[0]
             if rows % (2 * batch) == 0:
-                first, second = leaf.chunk(2)
+                cut.append(leaf.chunk(blocks))
                 all_shared = False
             elif rows == 1:
-                first = second = leaf
+                cut.append([leaf] * blocks)
             else:
                 raise DualRefused(f"an input of shape {tuple(leaf.shape)} is neither a multiple of 2×{batch} rows "
                                   "nor 1")
         else:
-            first = second = leaf
-        firsts.append(first)
-        seconds.append(second)
+            cut.append([leaf] * blocks)
     if not any_tensor:
         raise DualRefused("a parameter-owning module was called without tensor inputs")
-    return [tree_unflatten(firsts, spec), tree_unflatten(seconds, spec)], all_shared
+    return [tree_unflatten([c[j] for c in cut], spec) for j in range(blocks)], all_shared
 
 
-def _place(joined, output, half: int, shared_batch: int | None):
-    """Write one half's output into the joined output, allocated at the first half.
+def _place(joined, output, block: int, blocks: int, shared_batch: int | None):
+    """Write one block's output into the joined output, allocated at the first block.
 
-    Copying each half in as it comes keeps the peak at 1.5× the joined output (a
+    Copying each block in as it comes keeps the peak at 1.5× the joined output (a
     concatenation at the end holds both halves and the result, 2×): for a model's head,
     whose output is the logits, that is the largest tensor of the forward.
     """
     leaves, spec = tree_flatten(output)
     if joined is None:
-        joined = ([_allocate(v, shared_batch) for v in leaves], spec)
+        joined = ([_allocate(v, blocks, shared_batch) for v in leaves], spec)
     for out, v in zip(joined[0], leaves):
         if torch.is_tensor(out):
-            rows = out.shape[0] // 2
-            out[half * rows:(half + 1) * rows] = v  # a broadcast (1-row) output expands to B rows
+            rows = out.shape[0] // blocks
+            out[block * rows:(block + 1) * rows] = v  # a broadcast (1-row) output expands to its rows
     return joined
 
 
-def _allocate(v, shared_batch: int | None):
+def _allocate(v, blocks: int, shared_batch: int | None):
     if not torch.is_tensor(v):
         return v
     if v.dim() == 0:
         raise DualRefused("a parameter-owning module returned a scalar tensor")
     if shared_batch is not None and v.shape[0] != 1:
         raise DualRefused(f"a broadcast input gave an output of {v.shape[0]} rows")
-    rows = shared_batch if shared_batch is not None else v.shape[0]
-    return v.new_empty((2 * rows, *v.shape[1:]))
+    rows = 2 * shared_batch if shared_batch is not None else blocks * v.shape[0]
+    return v.new_empty((rows, *v.shape[1:]))
 
 
 def _check_halves_agree(halves) -> None:
@@ -417,22 +438,11 @@ def call_halves(engine: DualEngine, model: nn.Module, direction: tuple[int, int]
     half's loss is the model's own on its half (`model_loss`); a loss the model reduced over the
     doubled batch is dropped from the halves."""
     kept: list = []
-    patched_before = "forward" in model.__dict__
     original = model.forward
 
     def doubled(*args, **kwargs):
-        if args:
-            raise DualRefused("the model was called with positional inputs; the dual split needs keyword inputs")
-        # a fused head (trl's `fused_lm_head=True`) scores the labels inside the forward: they go in doubled
-        labels = None if kwargs.get("fused_lm_head") else kwargs.pop("labels", None)
-        batch = next(v.shape[0] for v in kwargs.values() if torch.is_tensor(v) and v.dim())
-        with engine.dual_forward(batch, direction):
-            outputs = original(**double(kwargs, batch))
-        halves = [_rows(outputs, half, batch) for half in (0, 1)]
-        if labels is not None:
-            halves = [_with_loss(h, model_loss(model, h, labels)) for h in halves]
-        elif torch.is_tensor(outputs.get("loss") if isinstance(outputs, dict) else None):
-            halves = [_with_loss(h, None) for h in halves]  # reduced over both halves: no half's loss
+        _keyword_only(args)
+        halves = _blocks_of_doubled(engine, model, original, kwargs, direction, [kwargs.get("labels")])
         kept.append(halves[1])
         return halves[0]
 
@@ -442,18 +452,107 @@ def call_halves(engine: DualEngine, model: nn.Module, direction: tuple[int, int]
         return kept.pop(0)
 
     values = []
-    try:
+    with _forward_replaced(model) as replace:
         for forward in (doubled, replayed):
-            model.forward = forward
+            replace(forward)
             values.append(float(value()))
+    if kept:
+        raise DualRefused("the loss called the model less often on its second run than on its first")
+    return values[0], values[1]
+
+
+class _Captured(Exception):
+    """Raised by a model call whose inputs were only to be seen."""
+
+
+def call_slices(engine: DualEngine, model: nn.Module, seed: int, ks: Sequence[int],
+                value_of_slice: Callable[[int], torch.Tensor | float]) -> list[tuple[float, float]]:
+    """(L_a, L_b) of each direction k_i of `ks`, measured on the i-th of m = len(ks) equal slices of
+    the batch's rows, from one dual forward: m directions for the forwards of one (MobiZO's
+    batch split, Tang et al., 2024, arXiv:2409.15520).
+
+    `value_of_slice(i)` computes the value on slice i's rows, calling `model` once. It runs m times
+    without any forward (each model call only shows its inputs), then the slices' inputs, stacked,
+    run doubled in one forward whose every module runs slice i of its first half at θ + a·z_{k_i}
+    and of its second at θ + b·z_{k_i}; then `value_of_slice` runs once per block, its model call
+    returning that block's outputs."""
+    m, original = len(ks), model.forward
+    captured: list[dict] = []
+
+    def capture(*args, **kwargs):
+        _keyword_only(args)
+        captured.append(kwargs)
+        raise _Captured
+
+    with _forward_replaced(model) as replace:
+        replace(capture)
+        for i in range(m):
+            try:
+                value_of_slice(i)
+            except _Captured:
+                continue
+            raise DualRefused("the value did not call the model")
+        rows = {len(next(v for v in c.values() if torch.is_tensor(v) and v.dim())) for c in captured}
+        if len(rows) != 1:
+            raise DualRefused(f"the slices have different numbers of rows {sorted(rows)}")
+        whole = {key: torch.cat([c[key] for c in captured]) if torch.is_tensor(v) and v.dim() and len(v) in rows
+                 else v for key, v in captured[0].items()}
+        blocks = _blocks_of_doubled(engine, model, original, whole, (seed, tuple(ks)),
+                                    [c.get("labels") for c in captured])
+        values = []
+        for j, block in enumerate(blocks):
+            served = [block]
+
+            def serve(*args, **kwargs):
+                if not served:
+                    raise DualRefused("the value called the model more than once; slicing directions needs one call")
+                return served.pop()
+
+            replace(serve)
+            values.append(float(value_of_slice(j % m)))
+    return [(values[i], values[m + i]) for i in range(m)]
+
+
+def _keyword_only(args: tuple) -> None:
+    if args:
+        raise DualRefused("the model was called with positional inputs; the dual split needs keyword inputs")
+
+
+def _blocks_of_doubled(engine: DualEngine, model: nn.Module, original: Callable, kwargs: dict, direction,
+                       labels: list) -> list:
+    """The outputs of one dual forward of `kwargs` doubled, cut into its blocks (the two halves, each
+    cut into one slice per direction), each with the model's own loss of its block given the labels
+    of its slice (`labels[i]`); `labels` are taken out of the forward."""
+    kwargs = dict(kwargs)
+    # a fused head (trl's `fused_lm_head=True`) scores the labels inside the forward: they go in doubled
+    if not kwargs.get("fused_lm_head"):
+        kwargs.pop("labels", None)
+    else:
+        labels = [None] * len(labels)
+    batch = next(v.shape[0] for v in kwargs.values() if torch.is_tensor(v) and v.dim())
+    with engine.dual_forward(batch, direction):
+        outputs = original(**double(kwargs, batch))
+        n = engine.blocks
+    blocks = [_rows(outputs, j, n, 2 * batch) for j in range(n)]
+    if labels[0] is not None:
+        return [_with_loss(b, model_loss(model, b, labels[j % len(labels)])) for j, b in enumerate(blocks)]
+    if torch.is_tensor(outputs.get("loss") if isinstance(outputs, dict) else None):
+        return [_with_loss(b, None) for b in blocks]  # reduced over the whole batch: no block's loss
+    return blocks
+
+
+@contextmanager
+def _forward_replaced(model: nn.Module) -> Iterator[Callable]:
+    """Yields a function that replaces `model.forward`; the original is back on exit."""
+    patched_before = "forward" in model.__dict__
+    original = model.forward
+    try:
+        yield lambda forward: setattr(model, "forward", forward)
     finally:
         if patched_before:
             model.forward = original
         else:
             del model.forward
-    if kept:
-        raise DualRefused("the loss called the model less often on its second run than on its first")
-    return values[0], values[1]
 
 
 def _with_loss(outputs, loss: torch.Tensor):
@@ -518,10 +617,11 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return total / (targets != -100).sum()
 
 
-def _rows(outputs, half: int, batch: int):
-    """One half of a model output: every tensor with 2B rows cut to its half."""
+def _rows(outputs, block: int, blocks: int, rows: int):
+    """One block of a model output: every tensor with `rows` rows cut to its block of `blocks`."""
     leaves, spec = tree_flatten(outputs)
-    cut = [v[half * batch:(half + 1) * batch] if torch.is_tensor(v) and v.dim() and v.shape[0] == 2 * batch else v
+    size = rows // blocks
+    cut = [v[block * size:(block + 1) * size] if torch.is_tensor(v) and v.dim() and v.shape[0] == rows else v
            for v in leaves]
     return tree_unflatten(cut, spec)
 

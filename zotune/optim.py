@@ -151,6 +151,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         super().__init__([g for g in groups if g["params"]], {"lr": lr, "weight_decay": weight_decay})
         self.eps, self.q, self.kind, self.schedule, self.seed = eps, num_directions, s.perturbation, schedule, seed
         self.lazy_update, self.master_weights = bool(lazy_update), s.master_weights  # unset: at once
+        self.slice_directions = s.slice_directions
         self._keep_masters(named)
         self.last_record: dict | None = None
         self.round_trip_checked = False
@@ -175,7 +176,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         if schedule not in precision.IN_PLACE_SCHEDULES or self._step is not None:
             raise ValueError(f"run_in_place({schedule!r}) needs an in-place schedule, before the first step")
         self.flush()
-        self.schedule, self.lazy_update = schedule, False
+        self.schedule, self.lazy_update, self.slice_directions = schedule, False, False
         self._keep_masters([(name, p) for name, p, _ in self.named_params()])
 
     @property
@@ -354,7 +355,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         """The ± losses of one micro-batch, one direction after the other.
 
         dual: `loss_fn(s, k)` returns (L_a, L_b), the engine running every module on its
-        perturbed copies. sequential / fused: `loss_fn()` is the loss at the current weights,
+        perturbed copies; with `slice_directions`, `loss_fn(s, (0, .., q−1))` returns the q pairs
+        of one forward. sequential / fused: `loss_fn()` is the loss at the current weights,
         which are moved around it. `loss_fn=None` replays the moves without forwards.
         """
         s = step_seed(self.seed, step)
@@ -363,6 +365,8 @@ class ZOOptimizer(torch.optim.Optimizer):
             self.move(None)
             self._losses_at_theta.append(loss_fn() if loss_fn else math.nan)
         losses = []
+        if self.out_of_place and self.slice_directions:  # all q directions from one forward
+            return loss_fn(s, tuple(range(self.q))) if loss_fn else [(math.nan, math.nan)] * self.q
         for k in range(self.q):
             if self.out_of_place:
                 losses.append(loss_fn(s, k) if loss_fn else (math.nan, math.nan))

@@ -80,6 +80,13 @@ class ZOSettings(Section):
         "start it must also be below 10x the RMS of the trainable weights (see zotune.eps).",
     )
     num_directions: int = Field(1, ge=1, description="Directions q per step; the update averages them.")
+    slice_directions: bool = Field(
+        False,
+        description="dual with num_directions q >= 2: one forward of the doubled batch for all q directions, "
+        "direction k estimated on the k-th of q slices of the batch's rows (MobiZO, arXiv:2409.15520), instead of "
+        "q doubled forwards of the whole batch. Trades the data each direction sees (B/q rows) for q times fewer "
+        "forwards; the batch size must be a multiple of q.",
+    )
     perturbation: Literal[PERTURBATIONS] = Field("gaussian", description="Distribution of z.")
     schedule: Literal[SCHEDULES] = Field(
         "dual",
@@ -146,6 +153,10 @@ class ZOSettings(Section):
         if self.offload_transfer_dtype is not None and self.lazy_update:
             raise ValueError("`offload_transfer_dtype` drops the 16-bit copies after each block: "
                              "not with `lazy_update`")
+        if self.slice_directions and (self.schedule != "dual" or self.num_directions < 2):
+            raise ValueError("`slice_directions` runs the q directions on slices of one dual forward: it needs "
+                             f"`schedule: dual` and `num_directions` >= 2 (here {self.schedule!r} and "
+                             f"{self.num_directions})")
         check_compatible(build_rule(self.rule), build_estimator(self.estimator), schedule=self.schedule,
                          lazy_update=self.lazy_update, num_directions=self.num_directions)
         return self

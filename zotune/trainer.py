@@ -19,7 +19,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.utils import logging
 
 from zotune.checkpoints import SaveOnInterrupt, save_checkpoint_atomically
-from zotune.dual import DualEngine, DualRefused, OutsideReads, call_halves, losses_agree
+from zotune.dual import DualEngine, DualRefused, OutsideReads, call_halves, call_slices, losses_agree
 from zotune.eps import swamp_error, trainable_rms
 from zotune.errors import UserError
 from zotune.models import forward_accepts, stable_name, trainable_parameters
@@ -92,6 +92,10 @@ class ZOTrainer(Trainer):
         swamped = swamp_error(self.args.zo_eps, trainable_rms(p for _, p in trainable), "zo.eps (ZOConfig.zo_eps)")
         if swamped:
             raise UserError(swamped)
+        if self.settings.slice_directions and self.args.per_device_train_batch_size < self.settings.num_directions:
+            raise UserError(f"zo.slice_directions gives each of zo.num_directions={self.settings.num_directions} "
+                            f"directions its own rows of a batch: train.per_device_train_batch_size="
+                            f"{self.args.per_device_train_batch_size} is too small (best a multiple of it)")
         estimator = self.settings.estimator
         estimator = estimator if isinstance(estimator, Estimator) else build_estimator(estimator)
         try:  # an estimator's limit on the trained parameters (cge: their count), before any forward
@@ -165,7 +169,9 @@ class ZOTrainer(Trainer):
             self.begin_trajectory(self.state.global_step)
 
         if self.dual is not None:
-            def loss_fn(s: int, k: int) -> tuple[float, float]:
+            def loss_fn(s: int, k):
+                if isinstance(k, tuple):  # slice_directions: all directions, one row slice each
+                    return self._slice_losses(model, inputs, s, k)
                 if self._dual_split:
                     return self._half_losses(model, inputs, (s, k))
                 return self._sign_losses(model, inputs, (s, k))
@@ -226,7 +232,8 @@ class ZOTrainer(Trainer):
                            ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else ""))
             self.zo.run_in_place("fused")
             self.settings = self.settings.model_copy(update={"schedule": self.zo.schedule,
-                                                             "lazy_update": self.zo.lazy_update})
+                                                             "lazy_update": self.zo.lazy_update,
+                                                             "slice_directions": self.zo.slice_directions})
             self.dual.remove()
             self.dual = None
 
@@ -242,6 +249,21 @@ class ZOTrainer(Trainer):
         """(L+, L−) of `_value` (compute_loss, however a subclass reduces it, or the objective) on
         the two halves of one dual forward."""
         return call_halves(self.dual, model, direction, lambda: self._value(model, inputs))
+
+    def _slice_losses(self, model, inputs, s: int, ks: tuple[int, ...]) -> list[tuple[float, float]]:
+        """Each direction k_i's (L+, L−) on the i-th of len(ks) slices of the batch's rows: from one dual
+        forward (`call_slices`) when the slices are equal; else (a last, short batch; a model that cannot
+        be split) direction by direction, each on its slice. A batch of fewer rows than directions
+        gives each row to every len(rows)-th direction."""
+        rows = len(next(v for v in inputs.values() if torch.is_tensor(v) and v.dim()))
+        parts = min(rows, len(ks))
+        slices = [{key: v.tensor_split(parts)[i % parts] if torch.is_tensor(v) and v.dim() and len(v) == rows else v
+                   for key, v in inputs.items()} for i in range(len(ks))]
+        if self._dual_split and rows % len(ks) == 0:
+            return call_slices(self.dual, model, s, ks, lambda i: self._value(model, slices[i]))
+        if self._dual_split:
+            return [self._half_losses(model, part, (s, k)) for part, k in zip(slices, ks)]
+        return [self._sign_losses(model, part, (s, k)) for part, k in zip(slices, ks)]
 
     @cached_property
     def _objective(self) -> Objective | None:
