@@ -58,6 +58,7 @@ CONFIGS = {
     "zo-sgd": ("quickstart", []),
     "zo-sgd-rademacher": ("quickstart", ["zo.perturbation=rademacher"]),
     "zo-momentum": ("quickstart", ["zo.rule=momentum"]),
+    "zo-sliced": ("quickstart", ["zo.num_directions=4", "zo.slice_directions=true"]),  # MobiZO's batch split
     "fzoo": ("quickstart", ["zo.rule=fzoo", "zo.estimator=onesided", "zo.num_directions=4",
                             "zo.perturbation=rademacher", "zo.schedule=fused", "train.learning_rate=2e-5"]),
     "zo-prefix": ("prefix-tuning", []),
@@ -121,7 +122,12 @@ def run_one(config: str, data: str, split: str, seed: int, budget: float, every:
             "accuracy": budget_cb.points[-1]["accuracy"] if budget_cb.points else before, "steps": steps,
             "seconds_per_step": round(budget_cb.spent / steps, 3) if steps else None,
             "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
-            "overrides": [*DATASETS[data], *overrides, *extra]}
+            "overrides": [*DATASETS[data], *overrides, *extra], "extra": extra}
+
+
+def label_of(row: dict) -> str:
+    """A configuration and the overrides given to it with --set."""
+    return " ".join([row["config"], *row.get("extra", [])])
 
 
 def plot(path: Path) -> Path:
@@ -132,11 +138,11 @@ def plot(path: Path) -> Path:
 
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     fig, ax = plt.subplots(figsize=(8, 5))
-    for config in dict.fromkeys(r["config"] for r in rows):
-        for r in (r for r in rows if r["config"] == config):
+    for label in dict.fromkeys(map(label_of, rows)):
+        for r in (r for r in rows if label_of(r) == label):
             xs = [0] + [p["seconds"] for p in r["points"]]
             ys = [r["accuracy_before"]] + [p["accuracy"] for p in r["points"]]
-            ax.plot(xs, ys, marker="o", label=f"{config} (seed {r['seed']})")
+            ax.plot(xs, ys, marker="o", label=f"{label} (seed {r['seed']})")
     ax.set_xlabel("training seconds (2 CPU cores; evaluations not counted)")
     ax.set_ylabel(f"accuracy ({rows[0]['split']}, first 400 rows)")
     ax.set_title(f"Gemma 3 270M on {rows[0]['data']}: accuracy against wall-clock")
@@ -186,10 +192,10 @@ def main() -> None:
             print(f"{config:<20} seed {seed}  {row['accuracy_before']:.4f} -> {row['accuracy']:.4f}  "
                   f"{row['steps']} steps  {row['seconds_per_step']} s/step  peak {row['peak_rss_gib']} GiB", flush=True)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    for config in dict.fromkeys(r["config"] for r in rows):
-        accs = [r["accuracy"] for r in rows if r["config"] == config]
+    for label in dict.fromkeys(map(label_of, rows)):
+        accs = [r["accuracy"] for r in rows if label_of(r) == label]
         spread = f" ± {statistics.stdev(accs):.4f} (n={len(accs)})" if len(accs) > 1 else ""
-        print(f"  {config:<20} {statistics.fmean(accs):.4f}{spread}")
+        print(f"  {label:<40} {statistics.fmean(accs):.4f}{spread}")
     print(f"wrote {out} and {plot(out)}")
 
 
