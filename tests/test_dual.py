@@ -22,6 +22,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification
 from zotune import scratch
 from zotune.blocks import find_blocks
 from zotune.dual import DualRefused, _split
+from zotune.errors import UserError
 from zotune.optim import Point, ZOOptimizer
 from zotune.replay import optimizer_from_header
 from zotune.trajectory import read_trajectory
@@ -274,6 +275,13 @@ def test_sliced_directions_each_see_only_their_slice(tmp_path):
             with torch.no_grad():
                 assert reference(**part).loss.item() == pytest.approx(recorded, rel=1e-5)
         opt.move(None)
+
+
+def test_sliced_directions_need_a_row_for_each_direction(tmp_path):
+    with pytest.raises(UserError, match="zo.slice_directions .* zo.num_directions=4 .* "
+                                        "train.per_device_train_batch_size=2 is too small"):
+        make_trainer(build("llama"), tmp_path, zo_num_directions=4, zo_slice_directions=True,
+                     per_device_train_batch_size=2)
 
 
 def test_nested_owners_match_sequential(tmp_path):
