@@ -40,6 +40,7 @@ class CGE(Estimator):
     def __init__(self, config=None):
         super().__init__(config)
         self.layout: dict[str, tuple[int, int]] = {}  # name -> (first coordinate, elements)
+        self.d = 0  # trained elements in all, set by `num_directions`
         self._index: tuple[int, dict[str, dict[int, int]]] = (-1, {})  # step seed -> name -> {seed: element}
 
     def refusal(self, *, schedule, lazy_update, num_directions):
@@ -54,15 +55,14 @@ class CGE(Estimator):
             raise ValueError(f"estimator 'cge' takes 2 forwards per trained element and these settings train {d:,} "
                              f"elements, more than its max_coordinates ({self.config.max_coordinates:,}): train "
                              "fewer parameters (params.include, e.g. [norm]), or raise zo.estimator.max_coordinates")
-        start = 0
+        self.d, start = d, 0
         for name, n in sizes.items():
             self.layout[name] = (start, n)
             start += n
         return d
 
     def offsets(self, eps):
-        d = sum(n for _, n in self.layout.values())
-        return eps / math.sqrt(d), -eps / math.sqrt(d)
+        return eps / math.sqrt(self.d), -eps / math.sqrt(self.d)
 
     def directions(self, p, step, noise):
         import torch
@@ -76,7 +76,7 @@ class CGE(Estimator):
         if p.name not in self._index[1]:
             self._index[1][p.name] = {seed_for(s, start + i, p.name): i for i in range(n)}
         index = self._index[1][p.name]
-        scale = math.sqrt(sum(n for _, n in self.layout.values()))
+        scale = math.sqrt(self.d)
         param = p.param
 
         def coordinate(seed: int) -> torch.Tensor:
