@@ -61,6 +61,9 @@ CONFIGS = {
     "zo-sliced": ("quickstart", ["zo.num_directions=4", "zo.slice_directions=true"]),  # MobiZO's batch split
     "fzoo": ("quickstart", ["zo.rule=fzoo", "zo.estimator=onesided", "zo.num_directions=4",
                             "zo.perturbation=rademacher", "zo.schedule=fused", "train.learning_rate=2e-5"]),
+    # Addax: backprop on each batch's shortest rows within 128 tokens, ZO on the rest; the ZO part is
+    # weighted by alpha so that alpha * lr stays near ZO-SGD's stable step
+    "zo-addax": ("quickstart", ["zo.rule={name: addax, alpha: 0.05, max_tokens: 128}", "train.learning_rate=1e-2"]),
     "zo-prefix": ("prefix-tuning", []),
     "zo-full-bf16": ("quickstart", ["model.peft=null", "model.dtype=bfloat16", "train.learning_rate=1e-6"]),
     "fo-lora": ("quickstart-fo", []),

@@ -44,6 +44,7 @@ import torch.distributed as dist
 
 from zotune import precision
 from zotune.eps import PROBE_ELEMENTS, round_trip_warning
+from zotune.first_order import gradients_digest
 from zotune.kernels import lazy_update_and_perturb_, perturb_, perturb_rows
 from zotune.methods import (
     Estimator,
@@ -154,6 +155,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.slice_directions = s.slice_directions
         self._keep_masters(named)
         self.last_record: dict | None = None
+        self.last_first_order: dict[str, torch.Tensor] = {}  # the backprop gradients the last step added
         self.round_trip_checked = False
         self._reset_step()
 
@@ -237,7 +239,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.rule.apply(ParamUpdate(p.data, self.state[p], self.state[p].get("master"),
                                     [seed_for(s, k, name) for k in range(q)], [gk / q for gk in update.g], restore,
                                     self.kind, kw["directions"], update.lr, update.wd, kw["offset"],
-                                    self._rounding_seed(p, name, update.step)))
+                                    self._rounding_seed(p, name, update.step),
+                                    p.grad if self.rule.first_order else None))
 
     def _update_of(self, group: dict, g: list[float], step: int) -> Update:
         return Update(g, step, group["lr"], group["weight_decay"])
@@ -444,7 +447,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         a, b = self.offsets
         g = [sum(w * (la - lb) / (a - b) for w, (la, lb) in zip(self._weights, self.step_losses[k::self.q]))
              / sum(self._weights) for k in range(self.q)]
-        finite = all(math.isfinite(v) for v in g)
+        first_order = self._first_order_grads()
+        finite = all(math.isfinite(v) for v in g) and all(bool(t.isfinite().all()) for t in first_order.values())
         choice = {}
         if finite:
             applied, choice = self.rule.choose(self._view(self._step, self._probe(self._step, measure=True)), g, None)
@@ -473,6 +477,9 @@ class ZOOptimizer(torch.optim.Optimizer):
         }
         if self.estimator.loss_at_theta:
             record["loss_zero"] = self._losses_at_theta
+        if first_order:  # replay needs g¹ itself: the caller saves `last_first_order` (zotune.first_order)
+            record["first_order_sha256"] = gradients_digest(first_order)
+        self.last_first_order = first_order
         if comm_bytes:
             record["comm_bytes"] = comm_bytes
         if self.out_of_place:
@@ -482,6 +489,15 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._reset_step()
         self.last_record = record
         return record
+
+    def _first_order_grads(self) -> dict[str, torch.Tensor]:
+        """The backprop gradients a first-order rule adds to this step (`Rule.first_order`), by name."""
+        if not self.rule.first_order:
+            return {}
+        if data_parallel():
+            raise RuntimeError(f"rule {self.rule.name!r} does not average its first-order gradient across ranks: "
+                               "run it in one process")
+        return {name: p.grad for name, p, _ in self.named_params() if p.grad is not None}
 
     # -- data parallel: a step's estimate is a few scalars per micro-batch ------------------
 
@@ -515,12 +531,16 @@ class ZOOptimizer(torch.optim.Optimizer):
         return total / weight
 
     @torch.no_grad()
-    def replay(self, record: dict) -> None:
+    def replay(self, record: dict, first_order: dict[str, torch.Tensor] | None = None) -> None:
         """Repeat a recorded step without forwards: θ ends bit-equal to training's.
 
         Out of place, a step is its update alone (a lazy update folded into the next perturbed
         copy writes the same θ as the plain update pass, so it is applied at once here). In place,
-        the perturbation passes are repeated too: +εz −2εz +εz may leave an ulp behind."""
+        the perturbation passes are repeated too: +εz −2εz +εz may leave an ulp behind.
+        `first_order`: the step's saved backprop gradients by name, for a first-order rule
+        (`zotune.first_order.load_gradients`)."""
+        for name, p, _ in self.named_params():
+            p.grad = (first_order or {}).get(name)
         for group in self.param_groups:
             group["lr"] = record["lr"]
         self.schedule = record["schedule"]  # each record says how its step ran
@@ -536,6 +556,8 @@ class ZOOptimizer(torch.optim.Optimizer):
             self.estimator.end_step(self._view(step), record)
         else:
             self.flush()
+        for p in (p for _, p, _ in self.named_params()):
+            p.grad = None
         self._reset_step()
 
     def load_state_dict(self, state_dict: dict) -> None:

@@ -12,6 +12,7 @@ from rich.progress import track
 
 from zotune.checkpoints import exit_interrupted, finish_writing
 from zotune.errors import UserError
+from zotune.first_order import load_gradients
 from zotune.models import load_model, trainable_parameters
 from zotune.optim import ZOOptimizer
 from zotune.outdir import prepare_out_dir
@@ -62,8 +63,9 @@ def replay(base: str, trajectory: str, out_dir: str, *, force: bool = False) -> 
         raise UserError(f"{base}: its initial weights differ from those {trajectory} was recorded from")
 
     zo = optimizer_from_header(header, named)
+    log_dir = log if log.is_dir() else log.parent
     for record in track(records, description="replaying"):
-        zo.replay(record)
+        zo.replay(record, load_gradients(log_dir, record))
     zo.flush()  # training flushed a pending lazy update before saving
     with finish_writing(f"the replayed model to {out}") as deferred:
         model.save_pretrained(str(out))

@@ -157,8 +157,13 @@ class ZOSettings(Section):
             raise ValueError("`slice_directions` runs the q directions on slices of one dual forward: it needs "
                              f"`schedule: dual` and `num_directions` >= 2 (here {self.schedule!r} and "
                              f"{self.num_directions})")
-        check_compatible(build_rule(self.rule), build_estimator(self.estimator), schedule=self.schedule,
+        rule = build_rule(self.rule)
+        check_compatible(rule, build_estimator(self.estimator), schedule=self.schedule,
                          lazy_update=self.lazy_update, num_directions=self.num_directions)
+        if rule.first_order and (self.objective != "loss" or self.offload != "none"):
+            raise ValueError(f"rule {rule.name!r} backpropagates the task's loss through the resident model: it "
+                             f"needs `objective: loss` and `offload: none` (here {self.objective!r} and "
+                             f"{self.offload!r})")
         return self
 
 

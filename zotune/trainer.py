@@ -23,7 +23,8 @@ from zotune.dual import DualEngine, DualRefused, OutsideReads, call_halves, call
 from zotune.eps import swamp_error, trainable_rms
 from zotune.errors import UserError
 from zotune.models import forward_accepts, stable_name, trainable_parameters
-from zotune.methods import Estimator, build_estimator
+from zotune.first_order import save_gradients, split_rows
+from zotune.methods import Estimator, build_estimator, build_rule
 from zotune.nonfinite import NonFiniteLossError, NonFiniteSteps  # noqa: F401 - NonFiniteLossError is imported from here too
 from zotune.objectives import Objective, load_objective
 from zotune.offload import BlockOffloader
@@ -96,6 +97,10 @@ class ZOTrainer(Trainer):
             raise UserError(f"zo.slice_directions gives each of zo.num_directions={self.settings.num_directions} "
                             f"directions its own rows of a batch: train.per_device_train_batch_size="
                             f"{self.args.per_device_train_batch_size} is too small (best a multiple of it)")
+        rule = build_rule(self.settings.rule)
+        if rule.first_order and self.args.world_size > 1:
+            raise UserError(f"zo.rule {rule.name!r} backpropagates on each rank alone and would not average its "
+                            "first-order gradient: run it in one process")
         estimator = self.settings.estimator
         estimator = estimator if isinstance(estimator, Estimator) else build_estimator(estimator)
         try:  # an estimator's limit on the trained parameters (cge: their count), before any forward
@@ -163,6 +168,9 @@ class ZOTrainer(Trainer):
 
     def _zo_micro_batch(self, model, inputs) -> torch.Tensor:
         inputs = _without_kv_cache(model, self._prepare_inputs(inputs))
+        first_order = None
+        if self.zo.rule.first_order:  # backprop on the rows the budget allows, the ZO forwards on the rest
+            inputs, first_order = self._first_order_rows(model, inputs)
         if self.dual is not None and not self._dual_probed:
             self._probe_dual(model, inputs)
         if not self._trajectory_begun:  # after the probe, which may change the schedule
@@ -183,10 +191,33 @@ class ZOTrainer(Trainer):
         if self.offloader is not None:
             self.offloader.wait()  # the update pass reads the written-back weights on the host
         mean = sum(lp + lm for lp, lm in losses) / (2 * len(losses))
+        if first_order is not None:  # the loss of the whole micro-batch, both parts by their items
+            (fo_loss, fo_items), zo_items = first_order, self._items(inputs)
+            mean = (mean * zo_items + fo_loss * fo_items) / (zo_items + fo_items)
         self._zo_log["loss_plus"] += [lp for lp, _ in losses]
         self._zo_log["loss_minus"] += [lm for _, lm in losses]
         # the Trainer sums the returned loss over micro-batches of a step
         return torch.tensor(mean / self.current_gradient_accumulation_steps, device=self.args.device)
+
+    _warned_no_first_order_rows = False
+
+    def _first_order_rows(self, model, inputs: dict) -> tuple[dict, tuple[float, int] | None]:
+        """Backpropagate the loss of the rows `zotune.first_order.split_rows` gives the rule's
+        `max_tokens` (g¹ accumulates in the parameters' .grad, averaged over the step's micro-batches
+        like a plain Trainer's); returns the rows left for the ZO forwards and (its loss, its items)."""
+        budget = self.zo.rule.config.max_tokens
+        part, rest, _ = split_rows(inputs, budget)
+        if part is None:
+            if not self._warned_no_first_order_rows:
+                self._warned_no_first_order_rows = True
+                logger.warning("zotune: rule %r: no row of a batch fits max_tokens=%d (with one row left for ZO), "
+                               "so such a step is ZO alone, scaled by alpha; raise max_tokens to backprop the "
+                               "shortest rows", self.zo.rule.name, budget)
+            return inputs, None
+        with torch.enable_grad():
+            loss = self.compute_loss(model, dict(part))
+            (loss / self.current_gradient_accumulation_steps).backward()
+        return rest, (loss.item(), self._items(part))
 
     def _items(self, inputs: dict) -> int:
         """What this micro-batch's value is a mean over: its label tokens for a token-level loss
@@ -319,6 +350,8 @@ class ZOTrainer(Trainer):
     def record_step(self, record: dict) -> None:
         """Called after every optimizer step with its trajectory record."""
         if self.trajectory is not None:
+            if self.zo.last_first_order:  # before the record that names it
+                save_gradients(self.args.output_dir, record["step"], self.zo.last_first_order)
             self.trajectory.append(record)
         self.nonfinite.count(record["step"], finite=record["g"] is not None)
         if record["g"] is not None:

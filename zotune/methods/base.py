@@ -94,6 +94,7 @@ class ParamUpdate:
     wd: float
     offset: int = 0  # of this (sharded) parameter's first element in the whole one: z is that slice
     rounding_seed: int | None = None  # a 16-bit parameter without a master: its stochastic rounding stream
+    grad: torch.Tensor | None = None  # its backprop gradient, for a rule that takes one (`Rule.first_order`)
 
     def z(self, seed: int) -> torch.Tensor:
         from zotune.noise import noise
@@ -173,6 +174,9 @@ class Rule(Method):
     # its update of a 16-bit weight without a master copy is stochastically rounded
     # (`ParamUpdate.rounding_seed`); a rule without it keeps fp32 masters (zotune.precision)
     stochastic_rounding: ClassVar[bool] = False
+    # its update adds the parameters' backprop gradient (`ParamUpdate.grad`); ZOTrainer runs a
+    # backward on some of each batch's rows for it (`zotune.first_order`)
+    first_order: ClassVar[bool] = False
 
     def apply(self, u: ParamUpdate) -> None:
         raise NotImplementedError
