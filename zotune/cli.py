@@ -151,6 +151,37 @@ def replay(
 
 
 @app.command()
+def influence(
+    run_dir: Annotated[str, typer.Argument(help="A finished ZO run's folder (its train.output_dir).")],
+    test: Annotated[str | None, typer.Option(
+        "--test", help="Attribute the loss change of these rows (a data file in the run's data format).")] = None,
+    self_influence: Annotated[bool, typer.Option(
+        "--self", help="Rank the training rows by self-influence, for finding mislabelled ones.")] = False,
+    every: Annotated[int, typer.Option(help="--test: measure every Nth step only, each counting for N.")] = 1,
+    top: Annotated[int, typer.Option(help="--test: proponents and opponents kept per test row.")] = 5,
+    directions: Annotated[int, typer.Option(help="--self: random directions per checkpoint.")] = 16,
+    checkpoints: Annotated[int, typer.Option(help="--self: checkpoints spread over the run.")] = 4,
+    first_order: Annotated[bool, typer.Option(
+        "--first-order", help="--self: also first-order TracInCP through autograd, the reference.")] = False,
+    noisy: Annotated[str | None, typer.Option(
+        help="--self: indices of training rows known to be noisy (JSON list or one per line).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Rows per forward.")] = 16,
+) -> None:
+    """Which training rows moved the run's predictions (TracIn along the ZO trajectory): writes RUN_DIR/influence/."""
+    with _user_errors():
+        if (test is None) == (not self_influence):
+            raise UserError("give one of --test FILE (attribution) or --self (self-influence)")
+        from zotune.influence.run import attribution, self_influence_scores
+
+        if test is not None:
+            path = attribution(run_dir, test, every=every, top=top, batch_size=batch_size)
+        else:
+            path = self_influence_scores(run_dir, directions=directions, checkpoints=checkpoints,
+                                         first_order=first_order, noisy=noisy, batch_size=batch_size)
+        out.print(f"wrote {escape(str(path))} and its summary in {escape(str(path.parent))}")
+
+
+@app.command()
 def export(
     run_dir: Annotated[str, typer.Argument(help="A `zotune train` output directory, or a checkpoint-N inside it.")],
     out_dir: Annotated[str, typer.Argument(help="Where to write the model (new or empty).")],

@@ -531,6 +531,27 @@ class ZOOptimizer(torch.optim.Optimizer):
         return total / weight
 
     @torch.no_grad()
+    def measure(self, step: int, loss_fn: Callable, *, eps: float | None = None, seed: int | None = None,
+                directions: int | None = None) -> list:
+        """What `loss_fn(s, k)` returns for k < `directions` (default: the step's q) at the current θ,
+        which stays untouched: it runs the model on perturbed copies (`zotune.dual`), as the dual
+        schedule does, whatever schedule the run trained with, at the offsets of `eps` (default: the
+        run's) along the z_k of `seed` (default: `step`'s). Nothing is kept for an update; replaying the
+        step afterwards is unaffected. For attribution (`zotune.influence`)."""
+        self.flush()
+        saved = self.schedule, self.offsets
+        self.schedule, self._step = "dual", step
+        if eps is not None:
+            self.offsets = self.estimator.offsets(eps)
+        try:
+            self.estimator.begin_step(self._view(step))
+            s = step_seed(self.seed, step) if seed is None else seed
+            return [loss_fn(s, k) for k in range(self.q if directions is None else directions)]
+        finally:
+            self.schedule, self.offsets = saved
+            self._reset_step()
+
+    @torch.no_grad()
     def replay(self, record: dict, first_order: dict[str, torch.Tensor] | None = None) -> None:
         """Repeat a recorded step without forwards: θ ends bit-equal to training's.
 

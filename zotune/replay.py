@@ -40,20 +40,15 @@ def optimizer_from_header(header: dict, named: list) -> ZOOptimizer:
                        no_decay=header["no_decay"], seed=opt["seed"])
 
 
-def replay(base: str, trajectory: str, out_dir: str, *, force: bool = False) -> None:
-    header, records = read_trajectory(trajectory)
-    log = Path(trajectory).expanduser()
-    protected = {log if log.is_dir() else log.parent: "the run directory itself (it holds the trajectory)"}
-    if Path(base).expanduser().is_dir():
-        protected.setdefault(Path(base).expanduser(), "BASE itself")
-    out = prepare_out_dir(out_dir, protected, force)
+def replaying_optimizer(header: dict, model, base: str, trajectory: str) -> ZOOptimizer:
+    """An optimizer over `model`'s parameters that the log names, checked to be the weights it
+    started from, set up to replay it from its first step."""
     if header["start_step"] != 0:
         raise UserError(f"{trajectory}: the log starts at step {header['start_step']}, not at the base model")
     if header["optimizer"]["schedule"] == "dual" and "master_weights" not in header["optimizer"]:
         raise UserError(f"{trajectory}: recorded by an earlier zotune, whose dual schedule moved the weights in place; "
                         "this version's dual leaves them at θ, so the replayed weights would differ in their last "
                         "bits: replay it with the zotune that wrote it")
-    model, tokenizer = _base_model(base)
     available = dict(trainable_parameters(model, [], []))
     missing = [n for n in header["params"] if n not in available]
     if missing:
@@ -61,8 +56,18 @@ def replay(base: str, trajectory: str, out_dir: str, *, force: bool = False) -> 
     named = [(n, available[n]) for n in header["params"]]
     if params_digest(named) != header["init_sha256"]:
         raise UserError(f"{base}: its initial weights differ from those {trajectory} was recorded from")
+    return optimizer_from_header(header, named)
 
-    zo = optimizer_from_header(header, named)
+
+def replay(base: str, trajectory: str, out_dir: str, *, force: bool = False) -> None:
+    header, records = read_trajectory(trajectory)
+    log = Path(trajectory).expanduser()
+    protected = {log if log.is_dir() else log.parent: "the run directory itself (it holds the trajectory)"}
+    if Path(base).expanduser().is_dir():
+        protected.setdefault(Path(base).expanduser(), "BASE itself")
+    out = prepare_out_dir(out_dir, protected, force)
+    model, tokenizer = _base_model(base)
+    zo = replaying_optimizer(header, model, base, trajectory)
     log_dir = log if log.is_dir() else log.parent
     for record in track(records, description="replaying"):
         zo.replay(record, load_gradients(log_dir, record))

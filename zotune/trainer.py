@@ -14,16 +14,19 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
 
+import datasets
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.utils import logging
 
 from zotune.checkpoints import SaveOnInterrupt, save_checkpoint_atomically
-from zotune.dual import DualEngine, DualRefused, OutsideReads, call_halves, call_slices, losses_agree
+from zotune.dual import DualEngine, DualRefused, OutsideReads, call_halves, call_slices, losses_agree, model_loss
 from zotune.eps import swamp_error, trainable_rms
 from zotune.errors import UserError
 from zotune.models import forward_accepts, stable_name, trainable_parameters
 from zotune.first_order import save_gradients, split_rows
+from zotune.data.collate import INDEX, IndexedCollator
+from zotune.influence.rows import RowRecorder, row_items, row_values
 from zotune.methods import Estimator, build_estimator, build_rule
 from zotune.nonfinite import NonFiniteLossError, NonFiniteSteps  # noqa: F401 - NonFiniteLossError is imported from here too
 from zotune.objectives import Objective, load_objective
@@ -121,6 +124,12 @@ class ZOTrainer(Trainer):
         # step's losses (ZOOptimizer._reduce_across_ranks)
         self.accelerator.prepare_model = functools.partial(self.accelerator.prepare_model, evaluation_mode=True)
         self.add_callback(SaveOnInterrupt())
+        # every batch carries its rows' dataset indices, for the per-example record (zotune.influence)
+        self.data_collator = IndexedCollator(self.data_collator)
+        if isinstance(self.train_dataset, datasets.Dataset) and INDEX not in self.train_dataset.column_names:
+            self.train_dataset = self.train_dataset.add_column(INDEX, list(range(len(self.train_dataset))))
+        self.rows: RowRecorder | None = None
+        self._batch_index: torch.Tensor | None = None
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
@@ -139,7 +148,26 @@ class ZOTrainer(Trainer):
                 # looked up per call: accelerate reloads the optimizer's state into new dicts
                 self.offloader.state_of = lambda param: self.zo.state[param]
                 self.offloader.travelling_keys = ("master", *self.zo.estimator.direction_state)
+            if self._attributable():
+                self.rows = RowRecorder(self.zo.offsets, self.zo.q)
         return self.optimizer
+
+    def _attributable(self) -> bool:
+        """Whether a step's records keep each row's projection: a ZO-SGD step on the loss, whose g is the
+        rows' weighted mean (zotune.influence.rows); not with an estimator that takes L(θ) too, or with
+        directions on row slices."""
+        return (self.zo.rule.name == "sgd" and not self.zo.estimator.loss_at_theta and self._objective is None
+                and not self.zo.slice_directions)
+
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()
+        if INDEX not in self._signature_columns:  # kept by remove_unused_columns; taken out of every batch
+            self._signature_columns.append(INDEX)
+
+    def _prepare_inputs(self, inputs):
+        inputs = dict(super()._prepare_inputs(inputs))
+        self._batch_index = inputs.pop(INDEX, None)
+        return inputs
 
     # -- offloading: blocks stay home instead of moving to the device -------------------
 
@@ -188,6 +216,9 @@ class ZOTrainer(Trainer):
                 return self._value(model, inputs)
 
         losses = self.zo.estimate(loss_fn, self.state.global_step, self._items(inputs))
+        if self.rows is not None:
+            rows = len(next(v for v in inputs.values() if torch.is_tensor(v) and v.dim()))
+            self.rows.micro_batch(self._batch_index, row_items(inputs.get("labels"), rows))
         if self.offloader is not None:
             self.offloader.wait()  # the update pass reads the written-back weights on the host
         mean = sum(lp + lm for lp, lm in losses) / (2 * len(losses))
@@ -255,6 +286,8 @@ class ZOTrainer(Trainer):
             logger.warning("zotune: %s cannot run both signs in one doubled forward (%s); running them as two "
                            "forwards", type(model).__name__, reason)
             self._dual_split = False
+        if self.rows is not None:
+            self.rows.discard()  # the probe's values belong to no step
         if reads.found:
             names = sorted(reads.found)
             logger.warning("zotune: %s reads %s outside the module that owns it, where the out-of-place dual "
@@ -303,12 +336,23 @@ class ZOTrainer(Trainer):
 
     def _value(self, model, inputs) -> float:
         """The value the ZO step sees for `inputs` at the current weights."""
+        labels = inputs.get("labels")
+        if self._objective is None and self.rows is not None and labels is not None:  # each row's loss too
+            loss, outputs = self.compute_loss(model, dict(inputs), return_outputs=True)
+            self.rows.seen(row_values(outputs, labels, len(labels), self._row_loss(model)))
+            return loss.item()
         if self._objective is None:
             # a copy: compute_loss pops "labels" from the dict it is given
             return self.compute_loss(model, dict(inputs)).item()
         inputs = dict(inputs)
         labels = inputs.pop("labels", None)
         return self._objective(model(**inputs), labels)
+
+    def _row_loss(self, model):
+        """The loss of one row's outputs and labels, reduced as compute_loss reduces a batch's."""
+        if self.compute_loss_func is not None:
+            return self.compute_loss_func
+        return functools.partial(model_loss, model)
 
     # -- every read of the weights sees them with all updates applied ---------------------
 
@@ -349,6 +393,8 @@ class ZOTrainer(Trainer):
 
     def record_step(self, record: dict) -> None:
         """Called after every optimizer step with its trajectory record."""
+        if self.rows is not None:  # on every rank: it gathers the ranks' rows
+            record.update(self.rows.fields())
         if self.trajectory is not None:
             if self.zo.last_first_order:  # before the record that names it
                 save_gradients(self.args.output_dir, record["step"], self.zo.last_first_order)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+
+INDEX = "example_index"  # the dataset column, and batch key, of a row's position in its data file
 
 
 def pad_token_id(tokenizer) -> int:
@@ -63,3 +66,17 @@ class RightPadCollator:
         if not token_labels:
             labels = torch.as_tensor([f["labels"] for f in features], dtype=torch.long)
         return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+class IndexedCollator:
+    """A data collator whose batches also carry their rows' dataset indices (`INDEX`), which the
+    wrapped collator, picking its own columns, would drop."""
+
+    def __init__(self, collator: Callable):
+        self.collator = collator
+
+    def __call__(self, features: Sequence[dict]) -> dict:
+        batch = self.collator(features)
+        if features and INDEX in features[0] and INDEX not in batch:
+            batch[INDEX] = torch.tensor([f[INDEX] for f in features], dtype=torch.long)
+        return batch

@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
 
-from zotune.data.collate import LeftPadCollator, RightPadCollator, pad_token_id
+from zotune.data.collate import INDEX, LeftPadCollator, RightPadCollator, pad_token_id
 from zotune.data.files import describe, load_task_rows, row_location
 from zotune.errors import UserError
 from zotune.models import forward_accepts
@@ -211,7 +211,7 @@ def encode_classification(rows, data_key, where, section, tokenizer, classes, en
         else:
             input_ids = [_keep_end(ids, section.max_length, tokenizer.bos_token_id) for ids in full]
         return {"input_ids": input_ids, "labels": [labels[i] for i in indices],
-                "truncated": [len(ids) > section.max_length for ids in full]}
+                "truncated": [len(ids) > section.max_length for ids in full], INDEX: list(indices)}
 
     encoded = rows.map(encode, batched=True, with_indices=True, remove_columns=rows.column_names,
                        desc=f"Tokenizing {data_key}")
@@ -330,20 +330,22 @@ def encode_sft(rows, data_key, where, section, tokenizer):
     sft_columns(rows, data_key, where, section)
     eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
 
-    def encode(batch):
+    def encode(batch, indices):
         prompts = tokenizer(_fill(section.template, batch))["input_ids"]
         completions = tokenizer([str(c) for c in batch[section.completion_field]],
                                 add_special_tokens=False)["input_ids"]
-        out = {"input_ids": [], "labels": [], "truncated": []}
-        for prompt, completion in zip(prompts, completions):
+        out = {"input_ids": [], "labels": [], "truncated": [], INDEX: []}
+        for prompt, completion, index in zip(prompts, completions, indices):
             if len(prompt) >= section.max_length:
                 continue  # nothing of the completion would be left to score
             out["input_ids"].append((prompt + completion + eos)[: section.max_length])
             out["labels"].append(([-100] * len(prompt) + completion + eos)[: section.max_length])
             out["truncated"].append(len(prompt) + len(completion) + len(eos) > section.max_length)
+            out[INDEX].append(index)
         return out
 
-    encoded = rows.map(encode, batched=True, remove_columns=rows.column_names, desc=f"Tokenizing {data_key}")
+    encoded = rows.map(encode, batched=True, with_indices=True, remove_columns=rows.column_names,
+                       desc=f"Tokenizing {data_key}")
     if len(encoded) < len(rows):
         logger.warning("%s: dropped %d of %d rows of %s whose prompt fills data.max_length=%d",
                        data_key, len(rows) - len(encoded), len(rows), where, section.max_length)
@@ -377,7 +379,7 @@ def _encode_lm(rows, data_key, where, section, tokenizer):
                     data_key, len(stream) % size, where, size)
     values = stream.slice(0, num_blocks * size).combine_chunks().cast(pa.int64())
     blocks = pa.FixedSizeListArray.from_arrays(values, size)
-    return datasets.Dataset(pa.table({"input_ids": blocks, "labels": blocks}))
+    return datasets.Dataset(pa.table({"input_ids": blocks, "labels": blocks, INDEX: pa.array(range(num_blocks))}))
 
 
 # ---------------------------------------------------------------- entry point
