@@ -4,7 +4,8 @@
 
 1. The first `--rows` rows of ../shared/data/rotten_tomatoes/train.jsonl, `--noise` of their labels
    flipped (seeded), are written to a scratch folder with the list of flipped rows.
-2. `zotune train quickstart` trains on them by ZO (the quickstart's settings, `--steps` steps).
+2. `zotune train quickstart zo.rule=sgd` trains on them by ZO-SGD (the quickstart's model and data
+   settings, `--steps` steps; attribution needs a pure ZO-SGD run, not the quickstart's Addax).
 3. `zotune influence RUN --self --first-order --noisy ...` ranks the rows by ZO self-influence and
    by first-order TracInCP through autograd on the same checkpoints: the flipped rows' recall in the
    top 20% of each ranking (random: 0.2), and the wall-clock of each.
@@ -47,6 +48,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=160)
     parser.add_argument("--noise", type=float, default=0.1)
     parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--lr", type=float, default=1e-3, help="ZO-SGD's (chosen on validation, docs/benchmarks.md)")
     parser.add_argument("--directions", type=int, default=8)
     parser.add_argument("--checkpoints", type=int, default=2)
     parser.add_argument("--test-rows", type=int, default=3)
@@ -65,7 +67,8 @@ def main() -> None:
     (work / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in test))
     out, log = work / "run", []
 
-    seconds = {"train": run([*ZOTUNE, "train", "quickstart", f"data.train.path={work}/train.jsonl",
+    seconds = {"train": run([*ZOTUNE, "train", "quickstart", "zo.rule=sgd", f"train.learning_rate={args.lr}",
+                             f"data.train.path={work}/train.jsonl",
                              f"data.eval.path={DATA}/validation.jsonl", "data.eval.max_samples=100",
                              f"train.max_steps={args.steps}", f"train.output_dir={out}"], log)}
     seconds["self-influence (ZO and first order)"] = run(
@@ -76,7 +79,7 @@ def main() -> None:
     summary = json.loads((out / "influence" / "self_influence_summary.json").read_text())
     lines = [f"$ {command}" for command in log]
     lines += ["", f"{args.rows} training rows of rotten_tomatoes, {len(flipped)} labels flipped (seed {args.seed}); "
-              f"ZO-SGD for {args.steps} steps (the quickstart's settings)",
+              f"ZO-SGD (lr {args.lr}) for {args.steps} steps",
               f"flipped rows' recall in the top 20%: ZO self-influence {summary['recall_top_20pct']:.3f} "
               f"({args.directions} directions x {args.checkpoints} checkpoints, {summary['seconds_zo']} s), "
               f"first-order TracInCP {summary['recall_top_20pct_first_order']:.3f} "

@@ -49,7 +49,8 @@ def main(out: str, batch: int) -> None:
     rank = int(os.environ.get("RANK", 0))
     comm = [log["comm_bytes_per_step"] for log in trainer.state.log_history if "comm_bytes_per_step" in log]
     facts = {"ddp": isinstance(trainer.model_wrapped, DistributedDataParallel), "comm_bytes": comm,
-             "world": int(os.environ.get("WORLD_SIZE", 1)), "g": trainer.zo.last_record["g"]}
+             "world": int(os.environ.get("WORLD_SIZE", 1)), "g": trainer.zo.last_record["g"],
+             "rows": {key: trainer.zo.last_record.get(key) for key in ("row_index", "row_weight", "row_g")}}
     (open(f"{out}/rank{rank}.json", "w")).write(json.dumps(facts))
     save_file({n: p.detach().contiguous() for n, p in model.named_parameters()}, f"{out}/rank{rank}.safetensors")
 

@@ -181,6 +181,11 @@ def test_zotrainer_under_torchrun_equals_one_process(two_ranks, tmp_path):
     # one micro-batch, q = 1: (L+, L−, weight) in float64 per step
     assert facts0["comm_bytes"] and set(facts0["comm_bytes"]) == {3 * 8}
     assert facts["comm_bytes"] == []
+    # every rank's rows, gathered: the record holds the projections of the whole batch, as one process's does
+    assert facts0["rows"] == facts1["rows"] and facts0["rows"]["row_index"] == facts["rows"]["row_index"]
+    for key in ("row_weight", "row_g"):
+        torch.testing.assert_close(torch.tensor(facts0["rows"][key]), torch.tensor(facts["rows"][key]), atol=1e-3,
+                                   rtol=1e-3)
 
 
 def test_accelerate_launch_equals_torchrun(two_ranks, tmp_path):

@@ -57,15 +57,17 @@ def test_a_label_past_the_mask_keeps_its_column():
     assert part["input_ids"].shape == (2, 5) and rest["labels"][1, 10] == 7
 
 
-def test_an_addax_step_adds_the_backprop_gradient_of_the_chosen_rows(tmp_path):
-    """α = 0: the step is plain SGD on the chosen rows' loss; its saved g¹ is that gradient."""
+@pytest.mark.parametrize("accumulation, rows", [(1, [1, 3, 4, 7]), (2, [1, 3, 4, 6, 7])])
+def test_an_addax_step_adds_the_backprop_gradient_of_the_chosen_rows(accumulation, rows, tmp_path):
+    """α = 0: the step is plain SGD on the loss of the rows chosen in each micro-batch, taken as one
+    batch (the micro-batches weighted by their tokens); its saved g¹ is that gradient."""
     batch = ragged_batch()
     data = Dataset.from_dict({k: v.tolist() for k, v in batch.items()})
     model = tiny_causal_lm("llama")
     trainer = make_trainer(model, tmp_path, train=data, max_steps=1, learning_rate=0.5, zo_eps=1e-2,
+                           per_device_train_batch_size=8 // accumulation, gradient_accumulation_steps=accumulation,
                            zo_rule="addax", zo_rule_kwargs={"alpha": 0.0, "max_tokens": 24}, zo_include=["lm_head"])
     reference = tiny_causal_lm("llama")
-    rows = [1, 3, 4, 7]
     reference(**{k: v[rows] for k, v in batch.items()}).loss.backward()
     expected = reference.lm_head.weight.detach() - 0.5 * reference.lm_head.weight.grad
     trainer.train()

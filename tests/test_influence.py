@@ -10,14 +10,17 @@
 """
 
 import copy
+import json
 
 import pytest
 import torch
 from conftest import CORE_ARCHS, tiny_causal_lm
 from datasets import Dataset
-from helpers import counting_dataset, make_trainer
+from helpers import DATA, counting_dataset, make_trainer, needs_data, write_recipe
 from transformers import default_data_collator
+from typer.testing import CliRunner
 
+from zotune.cli import app
 from zotune.data.collate import INDEX
 from zotune.errors import UserError
 from zotune.influence.trace import (
@@ -160,3 +163,45 @@ def test_the_example_index_travels_from_the_data_set_to_the_record(tmp_path):
     trained("llama", tmp_path, learning_rate=1e-4, train=data, max_steps=1)
     [record] = read_trajectory(tmp_path / "zo_trajectory.jsonl")[1]
     assert record["row_index"] == [100 + i for i in range(8)] and sum(record["row_weight"]) == pytest.approx(1)
+
+
+# -- the command line, on a recipe run over real rows ---------------------------------------------
+
+
+@needs_data
+def test_zotune_influence_writes_attribution_and_self_influence_for_a_run(tmp_path):
+    recipe = write_recipe(tmp_path, zo={"eps": 1e-2, "schedule": "dual"},
+                          train={"max_steps": 3, "per_device_train_batch_size": 4})
+    assert CliRunner().invoke(app, ["train", str(recipe)]).exit_code == 0
+    run = tmp_path / "run"
+    test = tmp_path / "test.jsonl"
+    test.write_text("".join(json.dumps(r) + "\n" for r in
+                            map(json.loads, (DATA / "rotten_tomatoes/test.jsonl").read_text().splitlines()[:3])))
+    result = CliRunner().invoke(app, ["influence", str(run), "--test", str(test), "--top", "2"])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (run / "influence/attribution.jsonl").read_text().splitlines()]
+    assert [r["test_index"] for r in rows] == [0, 1, 2]
+    for r in rows:  # 3 steps at lr 1e-3: first order explains the change, and the terms are ranked
+        assert abs(r["remainder"]) < 0.1 * abs(r["measured_change"]) + 1e-5
+        contributions = [p["contribution"] for p in r["proponents"]] + [o["contribution"] for o in r["opponents"]][::-1]
+        assert contributions == sorted(contributions) and len(r["proponents"]) <= 2 and len(r["opponents"]) <= 2
+    assert not (run / "influence/attribution.state.pt").exists()  # finished: nothing left to resume
+
+    (tmp_path / "noisy.json").write_text("[0, 5, 9]")
+    result = CliRunner().invoke(app, ["influence", str(run), "--self", "--first-order", "--directions", "2",
+                                      "--checkpoints", "2", "--noisy", str(tmp_path / "noisy.json")])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((run / "influence/self_influence_summary.json").read_text())
+    assert summary["rows"] == 64 and summary["noisy_rows"] == 3
+    ranked = [json.loads(line) for line in (run / "influence/self_influence.jsonl").read_text().splitlines()]
+    assert [r["rank"] for r in ranked] == list(range(64))
+    assert sorted(r["train_index"] for r in ranked) == list(range(64))
+    top = [r for r in ranked[:13] if r["train_index"] in (0, 5, 9)]
+    assert summary["recall_top_20pct"] == len(top) / 3 and (run / "influence/self_influence.png").is_file()
+
+
+@pytest.mark.parametrize("args, message", [([], "give one of --test FILE"), (["--self", "--test", "x"], "give one of"),
+                                           (["--self"], "not a zotune run folder")])
+def test_zotune_influence_refuses_a_wrong_call_in_one_line(args, message, tmp_path):
+    result = CliRunner().invoke(app, ["influence", str(tmp_path), *args])
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output

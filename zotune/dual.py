@@ -533,7 +533,7 @@ def _blocks_of_doubled(engine: DualEngine, model: nn.Module, original: Callable,
     with engine.dual_forward(batch, direction):
         outputs = original(**double(kwargs, batch))
         n = engine.blocks
-    blocks = [_rows(outputs, j, n, 2 * batch) for j in range(n)]
+    blocks = [rows_of(outputs, j, n, 2 * batch) for j in range(n)]
     if labels[0] is not None:
         return [_with_loss(b, model_loss(model, b, labels[j % len(labels)])) for j, b in enumerate(blocks)]
     if torch.is_tensor(outputs.get("loss") if isinstance(outputs, dict) else None):
@@ -617,7 +617,7 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return total / (targets != -100).sum()
 
 
-def _rows(outputs, block: int, blocks: int, rows: int):
+def rows_of(outputs, block: int, blocks: int, rows: int):
     """One block of a model output: every tensor with `rows` rows cut to its block of `blocks`."""
     leaves, spec = tree_flatten(outputs)
     size = rows // blocks

@@ -10,9 +10,9 @@ counts, so the loss is the same. Leading padding is cut only where the batch giv
 (zotune's left-padded classification batches do); otherwise a row runs from column 0.
 
 g¹ is a whole tensor per trained parameter, not a few scalars: each step's is written to
-`zo_first_order/step-<step>.safetensors` in the run's output directory (4 bytes per trained
-element per step in fp32), and the step's trajectory record holds its sha256, so replay
-refuses a missing or different file.
+`zo_first_order/step-<step>.safetensors` in the run's output directory (in the gradient's dtype:
+4 bytes per trained element per step for fp32 weights), and the step's trajectory record holds its
+sha256, so replay refuses a missing or different file.
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from zotune.data.collate import IGNORED_LABEL
 from zotune.errors import UserError
 from zotune.trajectory import params_digest
 
 FOLDER = "zo_first_order"
-IGNORED_LABEL = -100
 
 
 def _spans(inputs: dict, rows: int, width: int) -> list[tuple[int, int]]:
@@ -109,6 +109,8 @@ def save_gradients(log_dir: str | Path, step: int, grads: dict[str, torch.Tensor
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_suffix(".partial")
     save_file({name: t.detach().contiguous().cpu() for name, t in grads.items()}, str(staging))
+    with staging.open("rb") as f:  # durable before a checkpoint that follows can name its step
+        os.fsync(f.fileno())
     os.replace(staging, path)
 
 

@@ -561,7 +561,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         `first_order`: the step's saved backprop gradients by name, for a first-order rule
         (`zotune.first_order.load_gradients`)."""
         for name, p, _ in self.named_params():
-            p.grad = (first_order or {}).get(name)
+            grad = (first_order or {}).get(name)
+            p.grad = None if grad is None else grad.to(p.device)
         for group in self.param_groups:
             group["lr"] = record["lr"]
         self.schedule = record["schedule"]  # each record says how its step ran

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -154,10 +155,10 @@ class ZOTrainer(Trainer):
 
     def _attributable(self) -> bool:
         """Whether a step's records keep each row's projection: a ZO-SGD step on the loss, whose g is the
-        rows' weighted mean (zotune.influence.rows); not with an estimator that takes L(θ) too, or with
-        directions on row slices."""
+        rows' weighted mean (zotune.influence.rows); not with an estimator that takes L(θ) too, with
+        directions on row slices, or with cge (one direction per trained element: d×B numbers a step)."""
         return (self.zo.rule.name == "sgd" and not self.zo.estimator.loss_at_theta and self._objective is None
-                and not self.zo.slice_directions)
+                and not self.zo.slice_directions and self.zo.estimator.name != "cge")
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
@@ -234,8 +235,9 @@ class ZOTrainer(Trainer):
 
     def _first_order_rows(self, model, inputs: dict) -> tuple[dict, tuple[float, int] | None]:
         """Backpropagate the loss of the rows `zotune.first_order.split_rows` gives the rule's
-        `max_tokens` (g¹ accumulates in the parameters' .grad, averaged over the step's micro-batches
-        like a plain Trainer's); returns the rows left for the ZO forwards and (its loss, its items)."""
+        `max_tokens`: g¹ accumulates in the parameters' .grad, each micro-batch weighted by its items
+        (as the ZO part weighs them) and divided by the step's total before the update
+        (`_average_first_order`). Returns the rows left for the ZO forwards and (its loss, its items)."""
         budget = self.zo.rule.config.max_tokens
         part, rest, _ = split_rows(inputs, budget)
         if part is None:
@@ -245,19 +247,32 @@ class ZOTrainer(Trainer):
                                "so such a step is ZO alone, scaled by alpha; raise max_tokens to backprop the "
                                "shortest rows", self.zo.rule.name, budget)
             return inputs, None
+        items = self._items(part)
         with torch.enable_grad():
             loss = self.compute_loss(model, dict(part))
-            (loss / self.current_gradient_accumulation_steps).backward()
-        return rest, (loss.item(), self._items(part))
+            (loss * items).backward()
+        self._first_order_items += items
+        return rest, (loss.item(), items)
+
+    _first_order_items = 0
+
+    def _average_first_order(self) -> None:
+        """g¹ = Σ_m items_m·∇L_m / Σ_m items_m over the step's micro-batches: the mean gradient of all its
+        backprop rows, as their ZO counterpart averages its rows."""
+        if self._first_order_items:
+            for _, p, _ in self.zo.named_params():
+                if p.grad is not None:
+                    p.grad.div_(self._first_order_items)
+        self._first_order_items = 0
 
     def _items(self, inputs: dict) -> int:
         """What this micro-batch's value is a mean over: its label tokens for a token-level loss
         (shifted, as a causal LM's loss counts them), else its rows. Micro-batches and
         data-parallel shards are weighted by it."""
-        labels = inputs.get("labels")
-        if labels is None or labels.dim() < 2 or self.args.zo_objective != "loss":
-            return len(next(v for v in inputs.values() if torch.is_tensor(v)))
-        return int((labels[..., 1:] != -100).sum())
+        rows = len(next(v for v in inputs.values() if torch.is_tensor(v)))
+        if self.args.zo_objective != "loss":
+            return rows
+        return sum(row_items(inputs.get("labels"), rows))
 
     _dual_probed = False
     _dual_split = True
@@ -290,11 +305,13 @@ class ZOTrainer(Trainer):
             self.rows.discard()  # the probe's values belong to no step
         if reads.found:
             names = sorted(reads.found)
+            # a first-order rule takes its gradient at θ between micro-batches, where fused leaves it displaced
+            schedule = "sequential" if self.zo.rule.first_order else "fused"
             logger.warning("zotune: %s reads %s outside the module that owns it, where the out-of-place dual "
-                           "schedule leaves θ; training in place with the fused schedule (the numbers of sequential)",
+                           "schedule leaves θ; training in place with the %s schedule (the numbers of sequential)",
                            type(self).__name__,
-                           ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else ""))
-            self.zo.run_in_place("fused")
+                           ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else ""), schedule)
+            self.zo.run_in_place(schedule)
             self.settings = self.settings.model_copy(update={"schedule": self.zo.schedule,
                                                              "lazy_update": self.zo.lazy_update,
                                                              "slice_directions": self.zo.slice_directions})
@@ -339,7 +356,11 @@ class ZOTrainer(Trainer):
         labels = inputs.get("labels")
         if self._objective is None and self.rows is not None and labels is not None:  # each row's loss too
             loss, outputs = self.compute_loss(model, dict(inputs), return_outputs=True)
-            self.rows.seen(row_values(outputs, labels, len(labels), self._row_loss(model)))
+            values = row_values(outputs, labels, len(labels), self._row_loss(model))
+            if not self._rows_checked:
+                self._check_rows_reduce_to(loss.item(), values, row_items(labels, len(labels)))
+            if self.rows is not None:
+                self.rows.seen(values)
             return loss.item()
         if self._objective is None:
             # a copy: compute_loss pops "labels" from the dict it is given
@@ -347,6 +368,19 @@ class ZOTrainer(Trainer):
         inputs = dict(inputs)
         labels = inputs.pop("labels", None)
         return self._objective(model(**inputs), labels)
+
+    _rows_checked = False
+
+    def _check_rows_reduce_to(self, loss: float, values: list[float], items: list[int]) -> None:
+        """Once: the rows' losses average, with their items, to the batch's; a loss reduced otherwise
+        (a custom compute_loss, packed rows) gets no per-example record rather than a wrong one."""
+        self._rows_checked = True
+        mean = sum(v * n for v, n in zip(values, items)) / max(1, sum(items))
+        if not math.isclose(mean, loss, rel_tol=1e-4, abs_tol=1e-5):
+            logger.warning("zotune: the rows' own losses average to %.6g, not the batch's %.6g: this loss is not a "
+                           "mean over rows, so the steps keep no per-example projections (zotune influence)",
+                           mean, loss)
+            self.rows = None
 
     def _row_loss(self, model):
         """The loss of one row's outputs and labels, reduced as compute_loss reduces a batch's."""
@@ -399,6 +433,7 @@ class ZOTrainer(Trainer):
             if self.zo.last_first_order:  # before the record that names it
                 save_gradients(self.args.output_dir, record["step"], self.zo.last_first_order)
             self.trajectory.append(record)
+        self.zo.last_first_order = {}  # not held while the next step's backward allocates its own
         self.nonfinite.count(record["step"], finite=record["g"] is not None)
         if record["g"] is not None:
             self._zo_log["projected_grad"] += record["g"]
@@ -468,6 +503,10 @@ class _ZOStepHook(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         if self.trainer.dual is None:  # else at the first step, once the probe has settled the schedule
             self.trainer.begin_trajectory(state.global_step)
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self.trainer.zo.rule.first_order:
+            self.trainer._average_first_order()
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         self.trainer.record_step(self.trainer.zo.last_record)

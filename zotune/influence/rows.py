@@ -16,11 +16,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from zotune.data.collate import INDEX  # noqa: F401 - imported from here too
-
-IGNORED_LABEL = -100
+from zotune.data.collate import IGNORED_LABEL
+from zotune.dual import rows_of
 
 
 def row_items(labels: torch.Tensor | None, rows: int) -> list[int]:
@@ -31,15 +29,9 @@ def row_items(labels: torch.Tensor | None, rows: int) -> list[int]:
     return (labels[..., 1:] != IGNORED_LABEL).sum(dim=-1).tolist()
 
 
-def _row_of(outputs, row: int, rows: int):
-    leaves, spec = tree_flatten(outputs)
-    cut = [v[row:row + 1] if torch.is_tensor(v) and v.dim() and v.shape[0] == rows else v for v in leaves]
-    return tree_unflatten(cut, spec)
-
-
 def row_values(outputs, labels: torch.Tensor, rows: int, loss_of: Callable) -> list[float]:
     """ℓ_r for each row: `loss_of(outputs, labels)` on the row's slice of both."""
-    return [float(loss_of(_row_of(outputs, r, rows), labels[r:r + 1])) for r in range(rows)]
+    return [float(loss_of(rows_of(outputs, r, rows, rows), labels[r:r + 1])) for r in range(rows)]
 
 
 class RowRecorder:

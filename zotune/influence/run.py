@@ -49,6 +49,8 @@ class Run:
         self.header, self.records = read_trajectory(self.dir)
         check_attributable(self.records, str(self.dir / "zo_trajectory.jsonl"))
         self.model, tokenizer = build_model(self.recipe)
+        if torch.cuda.is_available():
+            self.model.to("cuda")
         self.zo = replaying_optimizer(self.header, self.model, str(self.dir), str(self.dir / "zo_trajectory.jsonl"))
         data = self.recipe.data.model_copy(update={"balanced": False})  # every training row once, in file order
         if test_file is not None:
@@ -70,8 +72,9 @@ def attribution(run_dir: str, test_file: str, *, every: int = 1, top: int = 5, b
                 progress: bool = True) -> Path:
     """Write RUN/influence/attribution.jsonl: each test row's measured loss change, its split by
     training row (`top` proponents and opponents), and the remainder; resumes an interrupted one."""
-    if every < 1:
-        raise UserError(f"--every must be at least 1 (got {every})")
+    for name, value in (("every", every), ("top", top), ("batch-size", batch_size)):
+        if value < 1:
+            raise UserError(f"--{name} must be at least 1 (got {value})")
     run = Run(run_dir, test_file)
     if run.task.eval_dataset is None:
         raise UserError(f"{test_file}: no test rows")
@@ -103,7 +106,7 @@ def attribution(run_dir: str, test_file: str, *, every: int = 1, top: int = 5, b
 def _rows_of(result: Attribution, test_index: list[int], top: int):
     attributed = result.attributed()
     for i, index in enumerate(test_index):
-        terms = sorted(((value[i], key) for key, value in result.terms.items()))
+        terms = sorted(((value[i], key) for key, value in result.terms.items()), key=lambda term: term[0])
         measured = result.after[i] - result.before[i]
         yield {"test_index": index, "loss_before": result.before[i], "loss_after": result.after[i],
                "measured_change": measured, "attributed_change": attributed[i], "remainder": measured - attributed[i],
@@ -115,7 +118,13 @@ def self_influence_scores(run_dir: str, *, directions: int = 16, checkpoints: in
                           noisy: str | None = None, batch_size: int = 16, progress: bool = True) -> Path:
     """Write RUN/influence/self_influence.jsonl (training rows ranked by ZO self-influence, with the
     first-order TracInCP score beside it given `first_order`), a summary and a PNG."""
+    for name, value in (("directions", directions), ("checkpoints", checkpoints), ("batch-size", batch_size)):
+        if value < 1:
+            raise UserError(f"--{name} must be at least 1 (got {value})")
     run = Run(run_dir)
+    if run.zo.estimator.name != "spsa":
+        raise UserError(f"{run.dir}: self-influence estimates ‖∇ℓ‖² as the mean of (∇ℓ·z)², which needs z with "
+                        f"E[zzᵀ] = I: the run's estimator is {run.zo.estimator.name!r}, not 'spsa'")
     train = run.rows(run.task.train_dataset, batch_size)
     started = time.perf_counter()
     scores = self_influence(run.projector(), run.records, train, run.dir, checkpoints=checkpoints,

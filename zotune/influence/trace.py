@@ -83,7 +83,7 @@ class Projector:
 
     @torch.no_grad()
     def losses(self, batch: Batch) -> list[float]:
-        inputs = dict(batch.inputs)
+        inputs = _on_device(batch.inputs, self.model)
         labels = inputs.pop("labels")
         return row_values(self.model(**inputs), labels, len(labels), self.loss_of)
 
@@ -173,6 +173,11 @@ def _add_terms(state: Attribution, record: dict, test_g: list[list[float]], ever
             row[i] += v
 
 
+def _on_device(inputs: dict, model: torch.nn.Module) -> dict:
+    device = next(model.parameters()).device
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+
+
 def checkpoint_steps(records: list[dict], checkpoints: int) -> list[int]:
     """Positions of `checkpoints` records evenly spread over the run, the last at its final step:
     θ before each (the base model, which has learnt nothing, is not one)."""
@@ -196,7 +201,7 @@ def first_order_self_influence(model: torch.nn.Module, zo: ZOOptimizer, records:
     params = [p for _, p, _ in zo.named_params()]
 
     def squared_norms(batch: Batch, _step: int, _seed: int) -> list[float]:
-        inputs = dict(batch.inputs)
+        inputs = _on_device(batch.inputs, model)
         labels = inputs.pop("labels")
         norms = []
         for r in range(len(labels)):

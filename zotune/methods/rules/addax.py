@@ -27,7 +27,8 @@ class Addax(Rule):
     the parameters' `.grad` when `step()` runs (`zotune.first_order` picks the rows and keeps them
     within `max_tokens`; a raw ZOOptimizer adds whatever backward ran before `step()`, none: α·ĝ⁰).
     Costs: the activations and gradients of `max_tokens` tokens, and g¹ is saved beside the
-    trajectory log (4 bytes per trained element per step: replay needs it). The update
+    trajectory log (in the gradient's dtype, 4 bytes per trained element per step for fp32
+    weights: replay needs it). The update
     materialises α·ĝ⁰ + (1 − α)·g¹ in fp32, one parameter at a time. g¹ must be taken at θ, so
     not with `fused` (which leaves θ displaced between micro-batches); `lazy_update`, which would
     leave θ one update behind, is ZO-SGD's alone.
