@@ -251,9 +251,9 @@ def parse_problem(argv: list[str]) -> str | None:
 
 
 def needs_a_finished_run(argv: list[str]) -> bool:
-    """replay, export and plot read a run's folder; so do train commands that resume one or read its outputs
-    (a path under runs/ other than the output_dir the command would write)."""
-    if argv[0] in ("replay", "export", "plot"):
+    """replay, export, plot and influence read a run's folder; so do train commands that resume one or read its
+    outputs (a path under runs/ other than the output_dir the command would write)."""
+    if argv[0] in ("replay", "export", "plot", "influence"):
         return True
     return any(re.match(r"(runs/|[\w.]+=runs/)", a) and not a.startswith("train.output_dir=") for a in argv[1:])
 

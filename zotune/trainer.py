@@ -355,13 +355,9 @@ class ZOTrainer(Trainer):
         """The value the ZO step sees for `inputs` at the current weights."""
         labels = inputs.get("labels")
         if self._objective is None and self.rows is not None and labels is not None:  # each row's loss too
-            loss, outputs = self.compute_loss(model, dict(inputs), return_outputs=True)
-            values = row_values(outputs, labels, len(labels), self._row_loss(model))
-            if not self._rows_checked:
-                self._check_rows_reduce_to(loss.item(), values, row_items(labels, len(labels)))
-            if self.rows is not None:
-                self.rows.seen(values)
-            return loss.item()
+            value = self._value_by_rows(model, inputs, labels)
+            if value is not None:
+                return value
         if self._objective is None:
             # a copy: compute_loss pops "labels" from the dict it is given
             return self.compute_loss(model, dict(inputs)).item()
@@ -371,16 +367,32 @@ class ZOTrainer(Trainer):
 
     _rows_checked = False
 
-    def _check_rows_reduce_to(self, loss: float, values: list[float], items: list[int]) -> None:
-        """Once: the rows' losses average, with their items, to the batch's; a loss reduced otherwise
-        (a custom compute_loss, packed rows) gets no per-example record rather than a wrong one."""
+    def _value_by_rows(self, model, inputs, labels) -> float | None:
+        """The batch's loss, its rows' own losses handed to the recorder. The first batch checks that
+        the loss splits into them (None if not: the run then keeps no per-example projections)."""
+        if self._rows_checked:
+            loss, outputs = self.compute_loss(model, dict(inputs), return_outputs=True)
+            self.rows.seen(row_values(outputs, labels, len(labels), self._row_loss(model)))
+            return loss.item()
         self._rows_checked = True
+        try:  # a compute_loss override may not give outputs; a model may have no per-row loss
+            loss, outputs = self.compute_loss(model, dict(inputs), return_outputs=True)
+            values = row_values(outputs, labels, len(labels), self._row_loss(model))
+        except Exception as e:  # noqa: BLE001 - a real error in compute_loss raises again in the plain call
+            return self._without_rows(f"its rows' losses could not be taken ({type(e).__name__}: {e})")
+        items = row_items(labels, len(labels))
         mean = sum(v * n for v, n in zip(values, items)) / max(1, sum(items))
-        if not math.isclose(mean, loss, rel_tol=1e-4, abs_tol=1e-5):
-            logger.warning("zotune: the rows' own losses average to %.6g, not the batch's %.6g: this loss is not a "
-                           "mean over rows, so the steps keep no per-example projections (zotune influence)",
-                           mean, loss)
-            self.rows = None
+        if not math.isclose(mean, loss.item(), rel_tol=1e-4, abs_tol=1e-5):
+            # a loss reduced otherwise (a penalty, label smoothing, packed rows): no record rather than a wrong one
+            return self._without_rows(f"the rows' own losses average to {mean:.6g}, not the batch's "
+                                      f"{loss.item():.6g}")
+        self.rows.seen(values)
+        return loss.item()
+
+    def _without_rows(self, reason: str) -> None:
+        logger.info("zotune: %s: %s, so the steps keep no per-example projections (zotune influence)",
+                    type(self).__name__, reason)
+        self.rows = None
 
     def _row_loss(self, model):
         """The loss of one row's outputs and labels, reduced as compute_loss reduces a batch's."""

@@ -5,10 +5,18 @@
 - `zotune.data.collate`: examples to padded batches.
 
 `build_task_data` (everything `transformers.Trainer` needs) and `load_rows` (one source's rows) are
-the names most callers use, so they can be imported from here.
+the names most callers use, so they can be imported from here. They load on first use: the
+tasks import transformers' models, which the optimizer's import (through `zotune.data.collate`)
+must not pay for.
 """
 
-from zotune.data.files import load_rows
-from zotune.data.tasks import build_task_data
+import importlib
 
-__all__ = ["build_task_data", "load_rows"]
+_HOMES = {"build_task_data": "zotune.data.tasks", "load_rows": "zotune.data.files"}
+__all__ = list(_HOMES)
+
+
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_HOMES[name]), name)

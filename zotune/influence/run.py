@@ -7,6 +7,7 @@ rows' or training rows' own (`zotune.influence.trace`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -29,12 +30,13 @@ from zotune.influence.trace import (
 )
 from zotune.recipe import load_recipe
 from zotune.replay import replaying_optimizer
+from zotune.rundir import write_whole
 from zotune.run import build_model
 from zotune.schema import DataSource
 from zotune.trajectory import read_trajectory
 
 FOLDER = "influence"
-STATE = "attribution.state.pt"
+STATE = "attribution.state.json"
 TOP_SHARE = 0.2  # self-influence: the share of the ranked rows inspected for the recall figure
 
 
@@ -68,6 +70,24 @@ class Run:
         return Projector(self.model, self.zo, self.task.compute_loss_func)
 
 
+def save_attribution_state(path: Path, key: dict, state: Attribution) -> None:
+    saved = dataclasses.asdict(state)
+    saved["terms"] = list(saved["terms"].items())  # JSON keys are strings; the training indices are ints
+    write_whole(path, json.dumps({"key": key, "state": saved}))
+
+
+def load_attribution_state(path: Path, key: dict) -> Attribution | None:
+    """The interrupted attribution of the same test file and sampling, else None (start over)."""
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    if saved["key"] != key:
+        return None
+    state = saved["state"]
+    state["terms"] = dict((k, v) for k, v in state["terms"])
+    return Attribution(**state)
+
+
 def attribution(run_dir: str, test_file: str, *, every: int = 1, top: int = 5, batch_size: int = 16,
                 progress: bool = True) -> Path:
     """Write RUN/influence/attribution.jsonl: each test row's measured loss change, its split by
@@ -80,13 +100,10 @@ def attribution(run_dir: str, test_file: str, *, every: int = 1, top: int = 5, b
         raise UserError(f"{test_file}: no test rows")
     test = run.rows(run.task.eval_dataset, batch_size)
     state_path, key = run.out / STATE, {"test": str(Path(test_file).resolve()), "every": every}
-    state = None
-    if state_path.is_file():
-        saved = torch.load(state_path, weights_only=False)
-        state = saved["state"] if saved["key"] == key else None
+    state = load_attribution_state(state_path, key)
     started = time.perf_counter()
     result = attribute(run.projector(), run.records, test, run.dir, every=every, state=state, progress=progress,
-                       checkpoint=lambda s: torch.save({"key": key, "state": s}, state_path))
+                       checkpoint=lambda s: save_attribution_state(state_path, key, s))
     seconds = time.perf_counter() - started
     path = run.out / "attribution.jsonl"
     test_index = [i for b in test for i in b.index]

@@ -51,8 +51,9 @@ def check_attributable(records: list[dict], where: str) -> None:
     if missing is not None:
         raise UserError(f"{where}: step {missing['step']} has no per-example projections (rule {missing['rule']!r}, "
                         f"estimator {missing['estimator']!r}): attribution needs a ZO-SGD run on the loss, with an "
-                        "estimator that takes two points per direction and without slice_directions, recorded by "
-                        "a zotune that keeps them")
+                        "estimator that takes two points per direction and without slice_directions, on a loss "
+                        "that is the mean of its rows' (the training log says when it was not), recorded by a "
+                        "zotune that keeps them")
 
 
 @dataclass
