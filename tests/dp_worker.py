@@ -1,12 +1,13 @@
-"""A ZOTrainer run as `torchrun` launches it (tests/test_data_parallel.py): ranks share nothing but the
-process group. Writes the trained weights and what each rank saw to OUT_DIR.
+"""A ZOTrainer run as `torchrun` launches it (tests/test_data_parallel.py, tests/test_fsdp.py): ranks
+share nothing but the process group. Writes the trained weights and what each rank saw to OUT_DIR.
 
-    torchrun --nproc_per_node N tests/dp_worker.py OUT_DIR PER_DEVICE_BATCH
+    torchrun --nproc_per_node N tests/dp_worker.py OUT_DIR PER_DEVICE_BATCH [--shard fsdp] [--schedule S]
+        [--save-steps K] [--resume CHECKPOINT]
 """
 
+import argparse
 import json
 import os
-import sys
 
 import torch
 from conftest import tiny_causal_lm  # (this script's folder is on sys.path)
@@ -15,6 +16,7 @@ from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel
 
 from zotune import ZOConfig, ZOTrainer
+from zotune.fsdp import ResidentParameters, whole
 
 
 def rows(n: int = 24):
@@ -39,21 +41,34 @@ def collate(batch):
     return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
 
 
-def main(out: str, batch: int) -> None:
+def main(out: str, batch: int, *, shard: str, schedule: str, save_steps: int | None, resume: str | None) -> None:
     model = tiny_causal_lm("llama")
+    saving = {"save_strategy": "steps", "save_steps": save_steps} if save_steps else {"save_strategy": "no"}
     args = ZOConfig(output_dir=out, max_steps=4, per_device_train_batch_size=batch, learning_rate=1e-2, zo_eps=1e-2,
-                    zo_schedule="dual", lr_scheduler_type="constant", logging_steps=1, save_strategy="no",
-                    report_to="none", use_cpu=True, disable_tqdm=True, train_sampling_strategy="sequential", seed=0)
+                    zo_schedule=schedule, zo_shard=shard, lr_scheduler_type="constant", logging_steps=1,
+                    report_to="none", use_cpu=True, disable_tqdm=True, train_sampling_strategy="sequential", seed=0,
+                    **saving)
     trainer = ZOTrainer(model=model, args=args, train_dataset=rows(), data_collator=collate)
-    trainer.train()
+    resident = ResidentParameters(model, trainer.fsdp_units) if trainer.fsdp_units else None
+    trainer.train(resume_from_checkpoint=resume)
     rank = int(os.environ.get("RANK", 0))
     comm = [log["comm_bytes_per_step"] for log in trainer.state.log_history if "comm_bytes_per_step" in log]
     facts = {"ddp": isinstance(trainer.model_wrapped, DistributedDataParallel), "comm_bytes": comm,
              "world": int(os.environ.get("WORLD_SIZE", 1)), "g": trainer.zo.last_record["g"],
-             "rows": {key: trainer.zo.last_record.get(key) for key in ("row_index", "row_weight", "row_g")}}
+             "rows": {key: trainer.zo.last_record.get(key) for key in ("row_index", "row_weight", "row_g")},
+             "resident": {"peak": resident.peak, "slices": resident.slices} if resident else None}
+    weights = {n: whole(p) for n, p in model.named_parameters()}  # sharded: gathered, on every rank
     (open(f"{out}/rank{rank}.json", "w")).write(json.dumps(facts))
-    save_file({n: p.detach().contiguous() for n, p in model.named_parameters()}, f"{out}/rank{rank}.safetensors")
+    save_file({n: p.detach().contiguous() for n, p in weights.items()}, f"{out}/rank{rank}.safetensors")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]))
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out")
+    parser.add_argument("batch", type=int)
+    parser.add_argument("--shard", default="none")
+    parser.add_argument("--schedule", default="dual")
+    parser.add_argument("--save-steps", type=int)
+    parser.add_argument("--resume")
+    a = parser.parse_args()
+    main(a.out, a.batch, shard=a.shard, schedule=a.schedule, save_steps=a.save_steps, resume=a.resume)

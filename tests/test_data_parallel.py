@@ -148,8 +148,8 @@ def test_sharding_refuses_whole_parameter_directions():
         ZOOptimizer(model.named_parameters(), lr=1e-3, estimator="lowrank", shards={"lm_head.weight": 0})
 
 
-def launch(out: Path, nproc: int, per_device: int, launcher: str = "torchrun") -> dict:
-    """Run tests/dp_worker.py on `nproc` CPU processes; {rank: (facts, weights)}."""
+def launch(out: Path, nproc: int, per_device: int, launcher: str = "torchrun", options: tuple[str, ...] = ()) -> dict:
+    """Run tests/dp_worker.py on `nproc` CPU processes (`options`: the worker's); {rank: (facts, weights)}."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     if launcher == "torchrun":
         command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
@@ -158,8 +158,9 @@ def launch(out: Path, nproc: int, per_device: int, launcher: str = "torchrun") -
         command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", f"--num_processes={nproc}",
                    "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no"]
     port = ["--master_port" if launcher == "torchrun" else "--main_process_port", str(free_port())]
-    subprocess.run([*command, *port, str(WORKER), str(out), str(per_device)], check=True, env=env,
-                   capture_output=True, timeout=300)
+    done = subprocess.run([*command, *port, str(WORKER), str(out), str(per_device), *options], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
     return {r: (json.loads((out / f"rank{r}.json").read_text()), load_file(out / f"rank{r}.safetensors"))
             for r in range(nproc)}
 

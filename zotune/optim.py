@@ -45,6 +45,7 @@ import torch.distributed as dist
 from zotune import precision
 from zotune.eps import PROBE_ELEMENTS, round_trip_warning
 from zotune.first_order import gradients_digest
+from zotune.fsdp import is_sharded, local_shard
 from zotune.kernels import lazy_update_and_perturb_, perturb_, perturb_rows
 from zotune.methods import (
     Estimator,
@@ -134,10 +135,10 @@ class ZOOptimizer(torch.optim.Optimizer):
         # sharded parameters (FSDP-style): each rank holds a flat slice of a parameter, starting at
         # this element of the whole; it perturbs and updates only that slice, with the whole's z
         self.shards = dict(shards or {})
-        if self.shards and (not self.estimator.plain or schedule == "dual"):
+        named = list(named_params)
+        if (self.shards or any(is_sharded(p) for _, p in named)) and (not self.estimator.plain or schedule == "dual"):
             raise ValueError("sharded parameters need estimator 'spsa' and an in-place schedule (sequential or fused):"
                              " a module runs on whole parameters")
-        named = list(named_params)
         num_directions = self.estimator.num_directions({n: p.numel() for n, p in named}, num_directions)
         self.offsets = self.estimator.offsets(eps)
         no_decay = set(no_decay)
@@ -161,13 +162,13 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def _keep_masters(self, named: list[tuple[str, torch.nn.Parameter]]) -> None:
         rounds = self.rule.stochastic_rounding
-        for _, p in named:
+        for name, p in named:
             refusal = precision.refusal(self.master_weights, p.dtype, self.rule.name, rounds)
             if refusal:
                 raise ValueError(refusal)
             if (precision.keeps_master(self.master_weights, self.schedule, p.dtype, rounds)
                     and "master" not in self.state[p]):
-                self.state[p]["master"] = p.detach().float().clone()
+                self.state[p]["master"] = self._held(name, p)[0].float().clone()
         drifts = any(precision.is_half(p.dtype) and "master" not in self.state[p] for _, p in named)
         if drifts and self.schedule in precision.IN_PLACE_SCHEDULES:
             warnings.warn(precision.DRIFT_WARNING.format(schedule=self.schedule), stacklevel=3)
@@ -221,7 +222,14 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def _kernel_kw(self, name: str, p: torch.nn.Parameter, step: int | None) -> dict:
         directions = self.estimator.directions(Trainable(name, p, self.state[p]), step, Noise(self.seed, self.kind))
-        return {"kind": self.kind, "directions": directions, "offset": self.shards.get(name, 0)}
+        return {"kind": self.kind, "directions": directions, "offset": self._held(name, p)[1]}
+
+    def _held(self, name: str, p: torch.nn.Parameter) -> tuple[torch.Tensor, int]:
+        """The elements of `p` this process holds and where the first sits in the whole weight (flat
+        index): all of it at 0, a slice at its `shards` offset, or an FSDP2 DTensor's local shard."""
+        if is_sharded(p):
+            return local_shard(p)
+        return p.data, self.shards.get(name, 0)
 
     def _rounding_seed(self, p: torch.nn.Parameter, name: str, step: int) -> int | None:
         """The seed of `p`'s stochastic rounding at `step`: 16-bit weights without a master only."""
@@ -236,7 +244,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         s = step_seed(self.seed, update.step)
         kw = self._kernel_kw(name, p, update.step)
         q = len(update.g)
-        self.rule.apply(ParamUpdate(p.data, self.state[p], self.state[p].get("master"),
+        self.rule.apply(ParamUpdate(self._held(name, p)[0], self.state[p], self.state[p].get("master"),
                                     [seed_for(s, k, name) for k in range(q)], [gk / q for gk in update.g], restore,
                                     self.kind, kw["directions"], update.lr, update.wd, kw["offset"],
                                     self._rounding_seed(p, name, update.step),
@@ -336,22 +344,23 @@ class ZOOptimizer(torch.optim.Optimizer):
         is written as round(master + displacement), so its master is never displaced."""
         state = self.state[p]
         master = state.get("master")
+        data = self._held(name, p)[0]
         at = state.get("at") if master is None else None
         if update is not None:
             self._update_param(name, p, update, restore=-at.coef if at is not None else 0.0)
             at = None
         kw = self._kernel_kw(name, p, self._step if update is None else update.step)
         if at is not None and to is not None and (at.seed, at.k) == (to.seed, to.k):
-            perturb_(p.data, seed_for(to.seed, to.k, name), to.coef - at.coef, **kw)
+            perturb_(data, seed_for(to.seed, to.k, name), to.coef - at.coef, **kw)
         elif at is not None and to is not None:
-            lazy_update_and_perturb_(p.data, seed_for(at.seed, at.k, name), -at.coef, seed_for(to.seed, to.k, name),
+            lazy_update_and_perturb_(data, seed_for(at.seed, at.k, name), -at.coef, seed_for(to.seed, to.k, name),
                                      to.coef, **kw)
         elif at is not None:
-            perturb_(p.data, seed_for(at.seed, at.k, name), -at.coef, **kw)
+            perturb_(data, seed_for(at.seed, at.k, name), -at.coef, **kw)
         elif to is not None:
-            perturb_(p.data, seed_for(to.seed, to.k, name), to.coef, master=master, **kw)
+            perturb_(data, seed_for(to.seed, to.k, name), to.coef, master=master, **kw)
         elif master is not None:
-            p.data.copy_(master)
+            data.copy_(master)
         state["at"] = to
 
     def _perturbation_passes(self, step: int, loss_fn: Callable | None) -> list:
@@ -393,7 +402,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         if "master" in self.state[p]:
             return 0.0
         kw = self._kernel_kw(name, p, step)
-        sample = p.detach().flatten()[:PROBE_ELEMENTS] if kw["directions"] is None else p.detach()
+        held = self._held(name, p)[0]
+        sample = held.flatten()[:PROBE_ELEMENTS] if kw["directions"] is None else held
         copy, seed, (a, b) = sample.clone(), seed_for(step_seed(self.seed, step), 0, name), self.offsets
         for coef in (a, b - a, -b):
             perturb_(copy, seed, coef, **kw)
@@ -405,8 +415,10 @@ class ZOOptimizer(torch.optim.Optimizer):
         """Once, at the first step: warn when the in-place round trip moves the trainable tensor of
         smallest RMS (the one it moves most, relatively) by more than `zotune.eps.ROUND_TRIP_TOLERANCE`."""
         self.round_trip_checked = True
-        candidates = [(torch.linalg.vector_norm(p, dtype=torch.float32).item() / math.sqrt(p.numel()), name, p)
-                      for name, p, _ in self.named_params() if "master" not in self.state[p] and p.numel()]
+        held = [(name, p, self._held(name, p)[0]) for name, p, _ in self.named_params()
+                if "master" not in self.state[p]]
+        candidates = [(torch.linalg.vector_norm(t, dtype=torch.float32).item() / math.sqrt(t.numel()), name, p)
+                      for name, p, t in held if t.numel()]
         nonzero = [c for c in candidates if c[0] > 0]
         if not nonzero:
             return

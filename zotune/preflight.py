@@ -16,6 +16,8 @@ checked before the weights load is returned as a note rather than passed over in
 
 from __future__ import annotations
 
+import os
+
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainingArguments
 from transformers.integrations import get_reporting_integration_callbacks
@@ -39,6 +41,17 @@ SETUP_KEYS = [f"{name}.{key}" for name, section in (("train", TrainSection), ("z
               for key in section.model_fields if key not in RUN_ONLY]
 
 
+def launched_ranks() -> int:
+    """The processes torchrun or accelerate launch started for this run (1 without them)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def cpu_ranks() -> bool:
+    """Whether this is one of several torch.distributed ranks on CPUs (gloo): accelerate must be told
+    it runs on the CPU, or it takes each rank for a lone process."""
+    return launched_ranks() > 1 and not torch.cuda.is_available()
+
+
 def training_arguments(recipe: Recipe, task=None) -> TrainingArguments:
     """The recipe's `TrainingArguments` (`ZOConfig` for method zo).
 
@@ -49,6 +62,7 @@ def training_arguments(recipe: Recipe, task=None) -> TrainingArguments:
         remove_unused_columns=False,  # the collators pick their columns themselves
         dataloader_pin_memory=torch.cuda.is_available(),
         train_sampling_strategy="sequential" if task is not None and task.sequential_sampling else "random",
+        use_cpu=cpu_ranks(),
     )
     if recipe.method == "fo":
         return TrainingArguments(**fields)

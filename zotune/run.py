@@ -24,9 +24,9 @@ from zotune.failures import describe as describe_failure
 from zotune.model_card import SUMMARY
 from zotune.models import load_model, stable_name, trainable_parameters
 from zotune.plot import plot_run
-from zotune.preflight import preflight, training_arguments
+from zotune.preflight import cpu_ranks, launched_ranks, preflight, training_arguments
 from zotune.recipe import dump_recipe
-from zotune.rundir import CHECKPOINT, RECIPE, RunFolder, claim, write_whole
+from zotune.rundir import CHECKPOINT, RECIPE, RunFolder, claim, follow, write_whole
 from zotune.schema import Recipe
 from zotune.trainer import ZOTrainer
 
@@ -61,7 +61,8 @@ def build_trainer(recipe: Recipe, model, tokenizer) -> tuple[Trainer, str]:
         model,
         seed=train.seed,
         batch_size=train.per_device_train_batch_size,
-        num_rows_needed=train.max_steps * train.per_device_train_batch_size * train.gradient_accumulation_steps,
+        num_rows_needed=(train.max_steps * train.per_device_train_batch_size * train.gradient_accumulation_steps
+                         * launched_ranks()),
     )
     trainer_class = ZOTrainer if recipe.method == "zo" else Trainer
     trainer = trainer_class(
@@ -99,8 +100,8 @@ def train(recipe: Recipe, source: str, *, overwrite: bool = False) -> dict:
     resume = recipe.train.resume_from_checkpoint
     phase = Phase("claiming the output folder")
     try:
-        folder = claim(out, dump_recipe(_without_resume(recipe)), seed=recipe.train.seed,
-                       resuming=resume is not None, overwrite=overwrite)
+        folder = _claim_once(out, dump_recipe(_without_resume(recipe)), seed=recipe.train.seed,
+                             resuming=resume is not None, overwrite=overwrite)
         try:
             return _train_in(folder, recipe, source, phase)
         finally:
@@ -111,6 +112,19 @@ def train(recipe: Recipe, source: str, *, overwrite: bool = False) -> dict:
             raise
         then = f"resume with: {resume_command(out)}" if (out / RECIPE).is_file() else "run the same command again"
         raise UserError(f"{what}, while {phase.now}; once fixed, {then}") from None
+
+
+def _claim_once(out: Path, recipe_text: str, **how) -> RunFolder:
+    """Claim OUT; under torchrun or accelerate launch the main process claims it and the other ranks
+    follow once it has (their process group is the one the Trainer then uses)."""
+    if launched_ranks() == 1:
+        return claim(out, recipe_text, **how)
+    from accelerate import PartialState
+
+    state = PartialState(cpu=cpu_ranks())
+    folder = claim(out, recipe_text, **how) if state.is_main_process else None
+    state.wait_for_everyone()
+    return folder if folder is not None else follow(out)
 
 
 class Phase:
@@ -127,7 +141,8 @@ def _without_resume(recipe: Recipe) -> Recipe:
 def _train_in(folder: RunFolder, recipe: Recipe, source: str, phase: Phase) -> dict:
     out = folder.path
     phase.now = f"writing {out / RECIPE}"
-    write_whole(out / RECIPE, dump_recipe(recipe, source))
+    if folder.main:
+        write_whole(out / RECIPE, dump_recipe(recipe, source))
 
     phase.now = "loading the model"
     console.print(f"[bold]zotune[/] {recipe.method} · loading the model")
@@ -169,7 +184,9 @@ def _train_in(folder: RunFolder, recipe: Recipe, source: str, phase: Phase) -> d
         interrupted, after = "during the final evaluation", {}
     phase.now = f"saving the model to {out}"
     with finish_writing(f"the trained model to {out}") as deferred:
-        trainer.save_model(str(out))
+        trainer.save_model(str(out))  # on every rank: a sharded model is gathered for it
+        if not folder.main:  # the rest is the main process's
+            return {}
         tokenizer.save_pretrained(str(out))
         trainer.save_state()  # trainer_state.json: the log `zotune plot` draws the evaluations from
         if isinstance(trainer, ZOTrainer) and trainer.trajectory is not None:

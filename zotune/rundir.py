@@ -56,6 +56,11 @@ class RunFolder:
     identity: dict
     _lock: object
 
+    @property
+    def main(self) -> bool:
+        """Whether this process claimed the folder (the others of a torch.distributed run follow it)."""
+        return self._lock is not None
+
     def release(self) -> None:
         if self._lock is not None:
             self._lock.close()  # closing the file drops the flock
@@ -170,6 +175,12 @@ def _lock(out: Path):
         lock.close()
         raise
     return lock
+
+
+def follow(out: Path) -> RunFolder:
+    """OUT as another rank of a torch.distributed run sees it, after the main process claimed it:
+    the same run, no lock, nothing of the folder's own to write."""
+    return RunFolder(out, _identity(out), None)
 
 
 def _identity(out: Path) -> dict | None:

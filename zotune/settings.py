@@ -38,6 +38,7 @@ from zotune.objectives import check_name
 from zotune.precision import MASTER_WEIGHTS, SCHEDULES
 PERTURBATIONS = ("gaussian", "rademacher")
 OFFLOADS = ("none", "cpu")
+SHARDS = ("none", "fsdp")
 TRANSFER_DTYPES = ("bfloat16", "float16")
 
 MethodSpec = str | dict[str, Any]
@@ -117,6 +118,14 @@ class ZOSettings(Section):
         description="offload: send blocks in this 16-bit dtype (half the transfer) while the CPU keeps "
         "the full-precision copy.",
     )
+    shard: Literal[SHARDS] = Field(
+        "none",
+        description="fsdp: under torch.distributed (torchrun, accelerate launch), shard every weight across the "
+        "ranks with FSDP2's fully_shard, each transformer block a unit: a rank keeps 1/N of the weights and gathers "
+        "one unit at a time for its forward (trades an all-gather per unit per forward for device memory). Each "
+        "rank perturbs and updates its slice with the z of the whole weight, so the numbers equal one process. "
+        "Needs an in-place schedule (fused or sequential) and estimator spsa.",
+    )
     max_nonfinite: int = Field(5, ge=1, description="Stop after this many non-finite steps in a row.")
     objective: Annotated[str, AfterValidator(check_name), WrapValidator(_function_or_name)] = Field(
         "loss",
@@ -153,6 +162,11 @@ class ZOSettings(Section):
         if self.offload_transfer_dtype is not None and self.lazy_update:
             raise ValueError("`offload_transfer_dtype` drops the 16-bit copies after each block: "
                              "not with `lazy_update`")
+        if self.shard == "fsdp" and (self.schedule == "dual" or self.offload != "none"
+                                     or not build_estimator(self.estimator).plain):
+            raise ValueError("`shard: fsdp` perturbs each rank's slice of the weights in place: it needs `schedule: "
+                             f"fused` or `sequential`, `offload: none` and estimator spsa (here {self.schedule!r}, "
+                             f"{self.offload!r} and {build_estimator(self.estimator).name!r})")
         if self.slice_directions and (self.schedule != "dual" or self.num_directions < 2):
             raise ValueError("`slice_directions` runs the q directions on slices of one dual forward: it needs "
                              f"`schedule: dual` and `num_directions` >= 2 (here {self.schedule!r} and "

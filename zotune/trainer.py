@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -18,6 +19,7 @@ from functools import cached_property
 import datasets
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer import SCHEDULER_NAME
 from transformers.utils import logging
 
 from zotune.checkpoints import SaveOnInterrupt, save_checkpoint_atomically
@@ -26,6 +28,7 @@ from zotune.eps import swamp_error, trainable_rms
 from zotune.errors import UserError
 from zotune.models import forward_accepts, stable_name, trainable_parameters
 from zotune.first_order import save_gradients, split_rows
+from zotune.fsdp import full_state_dict, load_sharded, optimizer_file, save_sharded, shard_model, whole
 from zotune.data.collate import INDEX, IndexedCollator
 from zotune.influence.rows import RowRecorder, row_items, row_values
 from zotune.methods import Estimator, build_estimator, build_rule
@@ -116,6 +119,7 @@ class ZOTrainer(Trainer):
         self._zo_log = {"loss_plus": [], "loss_minus": [], "projected_grad": []}
         self.nonfinite = NonFiniteSteps(self.args.zo_max_nonfinite, "lower learning_rate or zo_eps. "
                                         "Nothing was applied for those steps.")
+        self.fsdp_units = self._shard() if self.settings.shard == "fsdp" else None
         # only the main process writes the log (every rank can replay it)
         writes_log = self.args.zo_trajectory and self.args.should_save
         self.trajectory = TrajectoryWriter(self.args.output_dir) if writes_log else None
@@ -131,6 +135,23 @@ class ZOTrainer(Trainer):
             self.train_dataset = self.train_dataset.add_column(INDEX, list(range(len(self.train_dataset))))
         self.rows: RowRecorder | None = None
         self._batch_index: torch.Tensor | None = None
+
+    def _shard(self) -> list[torch.nn.Module]:
+        """`zo_shard='fsdp'`: FSDP2 over the ranks (zotune.fsdp), before the optimizer takes the weights."""
+        import torch.distributed as dist
+
+        plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
+        if plugin is not None and plugin.fsdp_version != 2:
+            raise UserError("accelerate's FSDP plugin is set to FSDP1, which flattens the weights: ZO shards them "
+                            "with FSDP2 (fsdp_version: 2 in the accelerate config)")
+        if not (dist.is_available() and dist.is_initialized()):
+            raise UserError("zo.shard: fsdp (ZOConfig.zo_shard) shards the weights across the ranks of "
+                            "torch.distributed: launch with torchrun or accelerate launch (README: Multi-GPU and "
+                            "multi-node)")
+        if self.args.load_best_model_at_end:
+            raise UserError("zo.shard: fsdp saves sharded checkpoints, which load_best_model_at_end does not read")
+        self.is_fsdp_enabled = False  # the Trainer's FSDP paths would save a torch optimizer's state: ours are below
+        return shard_model(self.model, reshard_after_forward=plugin.reshard_after_forward if plugin else True)
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
@@ -416,22 +437,60 @@ class ZOTrainer(Trainer):
         self.flush()
         return super().predict(*args, **kwargs)
 
-    def save_model(self, *args, **kwargs):
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         self.flush()
-        return super().save_model(*args, **kwargs)
+        if self.fsdp_units is None:
+            return super().save_model(output_dir, _internal_call)
+        output_dir = output_dir or self.args.output_dir
+        if _internal_call:  # a checkpoint: every rank its slices, in accelerate's sharded format
+            save_sharded(self.accelerator, self.model, output_dir)
+            if self.args.should_save:
+                self.model.config.save_pretrained(output_dir)
+            return None
+        weights = full_state_dict(self.model)  # every rank takes part in gathering them
+        if self.args.should_save:
+            self._save(output_dir, state_dict=weights)
+        return None
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        if self.fsdp_units is None:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        return load_sharded(self.accelerator, self.model, resume_from_checkpoint)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if self.fsdp_units is None:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        # each rank's state is of its own slices
+        torch.save(self.optimizer.state_dict(), os.path.join(output_dir, optimizer_file(self.args.process_index)))
+        if self.args.should_save:
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
+        return None
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if self.fsdp_units is None or checkpoint is None:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        state = os.path.join(checkpoint, optimizer_file(self.args.process_index))
+        if not os.path.isfile(state):
+            raise UserError(f"{checkpoint}: no {optimizer_file(self.args.process_index)}; a sharded run resumes "
+                            "on as many ranks as saved its optimizer state")
+        self.optimizer.load_state_dict(torch.load(state, map_location=self.args.device, weights_only=True))
+        self.lr_scheduler.load_state_dict(torch.load(os.path.join(checkpoint, SCHEDULER_NAME), weights_only=True))
+        return None
 
     _trajectory_begun = False
 
     def begin_trajectory(self, step: int) -> None:
         self._trajectory_begun = True
+        named = [(n, p) for group in self.zo.param_groups for n, p in zip(group["names"], group["params"])]
+        if self.trajectory is not None or self.fsdp_units is not None:  # sharded: every rank joins the gathers
+            digest = params_digest((n, whole(p)) for n, p in named)
         if self.trajectory is not None:
-            named = [(n, p) for group in self.zo.param_groups for n, p in zip(group["names"], group["params"])]
             self.trajectory.start(
                 step,
                 {
                     "params": [n for n, _ in named],
                     "no_decay": self.zo.no_decay,
-                    "init_sha256": params_digest(named),
+                    "init_sha256": digest,
                     "optimizer": {**header_fields(self.settings), "seed": self.zo.seed,
                                   "weight_decay": self.zo.defaults["weight_decay"]},
                 },

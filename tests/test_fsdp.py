@@ -1,0 +1,222 @@
+"""FSDP2-sharded ZO (zotune.fsdp), two gloo processes on CPU, against one process.
+
+Each rank holds a slice of every weight and perturbs and updates it with the z of the whole weight
+at the slice's offset; the forwards gather the slices. So:
+
+- given the same batch on every rank, the sharded optimizer ends bit for bit where one process ends;
+- `ZOTrainer(zo_shard="fsdp")` under torchrun ends bit for bit where data-parallel ZOTrainer ends
+  (the same ranks, whole weights), which equals one process up to the rounding of the loss mean
+  (tests/test_data_parallel.py); a resume from a sharded checkpoint ends where the whole run ends;
+- a rank holds 1/N of the weights plus the unit it is running, never the whole model.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from conftest import TINY_CONFIGS, tiny_causal_lm
+from helpers import make_trainer, needs_data, write_recipe
+from safetensors.torch import load_file
+from test_data_parallel import WORKER, assert_same, free_port, launch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from zotune.blocks import find_blocks
+from zotune.errors import UserError
+from zotune.fsdp import ResidentParameters, shard_model, whole
+from zotune.optim import ZOOptimizer
+from zotune.settings import ZOSettings
+
+FUSED = ("--schedule", "fused")
+SHARDED = ("--shard", "fsdp", *FUSED)
+STEPS = 3
+# (rule, perturbation, schedule, q): the in-place schedules, a stateful rule, both noises
+CASES = [("sgd", "gaussian", "fused", 1), ("momentum", "rademacher", "sequential", 2)]
+
+
+def uneven_llama():
+    """A tiny llama whose MLP has 37 rows: FSDP cuts it 19 + 18 over two ranks."""
+    config = AutoConfig.for_model("llama", **{**TINY_CONFIGS["llama"], "intermediate_size": 37})
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def train(model, case) -> None:
+    rule, kind, schedule, q = case
+    opt = ZOOptimizer(list(model.named_parameters()), lr=1e-2, eps=1e-2, num_directions=q, schedule=schedule,
+                      rule=rule, perturbation=kind)
+    ids = (torch.arange(4)[:, None] * 7 + 3 * torch.arange(12)) % 256
+    with torch.no_grad():
+        for step in range(STEPS):
+            opt.estimate(lambda: model(input_ids=ids, labels=ids).loss.item(), step)
+            opt.step()
+
+
+def unit_bytes(model) -> list[int]:
+    """The bytes of each FSDP unit `shard_model` makes, from the unsharded model's shapes."""
+    def size(module):
+        return sum(p.numel() * p.element_size() for p in module.parameters())
+
+    units = [size(b) for b in find_blocks(model)[1]]
+    units += [size(model.get_input_embeddings()), size(model.get_output_embeddings())]
+    return [*units, size(model) - sum(units)]
+
+
+def _rank(rank: int, world: int, port: int, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        results = {}
+        for i, case in enumerate(CASES):
+            model = uneven_llama()
+            units = shard_model(model)
+            resident = ResidentParameters(model, units)
+            train(model, case)
+            results[str(i)] = {n: whole(p).detach().clone() for n, p in model.named_parameters()}
+            results[f"peak{i}"], results[f"slices{i}"] = torch.tensor(resident.peak), torch.tensor(resident.slices)
+        model = uneven_llama()  # the control: units left gathered after their forward
+        resident = ResidentParameters(model, shard_model(model, reshard_after_forward=False))
+        train(model, CASES[0])
+        results["peak_gathered"] = torch.tensor(resident.peak)
+        torch.save(results, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def sharded_ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sharded")
+    mp.spawn(_rank, args=(2, free_port(), str(out)), nprocs=2, join=True)
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+
+def test_sharded_optimizer_equals_one_process_bit_for_bit(sharded_ranks):
+    start = dict(uneven_llama().named_parameters())
+    for i, case in enumerate(CASES):
+        model = uneven_llama()
+        train(model, case)
+        alone = dict(model.named_parameters())
+        assert max((alone[n] - p).abs().max().item() for n, p in start.items()) > 1e-3  # it trained
+        for rank in sharded_ranks:
+            assert_same(rank[str(i)], alone, rtol=0, atol=0)
+
+
+def test_a_rank_holds_its_slices_and_one_gathered_unit(sharded_ranks):
+    units = unit_bytes(uneven_llama())
+    total = sum(units)
+    for rank in sharded_ranks:
+        for i in range(len(CASES)):
+            slices, peak = rank[f"slices{i}"].item(), rank[f"peak{i}"].item()
+            assert abs(slices - total / 2) <= 0.02 * total  # 19 + 18 rows: nearly half
+            # the root unit (final norm) stays gathered through the forward, one other unit at a time
+            assert slices + max(units[:-1]) <= peak <= slices + max(units[:-1]) + units[-1]
+            assert peak < 0.8 * total
+        assert rank["peak_gathered"].item() >= total  # the tracker sees it when units stay gathered
+
+
+def test_sharding_refuses_the_dual_schedule_naming_both_keys():
+    with pytest.raises(ValueError, match="`shard: fsdp`.*`schedule: fused` or `sequential`.*'dual'"):
+        ZOSettings(shard="fsdp")
+
+
+def test_zotrainer_sharding_outside_torch_distributed_says_how_to_launch(tmp_path):
+    with pytest.raises(UserError, match="launch with torchrun or accelerate launch"):
+        make_trainer(tiny_causal_lm("llama"), tmp_path, zo_shard="fsdp", zo_schedule="fused")
+
+
+# -- ZOTrainer under torchrun and accelerate launch -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def data_parallel_fused(tmp_path_factory):
+    return launch(tmp_path_factory.mktemp("dp"), 2, per_device=2, options=FUSED)
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory):
+    """Two sharded ranks, checkpoints at steps 2 and 4."""
+    out = tmp_path_factory.mktemp("fsdp")
+    return out, launch(out, 2, per_device=2, options=(*SHARDED, "--save-steps", "2"))
+
+
+def test_zotrainer_sharded_equals_data_parallel_bit_for_bit(fsdp_run, data_parallel_fused):
+    _, ranks = fsdp_run
+    for rank in (0, 1):
+        (facts, weights), (dp_facts, dp_weights) = ranks[rank], data_parallel_fused[rank]
+        assert facts["g"] == dp_facts["g"] and not facts["ddp"]
+        assert_same(weights, dp_weights, rtol=0, atol=0)
+        assert facts["rows"] == dp_facts["rows"]  # the per-example record gathers the same rows
+
+
+def test_zotrainer_sharded_rank_holds_half_the_weights_and_one_unit(fsdp_run):
+    _, ranks = fsdp_run
+    units = unit_bytes(tiny_causal_lm("llama"))
+    for facts, _ in ranks.values():
+        resident = facts["resident"]
+        assert resident["slices"] == sum(units) // 2
+        assert resident["peak"] <= resident["slices"] + max(units[:-1]) + units[-1]
+
+
+def test_zotrainer_sharded_checkpoint_resumes_bit_for_bit(fsdp_run, tmp_path):
+    out, ranks = fsdp_run
+    checkpoint = out / "checkpoint-2"
+    shards = sorted(p.name for p in (checkpoint / "pytorch_model_fsdp_0").iterdir())
+    assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp"]  # accelerate's sharded format
+    assert {"optimizer_rank0.pt", "optimizer_rank1.pt"} <= {p.name for p in checkpoint.iterdir()}
+    resumed = launch(tmp_path, 2, per_device=2, options=(*SHARDED, "--resume", str(checkpoint)))
+    for rank in (0, 1):
+        assert_same(resumed[rank][1], ranks[rank][1], rtol=0, atol=0)
+
+
+def test_accelerate_launch_shards_as_torchrun_does(fsdp_run, tmp_path):
+    _, ranks = fsdp_run
+    accelerated = launch(tmp_path, 2, per_device=2, launcher="accelerate", options=SHARDED)
+    for rank in (0, 1):
+        assert_same(accelerated[rank][1], ranks[rank][1], rtol=0, atol=0)
+
+
+def test_two_nodes_through_the_c10d_rendezvous_equal_one_node(fsdp_run, tmp_path):
+    """Two torchrun agents of one process each, meeting at 127.0.0.1 as two machines would."""
+    _, ranks = fsdp_run
+    port, env = free_port(), {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+               "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "zotune-test",
+               str(WORKER), str(tmp_path), "2", *SHARDED]
+    nodes = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    for node in nodes:
+        _, err = node.communicate(timeout=300)
+        assert node.returncode == 0, err[-3000:]
+    for rank in (0, 1):
+        facts = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert facts["world"] == 2
+        assert_same(load_file(tmp_path / f"rank{rank}.safetensors"), ranks[rank][1], rtol=0, atol=0)
+
+
+@needs_data
+def test_zotune_train_shards_with_the_recipe_key(tmp_path):
+    """`zotune train` under torchrun with `zo.shard: fsdp` writes the whole model, and its trajectory
+    replayed in one process on whole weights (`zotune replay`) gives the same weights, bit for bit."""
+    from typer.testing import CliRunner
+
+    from zotune.cli import app
+
+    recipe = write_recipe(tmp_path, zo={"eps": 1e-2, "schedule": "fused", "shard": "fsdp"},
+                          train={"max_steps": 3, "per_device_train_batch_size": 2})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(free_port()), "-m", "zotune.cli", "train", str(recipe)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = tmp_path / "run"
+    records = [json.loads(line) for line in (run / "zo_trajectory.jsonl").read_text().splitlines()[1:]]
+    assert [len(r["row_index"]) for r in records] == [4, 4, 4]  # both ranks' rows, gathered
+    assert len({i for r in records for i in r["row_index"]}) == 12  # no row seen twice: 2 ranks' worth arranged
+    result = CliRunner().invoke(app, ["replay", str(run), str(run / "zo_trajectory.jsonl"), str(tmp_path / "one")])
+    assert result.exit_code == 0, result.output
+    assert_same(load_file(run / "model.safetensors"), load_file(tmp_path / "one" / "model.safetensors"),
+                rtol=0, atol=0)
