@@ -154,7 +154,8 @@ def weights(model) -> dict[str, torch.Tensor]:
 
 
 def mean_loss(model, data: Dataset) -> float:
-    batch = default_data_collator([data[i] for i in range(len(data))])
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in default_data_collator([data[i] for i in range(len(data))]).items()}
     model.eval()
     with torch.no_grad():
         return model(**batch).loss.item()

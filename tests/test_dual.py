@@ -1,7 +1,10 @@
 """The dual schedule and block offloading, each held to an independent reference.
 
-- dual (and dual with the lazy update) against `sequential`, MeZO's two forwards;
-- offloaded against resident, bit for bit, with the compute-side parameter bytes bounded;
+- dual (and dual with the lazy update) against `sequential`, MeZO's two forwards, on the CPU and
+  (marked cuda) on a GPU;
+- offloaded against resident, bit for bit, with the compute-side parameter bytes bounded; on a GPU
+  through the offloader's CUDA streams and pinned memory, its residency tracker held to the
+  allocator's own counts;
 - replay and resume of dual runs against the trained / uninterrupted run, bit for bit, in fp32 and
   in bf16 without master copies;
 - a model dual cannot split runs its two signs as two forwards, with a warning, not wrong numbers;
@@ -13,11 +16,11 @@ import types
 
 import pytest
 import torch
-from conftest import CORE_ARCHS, TINY_CONFIGS, tiny_causal_lm
+from conftest import CORE_ARCHS, DEVICES, TINY_CONFIGS, tiny_causal_lm
 from datasets import Dataset
 from helpers import counting_dataset, make_trainer, weights
 from torch import nn
-from transformers import AutoConfig, AutoModelForSequenceClassification
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from zotune import scratch
 from zotune.blocks import find_blocks
@@ -60,13 +63,16 @@ def assert_close(a: dict, b: dict, atol: float = 1e-5) -> None:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=atol, msg=name)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("arch", ALL_ARCHS)
-def test_dual_equals_sequential(arch, tmp_path, monkeypatch):
+def test_dual_equals_sequential(arch, device, tmp_path, monkeypatch):
     """Out of place against MeZO's in-place reference: fp32, losses within 1e-5 relative, weights
     within 1e-5 (θ−εz is rounded once out of place, as θ+εz−2εz in place)."""
     monkeypatch.setattr(scratch, "CHUNK_ELEMENTS", 1024)  # the 300-row heads run in chunks of 32 rows
-    seq_model, seq = train(arch, tmp_path / "seq", zo_schedule="sequential")
-    dual_model, dual = train(arch, tmp_path / "dual", zo_schedule="dual")
+    on = dict(use_cpu=device == "cpu")
+    seq_model, seq = train(arch, tmp_path / "seq", zo_schedule="sequential", **on)
+    dual_model, dual = train(arch, tmp_path / "dual", zo_schedule="dual", **on)
+    assert all(p.device.type == device for p in dual_model.parameters())
     assert dual.zo.schedule == "dual" and dual._dual_split, "fell back"
     seq_records, dual_records = read_trajectory(tmp_path / "seq" / "zo_trajectory.jsonl")[1], \
         read_trajectory(tmp_path / "dual" / "zo_trajectory.jsonl")[1]
@@ -74,7 +80,7 @@ def test_dual_equals_sequential(arch, tmp_path, monkeypatch):
         torch.testing.assert_close(d["loss_plus"], s["loss_plus"], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(d["loss_minus"], s["loss_minus"], rtol=1e-5, atol=1e-6)
     assert_close(weights(dual_model), weights(seq_model))
-    assert any(not torch.equal(w, p) for w, p in zip(weights(build(arch)).values(), weights(dual_model).values()))
+    assert any(not torch.equal(w, p.cpu()) for w, p in zip(weights(build(arch)).values(), weights(dual_model).values()))
 
 
 @pytest.mark.parametrize("arch", CORE_ARCHS)
@@ -136,15 +142,22 @@ def test_resume_of_dual_equals_uninterrupted(arch, lazy, precision, tmp_path):
 # -- offloading --------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("arch", CORE_ARCHS)
 @pytest.mark.parametrize("schedule", ["dual", "dual-lazy", "fused"])
-def test_offloaded_equals_resident_with_bounded_residency(arch, schedule, tmp_path):
+def test_offloaded_equals_resident_with_bounded_residency(arch, schedule, device, tmp_path):
     kw = dict(zo_schedule=schedule.removesuffix("-lazy"), zo_lazy_update=schedule.endswith("-lazy"),
-              eval_strategy="steps", eval_steps=2, eval_dataset=data_for(arch))
+              eval_strategy="steps", eval_steps=2, eval_dataset=data_for(arch), use_cpu=device == "cpu")
+    if device == "cuda":
+        # an offloaded block's update pass runs on its home (host) weights with the CPU kernels, a
+        # resident one's on the GPU with Triton: gaussian z differ there in their last bits, rademacher
+        # z are exact everywhere
+        kw["zo_perturbation"] = "rademacher"
     resident, res_trainer = train(arch, tmp_path / "resident", **kw)
     offloaded, off_trainer = train(arch, tmp_path / "offload", zo_offload="cpu", **kw)
+    assert off_trainer.offloader.cuda == (device == "cuda")  # the streams and pinned memory
     for (name, a), b in zip(resident.named_parameters(), offloaded.parameters()):
-        assert torch.equal(a, b), name
+        assert torch.equal(a, b.to(a.device)), name
     evals = [[log["eval_loss"] for log in t.state.log_history if "eval_loss" in log]
              for t in (res_trainer, off_trainer)]
     assert evals[0] == evals[1]  # evaluation streams the blocks too
@@ -178,6 +191,45 @@ def test_offloaded_bf16_weights_carry_only_the_masters_they_have(lazy, master_we
     assert trainer.offloader.block_bytes() == sum(p.numel() * per_element for p in block)
     masters = [trainer.zo.state[p].get("master") for p in blocks.parameters()]
     assert all(m is None if master_weights == "auto" else m.dtype == torch.float32 for m in masters)
+
+
+def cuda_peak_of_training(model, out, **overrides):
+    """(trainer, the GPU's allocated-bytes peak above what was allocated before it) of training `model` on
+    the GPU, the trainer's move of the model included."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    trainer = make_trainer(model, out, use_cpu=False, zo_perturbation="rademacher", **overrides)
+    trainer.train()
+    torch.cuda.synchronize()
+    return trainer, torch.cuda.max_memory_allocated() - before
+
+
+@pytest.mark.cuda
+def test_offload_residency_tracker_matches_cuda_allocations(tmp_path):
+    """The parameter bytes the tracker counts on the GPU are really there, and nothing else of the blocks is:
+    the offloaded peak is at most the tracker's peak plus the resident run's non-parameter working memory
+    (activations, perturbed copies), which both runs share. 8 blocks of about 3 MB, so the allocator's
+    512-byte rounding of each tensor is small beside them, and at most 3 of them on the GPU at once."""
+    config = AutoConfig.for_model("llama", **{**TINY_CONFIGS["llama"], "hidden_size": 256, "intermediate_size": 768,
+                                              "num_hidden_layers": 8})
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        models.append(AutoModelForCausalLM.from_config(config))
+    ones = torch.ones(64, 64, device="cuda")
+    ones @ ones  # cuBLAS allocates its workspace once, at its first product: outside the measurements
+    _, resident_peak = cuda_peak_of_training(models[0], tmp_path / "resident")
+    trainer, offload_peak = cuda_peak_of_training(models[1], tmp_path / "offload", zo_offload="cpu")
+    assert trainer.offloader.cuda
+    for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+        assert torch.equal(a, b.to(a.device)), name
+    tensors = list(models[0].parameters())
+    working = resident_peak - sum(p.numel() * p.element_size() for p in tensors)
+    tracker = trainer.offloader.tracker
+    assert tracker.peak <= offload_peak <= tracker.peak + working + 512 * len(tensors), (
+        tracker.peak, offload_peak, working)
+    assert offload_peak < resident_peak - 4 * trainer.offloader.block_bytes()  # 5 of 8 blocks stayed home
 
 
 def test_offload_with_16_bit_transfer_stays_close_to_resident(tmp_path):

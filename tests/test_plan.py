@@ -349,6 +349,49 @@ def test_evaluation_forward_close_to_the_plan(task):
     assert plan("llama", BIG_VOCAB, seq_len=seq, task=task).eval_activations == 0  # no eval data
 
 
+# three sizes built from configs, planned and measured on a GPU: name -> (config, batch B, seq T, dtype)
+CUDA_CASES = {
+    "llama 4L d512 fp32": (config_of("llama", hidden_size=512, num_hidden_layers=4, num_attention_heads=8,
+                                     num_key_value_heads=4, intermediate_size=1408, vocab_size=2048),
+                           2, 512, "float32"),
+    "gpt2 124M bf16": (AutoConfig.for_model("gpt2"), 8, 256, "bfloat16"),
+    "opt-1.3b bf16": (known_config("opt-1.3b"), 4, 512, "bfloat16"),
+}
+
+
+def cuda_dual_step(config, batch: int, seq: int, dtype: str) -> tuple[int, int]:
+    """(bytes the weights take on the GPU, the peak above them of a dual ZO step: the doubled forward and
+    each half's loss, on perturbed copies the Triton kernels make) of a model built on the GPU from `config`."""
+    x = torch.randint(config.vocab_size, (batch, seq), device="cuda")
+    inputs = {"input_ids": x, "labels": x, "use_cache": False}
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype), attn_implementation="sdpa").eval()
+    weights = torch.cuda.memory_allocated() - before
+    engine = DualEngine(model, ZOOptimizer(model.named_parameters(), lr=1e-3, schedule="dual"))
+    with torch.no_grad():
+        half_losses(engine, model, inputs, (1, 0))  # warm-up: Triton compiles, cuBLAS takes its workspace
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        half_losses(engine, model, inputs, (2, 0))
+        torch.cuda.synchronize()
+    return weights, torch.cuda.max_memory_allocated() - start
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", CUDA_CASES)
+def test_plan_matches_the_measured_cuda_peak(case):
+    """The allocator's own counts (torch.cuda.max_memory_allocated) against the plan: weights and buffers,
+    and the step's activations plus scratch within the CPU checks' 15%."""
+    config, batch, seq, dtype = CUDA_CASES[case]
+    weights, step = cuda_dual_step(config, batch, seq, dtype)
+    p = plan_memory(config, batch_size=batch, seq_len=seq, dtype=dtype, attention="sdpa")
+    assert weights == pytest.approx(p.compute_params + p.compute_buffers, rel=0.02)
+    assert step == pytest.approx(p.compute_activations + p.compute_scratch, rel=0.15)
+
+
 def test_recipe_plans_its_task(tiny_recipe):
     classification = load_recipe(tiny_recipe, ["zo.schedule=dual"])
     lm = load_recipe(tiny_recipe, ["zo.schedule=dual", "data.task=lm", "data.verbalizer=null"])

@@ -1,4 +1,5 @@
-"""bitsandbytes-quantized base models on CPU: ZO trains the adapter, the quantized bytes never move."""
+"""bitsandbytes-quantized base models: ZO trains the adapter, the quantized bytes never move. On the CPU,
+and (marked cuda) on a GPU, where bitsandbytes loads the base itself and runs its CUDA kernels."""
 
 import json
 import sys
@@ -6,7 +7,7 @@ import sys
 import pytest
 import torch
 import yaml
-from conftest import TINY_CONFIGS
+from conftest import DEVICES, TINY_CONFIGS
 from peft import PeftModel
 from helpers import counting_dataset, make_trainer, mean_loss
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -17,7 +18,9 @@ from zotune.cli import app
 from zotune.errors import UserError
 from zotune.models import load_model
 from zotune.recipe import load_recipe
+from zotune.replay import replaying_optimizer
 from zotune.schema import ModelSection
+from zotune.trajectory import read_trajectory
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -51,15 +54,42 @@ def logits(model) -> torch.Tensor:
         return model.eval()(input_ids=IDS).logits
 
 
-def test_4bit_lora_trains_with_zo_and_the_loss_decreases(tmp_path):
-    model = quantized("nf4")
+def on_device(model, device: str):
+    """`model` as loaded, checked to be where the test runs: bitsandbytes puts a base on the GPU when there is one."""
+    if device == "cuda":
+        assert all(p.device.type == "cuda" for p in model.parameters())
+    return model
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_4bit_lora_trains_with_zo_and_the_loss_decreases(device, tmp_path):
+    model = on_device(quantized("nf4"), device)
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
     data = counting_dataset(16)
     before = mean_loss(model, data)
     make_trainer(model, tmp_path, data, max_steps=200, learning_rate=3e-2, zo_eps=1e-2,
-                 zo_perturbation="rademacher", logging_steps=1000).train()
+                 zo_perturbation="rademacher", logging_steps=1000, use_cpu=device == "cpu").train()
     after = mean_loss(model, data)
     assert after < before - 0.05, (before, after)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("perturbation", ["gaussian", "rademacher"])
+def test_4bit_zo_on_the_gpu_replays_bit_for_bit(perturbation, tmp_path):
+    """The trajectory of a run on a 4-bit base on the GPU, replayed onto a fresh load of the same base
+    and adapter (checked to be the run's initial weights), gives the trained adapter bit for bit."""
+    model, fresh = (on_device(quantized("nf4"), "cuda") for _ in range(2))
+    make_trainer(model, tmp_path, max_steps=6, learning_rate=5e-2, zo_eps=1e-2, zo_perturbation=perturbation,
+                 use_cpu=False).train()
+    header, records = read_trajectory(tmp_path / "zo_trajectory.jsonl")
+    replayed = replaying_optimizer(header, fresh, "a fresh load", "the run's trajectory")
+    for record in records:
+        replayed.replay(record)
+    replayed.flush()
+    trained, rebuilt = dict(model.named_parameters()), dict(fresh.named_parameters())
+    adapter = [n for n, p in trained.items() if p.requires_grad]
+    assert adapter and all(torch.equal(trained[n], rebuilt[n]) for n in adapter)
+    assert any(not torch.equal(trained[n], p) for n, p in quantized("nf4").named_parameters() if n in adapter)
 
 
 @pytest.mark.parametrize("kind", list(QUANTIZATIONS))
