@@ -1,67 +1,116 @@
-"""Elements per second of every zotune.kernels op on each CPU implementation.
+"""Throughput of every zotune.kernels op, in elements/s and in GB/s against a plain copy's.
 
-    python benchmarks/kernels.py                    # 1M, 10M and 100M elements, 2 threads
-    python benchmarks/kernels.py --sizes 1e6 --threads 1
+    python benchmarks/kernels.py                              # CPU: 1M, 10M and 100M elements, 2 threads
+    python benchmarks/kernels.py --sizes 1e6 --threads 1 --impl eager
+    python benchmarks/kernels.py --device cuda --sizes 1e8    # the Triton kernels on a GPU
 
-Each op runs on an fp32 tensor for both noises, with the compiled and the eager paths
-(forced through ZOTUNE_KERNELS), next to `torch.randn` + `add_` (a seeded torch generator,
-what MeZO uses) measured in the same run. On a CUDA machine add `--device cuda` to time
-the Triton kernels instead and compare with the card's memory bandwidth: an op reads and
-writes each element once (8 bytes per fp32 element; more with a master copy or state).
+Each op runs on fp32 tensors for both noises: on the CPU with the compiled and the eager paths
+(forced through ZOTUNE_KERNELS), on a GPU with Triton; next to `torch.randn` + `add_` (a seeded
+torch generator, what MeZO uses) measured in the same run. GB/s counts the bytes an op must move:
+each fp32 tensor it reads and each it writes, once (`ops`). The reference bandwidth is measured, not
+read from a spec sheet: a plain copy of one such tensor into another on the same device in the same
+run, the most an elementwise op can be expected to reach there.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import platform
 import time
 
 import torch
 
-from zotune.kernels import adam_update_, lazy_update_and_perturb_, momentum_update_, perturb_, restore_and_update_
+from zotune.kernels import (
+    adam_update_,
+    lazy_update_and_perturb_,
+    momentum_update_,
+    perturb_,
+    perturb_rows,
+    restore_and_update_,
+)
+
+MIN_SECONDS = 0.2  # each figure is timed over a batch of calls that takes at least this long
 
 
 def ops(n: int, device: str) -> dict:
-    p = torch.zeros(n, device=device)
-    buf, m, v = (torch.zeros(n, device=device) for _ in range(3))
+    """name -> (bytes moved per element, the op as a function of the noise kind), on fp32 tensors of n elements."""
+    p, out, buf, m, v = (torch.zeros(n, device=device) for _ in range(5))
+    rows = torch.arange(n // 1024, device=device)
     return {
-        "perturb_": lambda kind: perturb_(p, 1, 1e-3, kind=kind),
-        "restore_and_update_": lambda kind: restore_and_update_(p, 1, 1e-3, 0.5, 1e-4, 0.0, kind=kind),
-        "lazy_update_and_perturb_": lambda kind: lazy_update_and_perturb_(p, 1, 1e-3, 2, 1e-3, kind=kind),
-        "momentum_update_": lambda kind: momentum_update_(p, buf, 1, 0.5, 1e-4, 0.0, 0.9, kind=kind),
-        "adam_update_": lambda kind: adam_update_(p, m, v, 1, 0.5, 1e-4, 0.0, 0.9, 0.999, 1e-8, 1, kind=kind),
+        "perturb_": (8, lambda kind: perturb_(p, 1, 1e-3, kind=kind)),
+        "perturb_ out=": (8, lambda kind: perturb_(p, 1, 1e-3, kind=kind, out=out)),
+        "perturb_rows": (8, lambda kind: perturb_rows(p[: rows.numel() * 1024].view(-1, 1024), rows, 1, 1e-3,
+                                                      kind=kind)),
+        "restore_and_update_": (8, lambda kind: restore_and_update_(p, 1, 1e-3, 0.5, 1e-4, 0.0, kind=kind)),
+        "lazy_update_and_perturb_ out=": (12, lambda kind: lazy_update_and_perturb_(p, 1, 1e-3, 2, 1e-3, kind=kind,
+                                                                                   out=out)),
+        "momentum_update_": (16, lambda kind: momentum_update_(p, buf, 1, 0.5, 1e-4, 0.0, 0.9, kind=kind)),
+        "adam_update_": (24, lambda kind: adam_update_(p, m, v, 1, 0.5, 1e-4, 0.0, 0.9, 0.999, 1e-8, 1, kind=kind)),
     }
 
 
-def rate(fn, n: int, repeats: int) -> float:
-    fn()  # warm-up and compilation
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    return n * repeats / (time.perf_counter() - start)
+def rate(fn, n: int, sync) -> float:
+    """Elements per second of `fn` over n elements: a warm-up call (compilation), then batches of calls,
+    doubling, until one takes MIN_SECONDS; `sync` waits for the device."""
+    fn()
+    sync()
+    calls = 1
+    while True:
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        sync()
+        elapsed = time.perf_counter() - start
+        if elapsed >= MIN_SECONDS:
+            return n * calls / elapsed
+        calls *= 2
+
+
+def device_name(device: str) -> str:
+    return torch.cuda.get_device_name(device) if device == "cuda" else f"{platform.machine()} CPU"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="1e6,1e7,1e8", help="comma-separated element counts")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--impl", choices=["triton", "compiled", "eager"],
+                        help="only this implementation (default: compiled and eager on the CPU, triton on a GPU)")
+    parser.add_argument("--json", metavar="PATH", help="also write the largest size's figures to PATH as JSON")
     args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device cuda: torch {torch.__version__} sees no CUDA device")
     torch.set_num_threads(args.threads)
-    impls = ["triton"] if args.device == "cuda" else ["compiled", "eager"]
-    print(f"{args.device}, {args.threads} threads; M elements/s (higher is better)")
+    sync = torch.cuda.synchronize if args.device == "cuda" else lambda: None
+    impls = [args.impl] if args.impl else ["triton"] if args.device == "cuda" else ["compiled", "eager"]
+    name = device_name(args.device)
+    print(f"{name}, {args.threads} threads; M elements/s, GB/s and GB/s ÷ a plain copy's (higher is better)")
+    figures = {}
     for n in (int(float(s)) for s in args.sizes.split(",")):
-        repeats = max(1, int(2e7 // n))
         generator = torch.Generator(args.device).manual_seed(0)
-        p = torch.zeros(n, device=args.device)
-        baseline = rate(lambda: p.add_(torch.randn(n, generator=generator, device=args.device), alpha=1e-3), n, repeats)
-        print(f"\n{n:,} elements: torch.randn + add_ {baseline / 1e6:,.0f} M/s")
-        print(f"  {'op':<26}{'impl':<10}{'gaussian':>10}{'rademacher':>12}{'gauss/randn':>13}")
+        p, q = torch.zeros(n, device=args.device), torch.zeros(n, device=args.device)
+        baseline = rate(lambda: p.add_(torch.randn(n, generator=generator, device=args.device), alpha=1e-3), n, sync)
+        copy_gbps = rate(lambda: q.copy_(p), n, sync) * 8 / 1e9
+        print(f"\n{n:,} elements: torch.randn + add_ {baseline / 1e6:,.0f} M/s; copy {copy_gbps:,.1f} GB/s (reference)")
+        print(f"  {'op':<31}{'impl':<10}{'M/s gauss':>10}{'rademacher':>11}{'gauss/randn':>12}"
+              f"{'GB/s gauss':>11}{'rademacher':>11}{'÷ copy':>8}{'÷ copy':>8}")
+        figures = {"device": name, "elements": n, "copy_GBps": copy_gbps, "ops": {}}
         for impl in impls:
             os.environ["ZOTUNE_KERNELS"] = impl
-            for name, op in ops(n, args.device).items():
-                gauss, rad = (rate(lambda k=kind: op(k), n, repeats) for kind in ("gaussian", "rademacher"))
-                print(f"  {name:<26}{impl:<10}{gauss / 1e6:>10,.0f}{rad / 1e6:>12,.0f}{gauss / baseline:>13.2f}")
+            for op, (nbytes, fn) in ops(n, args.device).items():
+                gauss, rad = (rate(lambda k=kind: fn(k), n, sync) for kind in ("gaussian", "rademacher"))
+                gbps = {"gaussian": gauss * nbytes / 1e9, "rademacher": rad * nbytes / 1e9}
+                figures["ops"].setdefault(op, {})[impl] = {k: {"GBps": g, "of_copy": g / copy_gbps}
+                                                           for k, g in gbps.items()}
+                print(f"  {op:<31}{impl:<10}{gauss / 1e6:>10,.0f}{rad / 1e6:>11,.0f}{gauss / baseline:>12.2f}"
+                      f"{gbps['gaussian']:>11,.1f}{gbps['rademacher']:>11,.1f}"
+                      f"{gbps['gaussian'] / copy_gbps:>8.2f}{gbps['rademacher'] / copy_gbps:>8.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(figures, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """ZO step time divided by one no-grad forward, side by side in one process.
 
     python benchmarks/zo_step.py            # GPT-2 124M from config, fp32, batch 8x128, 2 threads
+    python benchmarks/zo_step.py --device cuda --model opt-1.3b --dtype bfloat16 --offload   # on a GPU
 
 Timings on a shared 2-core machine drift by tens of percent over minutes, so every ratio is taken
 between ADJACENT measurements: each step is followed at once by a no-grad forward of its batch
@@ -16,31 +17,44 @@ of the per-step ratios. Measured in this order:
 4. the breakdown of a raw dual step: the doubled forward (logits only), through the wrappers with
    plain copies of θ (splitting, joining, copying), with perturbed copies (the noise), the two
    halves' losses and the update pass.
+
+With --offload, right after the first: `ZOTrainer` with its blocks offloaded to the host
+(zo.offload cpu) on a copy of the model, its steady step against the resident trainer's. On a GPU
+every figure waits for the device (torch.cuda.synchronize) before it reads the clock.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import statistics
 import tempfile
 import time
 
 import torch
 from datasets import Dataset
-from transformers import GPT2Config, GPT2LMHeadModel, TrainerCallback
+from transformers import AutoModelForCausalLM, GPT2Config, TrainerCallback
 
 from zo_steps import zo_step_fn
 from zotune.dual import causal_lm_loss, double
+from zotune.plan import KNOWN_CONFIGS, known_config
 from zotune.trainer import ZOConfig, ZOTrainer
 
-STEPS = 16
 WARM_STEPS = 3  # the kernels compile in the first two (the lazy update's pass first runs in the second)
 
 
+def sync() -> None:
+    """Wait for the GPU's queued work, if this process ever used one."""
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def clock(fn) -> float:
+    sync()
     start = time.perf_counter()
     fn()
+    sync()
     return time.perf_counter() - start
 
 
@@ -57,15 +71,8 @@ def paired(fn, forward, repeats: int) -> tuple[float, float, float]:
 
 def timed(fn, repeats: int) -> tuple[float, float]:
     """(first call, median of the next `repeats`) in seconds."""
-    start = time.perf_counter()
-    fn()
-    first = time.perf_counter() - start
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return first, statistics.median(times)
+    first = clock(fn)
+    return first, statistics.median(clock(fn) for _ in range(repeats))
 
 
 def mezo_style_step(model, loss_fn, seed: int, eps: float, lr: float) -> None:
@@ -75,7 +82,7 @@ def mezo_style_step(model, loss_fn, seed: int, eps: float, lr: float) -> None:
     def shift(scale: float) -> None:
         torch.manual_seed(seed)
         for p in params:
-            p.add_(torch.normal(0, 1, size=p.shape, dtype=p.dtype), alpha=scale)
+            p.add_(torch.normal(0, 1, size=p.shape, dtype=p.dtype, device=p.device), alpha=scale)
 
     with torch.no_grad():
         shift(eps)
@@ -89,40 +96,55 @@ def mezo_style_step(model, loss_fn, seed: int, eps: float, lr: float) -> None:
 
 class StepClock(TrainerCallback):
     """Times each trainer step, then (outside the step's time) a no-grad forward of the batch on the
-    trained model and a MeZO-style step on a copy of it: three adjacent figures per step."""
+    trained model and, given `mezo`, a MeZO-style step on a copy of it: adjacent figures per step."""
 
     def __init__(self, forward, mezo):
         self.forward, self.mezo = forward, mezo
         self.times, self.forwards, self.mezos, self._start = [], [], [], 0.0
 
     def on_step_begin(self, args, state, control, **kwargs):
+        sync()
         self._start = time.perf_counter()
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
+        sync()
         self.times.append(time.perf_counter() - self._start)
         training = model.training
         model.eval()
         self.forwards.append(clock(lambda: self.forward(model)))
         model.train(training)
-        self.mezos.append(clock(self.mezo))
+        if self.mezo is not None:
+            self.mezos.append(clock(self.mezo))
 
 
-def trainer_steps(model, ids, batch) -> StepClock:
-    """Per-step seconds of ZOTrainer with its defaults (only what the test needs is set), each with
-    the adjacent forward and MeZO-style step."""
+def trainer_steps(model, ids, batch, steps: int, offload: bool = False) -> StepClock:
+    """Per-step seconds of ZOTrainer with its defaults (only what the test needs is set; `offload`: its
+    blocks on the host), each with the adjacent forward and, resident, a MeZO-style step."""
     rows = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
-    args = ZOConfig(output_dir=tempfile.mkdtemp(), max_steps=STEPS, per_device_train_batch_size=len(ids),
-                    learning_rate=1e-7, report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=True)
-    twin = copy.deepcopy(model)
+    args = ZOConfig(output_dir=tempfile.mkdtemp(), max_steps=steps, per_device_train_batch_size=len(ids),
+                    learning_rate=1e-7, report_to="none", save_strategy="no", use_cpu=ids.device.type == "cpu",
+                    disable_tqdm=True, zo_offload="cpu" if offload else "none")
     seeds = iter(range(10**9))
 
     def forward(m) -> float:
         with torch.no_grad():
             return m(**batch).loss.item()
 
-    clock_ = StepClock(forward, lambda: mezo_style_step(twin, lambda: forward(twin), next(seeds), 1e-3, 1e-7))
+    mezo = None
+    if not offload:
+        twin = copy.deepcopy(model)
+        mezo = lambda: mezo_style_step(twin, lambda: forward(twin), next(seeds), 1e-3, 1e-7)  # noqa: E731
+    clock_ = StepClock(forward, mezo)
     ZOTrainer(model=model, args=args, train_dataset=rows, callbacks=[clock_]).train()
     return clock_
+
+
+def build(name: str, layers: int, width: int, dtype: str, device: str):
+    """GPT-2 with `layers` layers of `width`, or a zotune.plan known config, from config with random weights."""
+    config = GPT2Config(n_layer=layers, n_embd=width) if name == "gpt2" else known_config(name)
+    torch.manual_seed(0)
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype)).eval()
 
 
 def main() -> None:
@@ -132,18 +154,34 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--layers", type=int, default=12, help="GPT-2 layers (12 = the 124M model)")
+    parser.add_argument("--width", type=int, default=768, help="GPT-2 width, a multiple of its 12 heads")
+    parser.add_argument("--model", choices=["gpt2", *KNOWN_CONFIGS], default="gpt2",
+                        help="gpt2 (with --layers) or a config `zotune plan --model` knows, e.g. opt-1.3b")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--steps", type=int, default=16, help="trainer steps; the steady state is their last half")
+    parser.add_argument("--offload", action="store_true", help="also time the trainer with its blocks on the host")
+    parser.add_argument("--json", metavar="PATH", help="also write the key figures to PATH as JSON")
     args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device cuda: torch {torch.__version__} sees no CUDA device")
+    if args.steps < 2 * WARM_STEPS:
+        parser.error(f"--steps must be at least {2 * WARM_STEPS}: the warm-up is the first {WARM_STEPS}")
     torch.set_num_threads(args.threads)
 
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(n_layer=args.layers)).eval()
+    model = build(args.model, args.layers, args.width, args.dtype, args.device)
     n_params = sum(p.numel() for p in model.parameters())
-    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq))
+    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), device=args.device)
     batch = {"input_ids": ids, "labels": ids}
-    print(f"GPT-2 {n_params / 1e6:.0f}M params, fp32, batch {args.batch}x{args.seq}, {args.threads} threads")
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"{args.threads} threads"
+    model_name = f"GPT-2 {args.layers}L d{args.width}" if args.model == "gpt2" else args.model
+    print(f"{model_name}: {n_params / 1e6:.0f}M params, {args.dtype}, batch {args.batch}x{args.seq}, {where}")
+    figures = {"model": model_name, "params": n_params, "dtype": args.dtype, "device": where,
+               "batch": f"{args.batch}x{args.seq}"}
 
-    trained = trainer_steps(model, ids, batch)
-    steps, late = trained.times, slice(STEPS // 2, None)
+    twin = copy.deepcopy(model) if args.offload else None  # before any engine wraps the model
+    trained = trainer_steps(model, ids, batch, args.steps)
+    steps, late = trained.times, slice(args.steps // 2, None)
     steady = statistics.median(steps[late])
     warmup = sum(t - steady for t in steps[:WARM_STEPS])
     step_ratios = [s / f for s, f in zip(steps[late], trained.forwards[late])]
@@ -162,10 +200,20 @@ def main() -> None:
     spread = f"{min(step_ratios):.2f}-{max(step_ratios):.2f}"
     print(f"doubled batch: {forward_2x:.2f} s = {doubled_ratio:.2f} forwards of B rows")
     print(f"\nZOTrainer, defaults (dual, gaussian): steady step {steady:.2f} s = {statistics.median(step_ratios):.2f} "
-          f"forwards (median over steps {STEPS // 2 + 1}-{STEPS} of step ÷ the forward right after it; "
+          f"forwards (median over steps {args.steps // 2 + 1}-{args.steps} of step ÷ the forward right after it; "
           f"range {spread}); "
           f"vs a MeZO-style step after each: {statistics.median(speedups):.2f}x faster "
           f"(range {min(speedups):.2f}-{max(speedups):.2f}); warm-up {warmup:.1f} s over the first {WARM_STEPS} steps")
+    figures.update(trainer_step_s=steady, trainer_over_forward=statistics.median(step_ratios),
+                   trainer_vs_mezo=statistics.median(speedups), warmup_s=warmup)
+    if twin is not None:
+        offloaded = trainer_steps(twin, ids, batch, args.steps, offload=True)
+        off_steady = statistics.median(offloaded.times[late])
+        off_ratio = statistics.median(s / f for s, f in zip(offloaded.times[late], offloaded.forwards[late]))
+        print(f"ZOTrainer, blocks offloaded to the host: steady step {off_steady:.2f} s = {off_steady / steady:.2f}x "
+              f"the resident trainer's; {off_ratio:.2f} offloaded forwards")
+        figures.update(offloaded_step_s=off_steady, offloaded_over_resident=off_steady / steady)
+        del twin, offloaded
 
     mezo = statistics.median(mezo_ratios)
     print(f"\n{'step (each ratio: median of step ÷ next forward)':<50}{'seconds':>9}{'/ forward':>11}{'first':>9}")
@@ -186,6 +234,7 @@ def main() -> None:
             label = f"raw {schedule}{' lazy' if lazy else ''}, {perturbation}"
             noise_note = "" if perturbation == "gaussian" else " (noise switched)"
             print(f"{label:<50}{t:>9.2f}{ratio:>11.2f}{first:>9.2f}   vs MeZO-style {mezo / ratio:.2f}x{noise_note}")
+            figures[f"{label}_over_forward"] = ratio
 
     step, engine, total = dual_step
     opt = step.optimizer
@@ -227,6 +276,9 @@ def main() -> None:
         print(f"  {label:<52}{t:>7.2f} s{t / forward:>7.2f}")
     print(f"ZOTrainer's own work beyond the raw step: {steady - total:.2f} s = "
           f"{(steady - total) / forward:.2f} forwards")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(figures, f, indent=1)
 
 
 if __name__ == "__main__":
