@@ -1,16 +1,18 @@
 # make demo: set up .venv and run the quickstart.  make test: set up .venv and run the tests.
+# make gpu-check: on a CUDA machine, set up .venv-gpu and check the GPU paths (benchmarks/gpu_check.py).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
+TORCH := torch==2.13.0
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench clean gpu-check
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 	# the CPU build of torch first: a bare torch requirement would pull a multi-GB CUDA build
-	$(BIN)/pip install torch==2.13.0
+	$(BIN)/pip install $(TORCH)
 
 $(VENV)/.demo: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -e ".[demo]"
@@ -29,5 +31,36 @@ test: $(VENV)/.test
 	$(BIN)/ruff check .
 	$(BIN)/pytest -m "integration or not integration" $(PYTEST_ARGS)
 
+# The GPU check has its own venv, so that the CPU one stays as it is. Its torch comes from TORCH_INDEX,
+# PyPI by default, whose Linux x86-64 wheels are the CUDA builds (another CUDA: e.g.
+# TORCH_INDEX=https://download.pytorch.org/whl/cu126). SYSTEM_TORCH=1 uses the CUDA torch (and triton)
+# the machine's $(PYTHON) already has instead: the venv sees its site-packages, and nothing is built
+# in isolation, so with PIP_NO_INDEX=1 PIP_FIND_LINKS=<wheels> it installs offline.
+# ZOTUNE_GPU_CHECK_DRY=1 make gpu-check runs the same steps in the CPU venv instead, without a GPU.
+GPU_VENV := .venv-gpu
+TORCH_INDEX ?= https://pypi.org/simple
+SYSTEM_TORCH ?=
+
+$(GPU_VENV)/bin/python:
+ifeq ($(SYSTEM_TORCH),1)
+	$(PYTHON) -m venv --system-site-packages $(GPU_VENV)
+else
+	$(PYTHON) -m venv $(GPU_VENV)
+	$(GPU_VENV)/bin/pip install --upgrade pip
+	$(GPU_VENV)/bin/pip install $(TORCH) --index-url $(TORCH_INDEX)
+endif
+
+$(GPU_VENV)/.gpu: $(GPU_VENV)/bin/python pyproject.toml
+	$(GPU_VENV)/bin/pip install $(if $(filter 1,$(SYSTEM_TORCH)),--no-build-isolation) -e ".[gpu]"
+	touch $@
+
+ifneq ($(filter-out 0,$(ZOTUNE_GPU_CHECK_DRY)),)
+gpu-check: $(VENV)/.test
+	$(BIN)/python benchmarks/gpu_check.py
+else
+gpu-check: $(GPU_VENV)/.gpu
+	$(GPU_VENV)/bin/python benchmarks/gpu_check.py
+endif
+
 clean:
-	rm -rf $(VENV) runs build *.egg-info
+	rm -rf $(VENV) $(GPU_VENV) runs build *.egg-info
