@@ -100,7 +100,7 @@ def steps(dry: bool, scratch: Path) -> list[Step]:
 
     if dry:
         kernels = ["--device", "cpu", "--impl", "eager", "--sizes", "1e4"]
-        zo_step = ["--layers", "2", "--width", "96", "--batch", "2", "--seq", "32", "--steps", "6", "--repeats", "1"]
+        zo_step = ["--layers", "2", "--width", "48", "--batch", "2", "--seq", "32", "--steps", "6", "--repeats", "1"]
     else:
         kernels = ["--device", "cuda", "--sizes", "1e8"]
         zo_step = ["--device", "cuda", "--model", "opt-1.3b", "--dtype", "bfloat16", "--batch", "8", "--seq", "256",
