@@ -78,7 +78,7 @@ def kernel_lines(f: dict) -> list[str]:
 
 
 def step_lines(f: dict) -> list[str]:
-    lines = [f"{f['model']} ({f['params'] / 1e9:.2f}B params, {f['dtype']}, batch {f['batch']}, {f['device']})",
+    lines = [f"{f['model']} ({f['params'] / 1e6:,.1f}M params, {f['dtype']}, batch {f['batch']}, {f['device']})",
              f"ZOTrainer step = {f['trainer_over_forward']:.2f} forwards, {f['trainer_vs_mezo']:.2f}x as fast as a "
              f"MeZO-style step, warm-up {f['warmup_s']:.1f} s",
              f"raw dual step = {f['raw dual, gaussian_over_forward']:.2f} forwards gaussian, "
