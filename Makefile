@@ -26,10 +26,11 @@ demo: $(VENV)/.demo
 	$(BIN)/zotune train quickstart
 
 # the lint (ruff, configured in pyproject.toml), then the unit tests on tiny models, then the
-# integration tests on the real Gemma 3 270M (a bare `pytest` skips those: see addopts in pyproject.toml)
+# integration tests on the real Gemma 3 270M (a bare `pytest` skips those: see addopts in pyproject.toml),
+# listing the 25 slowest (the run is longer than the 15 minutes aimed at)
 test: $(VENV)/.test
 	$(BIN)/ruff check .
-	$(BIN)/pytest -m "integration or not integration" $(PYTEST_ARGS)
+	$(BIN)/pytest -m "integration or not integration" --durations=25 $(PYTEST_ARGS)
 
 # The GPU check has its own venv, so that the CPU one stays as it is. Its torch comes from TORCH_INDEX,
 # PyPI by default, whose Linux x86-64 wheels are the CUDA builds (another CUDA: e.g.

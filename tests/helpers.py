@@ -4,6 +4,10 @@ Test files import from here, never from each other.
 """
 
 import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +15,7 @@ import torch
 import yaml
 from conftest import tiny_config
 from datasets import Dataset
+from safetensors.torch import load_file
 from transformers import default_data_collator
 
 from zotune.trainer import ZOConfig, ZOTrainer
@@ -167,3 +172,47 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
         assert torch.equal(a[name], b[name]), name
 
 
+# -- several processes: tests/test_data_parallel.py, tests/test_fsdp.py ----------------------------
+
+WORKER = Path(__file__).with_name("dp_worker.py")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def assert_same(a: dict, b: dict, **tol):
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], msg=lambda m: f"{name}: {m}", **tol)
+
+
+def moved(before: dict, after: dict) -> float:
+    return max((after[n] - p).abs().max().item() for n, p in before.items())
+
+
+def assert_same_run(a: dict, b: dict, start: dict):
+    """Equal up to float rounding: the union's loss is one mean in float32, the ranks' a weighted mean
+    of two, and g = ΔL/2ε magnifies the last bits of L. A shard weighted wrongly (rows, not tokens,
+    or the ranks averaged equally) is off by percents of the distance trained."""
+    distance = moved(start, b)
+    assert distance > 1e-3  # not two untrained models
+    assert_same(a, b, rtol=0, atol=2e-3 * distance)
+
+
+def launch(out: Path, nproc: int, per_device: int, launcher: str = "torchrun", options: tuple[str, ...] = ()) -> dict:
+    """Run tests/dp_worker.py on `nproc` CPU processes (`options`: the worker's); {rank: (facts, weights)}."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    if launcher == "torchrun":
+        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
+    else:  # accelerate's multi-process launcher, told to stay on the CPU
+        env["ACCELERATE_USE_CPU"] = "true"
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", f"--num_processes={nproc}",
+                   "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no"]
+    port = ["--master_port" if launcher == "torchrun" else "--main_process_port", str(free_port())]
+    done = subprocess.run([*command, *port, str(WORKER), str(out), str(per_device), *options], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return {r: (json.loads((out / f"rank{r}.json").read_text()), load_file(out / f"rank{r}.safetensors"))
+            for r in range(nproc)}

@@ -5,35 +5,22 @@ floats, weighted by each shard's examples or tokens) and apply the same seeded u
 ranks must end where one process ends on the union of their shards.
 """
 
-import json
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import tiny_causal_lm
-from safetensors.torch import load_file
+from helpers import assert_same, assert_same_run, free_port, launch
 
 from zotune.optim import ZOOptimizer
 
-WORKER = Path(__file__).with_name("dp_worker.py")
 ROWS = 8
 SHARDS = [range(0, 3), range(3, 8)]  # uneven on purpose: 3 rows on rank 0, 5 on rank 1
 # (rule, estimator, schedule, q): the rules and estimators that read losses beyond g
 CASES = [("sgd", "spsa", "fused", 1), ("adam", "spsa", "sequential", 2), ("conservative", "spsa", "fused", 1),
          ("sgd", "hizoo", "sequential", 1)]
 STEPS = 3
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def batch(rows) -> dict:
@@ -109,24 +96,6 @@ def run_ranks(tmp_path, kind: str, world: int = 2) -> list[dict]:
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
 
 
-def assert_same(a: dict, b: dict, **tol):
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], msg=lambda m: f"{name}: {m}", **tol)
-
-
-def moved(before: dict, after: dict) -> float:
-    return max((after[n] - p).abs().max().item() for n, p in before.items())
-
-
-def assert_same_run(a: dict, b: dict, start: dict):
-    """Equal up to float rounding: the union's loss is one mean in float32, the ranks' a weighted mean
-    of two, and g = ΔL/2ε magnifies the last bits of L. A shard weighted wrongly (rows, not tokens,
-    or the ranks averaged equally) is off by percents of the distance trained."""
-    distance = moved(start, b)
-    assert distance > 1e-3  # not two untrained models
-    assert_same(a, b, rtol=0, atol=2e-3 * distance)
-
-
 def test_two_ranks_on_uneven_shards_equal_one_process_on_their_union(tmp_path):
     ranks = run_ranks(tmp_path, "data")
     start = dict(tiny_causal_lm("gpt2").named_parameters())
@@ -146,23 +115,6 @@ def test_sharding_refuses_whole_parameter_directions():
     model = tiny_causal_lm("gpt2")
     with pytest.raises(ValueError, match="sharded parameters need estimator 'spsa'"):
         ZOOptimizer(model.named_parameters(), lr=1e-3, estimator="lowrank", shards={"lm_head.weight": 0})
-
-
-def launch(out: Path, nproc: int, per_device: int, launcher: str = "torchrun", options: tuple[str, ...] = ()) -> dict:
-    """Run tests/dp_worker.py on `nproc` CPU processes (`options`: the worker's); {rank: (facts, weights)}."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    if launcher == "torchrun":
-        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
-    else:  # accelerate's multi-process launcher, told to stay on the CPU
-        env["ACCELERATE_USE_CPU"] = "true"
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", f"--num_processes={nproc}",
-                   "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no"]
-    port = ["--master_port" if launcher == "torchrun" else "--main_process_port", str(free_port())]
-    done = subprocess.run([*command, *port, str(WORKER), str(out), str(per_device), *options], env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return {r: (json.loads((out / f"rank{r}.json").read_text()), load_file(out / f"rank{r}.safetensors"))
-            for r in range(nproc)}
 
 
 @pytest.fixture(scope="module")

@@ -20,9 +20,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import TINY_CONFIGS, tiny_causal_lm
-from helpers import make_trainer, needs_data, write_recipe
+from helpers import WORKER, assert_same, free_port, launch, make_trainer, needs_data, write_recipe
 from safetensors.torch import load_file
-from test_data_parallel import WORKER, assert_same, free_port, launch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from zotune.blocks import find_blocks

@@ -120,9 +120,9 @@ class ResidentParameters:
 
     def __init__(self, model: nn.Module, units: list[nn.Module]):
         self.slices = sum(_nbytes(p.to_local()) for p in model.parameters() if is_sharded(p))
-        nested = {id(m) for u in units for m in u.modules() if m is not u and any(m is v for v in units)}
-        self._slots = sorted({(id(m), n): (m, n) for u in units for m in _own_modules(u, nested)
-                              for n, _ in m.named_parameters(recurse=False)}.values(), key=lambda s: s[1])
+        others = {id(u) for u in units}
+        self._slots = list({(id(m), n): (m, n) for u in units for m in _own_modules(u, others)
+                            for n, _ in m.named_parameters(recurse=False)}.values())
         self.peak = 0
         self._hooks = [h for m in model.modules()
                        for h in (m.register_forward_pre_hook(self._measure), m.register_forward_hook(self._measure))]
@@ -139,12 +139,12 @@ class ResidentParameters:
             h.remove()
 
 
-def _own_modules(unit: nn.Module, nested: set[int]):
+def _own_modules(unit: nn.Module, units: set[int]):
     """`unit` and its submodules, without the units nested in it (they gather on their own)."""
     yield unit
     for child in unit.children():
-        if id(child) not in nested:
-            yield from _own_modules(child, nested)
+        if id(child) not in units:
+            yield from _own_modules(child, units)
 
 
 def _nbytes(t: torch.Tensor) -> int:
