@@ -26,7 +26,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from zotune.blocks import find_blocks
 from zotune.errors import UserError
-from zotune.fsdp import ResidentParameters, shard_model, whole
+from zotune.fsdp import SHARDED_MODEL, ResidentParameters, check_metadata, shard_model, whole
 from zotune.optim import ZOOptimizer
 from zotune.settings import ZOSettings
 
@@ -163,12 +163,31 @@ def test_zotrainer_sharded_rank_holds_half_the_weights_and_one_unit(fsdp_run):
 def test_zotrainer_sharded_checkpoint_resumes_bit_for_bit(fsdp_run, tmp_path):
     out, ranks = fsdp_run
     checkpoint = out / "checkpoint-2"
-    shards = sorted(p.name for p in (checkpoint / "pytorch_model_fsdp_0").iterdir())
+    shards = sorted(p.name for p in (checkpoint / SHARDED_MODEL).iterdir())
     assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp"]  # accelerate's sharded format
     assert {"optimizer_rank0.pt", "optimizer_rank1.pt"} <= {p.name for p in checkpoint.iterdir()}
     resumed = launch(tmp_path, 2, per_device=2, options=(*SHARDED, "--resume", str(checkpoint)))
     for rank in (0, 1):
         assert_same(resumed[rank][1], ranks[rank][1], rtol=0, atol=0)
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_a_sharded_checkpoint_whose_metadata_names_code_is_refused(fsdp_run, tmp_path):
+    """torch.distributed.checkpoint unpickles .metadata without limits: zotune reads it first, allowing
+    only the classes torch writes there."""
+    import pickle
+
+    out, _ = fsdp_run
+    metadata = out / "checkpoint-2" / SHARDED_MODEL / ".metadata"
+    check_metadata(metadata)  # the real one passes
+    forged = tmp_path / ".metadata"
+    forged.write_bytes(pickle.dumps({"storage": Payload()}))
+    with pytest.raises(UserError, match=r"posix\.system is not checkpoint metadata|os\.system is not"):
+        check_metadata(forged)
 
 
 def test_accelerate_launch_shards_as_torchrun_does(fsdp_run, tmp_path):

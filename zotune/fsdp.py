@@ -24,12 +24,15 @@ checked against it (tests/test_fsdp.py), as the offloader's residency is against
 from __future__ import annotations
 
 import math
+import pickle
 import sys
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from zotune.blocks import find_blocks
+from zotune.errors import UserError
 
 
 def shard_model(model: nn.Module, *, reshard_after_forward: bool = True) -> list[nn.Module]:
@@ -73,7 +76,33 @@ def load_sharded(accelerator, model: nn.Module, folder: str) -> None:
     """Every rank reads its slices from `folder`/pytorch_model_fsdp_0, whatever the ranks that wrote it."""
     from accelerate.utils import load_fsdp_model
 
+    check_metadata(Path(folder) / SHARDED_MODEL / ".metadata")
     load_fsdp_model(sharded_checkpoint_plugin(), accelerator, model, folder)
+
+
+SHARDED_MODEL = "pytorch_model_fsdp_0"  # accelerate's folder name for the first model's shards
+# what a checkpoint's .metadata may name: torch.distributed.checkpoint reads it with pickle.load,
+# which would run any other callable it named
+_METADATA_GLOBALS = {("torch", "Size"), ("pathlib", "PosixPath"), ("torch.serialization", "_get_layout"),
+                     ("collections", "OrderedDict")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        plain_torch = module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.memory_format))
+        if module.startswith("torch.distributed.checkpoint.") or plain_torch or (module, name) in _METADATA_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not checkpoint metadata")
+
+
+def check_metadata(path: Path) -> None:
+    """Read a sharded checkpoint's .metadata allowing only the classes torch writes there, before
+    torch.distributed.checkpoint unpickles it without limits."""
+    try:
+        with path.open("rb") as f:
+            _MetadataUnpickler(f).load()
+    except (OSError, pickle.UnpicklingError, EOFError) as e:
+        raise UserError(f"{path}: not a sharded checkpoint's metadata zotune will load ({e})") from None
 
 
 def optimizer_file(rank: int) -> str:
