@@ -391,22 +391,21 @@ class ZOTrainer(Trainer):
     def _value_by_rows(self, model, inputs, labels) -> float | None:
         """The batch's loss, its rows' own losses handed to the recorder. The first batch checks that
         the loss splits into them (None if not: the run then keeps no per-example projections)."""
-        if self._rows_checked:
-            loss, outputs = self.compute_loss(model, dict(inputs), return_outputs=True)
-            self.rows.seen(row_values(outputs, labels, len(labels), self._row_loss(model)))
-            return loss.item()
-        self._rows_checked = True
+        checking, self._rows_checked = not self._rows_checked, True
         try:  # a compute_loss override may not give outputs; a model may have no per-row loss
             loss, outputs = self.compute_loss(model, dict(inputs), return_outputs=True)
             values = row_values(outputs, labels, len(labels), self._row_loss(model))
         except Exception as e:  # noqa: BLE001 - a real error in compute_loss raises again in the plain call
+            if not checking:
+                raise
             return self._without_rows(f"its rows' losses could not be taken ({type(e).__name__}: {e})")
-        items = row_items(labels, len(labels))
-        mean = sum(v * n for v, n in zip(values, items)) / max(1, sum(items))
-        if not math.isclose(mean, loss.item(), rel_tol=1e-4, abs_tol=1e-5):
-            # a loss reduced otherwise (a penalty, label smoothing, packed rows): no record rather than a wrong one
-            return self._without_rows(f"the rows' own losses average to {mean:.6g}, not the batch's "
-                                      f"{loss.item():.6g}")
+        if checking:
+            items = row_items(labels, len(labels))
+            mean = sum(v * n for v, n in zip(values, items)) / max(1, sum(items))
+            if not math.isclose(mean, loss.item(), rel_tol=1e-4, abs_tol=1e-5):
+                # a loss reduced otherwise (a penalty, label smoothing, packed rows): no record rather than a wrong one
+                return self._without_rows(f"the rows' own losses average to {mean:.6g}, not the batch's "
+                                          f"{loss.item():.6g}")
         self.rows.seen(values)
         return loss.item()
 
