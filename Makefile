@@ -5,8 +5,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 TORCH := torch==2.13.0
+# make demo and make test install the tested set of versions in constraints.txt (pyproject.toml keeps the
+# ranges the library supports). CONSTRAINTS= installs the newest versions those ranges allow instead, in
+# a venv of its own: make test VENV=.venv-newest CONSTRAINTS=
+CONSTRAINTS ?= constraints.txt
+PIP_INSTALL = $(BIN)/pip install $(if $(CONSTRAINTS),--constraint $(CONSTRAINTS))
 
-.PHONY: demo test bench clean gpu-check
+.PHONY: demo test bench clean gpu-check constraints
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -14,13 +19,22 @@ $(BIN)/python:
 	# the CPU build of torch first: a bare torch requirement would pull a multi-GB CUDA build
 	$(BIN)/pip install $(TORCH)
 
-$(VENV)/.demo: $(BIN)/python pyproject.toml
-	$(BIN)/pip install -e ".[demo]"
+$(VENV)/.demo: $(BIN)/python pyproject.toml $(CONSTRAINTS)
+	$(PIP_INSTALL) -e ".[demo]"
 	touch $@
 
-$(VENV)/.test: $(BIN)/python pyproject.toml
-	$(BIN)/pip install -e ".[test,demo]"
+$(VENV)/.test: $(BIN)/python pyproject.toml $(CONSTRAINTS)
+	$(PIP_INSTALL) -e ".[test,demo]"
 	touch $@
+
+# Updates the tested set on purpose: the newest versions pyproject.toml allows, installed in a fresh venv
+# and frozen into constraints.txt (torch without its +cpu build tag). Run make test with it before committing.
+NEWEST := .venv-newest
+constraints:
+	rm -rf $(NEWEST)
+	$(MAKE) VENV=$(NEWEST) CONSTRAINTS= $(NEWEST)/.test
+	{ echo "# The tested set of versions, installed by make demo and make test; rewritten by make constraints."; \
+	  $(NEWEST)/bin/pip freeze --exclude-editable | sed 's/+cpu$$//'; } > constraints.txt
 
 demo: $(VENV)/.demo
 	$(BIN)/zotune train quickstart
@@ -64,4 +78,4 @@ gpu-check: $(GPU_VENV)/.gpu
 endif
 
 clean:
-	rm -rf $(VENV) $(GPU_VENV) runs build *.egg-info
+	rm -rf $(VENV) $(GPU_VENV) $(NEWEST) runs build *.egg-info

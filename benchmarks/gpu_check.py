@@ -17,7 +17,7 @@ in the offloaded runs, inductor's CPU kernels for the update passes on the host 
 |                  |        | pinned memory, the residency tracker against torch.cuda's allocated bytes    |
 | 4-bit base       |     35 | ZO on a bitsandbytes nf4 base on the GPU: the loss falls, replay is exact    |
 | planner          |     35 | zotune.plan against torch.cuda.max_memory_allocated, three model sizes       |
-| kernel bandwidth |     25 | benchmarks/kernels.py: GB/s of each op against a plain copy's, 1e8 elements  |
+| kernel bandwidth |     25 | benchmarks/kernel_throughput.py: GB/s of each op against a plain copy's, 1e8 elements  |
 | ZO step          |    115 | benchmarks/zo_step.py: OPT-1.3B from config in bf16, step ÷ forward          |
 |                  |        | (gaussian and rademacher), offloaded step ÷ resident step                    |
 
@@ -29,6 +29,7 @@ or a step failed or overran; 2 without a GPU unless ZOTUNE_GPU_CHECK_DRY=1.
 
 from __future__ import annotations
 
+import argparse
 import collections
 import json
 import os
@@ -112,7 +113,7 @@ def steps(dry: bool, scratch: Path) -> list[Step]:
         pytest("dual & offload", 110, "tests/test_dual.py"),
         pytest("4-bit base", 35, "tests/test_quantized.py"),
         pytest("planner", 35, "tests/test_plan.py"),
-        bench("kernel bandwidth", 25, "kernels.py", kernels, kernel_lines),
+        bench("kernel bandwidth", 25, "kernel_throughput.py", kernels, kernel_lines),
         bench("ZO step", 115, "zo_step.py", [*zo_step, "--offload"], step_lines),
     ]
 
@@ -203,6 +204,7 @@ def summary(outcomes: list[Outcome], dry: bool, header: str) -> tuple[list[str],
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     dry = os.environ.get(DRY_ENV, "").strip() not in ("", "0")
     import torch
 

@@ -21,9 +21,9 @@ from zotune.recipe import shipped_recipes
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 DESIGN = ROOT / "docs" / "DESIGN.md"
-CITING_FOLDERS = ("zotune", "kernels", "benchmarks", "tests")  # where the code cites DESIGN sections
+CITING_FOLDERS = ("zotune", "benchmarks", "tests")  # where the code cites DESIGN sections
 TEXT_SUFFIXES = {".py", ".md", ".txt", ".yaml", ".toml"}
-REPO_PATH = re.compile(r"^(benchmarks|examples|tests|recipes|zotune|kernels)/\S+")
+REPO_PATH = re.compile(r"^(benchmarks|examples|tests|recipes|zotune)/\S+")
 # Files that the docs' own-data examples present as the user's: the test writes them, with the columns
 # those commands name, before it validates the commands.
 USER_FILES = {name: "review,sentiment\n" + "".join(f"a review {i},{i % 2}\n" for i in range(8))

@@ -10,7 +10,7 @@ import textwrap
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGE_DIRS = {"zotune": ROOT / "zotune", "zotune.kernels": ROOT / "kernels"}  # as pyproject installs them
+PACKAGE_DIRS = {"zotune": ROOT / "zotune"}  # as pyproject installs them
 
 
 def module_files(package_dirs: dict[str, Path]) -> dict[str, Path]:

@@ -1,4 +1,4 @@
-"""Triton kernels and their pure-PyTorch twins (installed as zotune.kernels).
+"""Triton kernels and their pure-PyTorch twins.
 
 In-place passes over one parameter (or a shard: ``offset`` is the shard's first element in
 the full tensor), each regenerating z = zotune.noise.noise(seed, numel, kind, offset) on the

@@ -1,8 +1,8 @@
 """Throughput of every zotune.kernels op, in elements/s and in GB/s against a plain copy's.
 
-    python benchmarks/kernels.py                              # CPU: 1M, 10M and 100M elements, 2 threads
-    python benchmarks/kernels.py --sizes 1e6 --threads 1 --impl eager
-    python benchmarks/kernels.py --device cuda --sizes 1e8    # the Triton kernels on a GPU
+    python benchmarks/kernel_throughput.py                              # CPU: 1M, 10M and 100M elements, 2 threads
+    python benchmarks/kernel_throughput.py --sizes 1e6 --threads 1 --impl eager
+    python benchmarks/kernel_throughput.py --device cuda --sizes 1e8    # the Triton kernels on a GPU
 
 Each op runs on fp32 tensors for both noises: on the CPU with the compiled and the eager paths
 (forced through ZOTUNE_KERNELS), on a GPU with Triton; next to `torch.randn` + `add_` (a seeded

@@ -1,0 +1,113 @@
+"""Nothing of this repository shadows a module that Python or a dependency provides (DESIGN §1).
+
+Python puts the folder it runs from first on `sys.path`: the repository root for `python -m ...`, a
+notebook or a script there; `benchmarks/` for a benchmark; `tests/` for pytest (its folder has no
+`__init__.py`); `examples/` for an example. A module or package there is found before the installed
+one of the same name: a `kernels/` package at the root once hid Hugging Face's `kernels`, which
+transformers imports at start-up, and broke every command started from the root. The last tests
+run what a user runs from the root, in a fresh process.
+"""
+
+from __future__ import annotations
+
+import importlib.machinery
+import importlib.metadata
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+FOLDERS_FIRST_ON_PATH = (ROOT, ROOT / "benchmarks", ROOT / "tests", ROOT / "examples")
+OWN_DISTRIBUTION = "zotune"
+BENCHMARKS = sorted((ROOT / "benchmarks").glob("*.py"))
+
+
+def importable_names(folder: Path) -> set[str]:
+    """The top-level names a folder first on sys.path makes importable: its modules (source or
+    compiled) and its regular packages. A folder without `__init__.py` is a namespace portion,
+    which any installed module or regular package of the same name takes precedence over."""
+    suffixes = tuple(importlib.machinery.all_suffixes())
+    names = set()
+    for path in folder.iterdir():
+        if path.is_file() and path.name.endswith(suffixes):
+            names.add(path.name.split(".")[0])
+        elif path.is_dir() and (path / "__init__.py").is_file():
+            names.add(path.name)
+    return names
+
+
+def provided_elsewhere() -> dict[str, list[str]]:
+    """Top-level name -> who else provides it: the standard library, or the installed distributions."""
+    provided = {name: ["the standard library"] for name in sys.stdlib_module_names}
+    for name, distributions in importlib.metadata.packages_distributions().items():
+        others = [d for d in distributions if d.lower() != OWN_DISTRIBUTION]
+        if others:
+            provided.setdefault(name, []).extend(others)
+    return provided
+
+
+def clashes(folders, provided: dict[str, list[str]]) -> dict[str, list[str]]:
+    """'folder/name' -> its other providers, for every name the folders make importable that is provided elsewhere."""
+    return {f"{folder.name}/{name}": provided[name]
+            for folder in folders for name in sorted(importable_names(folder)) if name in provided}
+
+
+def test_no_folder_python_runs_from_shadows_an_installed_or_standard_module():
+    assert clashes(FOLDERS_FIRST_ON_PATH, provided_elsewhere()) == {}
+
+
+def test_a_shadowing_package_module_or_extension_is_found(tmp_path):
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernels" / "__init__.py").write_text("")
+    (tmp_path / "json.py").write_text("")
+    (tmp_path / "numpy.cpython-311-x86_64-linux-gnu.so").write_bytes(b"")
+    (tmp_path / "notes").mkdir()  # a namespace portion: an installed `notes` would win over it
+    (tmp_path / "notes" / "a.py").write_text("")
+    (tmp_path / "mine.py").write_text("")
+    provided = {"kernels": ["kernels"], "json": ["the standard library"], "numpy": ["numpy"], "notes": ["notes"]}
+    assert clashes([tmp_path], provided) == {f"{tmp_path.name}/kernels": ["kernels"],
+                                            f"{tmp_path.name}/json": ["the standard library"],
+                                            f"{tmp_path.name}/numpy": ["numpy"]}
+
+
+def run_from_root(*argv: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def test_transformers_and_zotune_import_from_the_repository_root():
+    code = ("import importlib.util, transformers, zotune; from transformers import Trainer; "
+            "spec = importlib.util.find_spec('kernels'); print(spec and spec.origin)")
+    done = run_from_root("-c", code)
+    assert done.returncode == 0, done.stderr
+    installed = importlib.util.find_spec("kernels")  # in this process the root is not on sys.path
+    assert done.stdout.splitlines()[-1] == str(installed and installed.origin)
+
+
+def test_the_cli_runs_as_a_module_from_the_root():
+    done = run_from_root("-m", "zotune.cli", "--help")
+    assert done.returncode == 0, done.stderr
+    assert "train" in done.stdout
+
+
+def test_pytest_collects_from_the_root():
+    done = run_from_root("-m", "pytest", "--collect-only", "-q", "tests/test_recipe.py")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "tests/test_recipe.py::" in done.stdout
+
+
+def test_every_benchmark_starts_from_the_root():
+    """Each script prints its usage for --help; a helper module the scripts share (no __main__) imports
+    cleanly. All at once, each in its own process: they are independent and mostly wait on imports."""
+    running = {path.name: subprocess.Popen([sys.executable, str(path.relative_to(ROOT)), "--help"], cwd=ROOT,
+                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for path in BENCHMARKS}
+    failures = {}
+    for name, process in running.items():
+        stdout, stderr = process.communicate(timeout=300)
+        is_script = "__main__" in (ROOT / "benchmarks" / name).read_text()
+        if process.returncode != 0 or (is_script and "usage:" not in stdout):
+            failures[name] = f"exit {process.returncode}: {stderr.strip()[-500:]}"
+    assert len(running) > 5
+    assert failures == {}
+
