@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from transformers import AutoConfig, AutoModelForCausalLM
 
+import host
 from zotune.blocks import find_blocks
 from zotune.fsdp import ResidentParameters, shard_model
 from zotune.optim import ZOOptimizer
@@ -60,6 +61,7 @@ def main() -> None:
     blocks = list(find_blocks(model)[1])
     units = [nbytes(b) for b in blocks] + [nbytes(model.get_input_embeddings()), nbytes(model.get_output_embeddings())]
     whole, root = nbytes(model), nbytes(model) - sum(units)
+    print(host.line(1))  # each rank's threads
     print(f"Llama from config {CONFIG}: {whole / 2**20:.1f} MiB of fp32 weights; largest unit "
           f"{max(units) / 2**20:.1f} MiB, root's own {root / 2**10:.1f} KiB")
     print("| ranks | slices (MiB) | peak (MiB) | peak ÷ whole | bound: slices + largest unit + root (MiB) |")

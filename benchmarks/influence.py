@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+import host
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "rotten_tomatoes"
 RESULTS = ROOT / "benchmarks" / "results"
@@ -98,7 +100,7 @@ def main() -> None:
                              f"(label {source['label']}{mark}): {source['text'][:70]!r}")
     lines += ["", "wall-clock: " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items())]
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "influence_rotten_tomatoes.txt").write_text("\n".join(lines) + "\n")
+    (RESULTS / "influence_rotten_tomatoes.txt").write_text("\n".join([host.line(), *lines]) + "\n")
     shutil.copy(out / "influence" / "self_influence.png", RESULTS / "influence_rotten_tomatoes.png")
     print("\n".join(lines))
 

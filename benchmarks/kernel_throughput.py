@@ -22,6 +22,7 @@ import time
 
 import torch
 
+import host
 from zotune.kernels import (
     adam_update_,
     lazy_update_and_perturb_,
@@ -87,6 +88,7 @@ def main() -> None:
     sync = torch.cuda.synchronize if args.device == "cuda" else lambda: None
     impls = [args.impl] if args.impl else ["triton"] if args.device == "cuda" else ["compiled", "eager"]
     name = device_name(args.device)
+    print(host.line())
     print(f"{name}, {args.threads} threads; M elements/s, GB/s and GB/s ÷ a plain copy's (higher is better)")
     figures = {}
     for n in (int(float(s)) for s in args.sizes.split(",")):
@@ -97,7 +99,7 @@ def main() -> None:
         print(f"\n{n:,} elements: torch.randn + add_ {baseline / 1e6:,.0f} M/s; copy {copy_gbps:,.1f} GB/s (reference)")
         print(f"  {'op':<31}{'impl':<10}{'M/s gauss':>10}{'rademacher':>11}{'gauss/randn':>12}"
               f"{'GB/s gauss':>11}{'rademacher':>11}{'÷ copy':>8}{'÷ copy':>8}")
-        figures = {"device": name, "elements": n, "copy_GBps": copy_gbps, "ops": {}}
+        figures = {"host": host.describe(), "device": name, "elements": n, "copy_GBps": copy_gbps, "ops": {}}
         for impl in impls:
             os.environ["ZOTUNE_KERNELS"] = impl
             for op, (nbytes, fn) in ops(n, args.device).items():

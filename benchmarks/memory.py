@@ -28,6 +28,7 @@ import torch
 from datasets import Dataset  # noqa: F401 - every mode imports the same libraries
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer  # noqa: F401
 
+import host
 from separate import each_in_a_process
 from zo_steps import zo_step_fn
 from zotune.offload import BlockOffloader
@@ -148,6 +149,7 @@ def main() -> None:
     base = results["inference"]["peak_rss"]
     what = (f"GPT-2 {args.layers} layers from config, batch {args.batch}x{args.seq}" if args.model == "gpt2"
             else "Gemma 3 270M (real), the quickstart's data and batch")
+    print(host.line(args.threads))
     print(f"{what}, {args.dtype}, full-parameter, CPU, {STEPS} steps per mode")
     print(f"{'mode':<20}{'peak RSS GiB':>14}{'/ inference':>13}")
     for mode, r in results.items():

@@ -19,6 +19,7 @@ import time
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+import host
 from separate import each_in_a_process
 from zo_steps import zo_step_fn
 
@@ -81,6 +82,7 @@ def main() -> None:
 
     results = each_in_a_process(__file__, "method", METHODS, args)
     base = results["sgd"]
+    print(host.line(args.threads))
     print(f"GPT-2 {args.layers} layers from config ({base['params'] / 2**20:.0f} MiB of fp32 weights, all trained), "
           f"batch {args.batch}x{args.seq}, fused schedule, gaussian, CPU, {args.threads} threads, "
           f"median of {args.steps - 1} steps")

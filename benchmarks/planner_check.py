@@ -39,7 +39,6 @@ import ctypes
 import gc
 import json
 import os
-import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -245,11 +244,9 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "plan_table.md").write_text(zo2_table())
     lines = check(list(CASES))
-    import torch
-    import transformers
+    import host
 
-    top = (f"# {COMMAND}   ({platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}, "
-           f"transformers {transformers.__version__})\n"
+    top = (f"# {COMMAND}\n{host.line(2)}\n"
            "# one ZO step (zotune's DualEngine / ZOOptimizer), fp32 unless named, use_cache=False unless named; "
            "master = zo.master_weights; step = the step's peak above its start, planned as activations + scratch; "
            "err = measured / planned - 1\n")

@@ -28,6 +28,7 @@ import torch
 from datasets import Dataset
 from transformers import AutoConfig, AutoModelForCausalLM, default_data_collator
 
+import host
 from zotune.trainer import ZOConfig, ZOTrainer
 
 SEQ = 16
@@ -80,6 +81,7 @@ def main() -> None:
     parser.add_argument("--eps", type=float, default=1e-2)
     args = parser.parse_args()
     torch.set_num_threads(2)
+    print(host.line())
     train, held_out = counting(512, seed=0), counting(64, seed=1)
     print(f"tiny Llama (2 layers, hidden 64), counting task, {args.steps} steps, lr {args.lr}, eps {args.eps}, "
           "batch 16, gaussian")

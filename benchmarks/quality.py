@@ -115,6 +115,8 @@ def run_one(config: str, data: str, split: str, seed: int, budget: float, every:
             self.points.append({"seconds": round(self.spent, 1), "step": state.global_step,
                                 "accuracy": metrics.get("eval_accuracy")})
 
+    import host
+
     model, tokenizer = build_model(recipe)
     trainer, metric = build_trainer(recipe, model, tokenizer)
     before = trainer.evaluate()[metric]
@@ -128,7 +130,7 @@ def run_one(config: str, data: str, split: str, seed: int, budget: float, every:
             "accuracy": budget_cb.points[-1]["accuracy"] if budget_cb.points else before, "steps": steps,
             "seconds_per_step": round(budget_cb.spent / steps, 3) if steps else None,
             "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
-            "overrides": [*DATASETS[data], *overrides, *extra], "extra": extra}
+            "overrides": [*DATASETS[data], *overrides, *extra], "extra": extra, "host": host.describe()}
 
 
 def label_of(row: dict) -> str:

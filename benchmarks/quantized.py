@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+import host
 from separate import each_in_a_process
 from zo_steps import zo_step_fn
 from zotune.models import load_model
@@ -96,6 +97,7 @@ def main() -> None:
 
     results = each_in_a_process(__file__, "mode", MODES, args)
     base = results["inference-4bit"]["peak"]
+    print(host.line(args.threads))
     print(f"Llama-style model from config: hidden {args.hidden}, {args.layers} layers, vocab 32000; "
           f"nf4 base, LoRA r=8 on q_proj/v_proj ({results['zo-dual']['trained']:,} trained parameters); "
           f"batch {args.batch}x{args.seq}, CPU, {args.threads} threads, peak over {STEPS} steps after loading")

@@ -12,7 +12,7 @@ of the per-step ratios. Measured in this order:
    steady state is the median of the last half; the warm-up (compiling the CPU kernels, first in
    this process) is the first steps' excess over it, reported apart;
 2. the forward of the batch (B rows) and of the doubled batch (2B) that dual runs;
-3. the raw `ZOOptimizer` for every schedule and both noise kinds, and a straightforward
+3. the raw `ZOOptimizer` for every schedule and noise kind, and a straightforward
    MeZO-style step (four regenerations of z with torch.normal under a re-seeded generator);
 4. the breakdown of a raw dual step: the doubled forward (logits only), through the wrappers with
    plain copies of θ (splitting, joining, copying), with perturbed copies (the noise), the two
@@ -36,11 +36,15 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, GPT2Config, TrainerCallback
 
+import host
 from zo_steps import zo_step_fn
 from zotune.dual import causal_lm_loss, double
+from zotune.noise import KINDS
+from zotune.settings import ZOSettings
 from zotune.plan import KNOWN_CONFIGS, known_config
 from zotune.trainer import ZOConfig, ZOTrainer
 
+DEFAULT_NOISE = ZOSettings().perturbation
 WARM_STEPS = 3  # the kernels compile in the first two (the lazy update's pass first runs in the second)
 
 
@@ -168,6 +172,7 @@ def main() -> None:
     if args.steps < 2 * WARM_STEPS:
         parser.error(f"--steps must be at least {2 * WARM_STEPS}: the warm-up is the first {WARM_STEPS}")
     torch.set_num_threads(args.threads)
+    print(host.line())
 
     model = build(args.model, args.layers, args.width, args.dtype, args.device)
     n_params = sum(p.numel() for p in model.parameters())
@@ -176,7 +181,7 @@ def main() -> None:
     where = torch.cuda.get_device_name() if args.device == "cuda" else f"{args.threads} threads"
     model_name = f"GPT-2 {args.layers}L d{args.width}" if args.model == "gpt2" else args.model
     print(f"{model_name}: {n_params / 1e6:.0f}M params, {args.dtype}, batch {args.batch}x{args.seq}, {where}")
-    figures = {"model": model_name, "params": n_params, "dtype": args.dtype, "device": where,
+    figures = {"host": host.describe(), "model": model_name, "params": n_params, "dtype": args.dtype, "device": where,
                "batch": f"{args.batch}x{args.seq}"}
 
     twin = copy.deepcopy(model) if args.offload else None  # before any engine wraps the model
@@ -199,7 +204,8 @@ def main() -> None:
     _, forward_2x, doubled_ratio = paired(doubled, loss_fn, args.repeats)
     spread = f"{min(step_ratios):.2f}-{max(step_ratios):.2f}"
     print(f"doubled batch: {forward_2x:.2f} s = {doubled_ratio:.2f} forwards of B rows")
-    print(f"\nZOTrainer, defaults (dual, gaussian): steady step {steady:.2f} s = {statistics.median(step_ratios):.2f} "
+    print(f"\nZOTrainer, defaults (dual, {DEFAULT_NOISE}): steady step {steady:.2f} s = "
+          f"{statistics.median(step_ratios):.2f} "
           f"forwards (median over steps {args.steps // 2 + 1}-{args.steps} of step ÷ the forward right after it; "
           f"range {spread}); "
           f"vs a MeZO-style step after each: {statistics.median(speedups):.2f}x faster "
@@ -221,18 +227,18 @@ def main() -> None:
           f"{mezo:>11.2f}")
     print(f"{'ZOTrainer, defaults':<50}{steady:>9.2f}{statistics.median(step_ratios):>11.2f}{steps[0]:>9.2f}")
     dual_step = None
-    for perturbation in ("gaussian", "rademacher"):
+    for perturbation in KINDS:
         for schedule, lazy in (("dual", False), ("dual", True), ("sequential", False), ("fused", False)):
             step, engine = zo_step_fn(model, batch, schedule, perturbation, lazy)
             counter = iter(range(10**9))
             first, t, ratio = paired(lambda: step(next(counter)), loss_fn, args.repeats)
             if engine is not None:
-                if (schedule, lazy, perturbation) == ("dual", False, "gaussian"):
+                if (schedule, lazy, perturbation) == ("dual", False, DEFAULT_NOISE):
                     dual_step = (step, engine, t)
                 else:
                     engine.remove()
             label = f"raw {schedule}{' lazy' if lazy else ''}, {perturbation}"
-            noise_note = "" if perturbation == "gaussian" else " (noise switched)"
+            noise_note = "" if perturbation == DEFAULT_NOISE else " (noise switched)"
             print(f"{label:<50}{t:>9.2f}{ratio:>11.2f}{first:>9.2f}   vs MeZO-style {mezo / ratio:.2f}x{noise_note}")
             figures[f"{label}_over_forward"] = ratio
 
