@@ -67,6 +67,48 @@ def test_philox_is_elementwise_over_batch_shape():
     assert torch.equal(batched.reshape(-1, 4), rows)
 
 
+@pytest.mark.parametrize("seed", [0, 2**32 - 1, 2**40 + 3, 2**63 - 1])
+def test_the_int32_philox_of_the_compiled_path_gives_the_same_bits(seed):
+    from zotune.kernels._philox import _philox32
+
+    counters = torch.randint(0, 2**32, (4, 20_000), generator=torch.Generator().manual_seed(seed % 997))
+    counters[:, :4] = torch.tensor([[0, MASK32, 2**31 - 1, 2**31]] * 4)  # the edges of the sign bit
+    as32 = lambda v: (torch.as_tensor(v) & MASK32).to(torch.int32)  # noqa: E731
+    got = _philox32(*map(as32, counters), *map(as32, nz._key(seed)))
+    for word, expected in zip(got, nz._philox(*counters, *nz._key(seed))):
+        assert torch.equal(word.to(torch.int64) & MASK32, expected)
+
+
+COMPILED_UNDER = """
+import sys, torch
+from zotune import noise as nz
+from zotune.kernels import _philox, _rounding
+assert _philox.HAS_64BIT_VECTOR_MULTIPLY == (sys.argv[1] == "avx512"), torch.backends.cpu.get_cpu_capability()
+seed, start, n = 2**40 + 7, 2**33 - 1000, 3 * (1 << 15) + 77
+assert torch.equal(_philox.noise(seed, n, "rademacher", start), nz.noise(seed, n, "rademacher", start))
+torch.testing.assert_close(_philox.noise(seed, n, "gaussian", start), nz.noise(seed, n, "gaussian", start),
+                           rtol=8 * torch.finfo(torch.float32).eps, atol=1e-6)
+k = torch.tensor([seed & 0xFFFFFFFF, seed >> 32])
+bits = torch.compile(_philox._bits_chunk, fullgraph=True)(torch.tensor(start), k[0], k[1])
+assert torch.equal(bits, _rounding.bits(seed, 1 << 15, start, "cpu"))
+assert not _philox._compile_failed, _philox._compile_failed
+"""
+
+
+@pytest.mark.parametrize("capability", ["avx2", "avx512"])
+def test_compiled_noise_equals_the_reference_with_either_philox(capability):
+    """The compiled Philox is int32 without a 64-bit vector multiply, int64 with AVX-512: both give the
+    reference's integers (rademacher and the rounding bits bit-equal, gaussian within its tolerance)."""
+    from zotune.kernels._philox import HAS_64BIT_VECTOR_MULTIPLY
+
+    if capability == "avx512" and not HAS_64BIT_VECTOR_MULTIPLY:
+        pytest.skip(f"this CPU has no AVX-512 (torch's capability: {torch.backends.cpu.get_cpu_capability()})")
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability}
+    done = subprocess.run([sys.executable, "-c", COMPILED_UNDER, capability], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 def test_philox_rejects_bad_input():
     with pytest.raises(ValueError):
         philox4x32(torch.zeros(3, dtype=torch.int64), 0)

@@ -122,18 +122,23 @@ def _uniform(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
 
 
+def _box_muller(u0: torch.Tensor, u1: torch.Tensor) -> torch.Tensor:
+    """The Box-Muller cosine of two float32 uniforms, every operation in float32 like tl.randn
+    (constants rounded to float32)."""
+    f32 = dict(dtype=torch.float32, device=u0.device)
+    u0 = torch.maximum(u0, torch.tensor(1e-7, **f32))
+    theta = torch.tensor(6.283185307179586, **f32) * u1
+    return torch.sqrt(-2.0 * torch.log(u0)) * torch.cos(theta)
+
+
 def _normals(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
-    """Box-Muller on two Philox words, every operation in float32 like tl.randn (constants
-    rounded to float32)."""
-    f32 = dict(dtype=torch.float32, device=x0.device)
-    u1 = torch.maximum(_uniform(x0), torch.tensor(1e-7, **f32))
-    theta = torch.tensor(6.283185307179586, **f32) * _uniform(x1)
-    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(theta)
+    """tl.randn from two Philox words."""
+    return _box_muller(_uniform(x0), _uniform(x1))
 
 
 def _signs(words: torch.Tensor) -> torch.Tensor:
     """±1 from the 128 bits of each counter's words (m, 4): element 128*r + 32*word + bit."""
-    shifts = torch.arange(32, dtype=torch.int64, device=words.device)
+    shifts = torch.arange(32, dtype=words.dtype, device=words.device)  # int64, or int32 holding the same bits
     bits = ((words.unsqueeze(-1) >> shifts) & 1).flatten()  # (m, 4, 32) flattened
     return bits.to(torch.float32) * 2.0 - 1.0
 
