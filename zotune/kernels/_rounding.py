@@ -88,9 +88,10 @@ def stochastic(x: torch.Tensor, r: torch.Tensor, dtype: torch.dtype) -> torch.Te
         sh = shift.clamp(max=23)
         y = ((a + (r >> (32 - sh))) >> sh) << sh
         s = (a & 0x7FFFFF) | ((e > 0).to(torch.int64) << 23)
-        thr = torch.where(shift <= 32, s << (32 - shift).clamp(0, 31), s >> (shift - 32).clamp(0, 31))
+        # < and > only: torch 2.13's compiled code gets >= and <= of int64 wrong on AVX2 CPUs
+        thr = torch.where(shift < 33, s << (32 - shift).clamp(0, 31), s >> (shift - 32).clamp(0, 31))
         tiny = torch.where(r + thr > _MASK32, _MIN_SUBNORMAL_FP16, 0)
-        y = torch.where(shift >= 24, tiny, y)
+        y = torch.where(shift > 23, tiny, y)
     else:
         raise ValueError(f"stochastic rounding targets bfloat16 or float16, not {dtype}")
     y = y | sign
