@@ -109,9 +109,9 @@ assert not _philox._compile_failed, _philox._compile_failed
 def test_compiled_noise_under_avx2_equals_the_reference(tmp_path):
     """Where the CPU has no 64-bit vector multiply the compiled Philox is int32 (AVX2: forced here on an
     AVX-512 CPU too; there the kernel tests check the int64 one): the reference's integers, rademacher
-    and the rounding bits bit-equal, gaussian within its tolerance. Also the code torch 2.13 compiled
-    wrong under AVX2 (>= and <= of int64 in a `where`): the int64 uniform, and float16 stochastic
-    rounding in a fused graph, bit-equal to the eager twin."""
+    and the rounding bits bit-equal, gaussian within its tolerance. Forced on an AVX-512 CPU, torch 2.13
+    compiles >= and <= of int64 in a `where` wrong (AVX2 vector code under its -march=native): the int64
+    uniform, and float16 stochastic rounding in a fused graph, stay bit-equal to the eager twin."""
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         pytest.skip(f"not an x86 CPU with AVX2 (torch's capability: {torch.backends.cpu.get_cpu_capability()})")
     # a compile cache of its own: torch 2.13 does not key its cache on ATEN_CPU_CAPABILITY, and a process

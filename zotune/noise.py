@@ -118,7 +118,8 @@ def philox4x32(counters: torch.Tensor, seed: int, rounds: int = 10) -> torch.Ten
 def _uniform(x: torch.Tensor) -> torch.Tensor:
     """Triton's uint_to_uniform_float for 32-bit words: [0, 1) in float32."""
     # As int32, x >= 2**31 is negative and Triton takes ~x, which is 0xffffffff - x. Written with >:
-    # torch 2.13's compiled code gets >= and <= of int64 wrong on AVX2 CPUs (tests/test_noise.py).
+    # torch 2.13's compiled code gets >= and <= of int64 wrong with ATEN_CPU_CAPABILITY=avx2 on an
+    # AVX-512 CPU (inductor's -march=native there; tests/test_noise.py).
     x = torch.where(x > (1 << 31) - 1, _MASK32 - x, x)
     return x.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
 

@@ -88,8 +88,9 @@ def _philox32(c0, c1, c2, c3, k0, k1, rounds: int = 10):
 
 # Whether the code torch compiles here multiplies int64 vectors natively: with AVX-512 (torch's
 # capability AVX512 includes its DQ extension), not with AVX2 or the rest. Measured on a Zen 4 core,
-# 2 threads: gaussian perturb_ ran at 448 M elements/s in int64 and 259 M in int32 with AVX-512, and at
-# 76 M in int64 and 156 M in int32 with AVX2 (ATEN_CPU_CAPABILITY=avx2). Read once: tracing cannot call it.
+# 2 threads, 1e7 elements (benchmarks/kernel_throughput.py): gaussian perturb_ ran at 448 M elements/s
+# in int64 and 259 M in int32 with AVX-512, and at 115 M in int64 and 175 M in int32 compiled for AVX2
+# (ATEN_CPU_CAPABILITY=avx2 TORCHINDUCTOR_CPP_MARCH=x86-64-v3). Read once: tracing cannot call it.
 HAS_64BIT_VECTOR_MULTIPLY = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 

@@ -88,7 +88,8 @@ def stochastic(x: torch.Tensor, r: torch.Tensor, dtype: torch.dtype) -> torch.Te
         sh = shift.clamp(max=23)
         y = ((a + (r >> (32 - sh))) >> sh) << sh
         s = (a & 0x7FFFFF) | ((e > 0).to(torch.int64) << 23)
-        # < and > only: torch 2.13's compiled code gets >= and <= of int64 wrong on AVX2 CPUs
+        # < and > only: torch 2.13's compiled code gets >= and <= of int64 wrong with
+        # ATEN_CPU_CAPABILITY=avx2 on an AVX-512 CPU (inductor's -march=native there)
         thr = torch.where(shift < 33, s << (32 - shift).clamp(0, 31), s >> (shift - 32).clamp(0, 31))
         tiny = torch.where(r + thr > _MASK32, _MIN_SUBNORMAL_FP16, 0)
         y = torch.where(shift > 23, tiny, y)
