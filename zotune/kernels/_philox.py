@@ -11,9 +11,9 @@ Compiled PyTorch: `noise_piece` runs a ``torch.compile``'d Philox on FIXED-size 
 padded chunk), so each kind compiles once whatever the tensor sizes and seeds. If compiling fails, or
 torch.compile is missing, it warns once and falls back to `zotune.noise`. The ops' compiled path (`_fused`) uses these
 chunk functions at larger fixed sizes inside its fused graphs, and `noise_piece` for ragged ends;
-`_bits_chunk` gives the stochastic-rounding bits of `_rounding` inside those graphs. Where the CPU
-has no 64-bit vector multiply (AVX2 and older, ARM), the compiled Philox works in int32 lanes
-(`_philox32`, the same bits); with AVX-512 in int64, as `zotune.noise` writes it.
+`_bits_chunk` gives the stochastic-rounding bits of `_rounding` inside those graphs. Where torch's
+CPU capability is not AVX512 (AVX2 and older x86, other architectures) the compiled Philox works in
+int32 lanes (`_philox32`, the same bits); with AVX-512 in int64, as `zotune.noise` writes it.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def _int32(value: int) -> int:
 def _mulhilo(a: torch.Tensor, multiplier: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The high and low words of the 64-bit product of the uint32 bits in int32 ``a`` and a uint32
     constant, with 32-bit multiplies only. x86's AVX2 has no 64-bit vector multiply: the int64
-    product that `zotune.noise` writes runs there one lane at a time, and made the noise 3-4x slower."""
+    product that `zotune.noise` writes runs there one lane at a time (see HAS_64BIT_VECTOR_MULTIPLY)."""
     m0, m1 = multiplier & 0xFFFF, multiplier >> 16
     a0, a1 = a & 0xFFFF, (a >> 16) & 0xFFFF  # >> is arithmetic on int32: the mask drops the sign's copies
     ll, lh, hl = a0 * m0, a0 * m1, a1 * m0  # each below 2**32: past 2**31 it wraps, its bits stay exact
