@@ -245,7 +245,7 @@ def test_resolve_files_and_shipped_names(write, monkeypatch, tmp_path):
 
 
 def test_recipes_are_shipped():
-    assert shipped_recipes(), "no recipes in zotune.recipes (the top-level recipes/ folder)"
+    assert shipped_recipes(), "no recipes in zotune.recipes (zotune/recipes/)"
 
 
 @pytest.mark.parametrize("name", list(shipped_recipes()))

@@ -1,0 +1,69 @@
+"""The wheel a user installs: built from the repository, installed (not editable) into a fresh virtual
+environment, and run from there, away from the source tree.
+
+The editable install that `make test` uses reads the source tree, so it cannot see a subpackage or a
+data file the wheel leaves out; this test can. The fresh environment borrows the test interpreter's
+installed dependencies through a `.pth` line (site-packages added that way run none of their own
+`.pth` files, so the editable zotune stays out of sight) and gets zotune from the wheel alone.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import sysconfig
+import venv
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(argv, cwd, **kw):
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    done = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=600, **kw)
+    assert done.returncode == 0, f"{' '.join(map(str, argv))} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory) -> Path:
+    """A fresh virtual environment holding zotune from its wheel; returns its bin/ folder."""
+    tmp = tmp_path_factory.mktemp("wheel")
+    pip = [sys.executable, "-m", "pip"]
+    _run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", tmp / "dist", ROOT], tmp)
+    (wheel,) = (tmp / "dist").glob("zotune-*.whl")
+    env = tmp / "env"
+    venv.create(env, with_pip=False)
+    bin_dir = env / "bin"
+    _run([*pip, "--python", bin_dir / "python", "install", "--no-deps", "--no-index", "-q", wheel], tmp)
+    site = Path(_run([bin_dir / "python", "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], tmp).strip())
+    borrowed = dict.fromkeys([sysconfig.get_path("purelib"), sysconfig.get_path("platlib")])
+    (site / "test_dependencies.pth").write_text("\n".join(borrowed) + "\n")
+    return bin_dir
+
+
+def test_the_wheel_imports_from_the_fresh_environment(installed, tmp_path):
+    where = _run([installed / "python", "-c", "import zotune, zotune.trainer; from zotune import ZOTrainer; "
+                  "print(zotune.__file__)"], tmp_path)
+    assert Path(where.strip()).is_relative_to(installed.parent), f"zotune came from {where}, not the wheel"
+
+
+def test_the_wheel_holds_every_subpackage_and_recipe(installed, tmp_path):
+    listing = _run([installed / "python", "-c", "import pkgutil, zotune; from zotune.recipe import shipped_recipes; "
+                    "print(*sorted(m.name for m in pkgutil.walk_packages(zotune.__path__, 'zotune.') if m.ispkg)); "
+                    "print(*sorted(shipped_recipes()))"], tmp_path).splitlines()
+    source = ROOT / "zotune"
+    packages = sorted("zotune." + ".".join(p.parent.relative_to(source).parts)
+                      for p in source.rglob("__init__.py") if p.parent != source)
+    recipes = sorted(p.stem for p in (source / "recipes").glob("*.yaml"))
+    assert listing == [" ".join(packages), " ".join(recipes)]
+
+
+def test_the_cli_runs_from_the_wheel(installed):
+    # from the repository root, where the quickstart finds ../shared/data; a console script puts its
+    # own folder, not the working directory, first on sys.path, so the source tree stays unimported
+    assert "Usage: zotune" in _run([installed / "zotune", "--help"], ROOT)
+    _run([installed / "zotune", "validate", "quickstart"], ROOT)
