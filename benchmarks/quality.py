@@ -15,6 +15,8 @@ Protocol (fixed before the runs):
 - Settings (learning rate, eps, directions) are chosen on the validation split (`--split
   validation`: its first 400 rows). The test split is scored once, at the end, with the chosen
   settings and three seeds (`--split test --seeds 0,1,2`).
+- `--steps N` trains every configuration for exactly N steps instead: quality per step, which does not
+  depend on what else runs on the machine (its rows are labelled with the step count).
 - Each run is its own process, so its peak RSS is its own.
 
 Each run appends one JSON line to benchmarks/results/quality_<data>_<split>.jsonl: the configuration,
@@ -80,8 +82,10 @@ def eval_path(data: str, split: str) -> str:
     return f"data.eval.path={DATA}/{data}/{split}.jsonl"
 
 
-def run_one(config: str, data: str, split: str, seed: int, budget: float, every: float, extra: list[str]) -> dict:
-    """One configuration in this process: train for `budget` seconds of steps, evaluating every `every`."""
+def run_one(config: str, data: str, split: str, seed: int, budget: float, every: float, extra: list[str],
+            steps: int | None = None) -> dict:
+    """One configuration in this process: train for `budget` seconds of steps (or exactly `steps` steps),
+    evaluating every `every` seconds and at the end."""
     from transformers import TrainerCallback
 
     from zotune.recipe import load_recipe
@@ -95,7 +99,8 @@ def run_one(config: str, data: str, split: str, seed: int, budget: float, every:
                                        f"train.output_dir={out}", *extra])
 
     class Budget(TrainerCallback):
-        """Stops after `budget` seconds of training steps; asks for an evaluation every `every`."""
+        """Stops after `budget` seconds of training steps, or after `steps` steps when given; asks for an
+        evaluation every `every` seconds and at the stop."""
 
         def __init__(self):
             self.spent, self.mark, self.points, self.started = 0.0, every, [], 0.0
@@ -105,10 +110,11 @@ def run_one(config: str, data: str, split: str, seed: int, budget: float, every:
 
         def on_step_end(self, args, state, control, **kwargs):
             self.spent += time.perf_counter() - self.started
-            if self.spent >= self.mark or self.spent >= budget:
+            done = state.global_step >= steps if steps else self.spent >= budget
+            if self.spent >= self.mark or done:
                 control.should_evaluate = True
                 self.mark += every
-            if self.spent >= budget:
+            if done:
                 control.should_training_stop = True
 
         def on_evaluate(self, args, state, control, metrics=None, **kwargs):
@@ -125,7 +131,7 @@ def run_one(config: str, data: str, split: str, seed: int, budget: float, every:
     if config != "zero-shot":
         trainer.train()
     steps = trainer.state.global_step
-    return {"config": config, "data": data, "split": split, "seed": seed, "budget_s": budget,
+    return {"config": config, "data": data, "split": split, "seed": seed, "budget_s": None if steps else budget,
             "accuracy_before": before, "points": budget_cb.points,
             "accuracy": budget_cb.points[-1]["accuracy"] if budget_cb.points else before, "steps": steps,
             "seconds_per_step": round(budget_cb.spent / steps, 3) if steps else None,
@@ -134,8 +140,9 @@ def run_one(config: str, data: str, split: str, seed: int, budget: float, every:
 
 
 def label_of(row: dict) -> str:
-    """A configuration and the overrides given to it with --set."""
-    return " ".join([row["config"], *row.get("extra", [])])
+    """A configuration and the overrides given to it with --set (and its step count, when --steps fixed it)."""
+    fixed = [f"{row['steps']} steps"] if "budget_s" in row and row["budget_s"] is None else []
+    return " ".join([row["config"], *row.get("extra", []), *fixed])
 
 
 def plot(path: Path) -> Path:
@@ -168,6 +175,8 @@ def main() -> None:
     parser.add_argument("--split", choices=("validation", "test"), default="validation")
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--budget", type=float, default=FO_QUICKSTART_SECONDS, help="training seconds per run")
+    parser.add_argument("--steps", type=int, help="train exactly this many steps instead of --budget seconds: "
+                        "compares quality per step, whatever else runs on the machine")
     parser.add_argument("--eval-every", type=float, default=60.0)
     parser.add_argument("--set", action="append", default=[], help="one more recipe override for every run")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one configuration in this process
@@ -177,7 +186,8 @@ def main() -> None:
         print(f"wrote {plot(args.plot)}")
         return
     if args.one:
-        row = run_one(args.one, args.data, args.split, int(args.seeds), args.budget, args.eval_every, args.set)
+        row = run_one(args.one, args.data, args.split, int(args.seeds), args.budget, args.eval_every, args.set,
+                      args.steps)
         print("RESULT " + json.dumps(row))
         return
     out = RESULTS / f"quality_{args.data}_{args.split}.jsonl"
@@ -188,6 +198,7 @@ def main() -> None:
         for config in args.configs.split(","):
             command = [sys.executable, __file__, "--one", config, "--data", args.data, "--split", args.split,
                        "--seeds", str(seed), "--budget", str(args.budget), "--eval-every", str(args.eval_every),
+                       *(["--steps", str(args.steps)] if args.steps else []),
                        *(f"--set={s}" for s in args.set)]
             done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
             result = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]

@@ -10,6 +10,7 @@ installed dependencies through a `.pth` line (site-packages added that way run n
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -32,8 +33,14 @@ def _run(argv, cwd, **kw):
 def installed(tmp_path_factory) -> Path:
     """A fresh virtual environment holding zotune from its wheel; returns its bin/ folder."""
     tmp = tmp_path_factory.mktemp("wheel")
+    # built from a copy of what the wheel is made of: setuptools' build/ folder in the repository could
+    # hold files deleted since, which would end up in the wheel and hide a missing one
+    source = tmp / "source"
+    shutil.copytree(ROOT / "zotune", source / "zotune", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
     pip = [sys.executable, "-m", "pip"]
-    _run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", tmp / "dist", ROOT], tmp)
+    _run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", tmp / "dist", source], tmp)
     (wheel,) = (tmp / "dist").glob("zotune-*.whl")
     env = tmp / "env"
     venv.create(env, with_pip=False)

@@ -14,8 +14,9 @@ what it stores into the param with `_rounding.to_param`. `run` applies it:
   or not, size), whatever the tensor sizes, offsets, seeds and coefficients (those are graph
   inputs); the rounding bits are generated inside the graph too (`_philox._bits_chunk`). The
   ragged ends (and tensors smaller than a piece) take `_philox.pieces` with the compiled
-  noise of `_philox.noise_piece`, the eager rounding bits of `_rounding.bits` (an integer
-  stream: the same bits) and eager arithmetic.
+  noise of `_philox.noise_piece` (gaussian) or the eager noise (rademacher: the same bits, and
+  no graph to compile), the eager rounding bits of `_rounding.bits` (an integer stream: the
+  same bits) and eager arithmetic.
 
 No fused multiply-add in the graphs: inductor compiles its C++ with
 ``-ffp-contract=<cpp.enable_floating_point_contract_flag>``, forced to ``off`` here (its
@@ -36,7 +37,6 @@ from zotune.kernels import _dispatch, _philox, _rounding
 # of the next. A piece [a, a + S) is fused when a % S == 0 and it lies inside the tensor.
 FUSED_SIZES = (1 << 20, _dispatch.CHUNK)
 
-_INDUCTOR_OPTIONS = {"cpp.enable_floating_point_contract_flag": "off"}
 _graphs: dict[tuple, object] = {}
 
 
@@ -74,7 +74,7 @@ def _graph(op, math, kind, all_names, names, dtypes, nseeds, size, rounding=Fals
         # never mixes them: each compiles exactly once
         code = body.__code__.replace(co_name=f"zotune_{op}_{kind}_{'_'.join(names)}{'_sr' if rounding else ''}_{size}")
         body = types.FunctionType(code, body.__globals__, code.co_name, body.__defaults__, body.__closure__)
-        fn = _graphs[key] = torch.compile(body, dynamic=False, fullgraph=True, options=_INDUCTOR_OPTIONS)
+        fn = _graphs[key] = torch.compile(body, dynamic=False, fullgraph=True, options=_philox.INDUCTOR_OPTIONS)
     return fn
 
 
@@ -108,12 +108,15 @@ def run(op, math, tensors, seeds, kind, offset, coefs, impl, directions=None, ro
     keys = torch.tensor([w for s in key_seeds for w in (s & 0xFFFFFFFF, s >> 32)], **i64)
     coef_t = torch.tensor(coefs, dtype=torch.float32, device=device)
     smallest = FUSED_SIZES[-1]
+    # the ragged ends' noise: rademacher's eager signs are its compiled ones bit for bit and need no graph
+    ragged_impl = impl if kind == "gaussian" else "eager"
     pos, end = offset, offset + n
     while pos < end:
         size = next((s for s in FUSED_SIZES if pos % s == 0 and pos + s <= end), None)
         if size is None:  # a ragged end: eager arithmetic up to the next aligned point
             stop = min(end, (pos // smallest + 1) * smallest)
-            _eager_range(math, tensors, seeds, kind, offset, coefs, impl, pos - offset, stop - offset, rounding_seed)
+            _eager_range(math, tensors, seeds, kind, offset, coefs, ragged_impl, pos - offset, stop - offset,
+                         rounding_seed)
             pos = stop
             continue
         lo = pos - offset

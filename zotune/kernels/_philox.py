@@ -10,7 +10,7 @@ Compiled PyTorch: `noise_piece` runs a ``torch.compile``'d Philox on FIXED-size 
 `_dispatch.CHUNK` elements (a piece is a slice of one full chunk; a short tensor pays for a
 padded chunk), so each kind compiles once whatever the tensor sizes and seeds. If compiling fails, or
 torch.compile is missing, it warns once and falls back to `zotune.noise`. The ops' compiled path (`_fused`) uses these
-chunk functions at larger fixed sizes inside its fused graphs, and `noise_piece` for ragged ends;
+chunk functions at larger fixed sizes inside its fused graphs, and `noise_piece` for gaussian ragged ends;
 `_bits_chunk` gives the stochastic-rounding bits of `_rounding` inside those graphs. Where torch's
 CPU capability is not AVX512 (AVX2 and older x86, other architectures) the compiled Philox works in
 int32 lanes (`_philox32`, the same bits); with AVX-512 in int64, as `zotune.noise` writes it.
@@ -130,6 +130,12 @@ def _bits_chunk(start, k0, k1, size=CHUNK):
     return _words(start, k0, k1, size)[0].to(torch.int64) & _MASK32  # int32 bits -> the uint32 value
 
 
+# The inductor options of every graph here and in `_fused`. No fused multiply-add: every product is
+# rounded as in the eager twin. vec_isa_ok: inductor's first compile in a process otherwise builds and
+# runs a test program per SIMD instruction set the CPU lists (about 6 s of the cold start measured on
+# 2 cores; cached on disk, but a cold start is what a new user meets); the CPU's flags, which
+# inductor still reads, already say which sets run here.
+INDUCTOR_OPTIONS = {"cpp.enable_floating_point_contract_flag": "off", "cpp.vec_isa_ok": True}
 _CHUNK_FNS = {"gaussian": _gaussian_chunk, "rademacher": _rademacher_chunk}
 _compiled: dict[str, object] = {}
 _compile_failed: list[str] = []  # the error, once compiling has failed
@@ -137,8 +143,7 @@ _compile_failed: list[str] = []  # the error, once compiling has failed
 
 def _compiled_chunk(kind: str):
     if kind not in _compiled:
-        _compiled[kind] = torch.compile(_CHUNK_FNS[kind], dynamic=False, fullgraph=True,
-                                        options={"cpp.enable_floating_point_contract_flag": "off"})
+        _compiled[kind] = torch.compile(_CHUNK_FNS[kind], dynamic=False, fullgraph=True, options=INDUCTOR_OPTIONS)
     return _compiled[kind]
 
 
