@@ -15,6 +15,10 @@ import signal  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # make test runs one worker per core: one thread each, subprocesses too
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+
 VOCAB = 300  # the byte tokenizer's 256 bytes and a few special tokens fit below this
 SPECIAL = dict(bos_token_id=256, eos_token_id=257, pad_token_id=258)  # the byte tokenizer's ids
 COMMON = dict(SPECIAL, vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,

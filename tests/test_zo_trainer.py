@@ -350,3 +350,22 @@ def test_0_dim_parameters_train_in_every_schedule(tmp_path):
         trained[schedule] = (model.a.item(), model.b.item())
     assert trained["dual"] == pytest.approx(trained["sequential"], abs=1e-5)
     assert trained["dual"][0] > 0.1 and trained["dual"][1] > 0.1  # towards a = 2, b = 3
+
+
+def test_zotune_replay_of_a_drop_in_run_needs_no_tokenizer(tmp_path):
+    """A run trained through ZOTrainer from Python: its base folder (save_pretrained, no tokenizer) and its
+    log replay with the CLI to the trained weights; replay needs the weights and the log, not a tokenizer."""
+    from transformers import AutoModelForCausalLM
+    from typer.testing import CliRunner
+
+    from zotune.cli import app
+
+    base = tiny_causal_lm("llama")  # (a gpt2 folder would find a GPT-2 tokenizer in the cache by its type)
+    base.save_pretrained(tmp_path / "base")
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    make_trainer(trained, tmp_path / "run", max_steps=3).train()
+    done = CliRunner().invoke(app, ["replay", str(tmp_path / "base"), str(tmp_path / "run"), str(tmp_path / "out")])
+    assert done.exit_code == 0, done.output
+    replayed = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    for (n, a), b in zip(trained.named_parameters(), replayed.parameters()):
+        assert torch.equal(a, b), n

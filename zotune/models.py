@@ -58,11 +58,14 @@ BYTE_SPECIALS = ("<bos>", "<eos>", "<pad>", "<unk>")  # ids 256..259 of the byte
 
 
 def load_model(
-    section: ModelSection, *, num_labels: int | None = None, seed: int = 0, unfreeze: list[str] = ()
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    section: ModelSection, *, num_labels: int | None = None, seed: int = 0, unfreeze: list[str] = (),
+    needs_tokenizer: bool = True,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
     """The model (with its peft adapter, if any) and tokenizer that `section` describes.
 
     `unfreeze` (a recipe's `params.unfreeze`) names base parameters that train beside the adapter.
+    Without `needs_tokenizer` (replay: the weights are all it needs), a model folder without a
+    tokenizer gives None for it instead of an error.
     """
     dtype = DTYPES[section.dtype]
     quantization = _bnb_config(section.quantization, dtype) if section.quantization is not None else None
@@ -73,12 +76,12 @@ def load_model(
             path, trust = str(_converted_gguf(section)), False
         else:
             path, trust = _check_name_or_path(section.name_or_path), section.trust_remote_code
-        model, tokenizer = _from_pretrained(path, dtype, num_labels, trust, quantization)
+        model, tokenizer = _from_pretrained(path, dtype, num_labels, trust, quantization, needs_tokenizer)
     if quantization is not None:
         _use_reference_4bit_matmul(model)
-    if tokenizer.pad_token is None:
+    if tokenizer is not None and tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if getattr(model.config, "pad_token_id", None) is None:
+    if tokenizer is not None and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id  # classifiers find the last token by it
     if unfreeze and section.peft is None:
         raise UserError("params.unfreeze: only with model.peft; without an adapter every unquantized parameter trains")
@@ -254,7 +257,8 @@ def _from_config(fields: dict[str, Any], dtype, num_labels, seed, quantization=N
     return model, tokenizer
 
 
-def _from_pretrained(path: str, dtype, num_labels, trust_remote_code: bool, quantization=None):
+def _from_pretrained(path: str, dtype, num_labels, trust_remote_code: bool, quantization=None,
+                     needs_tokenizer: bool = True):
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
@@ -262,7 +266,9 @@ def _from_pretrained(path: str, dtype, num_labels, trust_remote_code: bool, quan
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise UserError(f"model.name_or_path: cannot load a tokenizer from {path!r}: {e}") from e
+        if needs_tokenizer:
+            raise UserError(f"model.name_or_path: cannot load a tokenizer from {path!r}: {e}") from e
+        tokenizer = None
     auto = _head(config, num_labels)
     model = auto.from_pretrained(
         path, config=config, dtype=dtype, trust_remote_code=trust_remote_code, quantization_config=quantization

@@ -30,7 +30,7 @@ def _base_model(base: str):
         return build_model(load_recipe(str(path / "recipe.yaml")))
     if path.suffix in (".yaml", ".yml") or base in shipped_recipes():
         return build_model(load_recipe(base))
-    return load_model(ModelSection(name_or_path=base))
+    return load_model(ModelSection(name_or_path=base), needs_tokenizer=False)  # e.g. a drop-in run's base folder
 
 
 def optimizer_from_header(header: dict, named: list) -> ZOOptimizer:
@@ -74,6 +74,7 @@ def replay(base: str, trajectory: str, out_dir: str, *, force: bool = False) -> 
     zo.flush()  # training flushed a pending lazy update before saving
     with finish_writing(f"the replayed model to {out}") as deferred:
         model.save_pretrained(str(out))
-        tokenizer.save_pretrained(str(out))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(out))
     if deferred.requested:
         exit_interrupted(f"interrupted: the replayed model in {out} was written whole first")

@@ -25,8 +25,6 @@ from transformers.pytorch_utils import Conv1D
 # Linear is copied whole. GPT-2's largest block matrix has 2.4M elements, Llama-3-8B's 58.7M.
 CHUNK_ELEMENTS = 1 << 22
 
-STRATEGIES = ("rows", "chunks", "whole")
-
 
 def strategy(module: nn.Module) -> str:
     """How `module` gets its perturbed parameters: "rows", "chunks" or "whole" (see the module doc)."""
