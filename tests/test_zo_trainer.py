@@ -304,6 +304,11 @@ def test_a_compute_loss_override_that_reduces_outputs_is_split_by_dual(tmp_path,
     assert any(not torch.allclose(w, trained["plain"][0][n], rtol=0, atol=1e-5) for n, w in trained["dual"][0].items())
 
 
+def test_gradient_clipping_is_refused_rather_than_ignored(tmp_path):
+    with pytest.raises(ValueError, match=r"max_grad_norm=1.0: zotune clips no gradient"):
+        ZOConfig(output_dir=str(tmp_path), max_grad_norm=1.0, use_cpu=True, report_to="none")
+
+
 def test_torch_compile_with_dual_is_refused_clearly(tmp_path):
     with pytest.raises(ValueError, match=r"torch_compile=True with zo_schedule='dual'"):
         ZOConfig(output_dir=str(tmp_path), torch_compile=True, use_cpu=True, report_to="none")

@@ -65,7 +65,9 @@ class ZOConfig(ZOSettingsArguments):
     zo_trajectory: bool = field(
         default=True, metadata={"help": "Append every step to output_dir/zo_trajectory.jsonl (for replay)."}
     )
-    max_grad_norm: float = field(default=0.0, metadata={"help": "Unused by ZO: there are no gradients to clip."})
+    max_grad_norm: float = field(default=0.0, metadata={"help": (
+        "Must stay 0: a ZO step has no gradient to clip, and Addax's first-order part (zo_rule='addax') is not "
+        "clipped either; any other value is refused rather than ignored.")})
 
     def __post_init__(self):
         super().__post_init__()
@@ -73,6 +75,9 @@ class ZOConfig(ZOSettingsArguments):
             raise ValueError("torch_compile=True with zo_schedule='dual': the dual schedule gives each module new "
                              "perturbed weights on every call, which recompiles the model again and again (a 3-step "
                              "run took minutes instead of a second); set torch_compile=False")
+        if self.max_grad_norm:
+            raise ValueError(f"max_grad_norm={self.max_grad_norm}: zotune clips no gradient (ZO estimates only a "
+                             "directional derivative, and Addax's first-order part is not clipped); leave it at 0")
         load_objective(self.zo_settings().objective)  # a bad import path fails here, before training starts
 
     def zo_settings(self) -> ZOSettings:
