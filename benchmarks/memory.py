@@ -30,7 +30,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, Trainer  # noqa: F401
 
 import host
 from separate import each_in_a_process
-from zo_steps import zo_step_fn
+from raw_zo_step import zo_step_fn
 from zotune.offload import BlockOffloader
 from zotune.trainer import ZOConfig, ZOTrainer
 

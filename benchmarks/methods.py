@@ -21,7 +21,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import host
 from separate import each_in_a_process
-from zo_steps import zo_step_fn
+from raw_zo_step import zo_step_fn
 
 METHODS = {  # label -> (rule, estimator, num_directions)
     "sgd": ("sgd", "spsa", 1),

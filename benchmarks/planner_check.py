@@ -101,7 +101,7 @@ def measure(name: str) -> dict:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from zo_steps import zo_step_fn
+    from raw_zo_step import zo_step_fn
 
     model_type, fields, batch, seq, attention, schedule, dtype, use_cache, master_weights = CASES[name]
     torch.set_num_threads(2)

@@ -25,7 +25,7 @@ import torch
 
 import host
 from separate import each_in_a_process
-from zo_steps import zo_step_fn
+from raw_zo_step import zo_step_fn
 from zotune.models import load_model
 from zotune.schema import ModelSection
 

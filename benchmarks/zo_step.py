@@ -37,7 +37,7 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, GPT2Config, TrainerCallback
 
 import host
-from zo_steps import zo_step_fn
+from raw_zo_step import zo_step_fn
 from zotune.dual import causal_lm_loss, double
 from zotune.noise import KINDS
 from zotune.settings import ZOSettings
