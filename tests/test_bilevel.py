@@ -19,6 +19,7 @@ from zotune.bilevel.loop import ScaleBiO, run_scalebio
 from zotune.errors import UserError
 from zotune.models import load_model
 from zotune.recipe import RecipeError, load_recipe
+from zotune.run import train as zotune_train
 from zotune.schema import Recipe
 
 from conftest import tiny_config
@@ -76,6 +77,11 @@ def run(recipe_dict) -> tuple[dict, Recipe]:
     recipe = Recipe.model_validate(recipe_dict)
     model, tokenizer = load_model(recipe.model, seed=recipe.train.seed)
     return run_scalebio(recipe, model, tokenizer), recipe
+
+
+def train(recipe_dict) -> dict:
+    """Through `zotune train`'s path: the run folder claimed, the checkpoint to resume resolved and checked."""
+    return zotune_train(Recipe.model_validate(recipe_dict), "test")
 
 
 def read_jsonl(path):
@@ -155,9 +161,9 @@ def test_resume_equals_uninterrupted(tmp_path, gradient, copies, lisa):
 
     straight, _ = run(recipe(tmp_path / "a", 7))
     # interrupted after step 5; the last checkpoint is step 3, so steps 4-5 are redone
-    run(recipe(tmp_path / "b", 5))
+    train(recipe(tmp_path / "b", 5))
     shutil.rmtree(tmp_path / "b" / "checkpoint-5")
-    run(recipe(tmp_path / "b", 7, **{"train.resume_from_checkpoint": "latest"}))
+    train(recipe(tmp_path / "b", 7, **{"train.resume_from_checkpoint": "latest"}))
     a = torch.load(tmp_path / "a" / "checkpoint-7" / "bilevel_state.pt", weights_only=False)
     b = torch.load(tmp_path / "b" / "checkpoint-7" / "bilevel_state.pt", weights_only=False)
     assert torch.equal(a["lambda"], b["lambda"]) and not torch.equal(a["lambda"], torch.zeros_like(a["lambda"]))
@@ -168,6 +174,25 @@ def test_resume_equals_uninterrupted(tmp_path, gradient, copies, lisa):
     assert read_jsonl(tmp_path / "a" / "mixture_weights.jsonl") == read_jsonl(tmp_path / "b" / "mixture_weights.jsonl")
     # w and u moved apart: the test would notice a set that never trains
     assert any(not torch.equal(a["w"][n], a["u"][m]) for n, m in zip(a["w"], a["u"]))
+
+
+def test_resume_takes_only_this_runs_checkpoints_and_names_a_damaged_one(tmp_path):
+    """The run-identity and damage checks of `zotune train`, for the bilevel mode's checkpoints."""
+    def recipe(out, steps, **extra):
+        return scenario(tmp_path, "zo", **{"train.max_steps": steps, "train.output_dir": str(out),
+                                           "bilevel.mixture_size": 20, "train.save_strategy": "steps",
+                                           "train.save_steps": 2, **extra})
+
+    train(recipe(tmp_path / "mine", 4))
+    train(recipe(tmp_path / "other", 6))
+    shutil.copytree(tmp_path / "other" / "checkpoint-6", tmp_path / "mine" / "checkpoint-6")  # another run's
+    with pytest.raises(UserError, match="a checkpoint of another run"):
+        train(recipe(tmp_path / "mine", 8, **{"train.resume_from_checkpoint": str(tmp_path / "mine" / "checkpoint-6")}))
+    state = tmp_path / "mine" / "checkpoint-4" / "bilevel_state.pt"
+    state.write_bytes(state.read_bytes()[:-100])  # cut short, as a crash mid-write would leave it
+    with pytest.raises(UserError, match=r"checkpoint-4 is damaged \(bilevel_state.pt: .*resume from the last "
+                                        r"intact one: train.resume_from_checkpoint=.*checkpoint-2"):
+        train(recipe(tmp_path / "mine", 8, **{"train.resume_from_checkpoint": "latest"}))  # skips checkpoint-6
 
 
 def test_param_sets_and_full_copies_give_the_same_run(tmp_path):

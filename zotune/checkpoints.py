@@ -164,10 +164,11 @@ def clean_stale(run_dir: str) -> None:
 # -- damaged checkpoints --------------------------------------------------------------------
 
 
-def damage(checkpoint: Path) -> str | None:
-    """What is wrong with a checkpoint's files, or None when every one reads whole."""
-    if not (checkpoint / TRAINER_STATE).is_file():
-        return f"{TRAINER_STATE} is missing"
+def damage(checkpoint: Path, state_file: str = TRAINER_STATE) -> str | None:
+    """What is wrong with a checkpoint's files, or None when every one reads whole. `state_file`: the
+    file every checkpoint of its kind holds (the Trainer's state; the bilevel mode's own)."""
+    if not (checkpoint / state_file).is_file():
+        return f"{state_file} is missing"
     for file in sorted(p for p in checkpoint.rglob("*") if p.is_file()):
         try:
             if file.suffix == ".json":

@@ -16,7 +16,8 @@ from transformers import Trainer
 from transformers.utils import logging as hf_logging
 
 from zotune.checkpoints import (
-    damage, exit_interrupted, finish_writing, resume_command, save_checkpoint_atomically, save_on_interrupt,
+    TRAINER_STATE, damage, exit_interrupted, finish_writing, resume_command, save_checkpoint_atomically,
+    save_on_interrupt,
 )
 from zotune.data import build_task_data
 from zotune.errors import UserError
@@ -148,12 +149,14 @@ def _train_in(folder: RunFolder, recipe: Recipe, source: str, phase: Phase) -> d
     console.print(f"[bold]zotune[/] {recipe.method} · loading the model")
     if recipe.method == "scalebio":
         from zotune.bilevel import run_scalebio
+        from zotune.bilevel.loop import STATE_FILE
 
         verbalizer = recipe.data.verbalizer  # w and u are chosen from params.include/exclude there
         model, tokenizer = load_model(recipe.model, num_labels=len(verbalizer) if verbalizer else None,
                                       seed=recipe.train.seed, unfreeze=recipe.params.unfreeze)
+        checkpoint = _checkpoint_to_resume(folder, recipe.train.resume_from_checkpoint, STATE_FILE)
         phase.now = "training"
-        summary = run_scalebio(recipe, model, tokenizer, console=console)
+        summary = run_scalebio(recipe, model, tokenizer, checkpoint=checkpoint, console=console)
         summary["peak_memory_gib"] = round(peak_memory_gib(), 2)
         _print_summary(summary)
         return summary
@@ -211,8 +214,9 @@ def _train_in(folder: RunFolder, recipe: Recipe, source: str, phase: Phase) -> d
     return summary
 
 
-def _checkpoint_to_resume(folder: RunFolder, resume: str | None) -> Path | None:
-    """The checkpoint the run continues from, checked: this run's, and whole."""
+def _checkpoint_to_resume(folder: RunFolder, resume: str | None, state_file: str = TRAINER_STATE) -> Path | None:
+    """The checkpoint the run continues from, checked: this run's, and whole (`damage`, with the state
+    file of the checkpoint's kind)."""
     if resume is None:
         return None
     if resume == "latest":
@@ -225,9 +229,9 @@ def _checkpoint_to_resume(folder: RunFolder, resume: str | None) -> Path | None:
         if not checkpoint.is_dir():
             raise UserError(f"train.resume_from_checkpoint: {resume}: no such checkpoint folder")
         folder.check_checkpoint(checkpoint)
-    problem = damage(checkpoint)
+    problem = damage(checkpoint, state_file)
     if problem is not None:
-        intact = [p for step, p in folder.checkpoints_before(checkpoint) if damage(p) is None]
+        intact = [p for step, p in folder.checkpoints_before(checkpoint) if damage(p, state_file) is None]
         instead = (f"resume from the last intact one: train.resume_from_checkpoint={intact[-1]}" if intact
                    else "no earlier checkpoint of this run is intact: start over with --overwrite")
         raise UserError(f"{checkpoint} is damaged ({problem}); {instead}")

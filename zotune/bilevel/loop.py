@@ -15,7 +15,8 @@ m_i as (ℓ⁺ + ℓ⁻)/2 per row at no extra cost.
 This is a compact loop rather than an HF `Trainer`: a Trainer step owns one model, one
 loss and one optimizer, while a ScaleBiO step updates three variables from four losses.
 It keeps the Trainer's conventions where they apply: `checkpoint-N` folders,
-`resume_from_checkpoint` (a path or "latest"), `save_total_limit`, `logging_steps`.
+`resume_from_checkpoint` (a path or "latest", resolved and checked by `zotune train` as for
+every run: only this run's checkpoints, a damaged one named), `save_total_limit`, `logging_steps`.
 The model runs in eval mode (dropout off) so that w and u are compared on one function.
 """
 
@@ -39,6 +40,7 @@ from zotune.checkpoints import STAGING, clean_stale, fsync_tree, publish
 from zotune.errors import UserError
 from zotune.nonfinite import NonFiniteSteps
 from zotune.optim import ZOOptimizer
+from zotune.rundir import stamp_checkpoint
 from zotune.schema import Recipe
 from zotune.trainer import ZOTrainer, no_decay_names
 
@@ -271,18 +273,6 @@ def _checkpoints(out: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
-def _resume_path(value: str, out: Path) -> Path:
-    if value == "latest":
-        found = _checkpoints(out)
-        if not found:
-            raise UserError(f"train.resume_from_checkpoint: latest: no checkpoint-N with {STATE_FILE} in {out}")
-        return found[-1]
-    path = Path(value).expanduser()
-    if not (path / STATE_FILE).is_file():
-        raise UserError(f"train.resume_from_checkpoint: {value}: no {STATE_FILE} there (not a scalebio checkpoint)")
-    return path
-
-
 def _save(run: ScaleBiO, out: Path, limit: int | None) -> None:
     """Write checkpoint-N whole or not at all: into a staging folder, fsynced, then renamed into place
     (zotune.checkpoints, as the trainer's checkpoints are)."""
@@ -290,6 +280,7 @@ def _save(run: ScaleBiO, out: Path, limit: int | None) -> None:
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     torch.save(run.state_dict(), staging / STATE_FILE)
+    stamp_checkpoint(out, staging)  # the run's identity: resume takes only this run's checkpoints
     fsync_tree(str(staging))
     publish(str(staging), str(out / f"checkpoint-{run.step}"))
     if limit is not None:
@@ -338,8 +329,9 @@ def plot_weights(history: list[dict], names: list[str], path: Path, title: str) 
     return True
 
 
-def run_scalebio(recipe: Recipe, model, tokenizer, *, console=None) -> dict:
-    """Train a ScaleBiO recipe end to end; returns the summary."""
+def run_scalebio(recipe: Recipe, model, tokenizer, *, checkpoint: Path | None = None, console=None) -> dict:
+    """Train a ScaleBiO recipe end to end; returns the summary. `checkpoint`: the one to continue from,
+    as `zotune train` resolves and checks `train.resume_from_checkpoint` (this run's, and whole)."""
     train, b = recipe.train, recipe.bilevel
     out = Path(train.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -348,12 +340,11 @@ def run_scalebio(recipe: Recipe, model, tokenizer, *, console=None) -> dict:
     run = ScaleBiO(recipe, model, data, has_adapter=recipe.model.peft is not None)
     history_file = out / "mixture_weights.jsonl"
 
-    if train.resume_from_checkpoint:
-        folder = _resume_path(train.resume_from_checkpoint, out)
-        run.load_state_dict(torch.load(folder / STATE_FILE, weights_only=True))
+    if checkpoint is not None:
+        run.load_state_dict(torch.load(checkpoint / STATE_FILE, weights_only=True))
         kept = [h for h in _read_jsonl(history_file) if h["step"] <= run.step]
         history_file.write_text("".join(json.dumps(h) + "\n" for h in kept))
-        log.info("zotune scalebio: resumed from %s at step %d", folder, run.step)
+        log.info("zotune scalebio: resumed from %s at step %d", checkpoint, run.step)
     else:
         uniform = dict(zip(data.names, [round(1 / run.K, 6)] * run.K))
         history_file.write_text(json.dumps({"step": 0, "weights": uniform}) + "\n")
