@@ -121,13 +121,14 @@ class StepClock(TrainerCallback):
             self.mezos.append(clock(self.mezo))
 
 
-def trainer_steps(model, ids, batch, steps: int, offload: bool = False) -> StepClock:
+def trainer_steps(model, ids, batch, steps: int, offload: bool = False, perturbation: str = DEFAULT_NOISE) -> StepClock:
     """Per-step seconds of ZOTrainer with its defaults (only what the test needs is set; `offload`: its
-    blocks on the host), each with the adjacent forward and, resident, a MeZO-style step."""
+    blocks on the host; `perturbation`: the noise), each with the adjacent forward and, resident, a
+    MeZO-style step."""
     rows = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
     args = ZOConfig(output_dir=tempfile.mkdtemp(), max_steps=steps, per_device_train_batch_size=len(ids),
                     learning_rate=1e-7, report_to="none", save_strategy="no", use_cpu=ids.device.type == "cpu",
-                    disable_tqdm=True, zo_offload="cpu" if offload else "none")
+                    disable_tqdm=True, zo_offload="cpu" if offload else "none", zo_perturbation=perturbation)
     seeds = iter(range(10**9))
 
     def forward(m) -> float:
@@ -166,6 +167,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=16, help="trainer steps; the steady state is their last half")
     parser.add_argument("--offload", action="store_true", help="also time the trainer with its blocks on the host")
     parser.add_argument("--json", metavar="PATH", help="also write the key figures to PATH as JSON")
+    parser.add_argument("--perturbation", choices=KINDS, default=DEFAULT_NOISE,
+                        help=f"the trainer's noise (default: its own, {DEFAULT_NOISE})")
+    parser.add_argument("--trainer-only", action="store_true", help="stop after the trainer's figures")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device cuda: torch {torch.__version__} sees no CUDA device")
@@ -185,7 +189,7 @@ def main() -> None:
                "batch": f"{args.batch}x{args.seq}"}
 
     twin = copy.deepcopy(model) if args.offload else None  # before any engine wraps the model
-    trained = trainer_steps(model, ids, batch, args.steps)
+    trained = trainer_steps(model, ids, batch, args.steps, perturbation=args.perturbation)
     steps, late = trained.times, slice(args.steps // 2, None)
     steady = statistics.median(steps[late])
     warmup = sum(t - steady for t in steps[:WARM_STEPS])
@@ -204,7 +208,9 @@ def main() -> None:
     _, forward_2x, doubled_ratio = paired(doubled, loss_fn, args.repeats)
     spread = f"{min(step_ratios):.2f}-{max(step_ratios):.2f}"
     print(f"doubled batch: {forward_2x:.2f} s = {doubled_ratio:.2f} forwards of B rows")
-    print(f"\nZOTrainer, defaults (dual, {DEFAULT_NOISE}): steady step {steady:.2f} s = "
+    noise = (f"defaults (dual, {DEFAULT_NOISE})" if args.perturbation == DEFAULT_NOISE
+             else f"defaults but the noise (dual, {args.perturbation})")
+    print(f"\nZOTrainer, {noise}: steady step {steady:.2f} s = "
           f"{statistics.median(step_ratios):.2f} "
           f"forwards (median over steps {args.steps // 2 + 1}-{args.steps} of step ÷ the forward right after it; "
           f"range {spread}); "
@@ -220,6 +226,9 @@ def main() -> None:
               f"the resident trainer's; {off_ratio:.2f} offloaded forwards")
         figures.update(offloaded_step_s=off_steady, offloaded_over_resident=off_steady / steady)
         del twin, offloaded
+    if args.trainer_only:
+        print(f"MeZO-style step beside the trainer: {statistics.median(mezo_ratios):.2f} forwards")
+        return
 
     mezo = statistics.median(mezo_ratios)
     print(f"\n{'step (each ratio: median of step ÷ next forward)':<50}{'seconds':>9}{'/ forward':>11}{'first':>9}")

@@ -296,6 +296,10 @@ class ZOOptimizer(torch.optim.Optimizer):
         kw = self._kernel_kw(name, p, self._step)
         owed = state.pop("owed", None)
         seed = seed_for(at.seed, at.k, name)
+        if self.lazy_update and owed is None and at.k == 0 and kw["directions"] is None:
+            # nothing owed (the first step, or after a flush): a zero update rides along, which leaves θ
+            # exactly as it is, so that one compiled graph serves every step (a cold start compiles fewer)
+            owed = Update([0.0], self._step, 0.0, 0.0)
         if owed is None or len(owed.g) != 1 or kw["directions"] is not None:
             if owed is not None:
                 self._update_param(name, p, owed)
