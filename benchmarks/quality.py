@@ -130,11 +130,11 @@ def run_one(config: str, data: str, split: str, seed: int, budget: float, every:
     trainer.add_callback(budget_cb)
     if config != "zero-shot":
         trainer.train()
-    steps = trainer.state.global_step
+    trained = trainer.state.global_step
     return {"config": config, "data": data, "split": split, "seed": seed, "budget_s": None if steps else budget,
             "accuracy_before": before, "points": budget_cb.points,
-            "accuracy": budget_cb.points[-1]["accuracy"] if budget_cb.points else before, "steps": steps,
-            "seconds_per_step": round(budget_cb.spent / steps, 3) if steps else None,
+            "accuracy": budget_cb.points[-1]["accuracy"] if budget_cb.points else before, "steps": trained,
+            "seconds_per_step": round(budget_cb.spent / trained, 3) if trained else None,
             "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
             "overrides": [*DATASETS[data], *overrides, *extra], "extra": extra, "host": host.describe()}
 
