@@ -5,7 +5,7 @@
 
 Each case runs in a fresh subprocess: it builds the model from its config, then runs real
 ZO steps (`ZOOptimizer` with the case's `master_weights`; for dual the `DualEngine` and
-`half_losses` the trainer uses: one no-grad forward of the doubled batch, each module run on
+`call_halves` the trainer uses: one no-grad forward of the doubled batch, each module run on
 perturbed copies of its own parameters made for its call, then each half's loss; rademacher
 noise, eager kernels). Measured, from /proc/self/status:
 - weights: the RSS increase of building the model and the optimizer (the fp32 master copies

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from zotune.dual import DualEngine, half_losses
+from zotune.dual import DualEngine, call_halves
 from zotune.optim import ZOOptimizer
 
 
@@ -20,7 +20,7 @@ def zo_step_fn(model, batch, schedule: str, perturbation: str = "gaussian", lazy
         engine = DualEngine(model, opt)
 
         def loss_fn(s, k):
-            return half_losses(engine, model, batch, (s, k))
+            return call_halves(engine, model, (s, k), lambda: model(**batch).loss)
     else:
         def loss_fn():
             return model(**batch).loss.item()

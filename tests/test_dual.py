@@ -28,6 +28,7 @@ from zotune.dual import DualRefused, _split
 from zotune.errors import UserError
 from zotune.optim import Point, ZOOptimizer
 from zotune.replay import optimizer_from_header
+from zotune.step_losses import StepLosses
 from zotune.trajectory import read_trajectory
 
 ALL_ARCHS = [*TINY_CONFIGS, "bert_classifier"]
@@ -73,7 +74,7 @@ def test_dual_equals_sequential(arch, device, tmp_path, monkeypatch):
     seq_model, seq = train(arch, tmp_path / "seq", zo_schedule="sequential", **on)
     dual_model, dual = train(arch, tmp_path / "dual", zo_schedule="dual", **on)
     assert all(p.device.type == device for p in dual_model.parameters())
-    assert dual.zo.schedule == "dual" and dual._dual_split, "fell back"
+    assert dual.zo.schedule == "dual" and dual.losses.one_forward, "fell back"
     seq_records, dual_records = read_trajectory(tmp_path / "seq" / "zo_trajectory.jsonl")[1], \
         read_trajectory(tmp_path / "dual" / "zo_trajectory.jsonl")[1]
     for s, d in zip(seq_records, dual_records, strict=True):
@@ -271,22 +272,31 @@ def test_unsplittable_model_runs_two_forwards_with_a_warning(batch, tmp_path, ca
             trainer = make_trainer(models[schedule], tmp_path / schedule, zo_schedule=schedule,
                                    per_device_train_batch_size=batch, max_steps=2)
             trainer.train()
-    assert trainer.zo.schedule == "dual" and not trainer._dual_split
+    assert trainer.zo.schedule == "dual" and not trainer.losses.one_forward
     assert "LlamaForCausalLM cannot run both signs in one doubled forward" in caplog.text
     assert_close(weights(models["dual"]), weights(models["sequential"]))
 
 
 @pytest.mark.parametrize("arch", CORE_ARCHS)
-def test_two_forwards_through_the_wrappers_equal_the_doubled_one(arch, tmp_path):
+def two_forwards_without_the_check(monkeypatch) -> None:
+    """The dual check on the first batch skipped, its outcome: both signs in two forwards."""
+    def settled(self, model, inputs):
+        self.checked, self.one_forward = True, False
+    monkeypatch.setattr(StepLosses, "check_dual", settled)
+
+
+def test_two_forwards_through_the_wrappers_equal_the_doubled_one(arch, tmp_path, monkeypatch):
     """The fallback for models that cannot be split runs the same perturbed copies, one sign per
     forward: only the batch shapes of the unwrapped code differ (1e-6)."""
     models = {}
     for split in (True, False):
         models[split] = build(arch)
         trainer = make_trainer(models[split], tmp_path / str(split), data_for(arch), **STEPS)
-        trainer._dual_probed, trainer._dual_split = not split, split  # skip the probe to force two forwards
-        trainer.train()
-        assert trainer.zo.schedule == "dual" and trainer._dual_split == split
+        with monkeypatch.context() as patch:
+            if not split:
+                two_forwards_without_the_check(patch)
+            trainer.train()
+        assert trainer.zo.schedule == "dual" and trainer.losses.one_forward == split
     assert_close(weights(models[False]), weights(models[True]), atol=1e-6)
     assert any(not torch.equal(a, b) for a, b in zip(build(arch).parameters(), models[False].parameters()))
 
@@ -303,9 +313,11 @@ def test_sliced_directions_in_one_forward_equal_each_direction_on_its_slice(arch
         trainer = make_trainer(models[one_forward], tmp_path / str(one_forward), data_for(arch),
                                **{**STEPS, "zo_num_directions": 3, "per_device_train_batch_size": 6,
                                   "zo_slice_directions": True})
-        trainer._dual_probed, trainer._dual_split = not one_forward, one_forward
-        trainer.train()
-        assert trainer.zo.slice_directions and trainer._dual_split == one_forward
+        with monkeypatch.context() as patch:
+            if not one_forward:
+                two_forwards_without_the_check(patch)
+            trainer.train()
+        assert trainer.zo.slice_directions and trainer.losses.one_forward == one_forward
     assert_close(weights(models[False]), weights(models[True]))
     assert any(not torch.equal(a, b) for a, b in zip(build(arch).parameters(), models[True].parameters()))
 
@@ -360,7 +372,7 @@ def test_perturbed_copies_never_exceed_the_largest_module(arch, tmp_path, monkey
     model, trainer = train(arch, tmp_path, max_steps=2)
     own = {name: sum(p.numel() * p.element_size() for p in m.parameters(recurse=False))
            for name, m in model.named_modules()}
-    tracker = trainer.dual.tracker
+    tracker = trainer.losses.dual.tracker
     assert 0 < tracker.peak <= max(own.values()) and tracker.live == 0
     # the token embedding, the largest module, is never copied whole: only its looked-up rows
     embedding = model.get_input_embeddings()

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from zotune.blocks import find_blocks
 from zotune.cli import app
-from zotune.dual import DualEngine, half_losses
+from zotune.dual import DualEngine, call_halves
 from zotune.errors import UserError
 from zotune.models import load_model
 from zotune.offload import BlockOffloader
@@ -283,8 +283,15 @@ def measured_dual_step(model, inputs: dict, monkeypatch, loss_of_outputs=None) -
         model(input_ids=x[:, :8])  # bitsandbytes' CPU path repacks 4-bit weights on their first forward
     held = [*model.parameters(), *model.buffers(), *inputs.values(), *_quant_state_tensors(model)]
     tracker = LivePeak({t.untyped_storage().data_ptr() for t in held if torch.is_tensor(t)})
+    def value(model, inputs: dict):
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        if loss_of_outputs is None:
+            return model(**inputs, labels=labels).loss
+        return loss_of_outputs(model(**inputs), labels)
+
     with torch.no_grad(), tracker:
-        half_losses(engine, model, {**inputs, "use_cache": False}, (1, 0), loss_of_outputs)
+        call_halves(engine, model, (1, 0), lambda: value(model, {**inputs, "use_cache": False}))
     return tracker.peak, engine.tracker.peak
 
 
@@ -371,11 +378,12 @@ def cuda_dual_step(config, batch: int, seq: int, dtype: str) -> tuple[int, int]:
     weights = torch.cuda.memory_allocated() - before
     engine = DualEngine(model, ZOOptimizer(model.named_parameters(), lr=1e-3, schedule="dual"))
     with torch.no_grad():
-        half_losses(engine, model, inputs, (1, 0))  # warm-up: Triton compiles, cuBLAS takes its workspace
+        # warm-up: Triton compiles, cuBLAS takes its workspace
+        call_halves(engine, model, (1, 0), lambda: model(**inputs).loss)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         start = torch.cuda.memory_allocated()
-        half_losses(engine, model, inputs, (2, 0))
+        call_halves(engine, model, (2, 0), lambda: model(**inputs).loss)
         torch.cuda.synchronize()
     return weights, torch.cuda.max_memory_allocated() - start
 

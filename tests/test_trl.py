@@ -39,7 +39,7 @@ def test_zo_sft_logs_trls_training_metrics_as_trl_does(schedule, tmp_path):
         assert trl_keys <= zo_log.keys() and trl_keys <= fo_log.keys()
         assert not any(k.startswith("eval_") for k in zo_log)
         assert zo_log["num_tokens"] == fo_log["num_tokens"]  # each batch counted once, as trl counts it
-    assert zo.zo.schedule == schedule and zo._dual_split
+    assert zo.zo.schedule == schedule and zo.losses.one_forward
 
 
 def test_zo_sft_full_parameter_reads_the_head_outside_it_and_trains_in_place(tmp_path, caplog):
@@ -58,7 +58,7 @@ def test_zo_dpo_with_a_lora_policy_stays_out_of_place_and_learns_the_preference(
                            processing_class=byte_tokenizer(),
                            peft_config=LORA)
     trainer.train()
-    assert trainer.zo.schedule == "dual" and trainer._dual_split
+    assert trainer.zo.schedule == "dual" and trainer.losses.one_forward
     logs = [log for log in trainer.state.log_history if "loss" in log]
     assert logs[-1]["loss"] < logs[0]["loss"] < torch.log(torch.tensor(2.0)).item() + 1e-3
     assert logs[-1]["rewards/margins"] > logs[0]["rewards/margins"]

@@ -44,6 +44,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from zotune import scratch
 from zotune.models import unwrapped
+from zotune.batch import batch_rows, is_per_row
 from zotune.optim import Point
 
 # Containers whose forward never runs: their parameters belong to the module that holds them
@@ -415,17 +416,6 @@ def _check_halves_agree(halves) -> None:
                 raise DualRefused("the two halves of a module's input differ: its input is not batch-major")
 
 
-def half_losses(engine: DualEngine, model, inputs: dict, direction: tuple[int, int] | None,
-                loss_of_outputs: Callable | None = None) -> tuple[float, float]:
-    """(L+, L−): the losses of the two halves of one dual forward of `inputs` doubled, each the
-    model's own loss of its half, or `loss_of_outputs(outputs, labels)` of its slice of the outputs."""
-    inputs = dict(inputs)
-    labels = inputs.pop("labels", None)
-    if loss_of_outputs is None:
-        return call_halves(engine, model, direction, lambda: model(**inputs, labels=labels).loss)
-    return call_halves(engine, model, direction, lambda: loss_of_outputs(model(**inputs), labels))
-
-
 def call_halves(engine: DualEngine, model: nn.Module, direction: tuple[int, int] | None,
                 value: Callable[[], torch.Tensor | float]) -> tuple[float, float]:
     """(L+, L−) of `value()`, any function that calls `model` on a batch and reduces what it returns
@@ -492,11 +482,11 @@ def call_slices(engine: DualEngine, model: nn.Module, seed: int, ks: Sequence[in
             except _Captured:
                 continue
             raise DualRefused("the value did not call the model")
-        rows = {len(next(v for v in c.values() if torch.is_tensor(v) and v.dim())) for c in captured}
+        rows = {batch_rows(c) for c in captured}
         if len(rows) != 1:
             raise DualRefused(f"the slices have different numbers of rows {sorted(rows)}")
-        whole = {key: torch.cat([c[key] for c in captured]) if torch.is_tensor(v) and v.dim() and len(v) in rows
-                 else v for key, v in captured[0].items()}
+        whole = {key: torch.cat([c[key] for c in captured]) if is_per_row(v, *rows) else v
+                 for key, v in captured[0].items()}
         blocks = _blocks_of_doubled(engine, model, original, whole, (seed, tuple(ks)),
                                     [c.get("labels") for c in captured])
         values = []
@@ -529,7 +519,7 @@ def _blocks_of_doubled(engine: DualEngine, model: nn.Module, original: Callable,
         kwargs.pop("labels", None)
     else:
         labels = [None] * len(labels)
-    batch = next(v.shape[0] for v in kwargs.values() if torch.is_tensor(v) and v.dim())
+    batch = batch_rows(kwargs)
     with engine.dual_forward(batch, direction):
         outputs = original(**double(kwargs, batch))
         n = engine.blocks

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from zotune.batch import batch_rows, is_per_row, take_rows
 from zotune.data.collate import IGNORED_LABEL
 from zotune.errors import UserError
 from zotune.trajectory import params_digest
@@ -56,9 +57,8 @@ def split_rows(inputs: dict, max_tokens: int) -> tuple[dict | None, dict, int]:
 
     The batch's tensors that have its rows as their first dimension are split; the others go to
     both parts as they are."""
-    tensors = [v for v in inputs.values() if torch.is_tensor(v) and v.dim()]
-    rows = len(tensors[0]) if tensors else 0
-    wide = [v for v in tensors if len(v) == rows and v.dim() >= 2]
+    rows = batch_rows(inputs)
+    wide = [v for v in inputs.values() if is_per_row(v, rows) and v.dim() >= 2]
     width = wide[0].shape[1] if wide else 1
     spans = _spans(inputs, rows, width)
     shortest = sorted(range(rows), key=lambda i: spans[i][1] - spans[i][0])
@@ -82,14 +82,10 @@ def split_rows(inputs: dict, max_tokens: int) -> tuple[dict | None, dict, int]:
     rest = torch.tensor(sorted(shortest[taken:]))
 
     def part(index: torch.Tensor, cut: bool) -> dict:
-        out = {}
-        for key, v in inputs.items():
-            if torch.is_tensor(v) and v.dim() and len(v) == rows:
-                v = v[index.to(v.device)]
-                if cut and v.dim() >= 2 and v.shape[1] == width:
-                    v = v[:, lo:hi]
-            out[key] = v
-        return out
+        def take(v: torch.Tensor) -> torch.Tensor:
+            v = v[index.to(v.device)]
+            return v[:, lo:hi] if cut and v.dim() >= 2 and v.shape[1] == width else v
+        return take_rows(inputs, take, rows)
 
     return part(chosen, True), part(rest, False), tokens(taken)
 

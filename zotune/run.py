@@ -192,7 +192,7 @@ def _train_in(folder: RunFolder, recipe: Recipe, source: str, phase: Phase) -> d
             return {}
         tokenizer.save_pretrained(str(out))
         trainer.save_state()  # trainer_state.json: the log `zotune plot` draws the evaluations from
-        if isinstance(trainer, ZOTrainer) and trainer.trajectory is not None:
+        if isinstance(trainer, ZOTrainer) and trainer.trajectory.writer is not None:
             console.print(f"plot of the run: {plot_run(out)}")
         summary = {
             "method": recipe.method,
@@ -205,7 +205,7 @@ def _train_in(folder: RunFolder, recipe: Recipe, source: str, phase: Phase) -> d
             "output_dir": str(out),
         }
         if isinstance(trainer, ZOTrainer):
-            summary["nonfinite_steps"] = trainer.nonfinite.total
+            summary["nonfinite_steps"] = trainer.stats.nonfinite.total
         write_whole(out / SUMMARY, json.dumps(summary, indent=1) + "\n")  # for the model card of an export
     if interrupted or deferred.requested:
         exit_interrupted(f"interrupted {interrupted or 'while saving'}: the trained model is saved in {out}"

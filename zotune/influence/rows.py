@@ -34,6 +34,14 @@ def row_values(outputs, labels: torch.Tensor, rows: int, loss_of: Callable) -> l
     return [float(loss_of(rows_of(outputs, r, rows, rows), labels[r:r + 1])) for r in range(rows)]
 
 
+def attributable(zo, objective) -> bool:
+    """Whether the steps of `zo` can keep each row's projection: a ZO-SGD step on the loss (no
+    `objective`), whose g is the rows' weighted mean; not with an estimator that takes L(θ) too,
+    with directions on row slices, or with cge (one direction per trained element: d×B numbers a step)."""
+    return (zo.rule.name == "sgd" and not zo.estimator.loss_at_theta and objective is None
+            and not zo.slice_directions and zo.estimator.name != "cge")
+
+
 class RowRecorder:
     """Collects one step's per-example projections for its trajectory record.
 
@@ -59,7 +67,7 @@ class RowRecorder:
         self._values.append(values)
 
     def discard(self) -> None:
-        """Forget values measured outside a step's estimate (the dual schedule's start-up probe)."""
+        """Forget values measured outside a step's estimate (the dual schedule's check on the first batch)."""
         self._values = []
 
     def micro_batch(self, index: torch.Tensor | None, items: list[int]) -> None:

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from rich.progress import track
 
+from zotune.batch import take_rows
 from zotune.dual import DualEngine, model_loss
 from zotune.errors import UserError
 from zotune.first_order import load_gradients
@@ -46,7 +47,7 @@ PROJECTION_EPS = 1e-4  # the central difference step of projections (`Projector`
 
 
 def check_attributable(records: list[dict], where: str) -> None:
-    """Every step kept its rows' projections (a ZO-SGD step on the loss: `ZOTrainer._attributable`)."""
+    """Every step kept its rows' projections (a ZO-SGD step on the loss: `zotune.influence.rows.attributable`)."""
     missing = next((r for r in records if "row_g" not in r), None)
     if missing is not None:
         raise UserError(f"{where}: step {missing['step']} has no per-example projections (rule {missing['rule']!r}, "
@@ -206,8 +207,7 @@ def first_order_self_influence(model: torch.nn.Module, zo: ZOOptimizer, records:
         labels = inputs.pop("labels")
         norms = []
         for r in range(len(labels)):
-            row = {k: v[r:r + 1] if torch.is_tensor(v) and v.dim() and len(v) == len(labels) else v
-                   for k, v in inputs.items()}
+            row = take_rows(inputs, lambda v, r=r: v[r:r + 1], len(labels))
             with torch.enable_grad():
                 grads = torch.autograd.grad(loss_of(model(**row), labels[r:r + 1]), params, allow_unused=True)
             norms.append(sum(float(g.double().pow(2).sum()) for g in grads if g is not None))
