@@ -281,7 +281,7 @@ def main() -> None:
     logits = logits_2x()
     _, losses = timed(lambda: [causal_lm_loss(logits[h * args.batch:(h + 1) * args.batch], ids) for h in (0, 1)],
                       args.repeats)
-    _, update = timed(lambda: opt._apply([1e-3], 0), args.repeats)
+    _, update = timed(lambda: opt.placement.apply([1e-3], 0), args.repeats)
     print(f"\nbreakdown of a raw dual step ({total:.2f} s), in forwards of B rows, each part timed on its own:")
     for label, t in (("doubled forward, logits only", plain),
                      ("+ through the wrappers, copies of θ (no noise)", copied - plain),

@@ -277,7 +277,6 @@ def test_unsplittable_model_runs_two_forwards_with_a_warning(batch, tmp_path, ca
     assert_close(weights(models["dual"]), weights(models["sequential"]))
 
 
-@pytest.mark.parametrize("arch", CORE_ARCHS)
 def two_forwards_without_the_check(monkeypatch) -> None:
     """The dual check on the first batch skipped, its outcome: both signs in two forwards."""
     def settled(self, model, inputs):
@@ -285,6 +284,7 @@ def two_forwards_without_the_check(monkeypatch) -> None:
     monkeypatch.setattr(StepLosses, "check_dual", settled)
 
 
+@pytest.mark.parametrize("arch", CORE_ARCHS)
 def test_two_forwards_through_the_wrappers_equal_the_doubled_one(arch, tmp_path, monkeypatch):
     """The fallback for models that cannot be split runs the same perturbed copies, one sign per
     forward: only the batch shapes of the unwrapped code differ (1e-6)."""
@@ -335,10 +335,10 @@ def test_sliced_directions_each_see_only_their_slice(tmp_path):
     for k in range(2):
         part = {key: v[2 * k:2 * k + 2] for key, v in batch.items()}
         for coef, recorded in ((opt.eps, record["loss_plus"][k]), (-opt.eps, record["loss_minus"][k])):
-            opt.move(Point(record["seed"], k, coef))
+            opt.placement.move(Point(record["seed"], k, coef))
             with torch.no_grad():
                 assert reference(**part).loss.item() == pytest.approx(recorded, rel=1e-5)
-        opt.move(None)
+        opt.placement.move(None)
 
 
 def test_sliced_directions_need_a_row_for_each_direction(tmp_path):
@@ -492,17 +492,17 @@ def test_the_second_copy_of_a_pair_is_the_first_reflected_through_theta(dtype):
     opt = ZOOptimizer([("w", p)], lr=0.1, eps=1e-2, schedule="dual")
     a, b = opt.offsets
     plus, minus = torch.empty_like(p), torch.empty_like(p)
-    opt.perturbed("w", p, Point(5, 0, a), plus)
-    opt.perturbed("w", p, Point(5, 0, b), minus)
-    assert opt.reflects(Point(5, 0, b), p) and not opt.reflects(Point(5, 0, a), p)
-    reflected = opt.reflect(p, plus.clone())
+    opt.placement.perturbed("w", p, Point(5, 0, a), plus)
+    opt.placement.perturbed("w", p, Point(5, 0, b), minus)
+    assert opt.placement.reflects(Point(5, 0, b), p) and not opt.placement.reflects(Point(5, 0, a), p)
+    reflected = opt.placement.reflect(p, plus.clone())
     ulp = torch.finfo(dtype).eps * torch.maximum(minus.abs(), theta.abs()).float()
     assert ((reflected.float() - minus.float()).abs() <= ulp).all()
     assert not torch.equal(plus, minus) and torch.equal(p.detach(), theta)
-    rows = opt.reflect(p, plus[3:9].clone(), slice(3, 9))
+    rows = opt.placement.reflect(p, plus[3:9].clone(), slice(3, 9))
     assert torch.equal(rows, reflected[3:9])
     with_master = ZOOptimizer([("w", p)], lr=0.1, eps=1e-2, schedule="dual", master_weights="fp32")
-    assert not with_master.reflects(Point(5, 0, b), p) or dtype == torch.float32
+    assert not with_master.placement.reflects(Point(5, 0, b), p) or dtype == torch.float32
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from helpers import needs_data, write_recipe
 from zotune.cli import app
-from zotune.eps import PROBE_ELEMENTS, ROUND_TRIP_TOLERANCE
+from zotune.eps import ROUND_TRIP_SAMPLE, ROUND_TRIP_TOLERANCE
 from zotune.optim import ZOOptimizer
 from zotune.recipe import load_recipe
 from zotune.run import build_model
@@ -86,21 +86,21 @@ def test_the_round_trip_measurement_matches_the_weights_before_and_after_a_step(
     opt, warned = step_with_lr_0(model, schedule, eps, master_weights="none")
     opt.step()
     for name, p in model.named_parameters():
-        old = before[name].flatten()[:PROBE_ELEMENTS].float()
-        new = p.detach().flatten()[:PROBE_ELEMENTS].float()
+        old = before[name].flatten()[:ROUND_TRIP_SAMPLE].float()
+        new = p.detach().flatten()[:ROUND_TRIP_SAMPLE].float()
         measured = ((new - old).norm() / old.norm()).item() if old.norm() else 0.0
         p.data.copy_(before[name])  # the optimizer's figure is taken from the same θ
-        predicted = opt.round_trip_change(name, p, 0)
+        predicted = opt.placement.round_trip_change(name, p, 0)
         if schedule == "sequential":
             assert predicted == pytest.approx(measured, rel=1e-6, abs=1e-9), name
         elif dtype == torch.float32:  # fused folds the restore into the update pass: the same arithmetic
             assert predicted == pytest.approx(measured, rel=0.05, abs=1e-6), name
         else:  # ... which rounds a 16-bit weight stochastically: the same size of error, not the same bits
             assert measured / 2 <= predicted <= 2 * measured or max(predicted, measured) < 1e-3, name
-    worst = max(opt.round_trip_change(n, p, 0) for n, p in model.named_parameters())
+    worst = max(opt.placement.round_trip_change(n, p, 0) for n, p in model.named_parameters())
     if worst > ROUND_TRIP_TOLERANCE:
         assert len(warned) == 1 and f"eps {eps:g}" in warned[0]
-        assert any(f"{opt.round_trip_change(n, p, 0):.3g}" in warned[0] for n, p in model.named_parameters())
+        assert any(f"{opt.placement.round_trip_change(n, p, 0):.3g}" in warned[0] for n, p in model.named_parameters())
     else:
         assert not warned
 
@@ -118,7 +118,7 @@ def test_a_16_bit_weight_with_an_fp32_master_comes_back_exactly():
     opt, warned = step_with_lr_0(model, "sequential", 1e6, master_weights="fp32")
     opt.step()
     assert not warned and all(torch.equal(p, before[n]) for n, p in model.named_parameters())
-    assert all(opt.round_trip_change(n, p, 0) == 0 for n, p in model.named_parameters())
+    assert all(opt.placement.round_trip_change(n, p, 0) == 0 for n, p in model.named_parameters())
 
 
 def test_swamp_check_is_not_fooled_by_zero_initialised_adapters():

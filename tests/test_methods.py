@@ -198,7 +198,8 @@ def test_the_batched_one_sided_estimator_takes_the_loss_at_theta_once(estimator,
 
 
 def test_lazy_update_is_refused_for_methods_it_cannot_fold(tmp_path):
-    with pytest.raises(ValueError, match="lazy_update .* needs rule 'sgd' and estimator 'spsa'"):
+    folds = "lazy_update .* needs a rule that folds its update \\('sgd'\\) and estimator 'spsa'"
+    with pytest.raises(ValueError, match=folds):
         train("momentum", "dual", tmp_path, zo_lazy_update=True)
 
 

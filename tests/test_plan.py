@@ -274,9 +274,10 @@ def measured_dual_step(model, inputs: dict, monkeypatch, loss_of_outputs=None) -
     optimizer = ZOOptimizer(model.named_parameters(), lr=1e-3, schedule="dual")
     # the copies are exact: the noise's temporaries depend on the kernels (none with Triton) and are
     # not part of the estimate; the copies themselves (allocated by the engine) are
-    monkeypatch.setattr(optimizer, "perturbed", lambda name, p, at, out: out.copy_(p.data))
-    monkeypatch.setattr(optimizer, "perturbed_range", lambda name, p, lo, hi, at, out: out.copy_(p.data[lo:hi]))
-    monkeypatch.setattr(optimizer, "perturbed_rows", lambda name, p, rows, at: p.data[rows])
+    copies = optimizer.placement
+    monkeypatch.setattr(copies, "perturbed", lambda name, p, at, out: out.copy_(p.data))
+    monkeypatch.setattr(copies, "perturbed_range", lambda name, p, lo, hi, at, out: out.copy_(p.data[lo:hi]))
+    monkeypatch.setattr(copies, "perturbed_rows", lambda name, p, rows, at: p.data[rows])
     engine = DualEngine(model, optimizer)
     x = inputs["input_ids"]
     with torch.no_grad():

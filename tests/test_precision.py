@@ -52,7 +52,7 @@ def _decay_from(start: torch.Tensor, step: int, wd: float) -> torch.Tensor:
     """One step of pure weight decay (g = 0: z plays no part) from `start`; returns the new weights."""
     w = torch.nn.Parameter(start.clone())
     opt = ZOOptimizer([("w", w)], lr=1.0, schedule="dual", master_weights="none")
-    opt._update_param("w", w, Update([0.0], step, 1.0, wd))
+    opt.update_param("w", w, Update([0.0], step, 1.0, wd))
     return w.detach()
 
 
@@ -76,7 +76,7 @@ def test_sub_ulp_updates_move_bf16_weights_in_expectation():
     from zotune.noise import noise, seed_for, step_seed
 
     z = noise(seed_for(step_seed(0, 0), 0, "w"), n, "rademacher")
-    opt._update_param("w", w, Update([delta], 0, 1.0, 0.0))
+    opt.update_param("w", w, Update([delta], 0, 1.0, 0.0))
     exact = 1.0 - delta * z  # θ − lr·g·z
     error = w.detach().float() - exact
     ulp = torch.where(z > 0, 2.0**-8, 2.0**-7)  # below 1.0 the spacing is halved

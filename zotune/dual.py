@@ -207,10 +207,10 @@ class DualEngine:
         else:
             out = self._buffer(buffers, name, (span[2], *p.shape[1:]), p)[:span[1] - lo]
         first = Point(at.seed, at.k, -at.coef)
-        if self.optimizer.reflects(at, p):
+        if self.optimizer.placement.reflects(at, p):
             if buffers.get(("at", name)) != (first, lo):
                 self._perturbed(name, p, first, out, span)
-            self.optimizer.reflect(p, out, ... if span is None else slice(lo, span[1]))
+            self.optimizer.placement.reflect(p, out, ... if span is None else slice(lo, span[1]))
         else:
             self._perturbed(name, p, at, out, span)
         buffers[("at", name)] = (at, lo)
@@ -218,9 +218,9 @@ class DualEngine:
 
     def _perturbed(self, name: str, p: nn.Parameter, at: Point, out: torch.Tensor, span) -> None:
         if span is None:
-            self.optimizer.perturbed(name, p, at, out)
+            self.optimizer.placement.perturbed(name, p, at, out)
         else:
-            self.optimizer.perturbed_range(name, p, span[0], span[1], at, out)
+            self.optimizer.placement.perturbed_range(name, p, span[0], span[1], at, out)
 
     def _run_whole(self, params, original, at: Point, args, kwargs, buffers: dict):
         """Every own parameter replaced by θ + c·z for the call; θ itself is not touched."""
@@ -245,9 +245,9 @@ class DualEngine:
             self._rows_ok[module] = self._renumbering_holds(module, p, original, args, kwargs)
         if not self._rows_ok[module]:
             return self._run_whole([weight, *rest], original, at, args, kwargs, buffers)
-        self.optimizer.settle(name, p)
+        self.optimizer.placement.settle(name, p)
         rows, args, kwargs = _renumbered(args, kwargs)
-        table = self.tracker.track(self.optimizer.perturbed_rows(name, p, rows, at))
+        table = self.tracker.track(self.optimizer.placement.perturbed_rows(name, p, rows, at))
         with _embedding_table(module, p, table):
             return self._run_whole(rest, original, at, args, kwargs, buffers)
 
@@ -281,7 +281,7 @@ class DualEngine:
         xs, ys = x.reshape(len(points), -1, x.shape[-1]), out.view(len(points), -1, features)
         if rows is not None:
             for n, p in [weight, *rest]:
-                self.optimizer.settle(n, p)
+                self.optimizer.placement.settle(n, p)
         for lo in range(0, features, rows or features):
             hi = min(lo + (rows or features), features)
             span = None if rows is None else (lo, hi, rows)

@@ -30,7 +30,7 @@ import math
 MAX_EPS = 1.0
 SWAMP_RATIO = 10.0  # refused when ε > SWAMP_RATIO · RMS(trainable θ)
 ROUND_TRIP_TOLERANCE = 0.01  # warned when the in-place round trip changes a weight by more (relative L2)
-PROBE_ELEMENTS = 1 << 16  # the round trip is measured on at most this many elements of one tensor
+ROUND_TRIP_SAMPLE = 1 << 16  # the round trip is measured on at most this many elements of one tensor
 
 
 def bound_error(eps: float) -> str | None:

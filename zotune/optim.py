@@ -8,19 +8,11 @@ For a step with seed s and directions k = 0..q-1 (DESIGN §3):
 z_k is never stored: every pass over a parameter regenerates it from (step seed, k, parameter
 name) with the counter-based noise of `zotune.noise`, inside the kernels of `zotune.kernels`.
 
-Two ways to take the losses at θ + a·z_k and θ + b·z_k (`offsets`: ±ε for two-sided SPSA):
-
-    dual (default, out of place): θ never moves except by its update. `zotune.dual` runs each
-        module that owns trainable parameters on perturbed copies of them, made for its call
-        (`perturbed`, `perturbed_rows`) and freed after it: both halves of one forward of the
-        doubled batch, or two forwards where a model cannot be split. z is generated once
-        for both signs (the copy at θ − c·z is the one at θ + c·z reflected through θ,
-        `reflect`), and once for the update; with `lazy_update` the update rides on the next
-        step's first perturbed copy (`lazy_update_and_perturb_` with `out`), and `flush()`
-        applies what is still owed before anything reads the weights.
-    sequential / fused (in place, MeZO's way): the weights themselves are moved,
-        θ → θ+εz_k → θ−εz_k → θ, then updated (`move`); fused merges the last restore into the
-        update pass. The reference the tests compare `dual` with.
+Two ways to take the losses at θ + a·z_k and θ + b·z_k (`offsets`: ±ε for two-sided SPSA), one
+object each with one interface (`zotune.placement`): out of place (`dual`, the default: modules run
+on perturbed copies of their weights made for each call, and with `lazy_update` the update rides on
+the next step's first copy) and in place (`sequential`, `fused`: MeZO's way, the weights themselves
+move). `flush()` applies whatever is still owed before anything reads the weights.
 
 16-bit weights: out of place, they need no fp32 master copy; their updates are rounded
 stochastically with the step's rounding stream (direction `ROUNDING` of the step seed, per
@@ -37,16 +29,13 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from zotune import precision
-from zotune.eps import PROBE_ELEMENTS, round_trip_warning
 from zotune.first_order import gradients_digest
 from zotune.fsdp import is_sharded, local_shard
-from zotune.kernels import lazy_update_and_perturb_, perturb_, perturb_rows
 from zotune.methods import (
     Estimator,
     Noise,
@@ -59,28 +48,11 @@ from zotune.methods import (
     check_compatible,
 )
 from zotune.noise import seed_for, step_seed
+from zotune.placement import InPlace, OutOfPlace
+from zotune.points import Point, Update  # noqa: F401 - Point is imported from here too
 from zotune.settings import SCHEDULES, ZOSettings, check_schedule  # noqa: F401 - SCHEDULES is imported from here too
 
 ROUNDING = -1  # the direction index of a step's stochastic-rounding stream: never a perturbation's
-
-
-@dataclass(frozen=True)
-class Point:
-    """θ + coef·z_k of the step with seed `seed`."""
-
-    seed: int
-    k: int
-    coef: float
-
-
-@dataclass(frozen=True)
-class Update:
-    """One parameter group's share of a step's update: θ ← rule(θ, ĝ), ĝ = (1/q) Σ_k g_k z_k."""
-
-    g: list[float]
-    step: int
-    lr: float
-    wd: float
 
 
 def data_parallel() -> bool:
@@ -168,7 +140,7 @@ class ZOOptimizer(torch.optim.Optimizer):
                 raise ValueError(refusal)
             if (precision.keeps_master(self.master_weights, self.schedule, p.dtype, rounds)
                     and "master" not in self.state[p]):
-                self.state[p]["master"] = self._held(name, p)[0].float().clone()
+                self.state[p]["master"] = self.held(name, p)[0].float().clone()
         drifts = any(precision.is_half(p.dtype) and "master" not in self.state[p] for _, p in named)
         if drifts and self.schedule in precision.IN_PLACE_SCHEDULES:
             warnings.warn(precision.DRIFT_WARNING.format(schedule=self.schedule), stacklevel=3)
@@ -176,20 +148,29 @@ class ZOOptimizer(torch.optim.Optimizer):
     def run_in_place(self, schedule: str = "fused") -> None:
         """Switch to an in-place schedule before the first step (something reads the weights outside
         the modules that own them); 16-bit weights get the masters that needs under the policy."""
-        if schedule not in precision.IN_PLACE_SCHEDULES or self._step is not None:
+        if schedule not in precision.IN_PLACE_SCHEDULES or self.current_step is not None:
             raise ValueError(f"run_in_place({schedule!r}) needs an in-place schedule, before the first step")
         self.flush()
         self.schedule, self.lazy_update, self.slice_directions = schedule, False, False
         self._keep_masters([(name, p) for name, p, _ in self.named_params()])
 
     @property
+    def schedule(self) -> str:
+        return self._schedule
+
+    @schedule.setter
+    def schedule(self, name: str) -> None:
+        self._schedule = name
+        self.placement = OutOfPlace(self) if name == "dual" else InPlace(self, name)
+
+    @property
     def out_of_place(self) -> bool:
-        return self.schedule == "dual"
+        return isinstance(self.placement, OutOfPlace)
 
     def _reset_step(self) -> None:
-        self._step: int | None = None
+        self.current_step: int | None = None
         self.step_losses: list[tuple[float, float]] = []  # (L at offset a, L at offset b) per direction
-        self._losses_at_theta: list[float] = []
+        self.losses_at_theta: list[float] = []
         self._weights: list[float] = []  # per micro-batch: the examples or tokens its losses average over
         self._notes: dict = {}  # what the estimator recorded when the step began
         self.last_loss_fn: Callable | None = None
@@ -201,37 +182,37 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     # -- what the methods see of a step --------------------------------------------------------
 
-    def _view(self, step: int, probe: Callable[[Sequence[float]], list[float]] | None = None) -> StepView:
+    def _view(self, step: int, losses_at: Callable[[Sequence[float]], list[float]] | None = None) -> StepView:
         """All that a rule or an estimator gets to see of `step` (`zotune.methods.base.StepView`)."""
         return StepView(step, Noise(self.seed, self.kind), self.param_groups[0]["lr"],
                         tuple(Trainable(name, p, self.state[p]) for name, p, _ in self.named_params()),
-                        tuple(self.step_losses), probe)
+                        tuple(self.step_losses), losses_at)
 
-    def _probe(self, step: int, measure: bool) -> Callable[[Sequence[float]], list[float]]:
-        """`StepView.probe`: the step's last micro-batch (`measure`) or the moves alone (replay)."""
-        def probe(coefs: Sequence[float]) -> list[float]:
+    def _losses_at(self, step: int, measure: bool) -> Callable[[Sequence[float]], list[float]]:
+        """`StepView.losses_at`: the step's last micro-batch (`measure`) or the moves alone (replay)."""
+        def losses_at(coefs: Sequence[float]) -> list[float]:
             s, loss_fn = step_seed(self.seed, step), self.last_loss_fn if measure else None
             losses = []
             for coef in coefs:
-                self.move(Point(s, 0, coef))
+                self.placement.move(Point(s, 0, coef))
                 losses.append(self.global_loss(loss_fn()) if loss_fn is not None else math.nan)
-            self.move(None)
+            self.placement.move(None)
             return losses
 
-        return probe
+        return losses_at
 
-    def _kernel_kw(self, name: str, p: torch.nn.Parameter, step: int | None) -> dict:
+    def kernel_kw(self, name: str, p: torch.nn.Parameter, step: int | None) -> dict:
         directions = self.estimator.directions(Trainable(name, p, self.state[p]), step, Noise(self.seed, self.kind))
-        return {"kind": self.kind, "directions": directions, "offset": self._held(name, p)[1]}
+        return {"kind": self.kind, "directions": directions, "offset": self.held(name, p)[1]}
 
-    def _held(self, name: str, p: torch.nn.Parameter) -> tuple[torch.Tensor, int]:
+    def held(self, name: str, p: torch.nn.Parameter) -> tuple[torch.Tensor, int]:
         """The elements of `p` this process holds and where the first sits in the whole weight (flat
         index): all of it at 0, a slice at its `shards` offset, or an FSDP2 DTensor's local shard."""
         if is_sharded(p):
             return local_shard(p)
         return p.data, self.shards.get(name, 0)
 
-    def _rounding_seed(self, p: torch.nn.Parameter, name: str, step: int) -> int | None:
+    def rounding_seed(self, p: torch.nn.Parameter, name: str, step: int) -> int | None:
         """The seed of `p`'s stochastic rounding at `step`: 16-bit weights without a master only."""
         if not precision.is_half(p.dtype) or "master" in self.state[p]:
             return None
@@ -239,197 +220,30 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     # -- updates ---------------------------------------------------------------------------
 
-    def _update_param(self, name: str, p: torch.nn.Parameter, update: Update, restore: float = 0.0) -> None:
+    def update_param(self, name: str, p: torch.nn.Parameter, update: Update, restore: float = 0.0) -> None:
         """θ ← rule(θ, ĝ) for one parameter; in place it may still sit at θ + restore·z_{q−1}."""
         s = step_seed(self.seed, update.step)
-        kw = self._kernel_kw(name, p, update.step)
+        kw = self.kernel_kw(name, p, update.step)
         q = len(update.g)
-        self.rule.apply(ParamUpdate(self._held(name, p)[0], self.state[p], self.state[p].get("master"),
+        self.rule.apply(ParamUpdate(self.held(name, p)[0], self.state[p], self.state[p].get("master"),
                                     [seed_for(s, k, name) for k in range(q)], [gk / q for gk in update.g], restore,
                                     self.kind, kw["directions"], update.lr, update.wd, kw["offset"],
-                                    self._rounding_seed(p, name, update.step),
+                                    self.rounding_seed(p, name, update.step),
                                     p.grad if self.rule.first_order else None))
-
-    def _update_of(self, group: dict, g: list[float], step: int) -> Update:
-        return Update(g, step, group["lr"], group["weight_decay"])
-
-    def _apply(self, g: list[float], step: int) -> None:
-        """The update of a step: now, or with `lazy_update` owed until each weight's next perturbed copy."""
-        if self.out_of_place:
-            for name, p, group in self.named_params():
-                state = self.state[p]
-                if "owed" in state:  # not run since its previous update
-                    self._update_param(name, p, state.pop("owed"))
-                if self.lazy_update:
-                    state["owed"] = self._update_of(group, g, step)
-                else:
-                    self._update_param(name, p, self._update_of(group, g, step))
-            return
-        self.move(None, g, step)
-
-    def settle(self, name: str, p: torch.nn.Parameter) -> None:
-        """Apply the update `p` still owes (lazy_update), so that θ is current."""
-        owed = self.state[p].pop("owed", None)
-        if owed is not None:
-            self._update_param(name, p, owed)
 
     def flush(self) -> bool:
         """Bring every parameter to θ with all updates applied (before anything reads the weights).
-
         Returns whether there was anything to do."""
-        dirty = False
-        for name, p, _ in self.named_params():
-            state = self.state[p]
-            if "owed" in state or state.get("at") is not None:
-                if self.out_of_place:
-                    self.settle(name, p)
-                else:
-                    self._move_param(name, p, None)
-                dirty = True
-        return dirty
-
-    # -- out of place: perturbed copies for one module's call (zotune.dual) ------------------
-
-    def perturbed(self, name: str, p: torch.nn.Parameter, at: Point, out: torch.Tensor) -> torch.Tensor:
-        """`out` = θ + coef·z_k for parameter `p`, θ untouched (an owed update is applied on the way)."""
-        state = self.state[p]
-        kw = self._kernel_kw(name, p, self._step)
-        owed = state.pop("owed", None)
-        seed = seed_for(at.seed, at.k, name)
-        if self.lazy_update and owed is None and at.k == 0 and kw["directions"] is None:
-            # nothing owed (the first step, or after a flush): a zero update rides along, which leaves θ
-            # exactly as it is, so that one compiled graph serves every step (a cold start compiles fewer)
-            owed = Update([0.0], self._step, 0.0, 0.0)
-        if owed is None or len(owed.g) != 1 or kw["directions"] is not None:
-            if owed is not None:
-                self._update_param(name, p, owed)
-            return perturb_(p.data, seed, at.coef, master=state.get("master"), out=out, **kw)
-        decay = 1.0 - owed.lr * owed.wd
-        return lazy_update_and_perturb_(p.data, seed_for(step_seed(self.seed, owed.step), 0, name),
-                                        -owed.lr * owed.g[0], seed, at.coef, decay=decay, master=state.get("master"),
-                                        out=out,
-                                        rounding_seed=self._rounding_seed(p, name, owed.step), **kw)
-
-    def reflects(self, at: Point, p: torch.nn.Parameter) -> bool:
-        """Whether `p`'s copy at `at` is taken as the reflection through θ of its copy at the pair's
-        other point (`reflect`): the second point of a symmetric pair (θ − c·z after θ + c·z), and
-        not a 16-bit weight with an fp32 master, whose copies are rounded from the master."""
-        return at.coef != 0 and tuple(self.offsets) == (-at.coef, at.coef) and "master" not in self.state[p]
-
-    def reflect(self, p: torch.nn.Parameter, copy: torch.Tensor, index=...) -> torch.Tensor:
-        """`copy`, θ + c·z for `p` (at `index` of it: rows, a slice), becomes 2θ − copy = θ − c·z,
-        within an ulp of generating z again, in one pass without the noise."""
-        return copy.lerp_(p.data[index], 2.0)
-
-    def perturbed_range(self, name: str, p: torch.nn.Parameter, lo: int, hi: int, at: Point,
-                        out: torch.Tensor) -> torch.Tensor:
-        """`out` = rows lo..hi−1 of θ + coef·z_k; θ must be settled (`settle`)."""
-        master = self.state[p].get("master")
-        return perturb_(p.data[lo:hi], seed_for(at.seed, at.k, name), at.coef, kind=self.kind,
-                        offset=lo * p[0].numel(), master=None if master is None else master[lo:hi], out=out)
-
-    def perturbed_rows(self, name: str, p: torch.nn.Parameter, rows: torch.Tensor, at: Point) -> torch.Tensor:
-        """Rows `rows` of θ + coef·z_k, in p's dtype; θ must be settled (`settle`)."""
-        theta = self.state[p].get("master", p.data)
-        kw = self._kernel_kw(name, p, self._step)
-        return perturb_rows(theta, rows, seed_for(at.seed, at.k, name), at.coef, **kw).to(p.dtype)
-
-    # -- in place (sequential, fused): the weights sit at θ or at one displacement ----------
-
-    def move(self, to: Point | None, g: list[float] | None = None, step: int | None = None) -> None:
-        """One pass over every parameter: to displacement `to`, applying the update (g, step) on the way."""
-        for name, p, group in self.named_params():
-            self._move_param(name, p, to, None if g is None else self._update_of(group, g, step))
-
-    def _move_param(self, name: str, p: torch.nn.Parameter, to: Point | None, update: Update | None = None) -> None:
-        """Take one parameter from its displacement `state["at"]` to `to`, applying `update` on the way.
-
-        Each branch is one in-place kernel that regenerates its z. A 16-bit weight with a master copy
-        is written as round(master + displacement), so its master is never displaced."""
-        state = self.state[p]
-        master = state.get("master")
-        data = self._held(name, p)[0]
-        at = state.get("at") if master is None else None
-        if update is not None:
-            self._update_param(name, p, update, restore=-at.coef if at is not None else 0.0)
-            at = None
-        kw = self._kernel_kw(name, p, self._step if update is None else update.step)
-        if at is not None and to is not None and (at.seed, at.k) == (to.seed, to.k):
-            perturb_(data, seed_for(to.seed, to.k, name), to.coef - at.coef, **kw)
-        elif at is not None and to is not None:
-            lazy_update_and_perturb_(data, seed_for(at.seed, at.k, name), -at.coef, seed_for(to.seed, to.k, name),
-                                     to.coef, **kw)
-        elif at is not None:
-            perturb_(data, seed_for(at.seed, at.k, name), -at.coef, **kw)
-        elif to is not None:
-            perturb_(data, seed_for(to.seed, to.k, name), to.coef, master=master, **kw)
-        elif master is not None:
-            data.copy_(master)
-        state["at"] = to
+        return self.placement.flush()
 
     def _perturbation_passes(self, step: int, loss_fn: Callable | None) -> list:
-        """The ± losses of one micro-batch, one direction after the other.
-
-        dual: `loss_fn(s, k)` returns (L_a, L_b), the engine running every module on its
-        perturbed copies; with `slice_directions`, `loss_fn(s, (0, .., q−1))` returns the q pairs
-        of one forward. sequential / fused: `loss_fn()` is the loss at the current weights,
-        which are moved around it. `loss_fn=None` replays the moves without forwards.
-        """
-        s = step_seed(self.seed, step)
-        a, b = self.offsets
+        """The pairs of one micro-batch, as the schedule takes them (`zotune.placement`): `loss_fn()`
+        in place, `loss_fn(s, k)` out of place; `loss_fn=None` replays the moves without forwards.
+        An estimator that needs L(θ) (in place only) gets it first."""
         if self.estimator.loss_at_theta:
-            self.move(None)
-            self._losses_at_theta.append(loss_fn() if loss_fn else math.nan)
-        losses = []
-        if self.out_of_place and self.slice_directions:  # all q directions from one forward
-            return loss_fn(s, tuple(range(self.q))) if loss_fn else [(math.nan, math.nan)] * self.q
-        for k in range(self.q):
-            if self.out_of_place:
-                losses.append(loss_fn(s, k) if loss_fn else (math.nan, math.nan))
-                continue
-            self.move(Point(s, k, a))
-            loss_a = loss_fn() if loss_fn else math.nan
-            if b == 0 and self.estimator.loss_at_theta:  # the second point is θ, whose loss is taken
-                loss_b = self._losses_at_theta[-1]
-            else:
-                self.move(Point(s, k, b))
-                loss_b = loss_fn() if loss_fn else math.nan
-            if self.schedule == "sequential":
-                self.move(None)
-            losses.append((loss_a, loss_b))
-        return losses
-
-    def round_trip_change(self, name: str, p: torch.nn.Parameter, step: int) -> float:
-        """The relative L2 change that the in-place round trip θ → θ+a·z → θ+b·z → θ of `step`'s first
-        direction leaves in `p` (its first `PROBE_ELEMENTS` elements): the same kernels run on a copy.
-        0 for a 16-bit weight with an fp32 master, which is restored from the master."""
-        if "master" in self.state[p]:
-            return 0.0
-        kw = self._kernel_kw(name, p, step)
-        held = self._held(name, p)[0]
-        sample = held.flatten()[:PROBE_ELEMENTS] if kw["directions"] is None else held
-        copy, seed, (a, b) = sample.clone(), seed_for(step_seed(self.seed, step), 0, name), self.offsets
-        for coef in (a, b - a, -b):
-            perturb_(copy, seed, coef, **kw)
-        reference = sample.float()
-        norm = reference.norm().item()
-        return (copy.float() - reference).norm().item() / norm if norm else 0.0
-
-    def _check_round_trip(self, step: int) -> None:
-        """Once, at the first step: warn when the in-place round trip moves the trainable tensor of
-        smallest RMS (the one it moves most, relatively) by more than `zotune.eps.ROUND_TRIP_TOLERANCE`."""
-        self.round_trip_checked = True
-        held = [(name, p, self._held(name, p)[0]) for name, p, _ in self.named_params()
-                if "master" not in self.state[p]]
-        candidates = [(torch.linalg.vector_norm(t, dtype=torch.float32).item() / math.sqrt(t.numel()), name, p)
-                      for name, p, t in held if t.numel()]
-        nonzero = [c for c in candidates if c[0] > 0]
-        if not nonzero:
-            return
-        _, name, p = min(nonzero, key=lambda c: c[0])
-        warning = round_trip_warning(self.eps, self.round_trip_change(name, p, step), name, self.schedule)
-        if warning:
-            warnings.warn(warning, stacklevel=3)
+            self.placement.move(None)
+            self.losses_at_theta.append(loss_fn() if loss_fn else math.nan)
+        return self.placement.passes(step, loss_fn)
 
     # -- the public step ------------------------------------------------------------
 
@@ -440,13 +254,14 @@ class ZOOptimizer(torch.optim.Optimizer):
         `loss_fn` is called as described in `_perturbation_passes` for this schedule. `weight`
         is what its loss is a mean over (examples or tokens): micro-batches, and data-parallel
         ranks, are averaged with these weights, so the step's g is that of one batch of them all."""
-        if self._step not in (None, step):
-            raise RuntimeError(f"estimate() for step {step} while step {self._step} is not applied yet")
-        if self._step is None:
-            self._step = step
+        if self.current_step not in (None, step):
+            raise RuntimeError(f"estimate() for step {step} while step {self.current_step} is not applied yet")
+        if self.current_step is None:
+            self.current_step = step
             self._notes = self.estimator.begin_step(self._view(step))
             if not self.round_trip_checked and not self.out_of_place:
-                self._check_round_trip(step)
+                self.round_trip_checked = True
+                self.placement.check_round_trip(step)
         self.last_loss_fn, self.last_weight = loss_fn, weight
         losses = self._perturbation_passes(step, loss_fn)
         self.step_losses.extend(losses)
@@ -456,7 +271,7 @@ class ZOOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None) -> dict:
         """Apply the averaged projected gradient (or skip a non-finite step) and return its record."""
-        if self._step is None:
+        if self.current_step is None:
             raise RuntimeError("step() called before estimate()")
         micro_batches = len(self._weights)
         comm_bytes = self._reduce_across_ranks()
@@ -467,14 +282,15 @@ class ZOOptimizer(torch.optim.Optimizer):
         finite = all(math.isfinite(v) for v in g) and all(bool(t.isfinite().all()) for t in first_order.values())
         choice = {}
         if finite:
-            applied, choice = self.rule.choose(self._view(self._step, self._probe(self._step, measure=True)), g, None)
+            step = self.current_step
+            applied, choice = self.rule.choose(self._view(step, self._losses_at(step, measure=True)), g, None)
             if applied is not None:
-                self._apply(applied, self._step)
+                self.placement.apply(applied, self.current_step)
         else:
             self.flush()
         record = {
-            "step": self._step,
-            "seed": step_seed(self.seed, self._step),
+            "step": self.current_step,
+            "seed": step_seed(self.seed, self.current_step),
             "q": self.q,
             "g": g if finite else None,
             "lr": self.param_groups[0]["lr"],
@@ -492,7 +308,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             **choice,
         }
         if self.estimator.loss_at_theta:
-            record["loss_zero"] = self._losses_at_theta
+            record["loss_zero"] = self.losses_at_theta
         if first_order:  # replay needs g¹ itself: the caller saves `last_first_order` (zotune.first_order)
             record["first_order_sha256"] = gradients_digest(first_order)
         self.last_first_order = first_order
@@ -501,7 +317,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         if self.out_of_place:
             record["lazy_update"] = self.lazy_update
         if finite:
-            self.estimator.end_step(self._view(self._step), record)
+            self.estimator.end_step(self._view(self.current_step), record)
         self._reset_step()
         self.last_record = record
         return record
@@ -527,14 +343,14 @@ class ZOOptimizer(torch.optim.Optimizer):
         rows = []
         for m, w in enumerate(self._weights):
             values = [v for pair in self.step_losses[m * self.q:(m + 1) * self.q] for v in pair]
-            values += self._losses_at_theta[m:m + 1]
+            values += self.losses_at_theta[m:m + 1]
             rows.append([w * v if w else 0.0 for v in values] + [w])  # an empty shard adds nothing
         reduced = all_reduce_sum(rows)
         self._weights = [row[-1] for row in reduced]
         means = [[v / row[-1] for v in row[:-1]] for row in reduced]
         self.step_losses = [(row[2 * k], row[2 * k + 1]) for row in means for k in range(self.q)]
         if self.estimator.loss_at_theta:
-            self._losses_at_theta = [row[-1] for row in means]
+            self.losses_at_theta = [row[-1] for row in means]
         return sum(len(row) for row in rows) * 8  # float64
 
     def global_loss(self, loss: float) -> float:
@@ -556,7 +372,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         step afterwards is unaffected. For attribution (`zotune.influence`)."""
         self.flush()
         saved = self.schedule, self.offsets
-        self.schedule, self._step = "dual", step
+        self.schedule, self.current_step = "dual", step
         if eps is not None:
             self.offsets = self.estimator.offsets(eps)
         try:
@@ -583,14 +399,14 @@ class ZOOptimizer(torch.optim.Optimizer):
             group["lr"] = record["lr"]
         self.schedule = record["schedule"]  # each record says how its step ran
         self.lazy_update = False
-        step = self._step = record["step"]
+        step = self.current_step = record["step"]
         self.estimator.begin_step(self._view(step))
         for _ in range(record["micro_batches"]):
             self._perturbation_passes(step, None)
         if record["g"] is not None:
-            applied, _ = self.rule.choose(self._view(step, self._probe(step, measure=False)), record["g"], record)
+            applied, _ = self.rule.choose(self._view(step, self._losses_at(step, measure=False)), record["g"], record)
             if applied is not None:
-                self._apply(applied, step)
+                self.placement.apply(applied, step)
             self.estimator.end_step(self._view(step), record)
         else:
             self.flush()

@@ -45,9 +45,8 @@ from zotune.objectives import load_objective
 from zotune.offload import BlockOffloader
 from zotune.optim import ZOOptimizer
 from zotune.settings import ZOSettings, config_fields, from_config, with_lazy_update_decided
-from zotune.step_losses import StepLosses
+from zotune.step_losses import StepLosses, StepValue
 from zotune.step_stats import StepStats
-from zotune.step_value import StepValue
 from zotune.trajectory_callback import TrajectoryCallback
 
 

@@ -10,13 +10,14 @@ Each config is trl's with `ZOConfig`'s `zo_*` fields; each trainer is trl's with
 `training_step` (first in the method order). trl's `compute_loss` is what every schedule trains
 on: under `dual` it runs once per half of the doubled forward (`zotune.dual.call_halves`), and
 where it reads a trained weight outside the module that owns it (trl's fused LM head reads the
-head's weight directly), the probe switches the run to the in-place `fused` schedule.
+head's weight directly), the dual check on the first batch (`zotune.step_losses`) switches the run to
+the in-place `fused` schedule.
 
 Two things a ZO step changes for trl, set right here:
 - trl files its metrics under ``self.model.training``; ZO runs its forwards with dropout off
   (eval mode), so while a ZO step runs trl's loss the top module reports training, and the
   metrics are logged under their training names (``entropy``, not ``eval_entropy``);
-- a ZO step calls the loss several times on one batch (± per direction, and the probe), so a
+- a ZO step calls the loss several times on one batch (± per direction, and the dual check), so a
   counter trl adds to per call (SFT's ``num_tokens``) counts the batch once.
 """
 

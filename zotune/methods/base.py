@@ -51,7 +51,7 @@ class StepView:
     """What a rule or an estimator sees of one optimizer step; `zotune.optim` builds it.
 
     `losses` are the (L_a, L_b) pairs taken so far, micro-batch after micro-batch, q per
-    micro-batch. `probe`, given to `Rule.choose` only, moves θ to θ + c·z_0 for each c in turn,
+    micro-batch. `losses_at`, given to `Rule.choose` only, moves θ to θ + c·z_0 for each c in turn,
     takes the loss of the step's last micro-batch there (the mean over data-parallel ranks; NaN
     when replaying: the moves alone), and returns θ to where it was.
     """
@@ -61,7 +61,7 @@ class StepView:
     lr: float  # of the first parameter group
     params: tuple[Trainable, ...]
     losses: tuple[tuple[float, float], ...] = ()
-    probe: Callable[[Sequence[float]], list[float]] | None = None
+    losses_at: Callable[[Sequence[float]], list[float]] | None = None
 
     @property
     def seed(self) -> int:
@@ -178,7 +178,16 @@ class Rule(Method):
     # backward on some of each batch's rows for it (`zotune.first_order`)
     first_order: ClassVar[bool] = False
 
+    # its update along one direction is θ ← θ·decay + coef·z (`fold`): the dual schedule's lazy
+    # update folds it into the next step's first perturbed copy of each weight (zotune.placement)
+    folds_update: ClassVar[bool] = False
+
     def apply(self, u: ParamUpdate) -> None:
+        raise NotImplementedError
+
+    def fold(self, lr: float, wd: float, g: float) -> tuple[float, float]:
+        """(coef, decay) of this rule's update θ ← θ·decay + coef·z along one direction with projected
+        gradient g (rules with `folds_update`)."""
         raise NotImplementedError
 
     def choose(self, view: StepView, g: list[float], recorded: dict | None) -> tuple[list[float] | None, dict]:

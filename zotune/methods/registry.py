@@ -69,9 +69,11 @@ def build_estimator(spec: str | dict[str, Any]) -> Estimator:
 def check_compatible(rule: Rule, estimator: Estimator, *, schedule: str, lazy_update: bool,
                      num_directions: int) -> None:
     """Raise ValueError when the rule or the estimator cannot run with these settings."""
-    if lazy_update and not (rule.name == "sgd" and estimator.plain):
-        raise ValueError("lazy_update folds a ZO-SGD update into the next step's noise pass: it needs rule 'sgd' "
-                         f"and estimator 'spsa', not {rule.name!r} and {estimator.name!r}")
+    if lazy_update and not (rule.folds_update and estimator.plain):
+        folding = sorted(name for name, r in RULES.items() if r.folds_update)
+        raise ValueError(f"lazy_update folds an update into the next step's noise pass: it needs a rule that folds "
+                         f"its update ({', '.join(map(repr, folding))}) and estimator 'spsa', not {rule.name!r} and "
+                         f"{estimator.name!r}")
     for method in (rule, estimator):
         refusal = method.refusal(schedule=schedule, lazy_update=lazy_update, num_directions=num_directions)
         if refusal:

@@ -27,6 +27,7 @@ class Conservative(SGD):
     name = "conservative"
     paper = "Zhang et al., 2024, arXiv:2402.11592"
     extra_forwards = 2
+    folds_update = False  # in place only: no perturbed copy to fold into
 
     def refusal(self, *, schedule, lazy_update, num_directions):
         if schedule == "dual":
@@ -37,7 +38,7 @@ class Conservative(SGD):
         return None
 
     def choose(self, view, g, recorded):
-        losses = dict(zip(CANDIDATES, view.probe([sign * view.lr * g[0] for sign in CANDIDATES.values()])))
+        losses = dict(zip(CANDIDATES, view.losses_at([sign * view.lr * g[0] for sign in CANDIDATES.values()])))
         if recorded is not None:
             choice = recorded["candidate"]
         else:
