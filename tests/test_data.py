@@ -1,5 +1,6 @@
 """zotune.data: loading, the three tasks' tokenization, collators, losses and balanced batches."""
 
+import copy
 import csv
 import json
 from pathlib import Path
@@ -187,6 +188,29 @@ def test_balanced_needs_a_batch_divisible_by_the_classes(tmp_path, tokenizer):
 
 
 # ---------------------------------------------------------------- classification with a causal LM
+
+
+def test_tokenized_rows_are_cached_under_what_they_depend_on(tmp_path, tokenizer):
+    """zotune fingerprints its tokenizing maps itself (datasets' own pickles the tokenizer: 20 s per split
+    for Gemma 3's vocabulary): the same inputs find datasets' cached result; another template, another
+    tokenizer or other data do not, and each gives its own rows."""
+    train = write_jsonl(tmp_path / "train.jsonl", ROWS)
+    model = tiny_causal_lm("llama")
+
+    def encoded(tok, path=train, **fields):
+        return build_task_data(classification(path, **fields), tok, model, seed=0, batch_size=2).train_dataset
+
+    first, again = encoded(tokenizer), encoded(tokenizer)
+    assert first._fingerprint == again._fingerprint and first.cache_files == again.cache_files
+    assert first["input_ids"] == again["input_ids"]
+    other = copy.deepcopy(tokenizer)
+    other.add_tokens(["fine"])
+    rows = ROWS[:4] + [{"text": "dull", "label": 0}]
+    changed = {"template": encoded(tokenizer, template="{text}!"), "tokenizer": encoded(other),
+               "data": encoded(tokenizer, write_jsonl(tmp_path / "other.jsonl", rows))}
+    for what, dataset in changed.items():
+        assert dataset._fingerprint != first._fingerprint, what
+        assert dataset["input_ids"] != first["input_ids"], what
 
 
 def test_classification_collator_pads_left(tmp_path, tokenizer):
