@@ -138,7 +138,7 @@ def test_every_write_site_is_reached(recorded):
     kinds = {primitive for primitive, _, _ in calls}
     assert kinds == {"open", "write", "mkdir", "rename", "torch.save", "safetensors"}
     modules = {where.split(":")[0] for _, where, _ in calls}
-    assert {"trajectory.py", "checkpoints.py", "rundir.py", "run.py", "trainer.py", "plot.py"} <= modules
+    assert {"trajectory.py", "checkpoints.py", "rundir.py", "run.py", "fsdp_checkpoints.py", "plot.py"} <= modules
 
 
 def test_a_full_disk_at_each_site_is_an_error_line_and_resumes_bit_identical(recorded, tmp_path, monkeypatch):

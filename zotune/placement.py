@@ -20,8 +20,6 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
-from typing import TYPE_CHECKING
-
 import torch
 
 from zotune.eps import ROUND_TRIP_SAMPLE, round_trip_warning
@@ -29,12 +27,12 @@ from zotune.kernels import lazy_update_and_perturb_, perturb_, perturb_rows
 from zotune.noise import seed_for, step_seed
 from zotune.points import Point, Update
 
-if TYPE_CHECKING:
-    from zotune.optim import ZOOptimizer
 
 
 class InPlace:
-    def __init__(self, opt: ZOOptimizer, schedule: str):
+    """`opt`'s in-place schedule (`opt`: the `ZOOptimizer` whose state and kernels it uses)."""
+
+    def __init__(self, opt, schedule: str):
         self.opt, self.sequential = opt, schedule == "sequential"
 
     def passes(self, step: int, loss_fn: Callable | None) -> list[tuple[float, float]]:
@@ -133,7 +131,9 @@ class InPlace:
 
 
 class OutOfPlace:
-    def __init__(self, opt: ZOOptimizer):
+    """`opt`'s out-of-place schedule (`opt`: the `ZOOptimizer` whose state and kernels it uses)."""
+
+    def __init__(self, opt):
         self.opt = opt
 
     def passes(self, step: int, loss_fn: Callable | None) -> list[tuple[float, float]]:

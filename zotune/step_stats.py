@@ -8,18 +8,16 @@ them in a row stop the run (`zotune.nonfinite`).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from transformers import TrainerCallback
 
 from zotune.nonfinite import NonFiniteSteps
 
-if TYPE_CHECKING:
-    from zotune.trainer import ZOTrainer
 
 
 class StepStats(TrainerCallback):
-    def __init__(self, trainer: ZOTrainer):
+    """The statistics of `trainer` (the `ZOTrainer` that adds it)."""
+
+    def __init__(self, trainer):
         self.trainer = trainer
         self.nonfinite = NonFiniteSteps(trainer.args.zo_max_nonfinite, "lower learning_rate or zo_eps. "
                                         "Nothing was applied for those steps.")

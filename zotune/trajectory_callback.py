@@ -10,8 +10,6 @@ weights are gathered for it); only the main process writes.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from transformers import TrainerCallback
 
 from zotune.first_order import save_gradients
@@ -19,12 +17,12 @@ from zotune.fsdp import whole
 from zotune.settings import header_fields
 from zotune.trajectory import TrajectoryWriter, params_digest
 
-if TYPE_CHECKING:
-    from zotune.trainer import ZOTrainer
 
 
 class TrajectoryCallback(TrainerCallback):
-    def __init__(self, trainer: ZOTrainer, writes: bool):
+    """The trajectory of `trainer` (the `ZOTrainer` that adds it); `writes`: this process writes it."""
+
+    def __init__(self, trainer, writes: bool):
         self.trainer = trainer
         self.writer = TrajectoryWriter(trainer.args.output_dir) if writes else None
         self.begun = False
