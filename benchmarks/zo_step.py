@@ -261,14 +261,15 @@ def main() -> None:
 
     def copies_only() -> None:
         """The wrapped forward with every perturbed copy a plain copy of θ: splitting, joining, copying."""
-        noisy = opt.perturbed, opt.perturbed_range, opt.reflect
-        opt.perturbed = lambda name, p, at, out: out.copy_(p.data)
-        opt.perturbed_range = lambda name, p, lo, hi, at, out: out.copy_(p.data[lo:hi])
-        opt.reflect = lambda p, copy, index=...: copy
+        copies = opt.placement
+        noisy = copies.perturbed, copies.perturbed_range, copies.reflect
+        copies.perturbed = lambda name, p, at, out: out.copy_(p.data)
+        copies.perturbed_range = lambda name, p, lo, hi, at, out: out.copy_(p.data[lo:hi])
+        copies.reflect = lambda p, copy, index=...: copy
         try:
             forward_through((0, 0))
         finally:
-            opt.perturbed, opt.perturbed_range, opt.reflect = noisy
+            copies.perturbed, copies.perturbed_range, copies.reflect = noisy
 
     def logits_2x() -> torch.Tensor:
         with torch.no_grad():
