@@ -9,9 +9,7 @@ TORCH := torch==2.13.0
 # ranges the library supports). CONSTRAINTS= installs the newest versions those ranges allow instead, in
 # a venv of its own: make test VENV=.venv-newest CONSTRAINTS=
 CONSTRAINTS ?= constraints.txt
-# --no-compile: no byte-compiling every module of every package at install (about 30 s of a fresh
-# `make test` here); Python compiles the modules a run imports, once, when it first imports them
-PIP_INSTALL = $(BIN)/pip install --no-compile $(if $(CONSTRAINTS),--constraint $(CONSTRAINTS))
+PIP_INSTALL = $(BIN)/pip install $(if $(CONSTRAINTS),--constraint $(CONSTRAINTS))
 
 .PHONY: demo test bench clean gpu-check constraints
 
@@ -19,7 +17,7 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 	# the CPU build of torch first: a bare torch requirement would pull a multi-GB CUDA build
-	$(BIN)/pip install --no-compile $(TORCH)
+	$(BIN)/pip install $(TORCH)
 
 $(VENV)/.demo: $(BIN)/python pyproject.toml $(CONSTRAINTS)
 	$(PIP_INSTALL) -e ".[demo]"
