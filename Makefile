@@ -43,7 +43,7 @@ demo: $(VENV)/.demo
 # tests on the real Gemma 3 270M (a bare `pytest` skips those: see addopts in pyproject.toml), one worker
 # per core (pytest-xdist; each worker runs torch on one thread, tests/conftest.py); an idle worker takes
 # tests from the other's queue (worksteal: 10.3 min of tests here, against 13.4 with a file per worker);
-# the 25 slowest are listed.
+# the 25 slowest are listed (the last fresh-clone run's, with its total: benchmarks/results/test_durations.txt).
 test: $(VENV)/.test
 	$(BIN)/ruff check .
 	$(BIN)/pytest -m "integration or not integration" -n auto --dist worksteal --durations=25 $(PYTEST_ARGS)
