@@ -197,23 +197,23 @@ class ZOTrainer(ShardedCheckpoints, Trainer):
                 self.losses.check_dual(model, inputs)
             if not self.trajectory.begun:
                 self.trajectory.begin(self.state.global_step)
-            step = self.state.global_step
-            losses = self.zo.estimate(self.losses.loss_fn(model, inputs), step, self.value.items(inputs))
+            items = self.value.items(inputs)
+            losses = self.zo.estimate(self.losses.loss_fn(model, inputs), self.state.global_step, items)
             if self.value.rows is not None:
                 self.value.rows.micro_batch(self._batch_index, row_items(inputs.get("labels"), batch_rows(inputs)))
             if self.offloader is not None:
                 self.offloader.wait()  # the update pass reads the written-back weights on the host
             self.stats.micro_batch(losses)
-            return self._returned_loss(losses, inputs, backprop)
+            return self._returned_loss(losses, items, backprop)
         finally:
             model.train()
 
-    def _returned_loss(self, losses, inputs: dict, backprop: tuple[float, int] | None) -> torch.Tensor:
+    def _returned_loss(self, losses, zo_items: int, backprop: tuple[float, int] | None) -> torch.Tensor:
         """The micro-batch's loss as the Trainer sums it over a step's micro-batches: the mean of its
-        pairs, with the backprop rows' loss weighed in by items."""
+        pairs (over `zo_items`), with the backprop rows' loss weighed in by items."""
         mean = sum(lp + lm for lp, lm in losses) / (2 * len(losses))
         if backprop is not None:
-            (fo_loss, fo_items), zo_items = backprop, self.value.items(inputs)
+            fo_loss, fo_items = backprop
             mean = (mean * zo_items + fo_loss * fo_items) / (zo_items + fo_items)
         return torch.tensor(mean / self.current_gradient_accumulation_steps, device=self.args.device)
 

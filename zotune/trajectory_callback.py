@@ -31,9 +31,9 @@ class TrajectoryCallback(TrainerCallback):
         """The header of a run that starts (or resumes) at optimizer step `step`."""
         self.begun = True
         trainer, zo = self.trainer, self.trainer.zo
-        named = [(n, p) for n, p, _ in zo.named_params()]
         if self.writer is None and trainer.fsdp_units is None:
             return
+        named = [(n, p) for n, p, _ in zo.named_params()]
         digest = params_digest((n, whole(p)) for n, p in named)  # sharded: every rank joins the gathers
         if self.writer is not None:
             self.writer.start(step, {
