@@ -131,11 +131,10 @@ def test_resume_of_dual_equals_uninterrupted(arch, lazy, precision, tmp_path):
     dtype, master_weights = PRECISIONS[precision]
     common = dict(zo_schedule="dual", zo_lazy_update=lazy, max_steps=6, save_strategy="steps", save_steps=3,
                   lr_scheduler_type="linear", zo_master_weights=master_weights, learning_rate=1e-2)
-    straight, _ = train(arch, tmp_path / "straight", dtype=dtype, **common)
-    train(arch, tmp_path / "first", dtype=dtype, **common)
+    straight, _ = train(arch, tmp_path, dtype=dtype, **common)
     resumed = build(arch, seed=1, dtype=dtype)  # different init: everything must come from the checkpoint
-    make_trainer(resumed, tmp_path / "first", data_for(arch), **{**STEPS, **common}).train(
-        resume_from_checkpoint=str(tmp_path / "first" / "checkpoint-3"))
+    make_trainer(resumed, tmp_path, data_for(arch), **{**STEPS, **common}).train(
+        resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
     for (name, a), b in zip(straight.named_parameters(), resumed.parameters()):
         assert torch.equal(a, b), name
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.machinery
 import importlib.metadata
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -96,18 +97,37 @@ def test_pytest_collects_from_the_root():
     assert "tests/test_recipe.py::" in done.stdout
 
 
+HELP_OF_EACH = """
+import contextlib, io, json, runpy, sys, traceback
+results = {}
+for path in sys.argv[1:]:
+    sys.argv, out = [path, "--help"], io.StringIO()
+    sys.path.insert(0, "benchmarks")  # what `python benchmarks/NAME.py` puts first
+    try:
+        with contextlib.redirect_stdout(out):
+            runpy.run_path(path, run_name="__main__")
+        code = 0
+    except SystemExit as e:
+        code = e.code or 0
+    except BaseException:
+        code = traceback.format_exc()[-500:]
+    sys.path.remove("benchmarks")
+    results[path] = {"code": code, "usage": "usage:" in out.getvalue()}
+print(json.dumps(results))
+"""
+
+
 def test_every_benchmark_starts_from_the_root():
-    """Each script prints its usage for --help; a helper module the scripts share (no __main__) imports
-    cleanly. All at once, each in its own process: they are independent and mostly wait on imports."""
-    running = {path.name: subprocess.Popen([sys.executable, str(path.relative_to(ROOT)), "--help"], cwd=ROOT,
-                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-               for path in BENCHMARKS}
-    failures = {}
-    for name, process in running.items():
-        stdout, stderr = process.communicate(timeout=300)
-        is_script = "__main__" in (ROOT / "benchmarks" / name).read_text()
-        if process.returncode != 0 or (is_script and "usage:" not in stdout):
-            failures[name] = f"exit {process.returncode}: {stderr.strip()[-500:]}"
-    assert len(running) > 5
+    """Each script prints its usage for --help, run as `python benchmarks/NAME.py` runs it (its folder first
+    on sys.path, from the root); a helper module the scripts share (no __main__) imports cleanly. One
+    process runs them all, one after the other: they mostly wait on the same imports."""
+    paths = [str(path.relative_to(ROOT)) for path in BENCHMARKS]
+    done = subprocess.run([sys.executable, "-c", HELP_OF_EACH, *paths], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(done.stdout.splitlines()[-1])
+    failures = {path: result["code"] for path, result in results.items()
+                if result["code"] != 0 or ("__main__" in (ROOT / path).read_text() and not result["usage"])}
+    assert len(results) > 5
     assert failures == {}
 
