@@ -208,3 +208,34 @@ def tiny(tmp_path, monkeypatch):
         (tmp_path / name).write_text('{"text": "good", "label": 1}\n')
     (tmp_path / "tiny.yaml").write_text(TINY)
     return tmp_path / "tiny.yaml"
+
+
+# -- several processes: tests/test_data_parallel.py, tests/test_fsdp.py ----------------------------
+
+FSDP_RUN = dict(batch=2, shard="fsdp", schedule="fused")
+
+
+@pytest.fixture(scope="session")
+def launched(tmp_path_factory, worker_id):
+    """The two-rank ZOTrainer runs that tests/test_data_parallel.py and tests/test_fsdp.py compare: one
+    launch per launcher, run once per pytest run (xdist's workers share it through a lock on their
+    common temporary folder): {launcher: {run: {rank: (facts, weights)}}}, and the folder of the runs."""
+    from filelock import FileLock
+    from helpers import launch, ranks_of
+
+    root = tmp_path_factory.getbasetemp()
+    out = (root if worker_id == "master" else root.parent) / "launched"
+    fsdp = out / "torchrun" / "fsdp"
+    launches = {
+        "torchrun": {"dual": dict(batch=2), "fused": dict(batch=2, schedule="fused"),
+                     "fsdp": dict(FSDP_RUN, save_steps=2),  # checkpoints at steps 2 and 4
+                     "fsdp-resumed": dict(FSDP_RUN, resume=fsdp / "checkpoint-2")},
+        "accelerate": {"dual": dict(batch=2), "fsdp": FSDP_RUN},
+    }
+    with FileLock(f"{out}.lock"):
+        if not (out / "done").exists():
+            for launcher, runs in launches.items():
+                launch(out / launcher, 2, runs, launcher)
+            (out / "done").touch()
+    return out, {launcher: {name: ranks_of(out / launcher / name, 2) for name in runs}
+                 for launcher, runs in launches.items()}

@@ -1,13 +1,14 @@
-"""A ZOTrainer run as `torchrun` launches it (tests/test_data_parallel.py, tests/test_fsdp.py): ranks
-share nothing but the process group. Writes the trained weights and what each rank saw to OUT_DIR.
+"""ZOTrainer runs as `torchrun` launches them (tests/test_data_parallel.py, tests/test_fsdp.py): ranks
+share nothing but the process group. Each RUN, one after the other in the same processes (one launch
+for several runs), writes the trained weights and what each rank saw to OUT_DIR/NAME.
 
-    torchrun --nproc_per_node N tests/dp_worker.py OUT_DIR PER_DEVICE_BATCH [--shard fsdp] [--schedule S]
-        [--save-steps K] [--resume CHECKPOINT]
+    torchrun --nproc_per_node N tests/dp_worker.py OUT_DIR RUN [RUN ...]
+    RUN: NAME:batch=B[,shard=fsdp][,schedule=S][,save_steps=K][,resume=CHECKPOINT]
 """
 
-import argparse
 import json
 import os
+import sys
 
 import torch
 from conftest import tiny_causal_lm  # (this script's folder is on sys.path)
@@ -41,6 +42,20 @@ def collate(batch):
     return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
 
 
+# a run's fields, with their types and defaults
+FIELDS = {"batch": (int, None), "shard": (str, "none"), "schedule": (str, "dual"), "save_steps": (int, None),
+          "resume": (str, None)}
+
+
+def parse_run(spec: str) -> tuple[str, dict]:
+    name, _, fields = spec.partition(":")
+    given = dict(field.split("=", 1) for field in fields.split(",") if field)
+    unknown = set(given) - set(FIELDS)
+    if unknown or "batch" not in given:
+        raise SystemExit(f"{spec}: unknown fields {sorted(unknown)} or no batch")
+    return name, {key: kind(given[key]) if key in given else default for key, (kind, default) in FIELDS.items()}
+
+
 def main(out: str, batch: int, *, shard: str, schedule: str, save_steps: int | None, resume: str | None) -> None:
     model = tiny_causal_lm("llama")
     saving = {"save_strategy": "steps", "save_steps": save_steps} if save_steps else {"save_strategy": "no"}
@@ -63,12 +78,6 @@ def main(out: str, batch: int, *, shard: str, schedule: str, save_steps: int | N
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
-    parser.add_argument("out")
-    parser.add_argument("batch", type=int)
-    parser.add_argument("--shard", default="none")
-    parser.add_argument("--schedule", default="dual")
-    parser.add_argument("--save-steps", type=int)
-    parser.add_argument("--resume")
-    a = parser.parse_args()
-    main(a.out, a.batch, shard=a.shard, schedule=a.schedule, save_steps=a.save_steps, resume=a.resume)
+    for name, fields in map(parse_run, sys.argv[2:]):
+        os.makedirs(f"{sys.argv[1]}/{name}", exist_ok=True)
+        main(f"{sys.argv[1]}/{name}", **fields)

@@ -201,8 +201,9 @@ def assert_same_run(a: dict, b: dict, start: dict):
     assert_same(a, b, rtol=0, atol=2e-3 * distance)
 
 
-def launch(out: Path, nproc: int, per_device: int, launcher: str = "torchrun", options: tuple[str, ...] = ()) -> dict:
-    """Run tests/dp_worker.py on `nproc` CPU processes (`options`: the worker's); {rank: (facts, weights)}."""
+def launch(out: Path, nproc: int, runs: dict[str, dict], launcher: str = "torchrun") -> dict:
+    """Run tests/dp_worker.py on `nproc` CPU processes, the `runs` (name -> the worker's fields) one after
+    the other in one launch; {name: {rank: (facts, weights)}}."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     if launcher == "torchrun":
         command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
@@ -211,8 +212,19 @@ def launch(out: Path, nproc: int, per_device: int, launcher: str = "torchrun", o
         command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", f"--num_processes={nproc}",
                    "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no"]
     port = ["--master_port" if launcher == "torchrun" else "--main_process_port", str(free_port())]
-    done = subprocess.run([*command, *port, str(WORKER), str(out), str(per_device), *options], env=env,
-                          capture_output=True, text=True, timeout=300)
+    specs = [run_spec(name, fields) for name, fields in runs.items()]
+    done = subprocess.run([*command, *port, str(WORKER), str(out), *specs], env=env, capture_output=True, text=True,
+                          timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    return {name: ranks_of(out / name, nproc) for name in runs}
+
+
+def run_spec(name: str, fields: dict) -> str:
+    """tests/dp_worker.py's RUN argument."""
+    return f"{name}:" + ",".join(f"{key}={value}" for key, value in fields.items())
+
+
+def ranks_of(out: Path, nproc: int) -> dict:
+    """{rank: (facts, weights)} that tests/dp_worker.py wrote for one run."""
     return {r: (json.loads((out / f"rank{r}.json").read_text()), load_file(out / f"rank{r}.safetensors"))
             for r in range(nproc)}

@@ -117,14 +117,9 @@ def test_sharding_refuses_whole_parameter_directions():
         ZOOptimizer(model.named_parameters(), lr=1e-3, estimator="lowrank", shards={"lm_head.weight": 0})
 
 
-@pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory):
-    return launch(tmp_path_factory.mktemp("two"), 2, per_device=2)
-
-
-def test_zotrainer_under_torchrun_equals_one_process(two_ranks, tmp_path):
-    one = launch(tmp_path / "one", 1, per_device=4)
-    (facts0, weights0), (facts1, weights1) = two_ranks[0], two_ranks[1]
+def test_zotrainer_under_torchrun_equals_one_process(launched, tmp_path):
+    one = launch(tmp_path, 1, {"one": dict(batch=4)})["one"]
+    (facts0, weights0), (facts1, weights1) = launched[1]["torchrun"]["dual"].values()
     facts, weights = one[0]
     assert facts0["world"] == 2 and not facts0["ddp"]  # no DDP wrapper: there is no backward to sync
     assert facts0["g"] == facts1["g"]
@@ -141,9 +136,9 @@ def test_zotrainer_under_torchrun_equals_one_process(two_ranks, tmp_path):
                                    rtol=1e-3)
 
 
-def test_accelerate_launch_equals_torchrun(two_ranks, tmp_path):
-    accelerated = launch(tmp_path / "accelerate", 2, per_device=2, launcher="accelerate")
+def test_accelerate_launch_equals_torchrun(launched):
+    _, runs = launched
     for rank in (0, 1):
-        facts, weights = accelerated[rank]
-        assert facts["world"] == 2 and not facts["ddp"] and facts["g"] == two_ranks[rank][0]["g"]
-        assert_same(weights, two_ranks[rank][1], rtol=0, atol=0)
+        (facts, weights), torchrun = runs["accelerate"]["dual"][rank], runs["torchrun"]["dual"][rank]
+        assert facts["world"] == 2 and not facts["ddp"] and facts["g"] == torchrun[0]["g"]
+        assert_same(weights, torchrun[1], rtol=0, atol=0)

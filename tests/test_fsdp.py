@@ -19,8 +19,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import TINY_CONFIGS, tiny_causal_lm
-from helpers import WORKER, assert_same, free_port, launch, make_trainer, needs_data, write_recipe
+from conftest import FSDP_RUN, TINY_CONFIGS, tiny_causal_lm
+from helpers import WORKER, assert_same, free_port, make_trainer, needs_data, ranks_of, run_spec, write_recipe
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -30,8 +30,6 @@ from zotune.fsdp import SHARDED_MODEL, ResidentParameters, check_metadata, shard
 from zotune.optim import ZOOptimizer
 from zotune.settings import ZOSettings
 
-FUSED = ("--schedule", "fused")
-SHARDED = ("--shard", "fsdp", *FUSED)
 STEPS = 3
 # (rule, perturbation, schedule, q): the in-place schedules, a stateful rule, both noises
 CASES = [("sgd", "gaussian", "fused", 1), ("momentum", "rademacher", "sequential", 2)]
@@ -130,45 +128,31 @@ def test_zotrainer_sharding_outside_torch_distributed_says_how_to_launch(tmp_pat
 # -- ZOTrainer under torchrun and accelerate launch -------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def data_parallel_fused(tmp_path_factory):
-    return launch(tmp_path_factory.mktemp("dp"), 2, per_device=2, options=FUSED)
-
-
-@pytest.fixture(scope="module")
-def fsdp_run(tmp_path_factory):
-    """Two sharded ranks, checkpoints at steps 2 and 4."""
-    out = tmp_path_factory.mktemp("fsdp")
-    return out, launch(out, 2, per_device=2, options=(*SHARDED, "--save-steps", "2"))
-
-
-def test_zotrainer_sharded_equals_data_parallel_bit_for_bit(fsdp_run, data_parallel_fused):
-    _, ranks = fsdp_run
+def test_zotrainer_sharded_equals_data_parallel_bit_for_bit(launched):
+    _, runs = launched
     for rank in (0, 1):
-        (facts, weights), (dp_facts, dp_weights) = ranks[rank], data_parallel_fused[rank]
+        (facts, weights), (dp_facts, dp_weights) = runs["torchrun"]["fsdp"][rank], runs["torchrun"]["fused"][rank]
         assert facts["g"] == dp_facts["g"] and not facts["ddp"]
         assert_same(weights, dp_weights, rtol=0, atol=0)
         assert facts["rows"] == dp_facts["rows"]  # the per-example record gathers the same rows
 
 
-def test_zotrainer_sharded_rank_holds_half_the_weights_and_one_unit(fsdp_run):
-    _, ranks = fsdp_run
+def test_zotrainer_sharded_rank_holds_half_the_weights_and_one_unit(launched):
     units = unit_bytes(tiny_causal_lm("llama"))
-    for facts, _ in ranks.values():
+    for facts, _ in launched[1]["torchrun"]["fsdp"].values():
         resident = facts["resident"]
         assert resident["slices"] == sum(units) // 2
         assert resident["peak"] <= resident["slices"] + max(units[:-1]) + units[-1]
 
 
-def test_zotrainer_sharded_checkpoint_resumes_bit_for_bit(fsdp_run, tmp_path):
-    out, ranks = fsdp_run
-    checkpoint = out / "checkpoint-2"
+def test_zotrainer_sharded_checkpoint_resumes_bit_for_bit(launched):
+    out, runs = launched
+    checkpoint = out / "torchrun" / "fsdp" / "checkpoint-2"
     shards = sorted(p.name for p in (checkpoint / SHARDED_MODEL).iterdir())
     assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp"]  # accelerate's sharded format
     assert {"optimizer_rank0.pt", "optimizer_rank1.pt"} <= {p.name for p in checkpoint.iterdir()}
-    resumed = launch(tmp_path, 2, per_device=2, options=(*SHARDED, "--resume", str(checkpoint)))
-    for rank in (0, 1):
-        assert_same(resumed[rank][1], ranks[rank][1], rtol=0, atol=0)
+    for rank in (0, 1):  # the resumed run (conftest's `launched`) starts from checkpoint-2
+        assert_same(runs["torchrun"]["fsdp-resumed"][rank][1], runs["torchrun"]["fsdp"][rank][1], rtol=0, atol=0)
 
 
 class Payload:
@@ -176,13 +160,12 @@ class Payload:
         return (os.system, ("echo pwned",))
 
 
-def test_a_sharded_checkpoint_whose_metadata_names_code_is_refused(fsdp_run, tmp_path):
+def test_a_sharded_checkpoint_whose_metadata_names_code_is_refused(launched, tmp_path):
     """torch.distributed.checkpoint unpickles .metadata without limits: zotune reads it first, allowing
     only the classes torch writes there."""
     import pickle
 
-    out, _ = fsdp_run
-    metadata = out / "checkpoint-2" / SHARDED_MODEL / ".metadata"
+    metadata = launched[0] / "torchrun" / "fsdp" / "checkpoint-2" / SHARDED_MODEL / ".metadata"
     check_metadata(metadata)  # the real one passes
     forged = tmp_path / ".metadata"
     forged.write_bytes(pickle.dumps({"storage": Payload()}))
@@ -190,29 +173,28 @@ def test_a_sharded_checkpoint_whose_metadata_names_code_is_refused(fsdp_run, tmp
         check_metadata(forged)
 
 
-def test_accelerate_launch_shards_as_torchrun_does(fsdp_run, tmp_path):
-    _, ranks = fsdp_run
-    accelerated = launch(tmp_path, 2, per_device=2, launcher="accelerate", options=SHARDED)
+def test_accelerate_launch_shards_as_torchrun_does(launched):
+    _, runs = launched
     for rank in (0, 1):
-        assert_same(accelerated[rank][1], ranks[rank][1], rtol=0, atol=0)
+        assert_same(runs["accelerate"]["fsdp"][rank][1], runs["torchrun"]["fsdp"][rank][1], rtol=0, atol=0)
 
 
-def test_two_nodes_through_the_c10d_rendezvous_equal_one_node(fsdp_run, tmp_path):
+def test_two_nodes_through_the_c10d_rendezvous_equal_one_node(launched, tmp_path):
     """Two torchrun agents of one process each, meeting at 127.0.0.1 as two machines would."""
-    _, ranks = fsdp_run
+    ranks = launched[1]["torchrun"]["fsdp"]
     port, env = free_port(), {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
                "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "zotune-test",
-               str(WORKER), str(tmp_path), "2", *SHARDED]
+               str(WORKER), str(tmp_path), run_spec("nodes", FSDP_RUN)]
     nodes = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
     for node in nodes:
         _, err = node.communicate(timeout=300)
         assert node.returncode == 0, err[-3000:]
     for rank in (0, 1):
-        facts = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        facts, weights = ranks_of(tmp_path / "nodes", 2)[rank]
         assert facts["world"] == 2
-        assert_same(load_file(tmp_path / f"rank{rank}.safetensors"), ranks[rank][1], rtol=0, atol=0)
+        assert_same(weights, ranks[rank][1], rtol=0, atol=0)
 
 
 @needs_data
