@@ -46,6 +46,8 @@ CASES = {
     "cge": ("sgd", {}, "cge", {}, {"zo_include": ["model.norm"], "learning_rate": 30.0}),
     # MobiZO's batch split: the q directions on q row slices of one doubled forward
     "sliced": ("sgd", {}, "spsa", {}, {"zo_num_directions": 2, "zo_slice_directions": True}),
+    # guided ES: z partly from the span of the last 2 estimates (each step from the third on has a 2-D span)
+    "guided": ("sgd", {}, "guided", {"history": 2, "alpha": 0.5}, {}),
     # Addax: backprop on 3 of each batch's 8 rows (12 tokens each), ZO on the other 5
     "addax": ("addax", {"alpha": 0.5, "max_tokens": 36}, "spsa", {}, {}),
 }
@@ -236,6 +238,11 @@ def reference_z(estimator: dict, state: dict, step: int, k: int) -> torch.Tensor
         return z / state["h"].sqrt()
     if name == "cge":  # one coordinate per direction, scaled by √d (d = 10)
         return torch.eye(10, dtype=torch.float64)[k] * math.sqrt(10)
+    if name == "guided" and state.get("guide"):  # U: the polar factor of Hᵀ (its symmetric orthonormal basis)
+        history, alpha = torch.stack(state["guide"]), estimator["alpha"]
+        left, _, right = torch.linalg.svd(history.T, full_matrices=False)
+        k, e = len(history), noise(seed, 10 + len(history)).double()
+        return math.sqrt(alpha) * e[:10] + math.sqrt((1 - alpha) * 10 / k) * (left @ right) @ e[10:]
     if name == "lowrank":  # w is 2×5, rank 2, a new V every 5 steps
         u = noise(seed, 2 * 2).double().view(2, 2)
         v = noise(seed_for(step_seed(0, step // 5), 0, "w#lowrank-V"), 5 * 2).double().view(5, 2)
@@ -285,6 +292,8 @@ def reference_steps(rule: dict, estimator: dict, q: int, steps: int = 2) -> torc
                                                                                10).double() ** 2
                            for k, (la, lb) in enumerate(pairs)) / q
             state["h"] = (1 - ALPHA) * state["h"] + ALPHA * state["h"] * observed
+        if estimator["name"] == "guided":
+            state["guide"] = [*state.get("guide", []), ghat][-estimator["history"]:]
         theta = updated
     return theta
 
@@ -300,6 +309,7 @@ HAND_CASES = [
     ({"name": "sgd"}, {"name": "sparse", "density": 0.5, "mask": "magnitude", "refresh_steps": 1}),
     ({"name": "sgd"}, {"name": "hizoo", "smoothing": ALPHA}),
     ({"name": "sgd"}, {"name": "lowrank", "rank": 2, "refresh_steps": 5}),
+    ({"name": "sgd"}, {"name": "guided", "history": 2, "alpha": 0.3}),
     ({"name": "fzoo"}, {"name": "onesided"}),
     ({"name": "sgd"}, {"name": "cge"}),
     ({"name": "addax", "alpha": 0.3, "max_tokens": 1}, {"name": "spsa"}),
@@ -313,7 +323,8 @@ def test_two_steps_match_the_hand_computed_reference(rule, estimator):
     w = torch.nn.Parameter(THETA0.clone().view(2, 5) if estimator["name"] == "lowrank" else THETA0.clone())
     opt = ZOOptimizer([("w", w)], lr=LR, weight_decay=WD, eps=EPS, num_directions=asked, schedule="sequential",
                       rule=rule, estimator=estimator)
-    for step in range(2):
+    steps = 4 if estimator["name"] == "guided" else 2  # a history of 0, 1, 2 and (τ = 2) the latest 2 estimates
+    for step in range(steps):
         if rule["name"] == "addax":  # the backward a first-order rule adds, as a caller runs it before step()
             w.grad = None
             (CURVATURE * (w.double().reshape(-1) - TARGET) ** 2).sum().backward()
@@ -321,7 +332,7 @@ def test_two_steps_match_the_hand_computed_reference(rule, estimator):
         opt.step()
     # HiZOO's curvature is a second difference of float32 losses: ~1e-3 relative error at this ε
     atol = 2e-4 if estimator["name"] == "hizoo" else 1e-5
-    torch.testing.assert_close(w.detach().double().reshape(-1), reference_steps(rule, estimator, q),
+    torch.testing.assert_close(w.detach().double().reshape(-1), reference_steps(rule, estimator, q, steps),
                                rtol=1e-4, atol=atol)
     assert not torch.equal(w.detach().reshape(-1), THETA0)
 
