@@ -35,6 +35,7 @@ METHODS = {  # label -> (rule, estimator, num_directions)
     "sparse magnitude": ("sgd", {"name": "sparse", "density": 0.1, "mask": "magnitude"}, 1),
     "hizoo": ("sgd", "hizoo", 1),
     "lowrank": ("sgd", "lowrank", 1),
+    "guided": ("sgd", {"name": "guided", "history": 8}, 1),  # its state fills over its first 8 steps
 }
 
 
@@ -74,13 +75,20 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=12, help="GPT-2 layers (12 = the 124M model)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of: {', '.join(METHODS)} "
+                        "(sgd first: the others are divided by it)")
     parser.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)  # the child process
     args = parser.parse_args()
     if args.method:
         print(json.dumps(run_method(args.method, args)))
         return
 
-    results = each_in_a_process(__file__, "method", METHODS, args)
+    labels = args.methods.split(",")
+    unknown = [label for label in labels if label not in METHODS]
+    if unknown or labels[0] != "sgd":
+        parser.error(f"--methods: {unknown[0]!r} is not one of {', '.join(METHODS)}" if unknown else
+                     "--methods: sgd comes first (the others are divided by it)")
+    results = each_in_a_process(__file__, "method", labels, args, not_forwarded=("methods",))
     base = results["sgd"]
     print(host.line(args.threads))
     print(f"GPT-2 {args.layers} layers from config ({base['params'] / 2**20:.0f} MiB of fp32 weights, all trained), "

@@ -54,8 +54,11 @@ DATASETS = {
     ],
 }
 
-# the quickstart as it was before it moved to Addax: pure ZO-SGD (the rows measured with it keep their names)
+# pure ZO-SGD, the quickstart's (and from 2026-12-03 to 12-06, while it ran Addax, its override): kept explicit
 ZO_SGD = ["zo.rule=sgd", "train.learning_rate=3e-4"]
+
+# Addax's hybrid as the quickstart shipped it from 2026-12-03 to 2026-12-06 (its alpha set by each configuration)
+ADDAX = ["zo.rule={name: addax, max_tokens: 64}", "train.learning_rate=1e-2"]
 
 # name -> (shipped recipe, overrides): each a path a user can take with `zotune train`
 CONFIGS = {
@@ -63,12 +66,16 @@ CONFIGS = {
     "zo-sgd": ("quickstart", ZO_SGD),
     "zo-sgd-rademacher": ("quickstart", [*ZO_SGD, "zo.perturbation=rademacher"]),
     "zo-momentum": ("quickstart", [*ZO_SGD, "zo.rule=momentum"]),
+    "zo-guided": ("quickstart", [*ZO_SGD, "zo.estimator={name: guided, history: 8, alpha: 0.5}"]),  # guided ES
     "zo-sliced": ("quickstart", [*ZO_SGD, "zo.num_directions=4", "zo.slice_directions=true"]),  # MobiZO's split
     "fzoo": ("quickstart", ["zo.rule=fzoo", "zo.estimator=onesided", "zo.num_directions=4",
                             "zo.perturbation=rademacher", "zo.schedule=fused", "train.learning_rate=2e-5"]),
-    # Addax (the quickstart's rule): backprop on each batch's shortest rows within 64 tokens, ZO on the rest; the ZO
-    # part is weighted by alpha so that alpha * lr stays near ZO-SGD's stable step
-    "zo-addax": ("quickstart", []),
+    # Addax: backprop on each batch's shortest rows within 64 tokens, ZO on the rest; the ZO part is weighted by
+    # alpha so that alpha * lr stays near ZO-SGD's stable step
+    "zo-addax": ("quickstart", [*ADDAX, "zo.rule.alpha=0.05"]),
+    # its control: the same step with the ZO estimate weighted 0, so the update is the backprop rows' alone (the
+    # ZO forwards still run: equal time buys equal steps, and any gain of zo-addax over it is the ZO part's)
+    "zo-addax-alpha0": ("quickstart", [*ADDAX, "zo.rule.alpha=0"]),
     "zo-prefix": ("prefix-tuning", []),
     "zo-full-bf16": ("quickstart", [*ZO_SGD, "model.peft=null", "model.dtype=bfloat16", "train.learning_rate=1e-6"]),
     "fo-lora": ("quickstart-fo", []),
