@@ -28,7 +28,7 @@ class Guided(Estimator):
         z = √α · e[0:n] + √((1 − α)·n/k) · U · e[n:n+k]
 
     e one noise stream of the direction's seed, so E[zzᵀ] = α·I + (1 − α)·(n/k)·UUᵀ keeps SPSA's
-    E‖z‖² = n, and with no history yet z is SPSA's z exactly. The subspace is each parameter's own
+    E‖z‖² = n, and with no history yet z is SPSA's (the same noise stream). The subspace is each parameter's own
     (a block of the history vectors), a superset of the span of the whole vectors. After each step
     ĝ = Σ_k (g_k/q)·z_k joins H. The history is kept, not regenerated (each past z depended on the
     history before it): τ fp32 copies of the trainable parameters (an adapter of 369k elements at τ = 8:
@@ -39,7 +39,13 @@ class Guided(Estimator):
     name = "guided"
     paper = "Maheswaranathan et al., 2019, arXiv:1806.10230"
     Config = GuidedConfig
-    direction_state = ("guide",)  # the mixing matrix (k × k, float64) stays on the host
+    direction_state = ("guide",)
+
+    def __init__(self, config: GuidedConfig | None = None):
+        super().__init__(config)
+        # name -> the mixing matrix of its history (k × k, float64, on the host): derived from the history
+        # at each step's start (`begin_step`), so it is not optimizer state
+        self.mixing: dict = {}
 
     @property
     def state_copies(self) -> float:
@@ -47,11 +53,12 @@ class Guided(Estimator):
 
     def directions(self, p, step, noise):
         from zotune.noise import noise as generate
+        from zotune.noise import noise_like
 
         param, kind, n = p.param, noise.kind, p.param.numel()
-        history, mix = p.state.get("guide"), p.state.get("guide_mix")
+        history, mix = p.state.get("guide"), self.mixing.get(p.name)
         if history is None or mix is None:
-            return lambda seed: generate(seed, n, kind, device=param.device).view(param.shape)
+            return lambda seed: noise_like(param, seed, kind)
         k, scale = history.shape[0], math.sqrt(self.config.alpha)
 
         def guided(seed: int):
@@ -79,22 +86,21 @@ class Guided(Estimator):
             rank = int(kept.sum())
             ranks.append(rank)
             if rank == 0:
-                p.state.pop("guide_mix", None)
+                self.mixing.pop(p.name, None)
                 continue
             v = vectors[:, kept]
             scale = math.sqrt((1 - self.config.alpha) * history.shape[1] / rank)
-            p.state["guide_mix"] = scale * (v * values[kept].rsqrt()) @ v.T
+            self.mixing[p.name] = scale * (v * values[kept].rsqrt()) @ v.T
         return {"guide_rank": min(ranks)} if ranks else {}
 
     def end_step(self, view, record):
         import torch
 
-        from zotune.methods.base import Trainable
         from zotune.noise import seed_for
 
         q = record["q"]
         for p in view.params:
-            z = self.directions(Trainable(p.name, p.param, p.state), view.step, view.noise)
+            z = self.directions(p, view.step, view.noise)
             ghat = torch.zeros(p.param.numel(), dtype=torch.float32, device=p.param.device)
             for k, g in enumerate(record["g"]):
                 ghat.add_(z(seed_for(record["seed"], k, p.name)).reshape(-1), alpha=g / q)
