@@ -36,6 +36,7 @@ METHODS = {  # label -> (rule, estimator, num_directions)
     "hizoo": ("sgd", "hizoo", 1),
     "lowrank": ("sgd", "lowrank", 1),
     "guided": ("sgd", {"name": "guided", "history": 8}, 1),  # its state fills over its first 8 steps
+    "fzoos": ("sgd", "fzoos", 1),  # 32 features: 32 noise passes to fit, 32 to apply
 }
 
 

@@ -67,6 +67,7 @@ CONFIGS = {
     "zo-sgd-rademacher": ("quickstart", [*ZO_SGD, "zo.perturbation=rademacher"]),
     "zo-momentum": ("quickstart", [*ZO_SGD, "zo.rule=momentum"]),
     "zo-guided": ("quickstart", [*ZO_SGD, "zo.estimator={name: guided, history: 8, alpha: 0.5}"]),  # guided ES
+    "zo-fzoos": ("quickstart", [*ZO_SGD, "zo.estimator={name: fzoos, features: 32, history: 8, lengthscale: 10}"]),
     "zo-sliced": ("quickstart", [*ZO_SGD, "zo.num_directions=4", "zo.slice_directions=true"]),  # MobiZO's split
     "fzoo": ("quickstart", ["zo.rule=fzoo", "zo.estimator=onesided", "zo.num_directions=4",
                             "zo.perturbation=rademacher", "zo.schedule=fused", "train.learning_rate=2e-5"]),

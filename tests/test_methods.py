@@ -48,6 +48,8 @@ CASES = {
     "sliced": ("sgd", {}, "spsa", {}, {"zo_num_directions": 2, "zo_slice_directions": True}),
     # guided ES: z partly from the span of the last 2 estimates (each step from the third on has a 2-D span)
     "guided": ("sgd", {}, "guided", {"history": 2, "alpha": 0.5}, {}),
+    # FZooS: SPSA corrected by the gradient of an 8-feature surrogate of the last 3 steps' queries
+    "fzoos": ("sgd", {}, "fzoos", {"features": 8, "history": 3, "lengthscale": 30.0}, {}),
     # Addax: backprop on 3 of each batch's 8 rows (12 tokens each), ZO on the other 5
     "addax": ("addax", {"alpha": 0.5, "max_tokens": 36}, "spsa", {}, {}),
 }
@@ -292,10 +294,38 @@ def reference_steps(rule: dict, estimator: dict, q: int, steps: int = 2) -> torc
                                                                                10).double() ** 2
                            for k, (la, lb) in enumerate(pairs)) / q
             state["h"] = (1 - ALPHA) * state["h"] + ALPHA * state["h"] * observed
+        if estimator["name"] == "fzoos":
+            ghat = fzoos_ghat(estimator, state, theta, step, zs, g)
+            updated = rule_step(rule, theta, ghat, state, step, pairs)
         if estimator["name"] == "guided":
             state["guide"] = [*state.get("guide", []), ghat][-estimator["history"]:]
         theta = updated
     return theta
+
+
+def fzoos_ghat(estimator: dict, state: dict, theta, step: int, zs: list, g: list[float]):
+    """FZooS's ĝ from its docs: an RBF surrogate in M random Fourier features, fitted (ridge σ²) to the
+    antithetic differences of the history's queries, written with the cosines themselves; the step's
+    queries join the history afterwards."""
+    M, eps, gamma = estimator["features"], EPS, estimator.get("gamma", 1.0)
+    base = step_seed(0, -3)
+    w = torch.stack([noise(seed_for(base, m, "w"), 10).double() for m in range(M)]) / estimator["lengthscale"]
+    b = 2 * math.pi * torch.special.ndtr(noise(seed_for(base, 0, "fzoos-phase"), M).double())
+
+    def phi(x):
+        return math.sqrt(2 / M) * torch.cos(w @ x + b)
+
+    queries = state.setdefault("queries", [])
+    grad_mu = torch.zeros(10, dtype=torch.float64)
+    if queries:
+        rows = torch.stack([(phi(x + eps * z) - phi(x - eps * z)) / (2 * eps) for x, z, _ in queries])
+        y = torch.tensor([gk for _, _, gk in queries], dtype=torch.float64)
+        c = torch.linalg.solve(rows.T @ rows + estimator["noise"] * torch.eye(M, dtype=torch.float64), rows.T @ y)
+        grad_mu = -(c * math.sqrt(2 / M) * torch.sin(w @ theta + b)) @ w
+    ghat = gamma * grad_mu + sum((gk - gamma * float(z @ grad_mu)) * z for gk, z in zip(g, zs)) / len(zs)
+    queries.extend((theta, z, gk) for z, gk in zip(zs, g))
+    del queries[:-estimator["history"] * len(zs)]
+    return ghat
 
 
 HAND_CASES = [
@@ -310,6 +340,7 @@ HAND_CASES = [
     ({"name": "sgd"}, {"name": "hizoo", "smoothing": ALPHA}),
     ({"name": "sgd"}, {"name": "lowrank", "rank": 2, "refresh_steps": 5}),
     ({"name": "sgd"}, {"name": "guided", "history": 2, "alpha": 0.3}),
+    ({"name": "sgd"}, {"name": "fzoos", "features": 6, "history": 2, "lengthscale": 0.5, "noise": 1e-3}),
     ({"name": "fzoo"}, {"name": "onesided"}),
     ({"name": "sgd"}, {"name": "cge"}),
     ({"name": "addax", "alpha": 0.3, "max_tokens": 1}, {"name": "spsa"}),
@@ -323,7 +354,8 @@ def test_two_steps_match_the_hand_computed_reference(rule, estimator):
     w = torch.nn.Parameter(THETA0.clone().view(2, 5) if estimator["name"] == "lowrank" else THETA0.clone())
     opt = ZOOptimizer([("w", w)], lr=LR, weight_decay=WD, eps=EPS, num_directions=asked, schedule="sequential",
                       rule=rule, estimator=estimator)
-    steps = 4 if estimator["name"] == "guided" else 2  # a history of 0, 1, 2 and (τ = 2) the latest 2 estimates
+    # a history of 0, 1, 2 and (τ = 2) the latest 2 steps
+    steps = 4 if estimator["name"] in ("guided", "fzoos") else 2
     for step in range(steps):
         if rule["name"] == "addax":  # the backward a first-order rule adds, as a caller runs it before step()
             w.grad = None

@@ -225,8 +225,10 @@ class ZOOptimizer(torch.optim.Optimizer):
         s = step_seed(self.seed, update.step)
         kw = self.kernel_kw(name, p, update.step)
         q = len(update.g)
+        seeds, coefs = self.estimator.update_terms(name, update.step, [seed_for(s, k, name) for k in range(q)],
+                                                   [gk / q for gk in update.g])
         self.rule.apply(ParamUpdate(self.held(name, p)[0], self.state[p], self.state[p].get("master"),
-                                    [seed_for(s, k, name) for k in range(q)], [gk / q for gk in update.g], restore,
+                                    seeds, coefs, restore,
                                     self.kind, kw["directions"], update.lr, update.wd, kw["offset"],
                                     self.rounding_seed(p, name, update.step),
                                     p.grad if self.rule.first_order else None))

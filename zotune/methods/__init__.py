@@ -14,7 +14,7 @@ pydantic `Config`), a docstring citing its paper, and its costs; `@register_rule
 """
 
 from zotune.methods.base import Estimator, MethodConfig, Noise, ParamUpdate, Rule, StepView, Trainable
-from zotune.methods.estimators import cge, guided, hizoo, lowrank, onesided, sparse, spsa  # noqa: F401 (importing registers them)
+from zotune.methods.estimators import cge, fzoos, guided, hizoo, lowrank, onesided, sparse, spsa  # noqa: F401 (importing registers them)
 from zotune.methods.registry import (
     ESTIMATORS,
     RULES,

@@ -220,5 +220,11 @@ class Estimator(Method):
         """Called before a step's first forward (and when replaying it); returns what to record."""
         return {}
 
+    def update_terms(self, name: str, step: int, seeds: list[int], coefs: list[float]) -> tuple[list[int], list[float]]:
+        """ĝ's terms for parameter `name` at `step`, given the step's directions' seeds and g_k/q: an
+        estimator may reweigh them and put terms of its own (seeds of further noise) before them; the
+        step's last direction stays last (a pending restore is along it)."""
+        return seeds, coefs
+
     def end_step(self, view: StepView, record: dict) -> None:
         """Called after a step's update was applied, with its record (also when replaying)."""
