@@ -41,6 +41,8 @@ CASES = {
     # FZOO: its step is lr/(ε·√q) per element, so a far smaller lr
     "fzoo": ("fzoo", {}, "onesided", {}, {"zo_num_directions": 4, "zo_perturbation": "rademacher",
                                          "learning_rate": 2e-4}),
+    # ES: the step divided by the spread of the 2q members' losses, so a step moves θ by about lr/ε per element
+    "es": ("es", {}, "spsa", {}, {"zo_num_directions": 2, "learning_rate": 2e-4}),
     # CGE: one direction per trained element, so only the final norm trains (32 elements); its
     # gradient is small (the random head's weights are ~0.02), hence the large lr
     "cge": ("sgd", {}, "cge", {}, {"zo_include": ["model.norm"], "learning_rate": 30.0}),
@@ -269,6 +271,9 @@ def rule_step(rule: dict, theta, ghat, state, step, pairs):
         return decayed - LR * (rule["alpha"] * ghat + (1 - rule["alpha"]) * 2 * CURVATURE * (theta - TARGET))
     if name == "fzoo":  # the sample standard deviation of the losses at θ + a·z_k
         return decayed - LR * ghat / torch.tensor([la for la, _ in pairs], dtype=torch.float64).std()
+    if name == "es":  # the population standard deviation of all 2q members' losses
+        return decayed - LR * ghat / torch.tensor([v for pair in pairs for v in pair], dtype=torch.float64).std(
+            correction=0)
     if name == "conservative":
         losses = {"0": sum(pairs[-1]) / 2, "-": quadratic(theta - LR * ghat), "+": quadratic(theta + LR * ghat)}
         return {"0": theta, "-": decayed - LR * ghat, "+": decayed + LR * ghat}[min(("0", "-", "+"), key=losses.get)]
@@ -342,6 +347,7 @@ HAND_CASES = [
     ({"name": "sgd"}, {"name": "guided", "history": 2, "alpha": 0.3}),
     ({"name": "sgd"}, {"name": "fzoos", "features": 6, "history": 2, "lengthscale": 0.5, "noise": 1e-3}),
     ({"name": "fzoo"}, {"name": "onesided"}),
+    ({"name": "es"}, {"name": "spsa"}),
     ({"name": "sgd"}, {"name": "cge"}),
     ({"name": "addax", "alpha": 0.3, "max_tokens": 1}, {"name": "spsa"}),
 ]

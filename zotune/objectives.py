@@ -91,22 +91,23 @@ def load_objective(spec: str | Callable, class_scores: Callable | None = None) -
         return None
     if spec in METRICS:
         return partial(_one_minus_metric, spec, class_scores)
-    return partial(_checked, _import(spec), spec)
+    return partial(_checked, import_function(spec, KEY), spec)
 
 
-def _import(path: str) -> Callable:
+def import_function(path: str, key: str) -> Callable:
+    """The function at import path 'package.module:function'; a failure is a UserError naming `key`."""
     module_name, name = path.split(":")
     try:
         module = importlib.import_module(module_name)
     except Exception as e:  # noqa: BLE001 -- any failure to import the user's module is reported as theirs
-        raise UserError(f"{KEY}: cannot import module {module_name!r} of {path!r}: {type(e).__name__}: {e}") from None
+        raise UserError(f"{key}: cannot import module {module_name!r} of {path!r}: {type(e).__name__}: {e}") from None
     if not hasattr(module, name):
         close = difflib.get_close_matches(name, [n for n in dir(module) if not n.startswith("_")], n=1)
-        raise UserError(f"{KEY}: module {module_name!r} has no attribute {name!r}"
+        raise UserError(f"{key}: module {module_name!r} has no attribute {name!r}"
                         + (f"; did you mean {close[0]!r}?" if close else ""))
     fn = getattr(module, name)
     if not callable(fn):
-        raise UserError(f"{KEY}: {path} is not callable: it is {reprlib.repr(fn)}")
+        raise UserError(f"{key}: {path} is not callable: it is {reprlib.repr(fn)}")
     return fn
 
 

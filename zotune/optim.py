@@ -288,6 +288,8 @@ class ZOOptimizer(torch.optim.Optimizer):
             applied, choice = self.rule.choose(self._view(step, self._losses_at(step, measure=True)), g, None)
             if applied is not None:
                 self.placement.apply(applied, self.current_step)
+            else:  # the rule's choice (fzoo, es: the losses did not spread; conservative: θ was best)
+                choice["skipped"] = True
         else:
             self.flush()
         record = {

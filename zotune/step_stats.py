@@ -1,7 +1,8 @@
 """What a `ZOTrainer` adds to its logs, and its count of non-finite steps.
 
 Between two logging steps it keeps the micro-batches' L+ and L− and the optimizer steps' projected
-gradients; `into(logs)` adds their means (and the mean |g|), the run's non-finite steps so far and,
+gradients; `into(logs)` adds their means (and the mean |g|), the run's non-finite steps so far, the
+steps whose rule applied nothing (fzoo's and es's when the losses did not spread) and,
 data parallel, the bytes a step sends. A step whose g is None had non-finite losses: too many of
 them in a row stop the run (`zotune.nonfinite`).
 """
@@ -21,6 +22,7 @@ class StepStats(TrainerCallback):
         self.trainer = trainer
         self.nonfinite = NonFiniteSteps(trainer.args.zo_max_nonfinite, "lower learning_rate or zo_eps. "
                                         "Nothing was applied for those steps.")
+        self.skipped = 0  # finite steps whose rule applied nothing (`skipped` in their record)
         self._clear()
 
     def _clear(self) -> None:
@@ -35,6 +37,7 @@ class StepStats(TrainerCallback):
         self.nonfinite.count(record["step"], finite=record["g"] is not None)
         if record["g"] is not None:
             self.projected_grad += record["g"]
+        self.skipped += bool(record.get("skipped"))
 
     def into(self, logs: dict) -> None:
         """Add the means since the last log to a training log (one with "loss")."""
@@ -46,6 +49,8 @@ class StepStats(TrainerCallback):
             logs["projected_grad"] = sum(self.projected_grad) / len(self.projected_grad)
             logs["projected_grad_abs"] = sum(abs(g) for g in self.projected_grad) / len(self.projected_grad)
         logs["nonfinite_steps"] = self.nonfinite.total
+        if self.skipped:
+            logs["skipped_steps"] = self.skipped
         last = self.trainer.zo.last_record or {}
         if "comm_bytes" in last:
             logs["comm_bytes_per_step"] = last["comm_bytes"]  # data parallel: all a step sends

@@ -24,7 +24,7 @@ from zotune.methods.registry import (
     register_estimator,
     register_rule,
 )
-from zotune.methods.rules import adam, addax, conservative, fzoo, momentum, sgd, sign  # noqa: F401 (importing registers them)
+from zotune.methods.rules import adam, addax, conservative, es, fzoo, momentum, sgd, sign  # noqa: F401 (importing registers them)
 
 __all__ = ["RULES", "ESTIMATORS", "register_rule", "register_estimator", "build_rule", "build_estimator",
            "check_compatible", "Rule", "Estimator", "MethodConfig", "ParamUpdate", "StepView", "Trainable", "Noise"]

@@ -33,13 +33,13 @@ class FZOO(SGD):
             return "rule 'fzoo' divides by the standard deviation of the directions' losses: use num_directions >= 2"
         return None
 
+    def spread(self, losses: list[tuple[float, float]], q: int) -> float:
+        """σ of the step's pairs (q per micro-batch): the sample deviation of the first points' losses."""
+        firsts = [loss for loss, _ in losses]
+        return statistics.stdev(statistics.fmean(firsts[k::q]) for k in range(q))
+
     def choose(self, view, g, recorded):
-        if recorded is not None:
-            sigma = recorded["sigma"]
-        else:
-            q = len(g)
-            firsts = [loss for loss, _ in view.losses]
-            sigma = statistics.stdev(statistics.fmean(firsts[k::q]) for k in range(q))
+        sigma = recorded["sigma"] if recorded is not None else self.spread(list(view.losses), len(g))
         if not (math.isfinite(sigma) and sigma > 0):
             return None, {"sigma": sigma}
         return [gk / sigma for gk in g], {"sigma": sigma}

@@ -1,0 +1,161 @@
+"""Reward fine-tuning from generated text (zotune.reward): the population decoded in one batched
+`generate` against each member generating alone, the dual schedule against sequential, replay and
+resume against the trained run, and every bad reward function's one error line."""
+
+import copy
+import math
+
+import pytest
+import torch
+from conftest import CORE_ARCHS, tiny_causal_lm
+from datasets import Dataset
+from helpers import weights
+
+from zotune.errors import UserError
+from zotune.models import byte_tokenizer, trainable_parameters
+from zotune.noise import noise, seed_for, step_seed
+from zotune.optim import ZOOptimizer
+from zotune.replay import optimizer_from_header
+from zotune.reward.functions import RewardFunctions
+from zotune.reward.population import Generation, PopulationRewards, Scorer, generate_ids
+from zotune.reward.trainer import ZORewardTrainer
+from zotune.trainer import ZOConfig
+from zotune.trajectory import read_trajectory
+
+PROMPTS = ["say a", "abc", "the letter a, please:", "zz"]
+
+
+def a_share(completions, **columns):
+    """The share of a completion's characters that are its row's `letter` (trl's signature)."""
+    return [c.count(letter) / max(1, len(c)) for c, letter in zip(completions, columns["letter"])]
+
+
+def length_bonus(completions, prompts, **columns):
+    return [len(c) / 100 for c in completions]
+
+
+def prompts_dataset() -> Dataset:
+    return Dataset.from_dict({"prompt": PROMPTS * 2, "letter": ["a", "b", "a", "z"] * 2})
+
+
+@pytest.mark.parametrize("arch", CORE_ARCHS)
+def test_the_population_in_one_generate_equals_each_member_generating_alone(arch):
+    """Greedy decoding: q = 2 directions, both signs, in one batched `generate` under the dual engine, give
+    each row the tokens of a copy of the model moved to θ ± εz_k (the reference noise) generating alone."""
+    model = tiny_causal_lm(arch).eval()
+    named = trainable_parameters(model, [], [])
+    eps, ks, s = 0.05, (0, 1), step_seed(0, 3)
+    zo = ZOOptimizer(named, lr=0.0, eps=eps, num_directions=2, schedule="dual", lazy_update=False)
+    tokenizer = byte_tokenizer()
+    batch = tokenizer(PROMPTS[:3], padding=True, padding_side="left", return_tensors="pt")
+    generation = Generation(max_new_tokens=6)
+    population = PopulationRewards(model, zo, Scorer(tokenizer, RewardFunctions(a_share), generation))
+    with torch.no_grad():
+        rows = population.population_ids(model, dict(batch), s, ks)
+    population.dual.remove()  # the members below run plainly
+    members = []
+    for coef in (eps, -eps):
+        for k in ks:
+            member = copy.deepcopy(model)
+            with torch.no_grad():
+                for (name, _), (_, p) in zip(named, trainable_parameters(member, [], [])):
+                    p.add_(noise(seed_for(s, k, name), p.numel()).view(p.shape), alpha=coef)
+                members += generate_ids(member, batch["input_ids"], batch["attention_mask"], generation,
+                                        tokenizer.pad_token_id, tokenizer.eos_token_id)
+    assert rows == members
+    assert len({tuple(r) for r in rows}) > len(PROMPTS[:3])  # the members generate differently
+
+
+def reward_trainer(out, schedule: str, seed: int = 0, functions=(a_share, length_bonus), **overrides):
+    model = tiny_causal_lm("llama", seed=seed)
+    args = ZOConfig(**{**dict(output_dir=str(out), max_steps=4, per_device_train_batch_size=4, learning_rate=2e-3,
+                              zo_eps=2e-2, zo_rule="es", zo_num_directions=2, zo_schedule=schedule,
+                              lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to="none",
+                              use_cpu=True, disable_tqdm=True, train_sampling_strategy="sequential", seed=0),
+                       **overrides})
+    trainer = ZORewardTrainer(model=model, args=args, train_dataset=prompts_dataset(),
+                              processing_class=byte_tokenizer(), reward_funcs=list(functions),
+                              reward_weights=[1.0, 0.5][:len(functions)], generation=Generation(max_new_tokens=5))
+    return model, trainer
+
+
+def test_a_reward_run_replays_resumes_and_dual_agrees_with_sequential(tmp_path):
+    trained = {}
+    for schedule, extra in (("sequential", {}), ("dual", {}), ("dual-sliced", {"zo_slice_directions": True})):
+        model, trainer = reward_trainer(tmp_path / schedule, schedule.split("-")[0], **extra)
+        trainer.train()
+        trained[schedule] = weights(model)
+        header, records = read_trajectory(tmp_path / schedule / "zo_trajectory.jsonl")
+        assert all(r["rule"] == "es" and len(r["loss_plus"]) == 2 for r in records)
+        named = dict(tiny_causal_lm("llama").named_parameters())
+        replayed = optimizer_from_header(header, [(n, named[n]) for n in header["params"]])
+        for record in records:
+            replayed.replay(record)
+        replayed.flush()
+        for name, p in trained[schedule].items():
+            assert torch.equal(p, named[name]), f"{schedule} replay: {name}"
+    assert not all(torch.equal(p, q) for p, q in zip(trained["dual"].values(),
+                                                        weights(tiny_causal_lm("llama")).values()))
+    for schedule in ("dual", "dual-sliced"):
+        for name, p in trained[schedule].items():
+            torch.testing.assert_close(p, trained["sequential"][name], rtol=0, atol=1e-5, msg=name)
+
+    saving = dict(save_strategy="steps", save_steps=2)
+    reward_trainer(tmp_path / "resumed", "dual", **saving)[1].train()
+    resumed, trainer = reward_trainer(tmp_path / "resumed", "dual", seed=1, **saving)
+    trainer.train(resume_from_checkpoint=str(tmp_path / "resumed" / "checkpoint-2"))
+    for (name, p), q in zip(trained["dual"].items(), resumed.parameters()):
+        assert torch.equal(p, q), f"resume: {name}"
+
+
+def test_a_step_whose_rewards_are_all_equal_is_skipped_and_counted(tmp_path):
+    def constant(completions, **columns):
+        return [1.0] * len(completions)
+
+    model, trainer = reward_trainer(tmp_path, "dual", functions=(constant,), max_steps=2)
+    before = weights(model)
+    trainer.train()
+    assert all(torch.equal(p, before[n]) for n, p in weights(model).items())
+    _, records = read_trajectory(tmp_path / "zo_trajectory.jsonl")
+    assert [(r["sigma"], r.get("skipped")) for r in records] == [(0.0, True)] * 2
+    assert trainer.state.log_history[-2]["skipped_steps"] == 2
+
+
+def raises(completions, **columns):
+    raise KeyError("answer")
+
+
+def gives_nan(completions, **columns):
+    return [math.nan] * len(completions)
+
+
+def too_few(completions, **columns):
+    return [1.0]
+
+
+def not_numbers(completions, **columns):
+    return ["high"] * len(completions)
+
+
+@pytest.mark.parametrize("function,said", [
+    (raises, "raised KeyError: 'answer'"),
+    (gives_nan, "returned nan for completion"),
+    (too_few, "returned 1 values, not a list of 4 floats"),
+    (not_numbers, "returned 'high' \\(str\\), not a number"),
+])
+def test_a_bad_reward_function_stops_the_run_in_one_line_naming_it_and_the_prompt(function, said, tmp_path):
+    """It fails at step 2: the two steps before are in the log, their checksums whole, and checkpoint-2 loads."""
+    calls = 0
+
+    def fails_from_step_2(completions, **columns):
+        nonlocal calls
+        calls += 1
+        return function(completions, **columns) if calls > 2 * 2 * 2 else a_share(completions, **columns)
+
+    fails_from_step_2.__qualname__ = function.__name__
+    _, trainer = reward_trainer(tmp_path, "dual", functions=(fails_from_step_2,), save_strategy="steps", save_steps=2)
+    with pytest.raises(UserError, match=f"reward function '{function.__name__}' on prompt \\d+ .*: {said}"):
+        trainer.train()
+    _, records = read_trajectory(tmp_path / "zo_trajectory.jsonl")
+    assert [r["step"] for r in records] == [0, 1]
+    assert (tmp_path / "checkpoint-2" / "model.safetensors").exists()

@@ -1,0 +1,87 @@
+"""`ZORewardTrainer`: reward fine-tuning from generated text with forward passes only.
+
+Each step perturbs θ along q seeded directions, generates completions for the batch's prompts with
+θ + εz_k and θ − εz_k (under `dual`, the whole population in one batched `generate`:
+`zotune.reward.population`), scores them with the reward functions (trl's signature:
+`zotune.reward.functions`) and takes L = −mean reward as the objective of the ZO step. With the
+`es` rule the projected gradients are divided by the spread of the population's rewards, which is
+evolution strategies' update (Salimans et al., 2017, arXiv:1703.03864; Qiu et al., 2025,
+arXiv:2509.24372): see docs/methods.md. The trajectory records every member's mean reward (as
+`loss_plus`, `loss_minus`: minus the rewards), so replay and resume need no generation.
+
+A train dataset holds a `prompt` column (text, the template already applied) and any columns the
+reward functions read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from zotune.batch import batch_rows
+from zotune.reward.functions import RewardFunctions
+from zotune.reward.population import PROMPT, Generation, PopulationRewards, Scorer
+from zotune.trainer import ZOTrainer
+
+
+@dataclass
+class PromptCollator:
+    """Left-padded prompt tokens, with the rows' text and other columns as lists (the reward functions' inputs)."""
+
+    tokenizer: Any
+
+    def __call__(self, features: Sequence[dict]) -> dict:
+        encoded = self.tokenizer([f[PROMPT] for f in features], padding=True, padding_side="left",
+                                 return_tensors="pt")
+        batch = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+        for key in features[0]:
+            if key not in batch:
+                batch[key] = [f[key] for f in features]
+        return batch
+
+
+class ZORewardTrainer(ZOTrainer):
+    """A `ZOTrainer` whose objective is minus the mean reward of what each perturbed model generates.
+
+    `reward_funcs`: callables or import paths with trl's signature, summed with `reward_weights`;
+    `generation`: how completions are generated (greedy, `max_new_tokens`, stop strings)."""
+
+    def __init__(self, *args, reward_funcs: Sequence[Callable | str] | Callable | str,
+                 reward_weights: Sequence[float] | None = None, generation: Generation | None = None, **kwargs):
+        rewards = RewardFunctions(reward_funcs, reward_weights)
+        super().__init__(*args, **kwargs)
+        if self.processing_class is None:
+            raise TypeError("ZORewardTrainer needs processing_class=tokenizer: it decodes what the model generates")
+        self.scorer = Scorer(self.processing_class, rewards, generation or Generation())
+        self.data_collator.collator = PromptCollator(self.processing_class)
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            super().create_optimizer(model)
+            self.value.items = batch_rows  # a batch's objective is a mean over its prompts
+            self.value.rows = None  # no per-example record: the objective is no row's loss
+            self.losses = PopulationRewards(model if model is not None else self.model, self.zo, self.scorer)
+        return self.optimizer
+
+    def _remove_unused_columns(self, dataset, description=None):
+        return dataset  # the prompt's text and the reward functions' columns are no forward's arguments
+
+    @torch.no_grad()
+    def mean_reward(self, dataset, batch_size: int | None = None) -> float:
+        """The mean reward of what the model (θ, every update applied) generates for `dataset`'s prompts."""
+        self.flush()
+        model, collate = self.model, PromptCollator(self.processing_class)
+        batch_size = batch_size or self.args.per_device_eval_batch_size
+        was_training, total = model.training, 0.0
+        model.eval()
+        try:
+            for start in range(0, len(dataset), batch_size):
+                batch = self._prepare_inputs(collate([dataset[i] for i in range(start, min(len(dataset),
+                                                                                         start + batch_size))]))
+                total += self.scorer.mean_reward(batch, self.scorer.completions(model, batch)) * batch_rows(batch)
+        finally:
+            model.train(was_training)
+        return total / len(dataset)
