@@ -210,6 +210,14 @@ def test_the_batched_one_sided_estimator_takes_the_loss_at_theta_once(estimator,
         assert record["loss_minus"] == [calls[0]] * 4 == record["loss_zero"] * 4
 
 
+@pytest.mark.parametrize("rule", ["conservative", "fzoo", "es"])
+def test_fzoos_is_refused_with_rules_that_rescale_or_choose_among_the_projected_gradients(rule):
+    w = torch.nn.Parameter(torch.zeros(4))
+    with pytest.raises(ValueError, match=f"estimator 'fzoos' corrects the estimate .* which rule '{rule}' rescales"):
+        ZOOptimizer([("w", w)], lr=1e-3, eps=1e-3, num_directions=2, schedule="sequential", rule=rule,
+                    estimator="fzoos")
+
+
 def test_lazy_update_is_refused_for_methods_it_cannot_fold(tmp_path):
     folds = "lazy_update .* needs a rule that folds its update \\('sgd'\\) and estimator 'spsa'"
     with pytest.raises(ValueError, match=folds):

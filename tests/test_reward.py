@@ -38,18 +38,23 @@ def prompts_dataset() -> Dataset:
     return Dataset.from_dict({"prompt": PROMPTS * 2, "letter": ["a", "b", "a", "z"] * 2})
 
 
+@pytest.mark.parametrize("temperature", [None, 0.7], ids=["greedy", "sampled"])
 @pytest.mark.parametrize("arch", CORE_ARCHS)
-def test_the_population_in_one_generate_equals_each_member_generating_alone(arch):
-    """Greedy decoding: q = 2 directions, both signs, in one batched `generate` under the dual engine, give
-    each row the tokens of a copy of the model moved to θ ± εz_k (the reference noise) generating alone."""
+def test_the_population_in_one_generate_equals_each_member_generating_alone(arch, temperature):
+    """q = 2 directions, both signs, in one batched `generate` under the dual engine, give each row the tokens
+    of a copy of the model moved to θ ± εz_k (the reference noise) generating alone: greedy, and sampled
+    with the step's sampling seed (the same numbers for every member)."""
     model = tiny_causal_lm(arch).eval()
     named = trainable_parameters(model, [], [])
     eps, ks, s = 0.05, (0, 1), step_seed(0, 3)
     zo = ZOOptimizer(named, lr=0.0, eps=eps, num_directions=2, schedule="dual", lazy_update=False)
+    zo.current_step = 3
     tokenizer = byte_tokenizer()
     batch = tokenizer(PROMPTS[:3], padding=True, padding_side="left", return_tensors="pt")
-    generation = Generation(max_new_tokens=6)
+    generation = Generation(max_new_tokens=6, temperature=temperature)
     population = PopulationRewards(model, zo, Scorer(tokenizer, RewardFunctions(a_share), generation))
+    sampling = population.sampling_seed()
+    assert (sampling is None) == (temperature is None)
     with torch.no_grad():
         rows = population.population_ids(model, dict(batch), s, ks)
     population.dual.remove()  # the members below run plainly
@@ -61,9 +66,13 @@ def test_the_population_in_one_generate_equals_each_member_generating_alone(arch
                 for (name, _), (_, p) in zip(named, trainable_parameters(member, [], [])):
                     p.add_(noise(seed_for(s, k, name), p.numel()).view(p.shape), alpha=coef)
                 members += generate_ids(member, batch["input_ids"], batch["attention_mask"], generation,
-                                        tokenizer.pad_token_id, tokenizer.eos_token_id)
+                                        tokenizer.pad_token_id, tokenizer.eos_token_id, sampling)
     assert rows == members
     assert len({tuple(r) for r in rows}) > len(PROMPTS[:3])  # the members generate differently
+    if temperature is not None:  # sampling draws other tokens than greedy decoding
+        greedy = generate_ids(member, batch["input_ids"], batch["attention_mask"], Generation(max_new_tokens=6),
+                              tokenizer.pad_token_id, tokenizer.eos_token_id)
+        assert greedy != members[-3:]
 
 
 def reward_trainer(out, schedule: str, seed: int = 0, functions=(a_share, length_bonus), **overrides):
@@ -159,3 +168,90 @@ def test_a_bad_reward_function_stops_the_run_in_one_line_naming_it_and_the_promp
     _, records = read_trajectory(tmp_path / "zo_trajectory.jsonl")
     assert [r["step"] for r in records] == [0, 1]
     assert (tmp_path / "checkpoint-2" / "model.safetensors").exists()
+
+
+def test_a_trl_grpo_call_switches_with_one_import(tmp_path):
+    """trl's GRPOTrainer call, with ZOGRPOConfig/ZOGRPOTrainer: num_generations is the population (2 pairs),
+    per_device_train_batch_size counts completions (8 = 2 prompts x 4 members), sampled at trl's
+    temperature; the run replays bit for bit."""
+    from zotune.integrations.trl import ZOGRPOConfig, ZOGRPOTrainer
+
+    model = tiny_causal_lm("llama")
+    args = ZOGRPOConfig(output_dir=str(tmp_path), num_generations=4, per_device_train_batch_size=8,
+                        max_completion_length=5, temperature=0.9, max_steps=3, learning_rate=2e-3, zo_eps=5e-2,
+                        report_to="none", use_cpu=True, logging_steps=1, save_strategy="no", bf16=False)
+    trainer = ZOGRPOTrainer(model=model, reward_funcs=[a_share, length_bonus], args=args,
+                            train_dataset=prompts_dataset(), processing_class=byte_tokenizer())
+    trainer.train()
+    header, records = read_trajectory(tmp_path / "zo_trajectory.jsonl")
+    assert [(r["rule"], r["q"], r["schedule"]) for r in records] == [("es", 2, "dual")] * 3
+    assert header["reward"] is True  # zotune plot draws the rewards
+    assert trainer.args.zo_num_directions == 2 and trainer._train_batch_size == 2  # 8 completions: 2 prompts
+    named = dict(tiny_causal_lm("llama").named_parameters())
+    replayed = optimizer_from_header(header, [(n, named[n]) for n in header["params"]])
+    for record in records:
+        replayed.replay(record)
+    replayed.flush()
+    moved = [n for n, p in model.named_parameters() if not torch.equal(p, tiny_causal_lm("llama").state_dict()[n])]
+    assert moved
+    for name, p in model.named_parameters():
+        assert torch.equal(p, named[name]), name
+
+
+def test_a_reward_recipe_trains_reports_the_mean_reward_and_replays(tmp_path):
+    """`zotune train` of data.task reward on a tiny llama: the summary's held-out mean reward before and
+    after, and `zotune replay` of its trajectory gives the trained weights."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+    from helpers import DATA, write_recipe
+    from safetensors.torch import load_file
+
+    from zotune.recipe import load_recipe
+    from zotune.run import train
+
+    path = write_recipe(tmp_path)
+    recipe = yaml.safe_load(path.read_text())
+    recipe["data"] = {"task": "reward", "template": "Review: {text}\nSentiment:",
+                      "train": {"path": str(DATA / "rotten_tomatoes/train.jsonl"), "max_samples": 32},
+                      "eval": {"path": str(DATA / "rotten_tomatoes/validation.jsonl"), "max_samples": 8}}
+    recipe["reward"] = {"functions": ["test_reward:vowels"], "max_new_tokens": 4}
+    recipe["zo"] = {"rule": "es", "eps": 5e-2, "num_directions": 2, "slice_directions": True}
+    path.write_text("# zotune train recipe.yaml\n" + yaml.safe_dump(recipe))
+    summary = train(load_recipe(str(path)), str(path))
+    assert summary["steps"] == 4 and 0 <= summary["eval_mean_reward_before"] <= 4
+    assert summary["eval_mean_reward_after"] is not None
+    run = Path(summary["output_dir"])
+    assert (run / "zo_plot.png").is_file()
+    done = subprocess.run([sys.executable, "-m", "zotune.cli", "replay", str(run), str(run / "zo_trajectory.jsonl"),
+                           str(tmp_path / "replayed")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    trained, replayed = load_file(run / "model.safetensors"), load_file(tmp_path / "replayed/model.safetensors")
+    assert all(torch.equal(trained[n], replayed[n]) for n in trained)
+
+
+def vowels(completions, **columns):
+    """The vowels of each completion (a reward a recipe names by import path)."""
+    return [float(sum(ch in "aeiou" for ch in c)) for c in completions]
+
+
+@pytest.mark.parametrize("change,said", [
+    ({"reward": None}, "data.task reward needs a `reward` section"),
+    ({"method": "fo"}, "data.task reward trains with method zo"),
+    ({"zo": {"rule": "addax"}}, "zo.rule 'addax' backpropagates a loss on labelled rows"),
+    ({"zo": {"objective": "accuracy"}}, "zo.objective 'accuracy': a reward run's objective is its reward functions"),
+    ({"reward": {"functions": ["a.b:c", "d.e:f"], "weights": [1.0]}}, "give one weight per function"),
+    ({"data": {"task": "sft", "train": {"path": "x.jsonl"}}}, "the `reward` section is for data.task reward"),
+])
+def test_a_reward_recipe_that_cannot_run_is_refused_naming_why(change, said):
+    from pydantic import ValidationError
+
+    from zotune.schema import Recipe
+
+    recipe = {"model": {"name_or_path": "m"}, "data": {"task": "reward", "train": {"path": "p.jsonl"}},
+              "reward": {"functions": ["zotune.reward.sentiment:answer"]}, **change}
+    with pytest.raises(ValidationError, match=said):
+        Recipe.model_validate({k: v for k, v in recipe.items() if v is not None})
+

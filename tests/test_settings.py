@@ -36,6 +36,7 @@ OTHER_MEANINGS = {
     ("zotune/optim.py", "run_in_place", "schedule"): "which in-place schedule to switch to",
     ("zotune/plan.py", "plan_memory", "offload"): "a bool: whether the plan streams the blocks",
     ("zotune/methods/rules/adam.py", "AdamConfig", "eps"): "Adam's denominator epsilon",
+    ("zotune/integrations/trl.py", "ZOGRPOConfig", "zo_rule"): "GRPO's stand-in trains by ES's rule, not ZO-SGD",
 }
 
 

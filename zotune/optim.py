@@ -175,6 +175,11 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._notes: dict = {}  # what the estimator recorded when the step began
         self.last_loss_fn: Callable | None = None
 
+    @property
+    def micro_batches_estimated(self) -> int:
+        """The micro-batches of the current step estimated so far (during `estimate`: the index of the one it runs)."""
+        return len(self._weights)
+
     def named_params(self) -> Iterable[tuple[str, torch.nn.Parameter, dict]]:
         for group in self.param_groups:
             for name, p in zip(group["names"], group["params"]):

@@ -2,7 +2,7 @@
 
 Panels, against the Trainer's step (1 = after the first update):
 - the losses at θ + εz and θ − εz of every step (their mean is what the Trainer logs as the
-  training loss, drawn over them at its logging steps);
+  training loss, drawn over them at its logging steps); a reward run's mean rewards instead;
 - the projected gradient g of every step (the mean over its directions); a step whose
   losses were not finite has none and is marked at the bottom of the panel;
 - the evaluation metrics the Trainer logged, if it evaluated.
@@ -31,7 +31,8 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     if not (run / FILENAME).is_file():
         raise UserError(f"{run_dir}: no {FILENAME}; `zotune plot` needs the output directory of a ZO run "
                         "(a recipe with zo.trajectory on, the default)")
-    _, records = read_trajectory(run / FILENAME)
+    header, records = read_trajectory(run / FILENAME)
+    sign, value = (-1, "mean reward") if header.get("reward") else (1, "loss")  # a reward run logs −reward
     history = _log_history(run)
     evals = _eval_series(history)
 
@@ -43,12 +44,12 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     fig, axes = plt.subplots(2 + bool(evals), 1, figsize=(7, 2.6 * (2 + bool(evals))), sharex=True, squeeze=False)
     losses, grads = axes[0][0], axes[1][0]
     steps = [r["step"] + 1 for r in records]
-    losses.plot(steps, [statistics.fmean(r["loss_plus"]) for r in records], lw=0.8, label="L(θ + εz)")
-    losses.plot(steps, [statistics.fmean(r["loss_minus"]) for r in records], lw=0.8, label="L(θ − εz)")
-    logged = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    losses.plot(steps, [sign * statistics.fmean(r["loss_plus"]) for r in records], lw=0.8, label=f"{value} at θ + εz")
+    losses.plot(steps, [sign * statistics.fmean(r["loss_minus"]) for r in records], lw=0.8, label=f"{value} at θ − εz")
+    logged = [(h["step"], sign * h["loss"]) for h in history if "loss" in h]
     if logged:
-        losses.plot(*zip(*logged), "k.-", label="training loss (logged)")
-    losses.set_ylabel("loss")
+        losses.plot(*zip(*logged), "k.-", label=f"training {value} (logged)")
+    losses.set_ylabel(value)
     losses.legend(fontsize=8)
 
     finite = [(s, statistics.fmean(r["g"])) for s, r in zip(steps, records) if r["g"] is not None]

@@ -81,6 +81,13 @@ def preflight(recipe: Recipe, *, run_user_code: bool) -> list[str]:
     checked = recipe if run_user_code else recipe.model_copy(update={"zo": recipe.zo.model_copy(
         update={"objective": "loss"})})  # ZOConfig imports the objective's module
     problems = [locate(recipe, p) for p in _setup_problems(checked)]
+    if recipe.reward is not None and run_user_code:
+        from zotune.reward.functions import RewardFunctions
+
+        try:  # imports each function: a wrong path is found before the model loads
+            RewardFunctions(recipe.reward.functions, recipe.reward.weights)
+        except UserError as e:
+            problems.append(locate(recipe, str(e)))
     notes: list[str] = []
     try:
         encoder, tokenizer, note = _model_view(recipe, run_user_code)

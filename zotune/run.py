@@ -65,6 +65,8 @@ def build_trainer(recipe: Recipe, model, tokenizer) -> tuple[Trainer, str]:
         num_rows_needed=(train.max_steps * train.per_device_train_batch_size * train.gradient_accumulation_steps
                          * launched_ranks()),
     )
+    if recipe.data.task == "reward":
+        return _reward_trainer(recipe, model, tokenizer, task), f"eval_{task.metric}"
     trainer_class = ZOTrainer if recipe.method == "zo" else Trainer
     trainer = trainer_class(
         model=model,
@@ -81,6 +83,17 @@ def build_trainer(recipe: Recipe, model, tokenizer) -> tuple[Trainer, str]:
         # our loss is a per-micro-batch mean: let the Trainer divide by the accumulation steps
         trainer.loss_is_scaled_for_ga = False
     return trainer, f"eval_{task.metric}"
+
+
+def _reward_trainer(recipe: Recipe, model, tokenizer, task) -> Trainer:
+    from zotune.reward.population import Generation
+    from zotune.reward.trainer import ZORewardTrainer
+
+    reward = recipe.reward
+    return ZORewardTrainer(model=model, args=training_arguments(recipe, task), train_dataset=task.train_dataset,
+                           eval_dataset=task.eval_dataset, processing_class=tokenizer, reward_funcs=reward.functions,
+                           reward_weights=reward.weights,
+                           generation=Generation(reward.max_new_tokens, tuple(reward.stop)))
 
 
 def peak_memory_gib() -> float:

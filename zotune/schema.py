@@ -111,13 +111,15 @@ TASKS_READING = {
 
 
 class DataSection(Section):
-    task: Literal["classification", "sft", "lm"] = Field(description="How rows become examples and losses.")
+    task: Literal["classification", "sft", "lm", "reward"] = Field(
+        description="How rows become examples and losses. reward: prompts whose completions the `reward` section's "
+        "functions score (method zo).")
     train: DataSource = Field(description="Training data.")
     eval: DataSource | None = Field(None, description="Held-out data for evaluation (accuracy, loss).")
     template: str = Field(
         "{text}",
         description="Python format string over the row's columns. classification: the prompt scored on the "
-        "label words; sft: the prompt; lm: the text.",
+        "label words; sft and reward: the prompt; lm: the text.",
     )
     label_field: str = Field("label", description="classification: column with the label.")
     verbalizer: dict[str, str] | None = Field(
@@ -141,6 +143,27 @@ class DataSection(Section):
             raise ValueError(f"a setting of task {' and '.join(readers)}, which task {task!r} does not read; "
                              f"remove it, or set data.task to {readers[0]!r}")
         return value
+
+
+class RewardSection(Section):
+    """data.task reward: what scores a completion, and how completions are generated (greedy)."""
+
+    functions: list[str] = Field(
+        min_length=1, description="Import paths 'package.module:function' of reward functions with trl's signature: "
+        "f(completions, prompts=..., completion_ids=..., **columns) -> list[float], the rows' other columns as "
+        "keyword arguments. Higher is better.")
+    weights: list[float] | None = Field(None, description="One per function: the reward is their weighted sum "
+                                                          "(default: each 1).")
+    max_new_tokens: int = Field(16, gt=0, description="Tokens generated per completion (each costs a forward of "
+                                                      "the whole population).")
+    stop: list[str] = Field(default_factory=list, description="A completion is cut before the first of these.")
+
+    @model_validator(mode="after")
+    def _a_weight_per_function(self) -> "RewardSection":
+        if self.weights is not None and len(self.weights) != len(self.functions):
+            raise ValueError(f"give one weight per function: {len(self.weights)} weights, "
+                             f"{len(self.functions)} functions")
+        return self
 
 
 class ParamsSection(Section):
@@ -294,6 +317,7 @@ class Recipe(Section):
     zo: ZOSettings = Field(default_factory=ZOSettings)
     train: TrainSection = Field(default_factory=TrainSection)
     bilevel: BilevelConfig | None = Field(None, description="method scalebio: sources, validation set, alpha, lrs.")
+    reward: RewardSection | None = Field(None, description="data.task reward: the reward functions and generation.")
 
     @model_validator(mode="after")
     def _master_weights_for_the_rule(self) -> "Recipe":
@@ -308,6 +332,23 @@ class Recipe(Section):
         if self.train.activation_checkpointing and self.method != "fo":
             raise ValueError(f"train.activation_checkpointing saves memory in method fo's backward pass; method "
                              f"{self.method!r} does not use it: set it with method fo, or drop it")
+        return self
+
+    @model_validator(mode="after")
+    def _reward_with_its_task(self) -> "Recipe":
+        if self.data.task == "reward" and self.reward is None:
+            raise ValueError("data.task reward needs a `reward` section (functions, max_new_tokens, ...)")
+        if self.data.task != "reward" and self.reward is not None:
+            raise ValueError(f"the `reward` section is for data.task reward, not {self.data.task!r}")
+        if self.data.task == "reward" and self.method != "zo":
+            raise ValueError(f"data.task reward trains with method zo (forward passes only), not {self.method!r}; "
+                             "for backprop on rewards use trl's GRPOTrainer")
+        if self.data.task == "reward" and build_rule(self.zo.rule).first_order:
+            raise ValueError(f"zo.rule {build_rule(self.zo.rule).name!r} backpropagates a loss on labelled rows, which "
+                             "prompts scored by a reward do not have: use es, sgd, momentum, ...")
+        if self.data.task == "reward" and self.zo.objective != "loss":
+            raise ValueError(f"zo.objective {self.zo.objective!r}: a reward run's objective is its reward functions "
+                             "(the `reward` section); leave zo.objective unset")
         return self
 
     @model_validator(mode="after")

@@ -94,6 +94,11 @@ class ZOTrainer(ShardedCheckpoints, Trainer):
     """A drop-in `Trainer` that trains with SPSA estimates from pairs of forward passes."""
 
     args: ZOConfig
+    # with zo_slice_directions each direction takes its own rows of a batch (a reward step's directions each
+    # generate for all of them: zotune.reward)
+    slices_rows = True
+    # the pairs' values are minus a mean reward, not a loss (zotune.reward): the trajectory header says so
+    objective_is_reward = False
 
     def __init__(self, *args, **kwargs):
         self.offloader: BlockOffloader | None = None
@@ -104,7 +109,7 @@ class ZOTrainer(ShardedCheckpoints, Trainer):
         self.requested = with_lazy_update_decided(self.args.zo_settings())
         if self.args.zo_offload == "cpu" and self.offloader is None:
             self._attach_offloader(self.model, self.args.device)
-        _check_run(self.args, self.requested, self.model)
+        _check_run(self.args, self.requested, self.model, self.slices_rows)
         # set by create_optimizer: the optimizer and the parts of a step
         self.zo: ZOOptimizer | None = None
         self.value: StepValue | None = None
@@ -260,13 +265,13 @@ class ZOTrainer(ShardedCheckpoints, Trainer):
         save_checkpoint_atomically(self, super()._save_checkpoint, model, trial)
 
 
-def _check_run(args: ZOConfig, settings: ZOSettings, model) -> None:
+def _check_run(args: ZOConfig, settings: ZOSettings, model, slices_rows: bool) -> None:
     """What a run cannot do, refused with the weights at hand, before any evaluation or step."""
     trainable = trainable_parameters(model, args.zo_include, args.zo_exclude)
     swamped = swamp_error(args.zo_eps, trainable_rms(p for _, p in trainable), "zo.eps (ZOConfig.zo_eps)")
     if swamped:  # zotune.eps
         raise UserError(swamped)
-    if settings.slice_directions and args.per_device_train_batch_size < settings.num_directions:
+    if slices_rows and settings.slice_directions and args.per_device_train_batch_size < settings.num_directions:
         raise UserError(f"zo.slice_directions gives each of zo.num_directions={settings.num_directions} "
                         f"directions its own rows of a batch: train.per_device_train_batch_size="
                         f"{args.per_device_train_batch_size} is too small (best a multiple of it)")

@@ -42,6 +42,8 @@ class TrajectoryCallback(TrainerCallback):
                 "init_sha256": digest,
                 "optimizer": {**header_fields(trainer.settings), "seed": zo.seed,
                               "weight_decay": zo.defaults["weight_decay"]},
+                # a reward run's loss_plus and loss_minus are minus mean rewards (zotune plot draws rewards)
+                **({"reward": True} if trainer.objective_is_reward else {}),
             })
 
     def on_optimizer_step(self, args, state, control, **kwargs):

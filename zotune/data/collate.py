@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 INDEX = "example_index"  # the dataset column, and batch key, of a row's position in its data file
+PROMPT = "prompt"  # data.task reward: the column, and batch key, of a row's filled template
 IGNORED_LABEL = -100  # a token label that no loss counts (transformers' convention)
 
 

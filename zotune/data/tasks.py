@@ -1,9 +1,11 @@
-"""The three tasks: rows to tokenized examples, and their losses and metrics, for `transformers.Trainer`.
+"""The four tasks: rows to tokenized examples, and their losses and metrics, for `transformers.Trainer`.
 
 - classification: a prompt scored on one label word per class (MeZO-style) for causal LMs, or the
   model's own head for `...ForSequenceClassification` models;
 - sft: prompt + completion, loss on the completion only;
-- lm: texts packed into fixed-size blocks.
+- lm: texts packed into fixed-size blocks;
+- reward: prompts (the filled template, column `prompt`) with their rows' other columns, which the
+  reward functions read; tokenized per batch by `zotune.reward.trainer`.
 
 A row without a value (missing or null) for a column the task reads is an error naming its line.
 Nothing is dropped silently: examples longer than `data.max_length` are truncated with a warning
@@ -30,7 +32,7 @@ import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
 
-from zotune.data.collate import INDEX, LeftPadCollator, RightPadCollator, pad_token_id
+from zotune.data.collate import INDEX, PROMPT, LeftPadCollator, RightPadCollator, pad_token_id
 from zotune.data.files import describe, load_task_rows, row_location
 from zotune.errors import UserError
 from zotune.models import forward_accepts
@@ -302,7 +304,7 @@ def check_rows(section: DataSection, train_rows, eval_rows, *, encoder: bool, ba
                 if not (labels == k).any():
                     raise UserError(f"data.balanced: class {c!r} has no rows in {train_where}")
         return classes
-    check = sft_columns if section.task == "sft" else _lm_columns
+    check = {"sft": sft_columns, "reward": reward_columns}.get(section.task, _lm_columns)
     check(train_rows, "data.train", describe(section.train), section)
     if eval_rows is not None:
         check(eval_rows, "data.eval", describe(section.eval), section)
@@ -338,6 +340,23 @@ def _classification(section, tokenizer, model, train_rows, eval_rows, classes, *
                                forward_accepts(model, "logits_to_keep"))
     return TaskData(train, evaluation, collator, partial(label_word_loss, label_word_ids=word_ids), accuracy,
                     partial(label_word_logits, label_word_ids=word_ids), section.balanced, "accuracy")
+
+
+# ---------------------------------------------------------------- reward
+
+
+def reward_columns(rows, data_key, where, section) -> None:
+    """The template's columns exist and have a value in every row, and no column is called `prompt`."""
+    if PROMPT in rows.column_names:
+        raise UserError(f"{data_key}: {where} has a column {PROMPT!r}, which data.task reward writes (the filled "
+                        f"data.template); rename it and name it in the template, e.g. '{{{PROMPT}_text}}'")
+    _check_values(rows, _check_template(section.template, rows, data_key, where), data_key, where)
+
+
+def prompt_rows(rows: datasets.Dataset, data_key: str, where: str, section) -> datasets.Dataset:
+    """The rows with their filled template as `prompt`; the other columns go to the reward functions."""
+    reward_columns(rows, data_key, where, section)
+    return rows.add_column(PROMPT, _fill(section.template, rows.to_dict()))
 
 
 # ---------------------------------------------------------------- sft and lm
@@ -421,6 +440,10 @@ def build_task_data(section: DataSection, tokenizer, model, *, seed: int, batch_
         return _classification(section, tokenizer, model, train_rows, eval_rows, classes, seed=seed,
                                batch_size=batch_size, num_rows_needed=num_rows_needed)
 
+    if section.task == "reward":  # tokenized per batch by the trainer (zotune.reward.trainer.PromptCollator)
+        train = prompt_rows(train_rows, "data.train", describe(section.train), section)
+        evaluation = None if eval_rows is None else prompt_rows(eval_rows, "data.eval", describe(section.eval), section)
+        return TaskData(train, evaluation, None, None, None, None, False, "mean_reward")
     encode = encode_sft if section.task == "sft" else _encode_lm
     train = encode(train_rows, "data.train", describe(section.train), section, tokenizer)
     evaluation = None

@@ -202,6 +202,8 @@ class Estimator(Method):
     plain: ClassVar[bool] = False  # z is the noise itself: the fused kernels regenerate it
     direction_state: ClassVar[tuple[str, ...]] = ()  # state keys `directions` reads (travel when offloading)
     loss_at_theta: ClassVar[bool] = False  # needs L(θ) every micro-batch (one more forward)
+    # `update_terms` adds terms in the units of g: a rule that rescales or chooses among the g's cannot take it
+    corrects_estimate: ClassVar[bool] = False
 
     def num_directions(self, sizes: dict[str, int], asked: int) -> int:
         """The directions q per step, given each trainable parameter's element count (in the
@@ -221,9 +223,9 @@ class Estimator(Method):
         return {}
 
     def update_terms(self, name: str, step: int, seeds: list[int], coefs: list[float]) -> tuple[list[int], list[float]]:
-        """ĝ's terms for parameter `name` at `step`, given the step's directions' seeds and g_k/q: an
-        estimator may reweigh them and put terms of its own (seeds of further noise) before them; the
-        step's last direction stays last (a pending restore is along it)."""
+        """ĝ's terms for parameter `name` at `step`, given the step's directions' seeds and g_k/q (the g's the
+        rule chose): an estimator may reweigh them and put terms of its own (seeds of further noise) before
+        them (`corrects_estimate`); the step's last direction stays last (a pending restore is along it)."""
         return seeds, coefs
 
     def end_step(self, view: StepView, record: dict) -> None:

@@ -74,6 +74,10 @@ def check_compatible(rule: Rule, estimator: Estimator, *, schedule: str, lazy_up
         raise ValueError(f"lazy_update folds an update into the next step's noise pass: it needs a rule that folds "
                          f"its update ({', '.join(map(repr, folding))}) and estimator 'spsa', not {rule.name!r} and "
                          f"{estimator.name!r}")
+    if estimator.corrects_estimate and type(rule).choose is not Rule.choose:
+        raise ValueError(f"estimator {estimator.name!r} corrects the estimate in the units of the projected "
+                         f"gradients, which rule {rule.name!r} rescales or chooses among: use a rule that applies "
+                         "them as they are (sgd, momentum, adam, sign)")
     for method in (rule, estimator):
         refusal = method.refusal(schedule=schedule, lazy_update=lazy_update, num_directions=num_directions)
         if refusal:

@@ -8,8 +8,9 @@ dual engine runs every module's first half at θ + a·z_{k_i} and its second at 
 (`zotune.dual`), so each row decodes as if its own perturbed model generated it alone. In place
 (`sequential`, `fused`) the weights themselves move and each member generates on its own.
 
-Greedy decoding (the default) makes a member's completions a function of its weights alone; both
-routes give the same tokens, which the tests hold them to.
+Greedy decoding (the default) makes a member's completions a function of its weights alone; sampled
+decoding draws one step's numbers for all its members (`GumbelSampling`). Both routes give the same
+tokens, which the tests hold them to.
 """
 
 from __future__ import annotations
@@ -19,27 +20,60 @@ from dataclasses import dataclass, field
 
 import torch
 
+from zotune.data.collate import PROMPT
 from zotune.dual import DualEngine
 from zotune.optim import ZOOptimizer
 from zotune.reward.functions import RewardFunctions
 
-PROMPT = "prompt"  # the batch key of the prompts' text; other non-tensor keys are the reward functions' columns
+SAMPLING = -4  # the direction index a step's sampling seed derives from: never a perturbation's
 
 
 @dataclass(frozen=True)
 class Generation:
-    """How completions are generated (greedy: a member's completions depend on its weights alone)."""
+    """How completions are generated: greedy (`temperature` None or 0), or sampled at `temperature`."""
 
     max_new_tokens: int = 32
     stop: tuple[str, ...] = field(default_factory=tuple)  # a completion is cut before the first of these
+    temperature: float | None = None
+
+
+class GumbelSampling:
+    """Sampling at a temperature as greedy decoding of logits/T + Gumbel noise (the Gumbel-max trick), the
+    noise a function of (seed, prompt, position, token) from `zotune.noise`: every member, both signs of
+    every direction, draws the same numbers for the same prompt (common random numbers), and a resumed run
+    draws them again. Rows are the prompts repeated: row r is prompt r mod `prompts`."""
+
+    def __init__(self, seed: int, temperature: float, prompt_length: int, prompts: int, max_new_tokens: int):
+        self.seed, self.temperature, self.prompt_length = seed, temperature, prompt_length
+        self.prompts, self.max_new_tokens = prompts, max_new_tokens
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        from zotune.noise import noise
+
+        position, vocab = input_ids.shape[1] - self.prompt_length, scores.shape[1]
+        normals = torch.stack([noise(self.seed, vocab, offset=(p * self.max_new_tokens + position) * vocab,
+                                     device=scores.device) for p in range(self.prompts)])
+        uniform = torch.special.ndtr(normals).clamp(torch.finfo(torch.float32).tiny, 1 - 2**-24)
+        gumbel = -torch.log(-torch.log(uniform))
+        rows = torch.arange(len(scores), device=scores.device) % self.prompts
+        return scores.float() / self.temperature + gumbel[rows]
 
 
 def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, generation: Generation,
-                 pad_id: int, eos_id: int | None) -> list[list[int]]:
-    """Each row's completion tokens (greedy, left-padded prompts), cut after the end-of-sequence token."""
+                 pad_id: int, eos_id: int | None, sampling_seed: int | None = None,
+                 prompts: int | None = None) -> list[list[int]]:
+    """Each row's completion tokens (left-padded prompts), cut after the end-of-sequence token. Sampled
+    decoding (a `temperature`) draws from `sampling_seed`, the rows being `prompts` prompts repeated;
+    without a seed (evaluation) it is greedy."""
+    from transformers import LogitsProcessorList
+
+    processors = LogitsProcessorList()
+    if generation.temperature and sampling_seed is not None:
+        processors.append(GumbelSampling(sampling_seed, generation.temperature, input_ids.shape[1],
+                                         prompts or len(input_ids), generation.max_new_tokens))
     out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=generation.max_new_tokens,
                          do_sample=False, pad_token_id=pad_id, eos_token_id=eos_id, use_cache=True,
-                         temperature=None, top_p=None, top_k=None)
+                         temperature=None, top_p=None, top_k=None, logits_processor=processors)
     completions = []
     for row in out[:, input_ids.shape[1]:].tolist():
         if eos_id is not None and eos_id in row:
@@ -55,9 +89,10 @@ class Scorer:
         self.tokenizer, self.rewards, self.generation = tokenizer, rewards, generation
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
-    def completions(self, model, inputs: dict) -> list[list[int]]:
+    def completions(self, model, inputs: dict, sampling_seed: int | None = None,
+                    prompts: int | None = None) -> list[list[int]]:
         return generate_ids(model, inputs["input_ids"], inputs["attention_mask"], self.generation, self.pad_id,
-                            self.tokenizer.eos_token_id)
+                            self.tokenizer.eos_token_id, sampling_seed, prompts)
 
     def mean_reward(self, inputs: dict, completion_ids: list[list[int]]) -> float:
         completions = [cut(self.tokenizer.decode(c, skip_special_tokens=True), self.generation.stop)
@@ -73,12 +108,27 @@ class PopulationRewards:
     checked = True  # no check of the schedule: generation runs the engine as it is
 
     def __init__(self, model, zo: ZOOptimizer, scorer: Scorer):
-        self.scorer = scorer
+        self.scorer, self.zo = scorer, zo
         self.dual = DualEngine(model, zo) if zo.out_of_place else None
+
+    def sampling_seed(self) -> int | None:
+        """The sampling seed of the micro-batch being estimated, on this rank: one for every member
+        (common random numbers), another for each micro-batch and rank; None: greedy."""
+        import torch.distributed as dist
+
+        from zotune.noise import seed_for, step_seed
+        from zotune.optim import data_parallel
+
+        if not self.scorer.generation.temperature:
+            return None
+        rank = dist.get_rank() if data_parallel() else 0
+        where = f"sampling:{self.zo.micro_batches_estimated}:{rank}"
+        return seed_for(step_seed(self.zo.seed, self.zo.current_step), SAMPLING, where)
 
     def loss_fn(self, model, inputs: dict) -> Callable:
         if self.dual is None:
-            return lambda: -self.scorer.mean_reward(inputs, self.scorer.completions(model, inputs))
+            return lambda: -self.scorer.mean_reward(inputs, self.scorer.completions(model, inputs,
+                                                                                    self.sampling_seed()))
 
         def losses(seed: int, k):
             ks = k if isinstance(k, tuple) else (k,)
@@ -99,7 +149,7 @@ class PopulationRewards:
         prompts, m = len(inputs["input_ids"]), len(ks)
         doubled = {key: inputs[key].repeat(2 * m, 1) for key in ("input_ids", "attention_mask")}
         with self.dual.dual_forward(m * prompts, (seed, ks)):
-            return self.scorer.completions(model, doubled)
+            return self.scorer.completions(model, doubled, self.sampling_seed(), prompts)
 
 
 def cut(text: str, stop: tuple[str, ...]) -> str:

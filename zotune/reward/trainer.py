@@ -22,8 +22,9 @@ from typing import Any
 import torch
 
 from zotune.batch import batch_rows
+from zotune.data.collate import PROMPT
 from zotune.reward.functions import RewardFunctions
-from zotune.reward.population import PROMPT, Generation, PopulationRewards, Scorer
+from zotune.reward.population import Generation, PopulationRewards, Scorer
 from zotune.trainer import ZOTrainer
 
 
@@ -47,7 +48,11 @@ class ZORewardTrainer(ZOTrainer):
     """A `ZOTrainer` whose objective is minus the mean reward of what each perturbed model generates.
 
     `reward_funcs`: callables or import paths with trl's signature, summed with `reward_weights`;
-    `generation`: how completions are generated (greedy, `max_new_tokens`, stop strings)."""
+    `generation`: how completions are generated (`max_new_tokens`, stop strings, greedy or a temperature).
+    With `zo_slice_directions` all q directions, both signs, decode in one `generate`, each for every prompt."""
+
+    slices_rows = False
+    objective_is_reward = True
 
     def __init__(self, *args, reward_funcs: Sequence[Callable | str] | Callable | str,
                  reward_weights: Sequence[float] | None = None, generation: Generation | None = None, **kwargs):
@@ -69,9 +74,19 @@ class ZORewardTrainer(ZOTrainer):
     def _remove_unused_columns(self, dataset, description=None):
         return dataset  # the prompt's text and the reward functions' columns are no forward's arguments
 
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """`{prefix}_mean_reward` of what the model generates for the evaluation prompts (logged too)."""
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if dataset is None:
+            raise ValueError("evaluate() needs prompts: give eval_dataset (here or to the trainer)")
+        metrics = {f"{metric_key_prefix}_mean_reward": self.mean_reward(dataset)}
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
     @torch.no_grad()
     def mean_reward(self, dataset, batch_size: int | None = None) -> float:
-        """The mean reward of what the model (θ, every update applied) generates for `dataset`'s prompts."""
+        """The mean reward of what the model (θ, every update applied) generates greedily for `dataset`'s prompts."""
         self.flush()
         model, collate = self.model, PromptCollator(self.processing_class)
         batch_size = batch_size or self.args.per_device_eval_batch_size

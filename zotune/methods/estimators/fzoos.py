@@ -28,7 +28,8 @@ class FZooS(Estimator):
     """The trajectory-informed surrogate gradient of FZooS (Shu et al., 2023, "Federated Zeroth-Order
     Optimization using Trajectory-Informed Surrogate Gradients", arXiv:2308.04077), in one process.
 
-    A Gaussian process with an RBF kernel of lengthscale l, in random Fourier features
+    A Gaussian process with an RBF kernel of lengthscale l (Gaussian `zo.perturbation`; with Rademacher
+    noise the features give a product-of-cosines kernel instead), in random Fourier features
     φ_m(θ) = √(2/M)·cos(w_m·θ + b_m) (w_m = e_m/l, e_m the run's noise of feature m's seed, b_m uniform
     in [0, 2π)), is fitted to the last τ steps' queries. Each direction k of a step is one observation:
     its g_k = (L(θ + εz_k) − L(θ − εz_k))/(2ε), both losses of one batch, so the batch's offset cancels,
@@ -42,8 +43,10 @@ class FZooS(Estimator):
     an unbiased estimate whatever μ (E[zzᵀ] = I), with less variance the better μ fits; with no history
     μ = 0 and ĝ is SPSA's. z is plain noise. The history is a few scalars per query (τ·q rows of M + 1,
     float64, kept with the first parameter's state), θ itself is not kept; each step costs M noise passes
-    per parameter for the dot products w_m·θ and w_m·z_k, and M more to apply ∇μ's terms. Replay and
-    resume recompute the same dot products from the same θ.
+    per parameter for the dot products w_m·θ and w_m·z_k, and M more to apply ∇μ's terms. Replay
+    recomputes the same dot products from the same θ; resume loads the history from the checkpoint.
+    Its correction is in the units of g, so rules that rescale or choose among the projected gradients
+    (`conservative`, `fzoo`, `es`) are refused.
     """
 
     name = "fzoos"
@@ -56,6 +59,8 @@ class FZooS(Estimator):
         # what begin_step derived from θ and the history for its step (∇μ's weights a_m, the corrections
         # z_k·∇μ, the features' sines and w_m·z_k for end_step's rows): not optimizer state
         self.current: dict | None = None
+
+    corrects_estimate = True
 
     def num_directions(self, sizes, asked):
         self.q = asked
@@ -90,7 +95,8 @@ class FZooS(Estimator):
         sines = torch.sin(dots_theta / self.config.lengthscale + phases)
         a = torch.zeros(M, dtype=f64)
         history = view.params[0].state.get("fzoos")
-        if history is not None:
+        if history is not None:  # kept on the host; a checkpoint load may have moved it beside the parameter
+            history = history.cpu()
             rows, y = history[..., :M].reshape(-1, M), history[..., M].reshape(-1)
             c = torch.linalg.solve(rows.T @ rows + self.config.noise * torch.eye(M, dtype=f64), rows.T @ y)
             a = -c * math.sqrt(2 / M) * sines / self.config.lengthscale
@@ -101,7 +107,7 @@ class FZooS(Estimator):
     def update_terms(self, name, step, seeds, coefs):
         """γ·a_m along e_m first, then each direction's g_k/q less γ·(z_k·∇μ)/q."""
         current, gamma, q = self.current, self.config.gamma, len(seeds)
-        if current is None or current["step"] != step or not gamma:
+        if current is None or current["step"] != step or not gamma or not current["a"].any():  # no surrogate yet
             return seeds, coefs
         extra = [self._seed(current["noise"], m, name) for m in range(self.config.features)]
         return ([*extra, *seeds], [gamma * float(a) for a in current["a"]]
@@ -116,5 +122,5 @@ class FZooS(Estimator):
         rows = -math.sqrt(2 / M) * current["sines"][:, None] * sin_eps
         step_rows = torch.cat([rows.T, torch.tensor(record["g"], dtype=torch.float64)[:, None]], dim=1)
         state = view.params[0].state
-        history = step_rows[None] if "fzoos" not in state else torch.cat([state["fzoos"], step_rows[None]])
+        history = step_rows[None] if "fzoos" not in state else torch.cat([state["fzoos"].cpu(), step_rows[None]])
         state["fzoos"] = history[-self.config.history:].contiguous()

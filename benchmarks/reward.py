@@ -1,0 +1,212 @@
+"""Evolution strategies (zotune) against trl's GRPO on one reward: held-out mean reward against wall-clock,
+peak memory, and what each forgets.
+
+    python benchmarks/reward.py --configs es-lora,grpo-lora --seeds 0,1,2 --budget 600
+    python benchmarks/reward.py --plot benchmarks/results/reward.jsonl
+
+Protocol (fixed before the runs):
+- Gemma 3 270M and the task of the shipped `reward-es` recipe: rotten_tomatoes reviews, the reward
+  `zotune.reward.sentiment:answer` (1 for the right sentiment word, 0.2 for the other); its prompts.
+- Every configuration trains for the same wall-clock budget (`--budget` seconds of training steps,
+  evaluations not counted). The held-out mean reward (greedy decoding, the first `--eval-rows` reviews of
+  the validation split, the same scorer for both) is taken every `--eval-every` seconds and at the end.
+- ES: `zotune train reward-es` with its settings (`es-lora`), all weights trained (`es-full`), or the
+  population decoded member by member (`es-lora-sequential`). GRPO: trl's `GRPOTrainer` with the same
+  prompts, reward and completion length, the same number of completions per step (population size =
+  `num_generations`), trl's defaults otherwise (sampled at temperature 1, AdamW).
+- Forgetting: the zero-shot accuracy of the quickstart's prompt ("{text} It was", " great" / " terrible")
+  on the first 200 rows of the validation split, before and after.
+- Each run is its own process, so its peak RSS is its own.
+
+Each run appends a JSON line to benchmarks/results/reward.jsonl; `--plot FILE` draws the held-out reward
+against training seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+RESULTS = ROOT / "benchmarks" / "results" / "reward.jsonl"
+
+# name -> (trainer, recipe overrides of reward-es)
+CONFIGS = {
+    "es-lora": ("es", []),
+    "es-lora-sequential": ("es", ["zo.schedule=sequential", "zo.slice_directions=false"]),
+    "es-full": ("es", ["model.peft=null", "train.learning_rate=1e-6"]),
+    "grpo-lora": ("grpo", ["train.learning_rate=1e-4"]),
+    "grpo-full": ("grpo", ["model.peft=null", "train.learning_rate=1e-6"]),
+}
+
+
+def forgetting_accuracy(model, tokenizer, rows: int = 200) -> float:
+    """Zero-shot accuracy of the quickstart's prompt and label words on the first `rows` validation reviews."""
+    import torch
+
+    reviews = [json.loads(line) for line in (DATA / "rotten_tomatoes/validation.jsonl").read_text().splitlines()]
+    words = [tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in (" terrible", " great")]
+    right = 0
+    with torch.no_grad():
+        for start in range(0, rows, 16):
+            batch = reviews[start:min(rows, start + 16)]
+            encoded = tokenizer([f"{r['text']} It was" for r in batch], padding=True, padding_side="left",
+                                return_tensors="pt")
+            logits = model(**encoded, logits_to_keep=1).logits[:, -1, words]
+            right += int((logits.argmax(-1) == torch.tensor([r["label"] for r in batch])).sum())
+    return right / rows
+
+
+def run_one(config: str, seed: int, budget: float, every: float, eval_rows: int) -> dict:
+    import torch
+    from transformers import TrainerCallback
+
+    import host
+    from zotune.data.files import load_task_rows
+    from zotune.data.tasks import prompt_rows
+    from zotune.recipe import load_recipe
+    from zotune.reward.functions import RewardFunctions
+    from zotune.reward.population import Generation, Scorer
+    from zotune.run import build_model, build_trainer
+
+    kind, overrides = CONFIGS[config]
+    out = Path("/tmp") / f"zotune-reward-{config}-{seed}-{time.time_ns()}"
+    recipe = load_recipe("reward-es", [*overrides, f"train.seed={seed}", "train.max_steps=100000",
+                                       f"data.eval.max_samples={eval_rows}", f"train.output_dir={out}"])
+    model, tokenizer = build_model(recipe)
+    scorer = Scorer(tokenizer, RewardFunctions(recipe.reward.functions),
+                    Generation(recipe.reward.max_new_tokens, tuple(recipe.reward.stop)))
+    train_rows, eval_source = load_task_rows(recipe.data)
+    held_out = prompt_rows(eval_source, "data.eval", "validation", recipe.data)
+
+    def held_out_reward() -> float:
+        model.eval()
+        total = 0.0
+        with torch.no_grad():
+            for start in range(0, len(held_out), 32):
+                rows = held_out[start:start + 32]
+                batch = dict(tokenizer(rows["prompt"], padding=True, padding_side="left", return_tensors="pt"))
+                batch.update(rows)
+                total += scorer.mean_reward(batch, scorer.completions(model, batch)) * len(rows["prompt"])
+        return total / len(held_out)
+
+    class Budget(TrainerCallback):
+        def __init__(self):
+            self.spent, self.mark, self.points, self.started = 0.0, every, [], 0.0
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.started = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.spent += time.perf_counter() - self.started
+            done = self.spent >= budget
+            if self.spent >= self.mark or done:
+                self.points.append({"seconds": round(self.spent, 1), "step": state.global_step,
+                                    "reward": held_out_reward()})
+                self.mark += every
+            if done:
+                control.should_training_stop = True
+
+    forgot_before, reward_before = forgetting_accuracy(model, tokenizer), held_out_reward()
+    if kind == "es":
+        trainer_of_run, _ = build_trainer(recipe, model, tokenizer)
+    else:
+        from trl import GRPOConfig, GRPOTrainer
+
+        population = 2 * recipe.zo.num_directions
+        args = GRPOConfig(output_dir=str(out), num_generations=population,
+                          max_completion_length=recipe.reward.max_new_tokens,
+                          per_device_train_batch_size=population * recipe.train.per_device_train_batch_size,
+                          learning_rate=recipe.train.learning_rate, max_steps=100000, seed=seed, report_to="none",
+                          use_cpu=not torch.cuda.is_available(), bf16=False, gradient_checkpointing=False,
+                          logging_steps=5, save_strategy="no")
+        trainer_of_run = GRPOTrainer(model=model, reward_funcs=scorer.rewards.functions, args=args,
+                                     train_dataset=prompt_rows(train_rows, "data.train", "train", recipe.data),
+                                     processing_class=tokenizer)
+    budget_cb = Budget()
+    trainer_of_run.add_callback(budget_cb)
+    trainer_of_run.train()
+    steps = trainer_of_run.state.global_step
+    return {"config": config, "seed": seed, "budget_s": budget, "reward_before": reward_before,
+            "points": budget_cb.points, "reward": budget_cb.points[-1]["reward"] if budget_cb.points else reward_before,
+            "steps": steps, "seconds_per_step": round(budget_cb.spent / steps, 3) if steps else None,
+            "forgetting_accuracy_before": forgot_before,
+            "forgetting_accuracy_after": forgetting_accuracy(model, tokenizer),
+            "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+            "overrides": overrides, "host": host.describe()}
+
+
+def plot(path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in rows:
+        ax.plot([0] + [p["seconds"] for p in r["points"]], [r["reward_before"]] + [p["reward"] for p in r["points"]],
+                marker="o", label=f"{r['config']} (seed {r['seed']})")
+    ax.set_xlabel("training seconds (2 CPU cores; evaluations not counted)")
+    ax.set_ylabel("held-out mean reward (greedy)")
+    ax.set_title("Gemma 3 270M, reward-es's task: ES (zotune) against GRPO (trl)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    png = path.with_suffix(".png")
+    fig.savefig(png, dpi=110, bbox_inches="tight")
+    return png
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", default="es-lora,grpo-lora", help=f"comma-separated, of: {', '.join(CONFIGS)}")
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--budget", type=float, default=600.0, help="training seconds per run")
+    parser.add_argument("--eval-every", type=float, default=150.0)
+    parser.add_argument("--eval-rows", type=int, default=200)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one configuration in this process
+    parser.add_argument("--plot", type=Path, help="draw a results file and exit")
+    args = parser.parse_args()
+    if args.plot:
+        print(f"wrote {plot(args.plot)}")
+        return
+    if args.one:
+        print("RESULT " + json.dumps(run_one(args.one, int(args.seeds), args.budget, args.eval_every, args.eval_rows)))
+        return
+    for config in args.configs.split(","):
+        if config not in CONFIGS:
+            parser.error(f"unknown configuration {config!r}; choose from {', '.join(CONFIGS)}")
+    for seed in (int(s) for s in args.seeds.split(",")):
+        for config in args.configs.split(","):
+            command = [sys.executable, __file__, "--one", config, "--seeds", str(seed), "--budget", str(args.budget),
+                       "--eval-every", str(args.eval_every), "--eval-rows", str(args.eval_rows)]
+            done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+            result = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+            if done.returncode or not result:
+                print(f"{config} seed {seed}: failed\n{done.stderr[-3000:]}", file=sys.stderr)
+                continue
+            row = json.loads(result[-1].removeprefix("RESULT "))
+            with args.out.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(f"{config:<20} seed {seed}  reward {row['reward_before']:.4f} -> {row['reward']:.4f}  "
+                  f"{row['steps']} steps  {row['seconds_per_step']} s/step  peak {row['peak_rss_gib']} GiB  "
+                  f"forgetting acc {row['forgetting_accuracy_before']:.4f} -> {row['forgetting_accuracy_after']:.4f}",
+                  flush=True)
+    rows = [json.loads(line) for line in args.out.read_text().splitlines()]
+    for config in dict.fromkeys(r["config"] for r in rows):
+        rewards = [r["reward"] for r in rows if r["config"] == config]
+        spread = f" ± {statistics.stdev(rewards):.4f} (n={len(rewards)})" if len(rewards) > 1 else ""
+        print(f"  {config:<24} {statistics.fmean(rewards):.4f}{spread}")
+    print(f"wrote {args.out} and {plot(args.out)}")
+
+
+if __name__ == "__main__":
+    main()
