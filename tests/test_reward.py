@@ -217,7 +217,7 @@ def test_a_reward_recipe_trains_reports_the_mean_reward_and_replays(tmp_path):
     recipe["data"] = {"task": "reward", "template": "Review: {text}\nSentiment:",
                       "train": {"path": str(DATA / "rotten_tomatoes/train.jsonl"), "max_samples": 32},
                       "eval": {"path": str(DATA / "rotten_tomatoes/validation.jsonl"), "max_samples": 8}}
-    recipe["reward"] = {"functions": ["test_reward:vowels"], "max_new_tokens": 4}
+    recipe["reward"] = {"functions": ["test_reward:vowels"], "max_new_tokens": 4, "temperature": 0.8}
     recipe["zo"] = {"rule": "es", "eps": 5e-2, "num_directions": 2, "slice_directions": True}
     path.write_text("# zotune train recipe.yaml\n" + yaml.safe_dump(recipe))
     summary = train(load_recipe(str(path)), str(path))

@@ -93,7 +93,8 @@ def _reward_trainer(recipe: Recipe, model, tokenizer, task) -> Trainer:
     return ZORewardTrainer(model=model, args=training_arguments(recipe, task), train_dataset=task.train_dataset,
                            eval_dataset=task.eval_dataset, processing_class=tokenizer, reward_funcs=reward.functions,
                            reward_weights=reward.weights,
-                           generation=Generation(reward.max_new_tokens, tuple(reward.stop)))
+                           generation=Generation(reward.max_new_tokens, tuple(reward.stop),
+                                                 reward.temperature or None))
 
 
 def peak_memory_gib() -> float:

@@ -157,6 +157,9 @@ class RewardSection(Section):
     max_new_tokens: int = Field(16, gt=0, description="Tokens generated per completion (each costs a forward of "
                                                       "the whole population).")
     stop: list[str] = Field(default_factory=list, description="A completion is cut before the first of these.")
+    temperature: float | None = Field(None, ge=0, description="Sample at this temperature while training, every "
+                                      "member of a step drawing the same numbers (none or 0: greedy); evaluation "
+                                      "decodes greedily.")
 
     @model_validator(mode="after")
     def _a_weight_per_function(self) -> "RewardSection":
