@@ -154,26 +154,12 @@ def label_of(row: dict) -> str:
 
 
 def plot(path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from curves import plot_against_seconds
 
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for label in dict.fromkeys(map(label_of, rows)):
-        for r in (r for r in rows if label_of(r) == label):
-            xs = [0] + [p["seconds"] for p in r["points"]]
-            ys = [r["accuracy_before"]] + [p["accuracy"] for p in r["points"]]
-            ax.plot(xs, ys, marker="o", label=f"{label} (seed {r['seed']})")
-    ax.set_xlabel("training seconds (2 CPU cores; evaluations not counted)")
-    ax.set_ylabel(f"accuracy ({rows[0]['split']}, first 400 rows)")
-    ax.set_title(f"Gemma 3 270M on {rows[0]['data']}: accuracy against wall-clock")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    png = path.with_suffix(".png")
-    fig.savefig(png, dpi=110, bbox_inches="tight")
-    return png
+    return plot_against_seconds(path, rows, label=label_of, before="accuracy_before", value="accuracy",
+                                ylabel=f"accuracy ({rows[0]['split']}, first 400 rows)",
+                                title=f"Gemma 3 270M on {rows[0]['data']}: accuracy against wall-clock")
 
 
 def main() -> None:

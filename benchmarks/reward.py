@@ -144,24 +144,12 @@ def run_one(config: str, seed: int, budget: float, every: float, eval_rows: int)
 
 
 def plot(path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from curves import plot_against_seconds
 
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for r in rows:
-        ax.plot([0] + [p["seconds"] for p in r["points"]], [r["reward_before"]] + [p["reward"] for p in r["points"]],
-                marker="o", label=f"{r['config']} (seed {r['seed']})")
-    ax.set_xlabel("training seconds (2 CPU cores; evaluations not counted)")
-    ax.set_ylabel("held-out mean reward (greedy)")
-    ax.set_title("Gemma 3 270M, reward-es's task: ES (zotune) against GRPO (trl)")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    png = path.with_suffix(".png")
-    fig.savefig(png, dpi=110, bbox_inches="tight")
-    return png
+    return plot_against_seconds(path, rows, label=lambda r: r["config"], before="reward_before", value="reward",
+                                ylabel="held-out mean reward (greedy)",
+                                title="Gemma 3 270M, reward-es's task: ES (zotune) against GRPO (trl)")
 
 
 def main() -> None:
