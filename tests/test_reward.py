@@ -11,6 +11,7 @@ from conftest import CORE_ARCHS, tiny_causal_lm
 from datasets import Dataset
 from helpers import weights
 
+from zotune.dual import DualEngine
 from zotune.errors import UserError
 from zotune.models import byte_tokenizer, trainable_parameters
 from zotune.noise import noise, seed_for, step_seed
@@ -52,7 +53,7 @@ def test_the_population_in_one_generate_equals_each_member_generating_alone(arch
     tokenizer = byte_tokenizer()
     batch = tokenizer(PROMPTS[:3], padding=True, padding_side="left", return_tensors="pt")
     generation = Generation(max_new_tokens=6, temperature=temperature)
-    population = PopulationRewards(model, zo, Scorer(tokenizer, RewardFunctions(a_share), generation))
+    population = PopulationRewards(DualEngine(model, zo), zo, Scorer(tokenizer, RewardFunctions(a_share), generation))
     sampling = population.sampling_seed()
     assert (sampling is None) == (temperature is None)
     with torch.no_grad():

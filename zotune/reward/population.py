@@ -107,9 +107,9 @@ class PopulationRewards:
 
     checked = True  # no check of the schedule: generation runs the engine as it is
 
-    def __init__(self, model, zo: ZOOptimizer, scorer: Scorer):
-        self.scorer, self.zo = scorer, zo
-        self.dual = DualEngine(model, zo) if zo.out_of_place else None
+    def __init__(self, dual: DualEngine | None, zo: ZOOptimizer, scorer: Scorer):
+        """`dual`: the engine wrapping the model's modules (None in place): the trainer's own, not a second one."""
+        self.scorer, self.zo, self.dual = scorer, zo, dual
 
     def sampling_seed(self) -> int | None:
         """The sampling seed of the micro-batch being estimated, on this rank: one for every member

@@ -68,7 +68,7 @@ class ZORewardTrainer(ZOTrainer):
             super().create_optimizer(model)
             self.value.items = batch_rows  # a batch's objective is a mean over its prompts
             self.value.rows = None  # no per-example record: the objective is no row's loss
-            self.losses = PopulationRewards(model if model is not None else self.model, self.zo, self.scorer)
+            self.losses = PopulationRewards(self.losses.dual, self.zo, self.scorer)  # the engine StepLosses made
         return self.optimizer
 
     def _remove_unused_columns(self, dataset, description=None):
