@@ -229,7 +229,10 @@ def launched(tmp_path_factory, worker_id):
     launches = {
         "torchrun": {"dual": dict(batch=2), "fused": dict(batch=2, schedule="fused"),
                      "fsdp": dict(FSDP_RUN, save_steps=2),  # checkpoints at steps 2 and 4
-                     "fsdp-resumed": dict(FSDP_RUN, resume=fsdp / "checkpoint-2")},
+                     "fsdp-resumed": dict(FSDP_RUN, resume=fsdp / "checkpoint-2"),
+                     # tests/test_reward.py: the ranks share out a reward run's population
+                     "reward-dual": dict(batch=2, task="reward"),
+                     "reward-fused": dict(batch=2, task="reward", schedule="fused")},
         "accelerate": {"dual": dict(batch=2), "fsdp": FSDP_RUN},
     }
     with FileLock(f"{out}.lock"):

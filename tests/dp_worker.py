@@ -3,7 +3,10 @@ share nothing but the process group. Each RUN, one after the other in the same p
 for several runs), writes the trained weights and what each rank saw to OUT_DIR/NAME.
 
     torchrun --nproc_per_node N tests/dp_worker.py OUT_DIR RUN [RUN ...]
-    RUN: NAME:batch=B[,shard=fsdp][,schedule=S][,save_steps=K][,resume=CHECKPOINT]
+    RUN: NAME:batch=B[,shard=fsdp][,schedule=S][,save_steps=K][,resume=CHECKPOINT][,task=reward]
+
+`task=reward` trains tests/test_reward.py's reward run (`reward_run`) instead: the ranks share out its
+population.
 """
 
 import json
@@ -44,7 +47,7 @@ def collate(batch):
 
 # a run's fields, with their types and defaults
 FIELDS = {"batch": (int, None), "shard": (str, "none"), "schedule": (str, "dual"), "save_steps": (int, None),
-          "resume": (str, None)}
+          "resume": (str, None), "task": (str, "lm")}
 
 
 def parse_run(spec: str) -> tuple[str, dict]:
@@ -56,7 +59,15 @@ def parse_run(spec: str) -> tuple[str, dict]:
     return name, {key: kind(given[key]) if key in given else default for key, (kind, default) in FIELDS.items()}
 
 
-def main(out: str, batch: int, *, shard: str, schedule: str, save_steps: int | None, resume: str | None) -> None:
+def main(out: str, batch: int, *, shard: str, schedule: str, save_steps: int | None, resume: str | None,
+         task: str) -> None:
+    if task == "reward":
+        from test_reward import reward_run
+
+        model, trainer = reward_run(out, schedule, per_device_train_batch_size=batch)
+        trainer.train()
+        write(out, model, trainer, resident=None)
+        return
     model = tiny_causal_lm("llama")
     saving = {"save_strategy": "steps", "save_steps": save_steps} if save_steps else {"save_strategy": "no"}
     args = ZOConfig(output_dir=out, max_steps=4, per_device_train_batch_size=batch, learning_rate=1e-2, zo_eps=1e-2,
@@ -66,6 +77,11 @@ def main(out: str, batch: int, *, shard: str, schedule: str, save_steps: int | N
     trainer = ZOTrainer(model=model, args=args, train_dataset=rows(), data_collator=collate)
     resident = ResidentParameters(model, trainer.fsdp_units) if trainer.fsdp_units else None
     trainer.train(resume_from_checkpoint=resume)
+    write(out, model, trainer, resident)
+
+
+def write(out: str, model, trainer, resident) -> None:
+    """What this rank saw, and the trained weights (whole: a sharded run's gathered on every rank)."""
     rank = int(os.environ.get("RANK", 0))
     comm = [log["comm_bytes_per_step"] for log in trainer.state.log_history if "comm_bytes_per_step" in log]
     facts = {"ddp": isinstance(trainer.model_wrapped, DistributedDataParallel), "comm_bytes": comm,

@@ -76,7 +76,8 @@ def test_the_population_in_one_generate_equals_each_member_generating_alone(arch
         assert greedy != members[-3:]
 
 
-def reward_trainer(out, schedule: str, seed: int = 0, functions=(a_share, length_bonus), **overrides):
+def reward_trainer(out, schedule: str, seed: int = 0, functions=(a_share, length_bonus),
+                   generation=Generation(max_new_tokens=5), **overrides):
     model = tiny_causal_lm("llama", seed=seed)
     args = ZOConfig(**{**dict(output_dir=str(out), max_steps=4, per_device_train_batch_size=4, learning_rate=2e-3,
                               zo_eps=2e-2, zo_rule="es", zo_num_directions=2, zo_schedule=schedule,
@@ -85,8 +86,37 @@ def reward_trainer(out, schedule: str, seed: int = 0, functions=(a_share, length
                        **overrides})
     trainer = ZORewardTrainer(model=model, args=args, train_dataset=prompts_dataset(),
                               processing_class=byte_tokenizer(), reward_funcs=list(functions),
-                              reward_weights=[1.0, 0.5][:len(functions)], generation=Generation(max_new_tokens=5))
+                              reward_weights=[1.0, 0.5][:len(functions)], generation=generation)
     return model, trainer
+
+
+def reward_run(out, schedule: str, **overrides):
+    """The run that tests/dp_worker.py trains on two ranks (`task=reward`): a population of q = 4; under
+    dual all of it in one `generate`, sampled; in place (fused) greedy."""
+    if schedule == "dual":
+        overrides = {"zo_slice_directions": True, **overrides}
+    temperature = 0.7 if schedule == "dual" else None
+    return reward_trainer(out, schedule, zo_num_directions=4,
+                          generation=Generation(max_new_tokens=5, temperature=temperature), **overrides)
+
+
+@pytest.mark.parametrize("schedule", ["dual", "fused"])
+def test_two_ranks_sharing_the_population_end_where_one_process_ends(launched, tmp_path, schedule):
+    """Two gloo ranks of 2 prompts each, each generating for its 2 of the q = 4 directions and exchanging
+    the members' rewards, against one process on the 4 prompts: the same records and weights, bit for bit."""
+    folder, runs = launched
+    model, trainer = reward_run(tmp_path, schedule, per_device_train_batch_size=4)
+    trainer.train()
+    _, alone = read_trajectory(tmp_path / "zo_trajectory.jsonl")
+    _, ranked = read_trajectory(folder / "torchrun" / f"reward-{schedule}" / "zo_trajectory.jsonl")
+    assert [(r["loss_plus"], r["loss_minus"], r["g"]) for r in ranked] == \
+        [(r["loss_plus"], r["loss_minus"], r["g"]) for r in alone]
+    assert len({x for r in alone for x in r["loss_plus"]}) > 1  # the members' rewards differ
+    for facts, trained in runs["torchrun"][f"reward-{schedule}"].values():
+        assert facts["world"] == 2 and facts["g"] == trainer.zo.last_record["g"]
+        assert set(facts["comm_bytes"]) == {2 * 2 * 8}  # this rank's 2 directions, (L+, L−) in float64
+        for name, p in weights(model).items():
+            assert torch.equal(trained[name], p), name
 
 
 def test_a_reward_run_replays_resumes_and_dual_agrees_with_sequential(tmp_path):

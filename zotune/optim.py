@@ -126,6 +126,9 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.eps, self.q, self.kind, self.schedule, self.seed = eps, num_directions, s.perturbation, schedule, seed
         self.lazy_update, self.master_weights = bool(lazy_update), s.master_weights  # unset: at once
         self.slice_directions = s.slice_directions
+        # set by a trainer that gives every rank the same batch (zotune.reward): under torch.distributed
+        # each rank then measures only its share of the directions and the ranks exchange their pairs
+        self.directions_split_across_ranks = False
         self._keep_masters(named)
         self.last_record: dict | None = None
         self.last_first_order: dict[str, torch.Tensor] = {}  # the backprop gradients the last step added
@@ -173,6 +176,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.losses_at_theta: list[float] = []
         self._weights: list[float] = []  # per micro-batch: the examples or tokens its losses average over
         self._notes: dict = {}  # what the estimator recorded when the step began
+        self._exchanged_bytes = 0  # what this rank sent of its directions' pairs (directions_split_across_ranks)
         self.last_loss_fn: Callable | None = None
 
     @property
@@ -250,7 +254,19 @@ class ZOOptimizer(torch.optim.Optimizer):
         if self.estimator.loss_at_theta:
             self.placement.move(None)
             self.losses_at_theta.append(loss_fn() if loss_fn else math.nan)
-        return self.placement.passes(step, loss_fn)
+        if not (self._splits_directions() and loss_fn):
+            return self.placement.passes(step, loss_fn, range(self.q))
+        rank, world = dist.get_rank(), dist.get_world_size()
+        own = range(rank, self.q, world)
+        pairs = self.placement.passes(step, loss_fn, own)
+        gathered = [None] * world
+        dist.all_gather_object(gathered, [pairs[k] for k in own])
+        self._exchanged_bytes += len(own) * 2 * 8
+        return [gathered[k % world][k // world] for k in range(self.q)]
+
+    def _splits_directions(self) -> bool:
+        """Whether the ranks share out the directions of one batch (else each runs all of them on its shard)."""
+        return self.directions_split_across_ranks and data_parallel()
 
     # -- the public step ------------------------------------------------------------
 
@@ -349,6 +365,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         sent (0 in a single process)."""
         if not data_parallel():
             return 0
+        if self._splits_directions():  # every rank has every pair already (_perturbation_passes)
+            return self._exchanged_bytes
         rows = []
         for m, w in enumerate(self._weights):
             values = [v for pair in self.step_losses[m * self.q:(m + 1) * self.q] for v in pair]
@@ -365,7 +383,7 @@ class ZOOptimizer(torch.optim.Optimizer):
     def global_loss(self, loss: float) -> float:
         """A loss this rank measured on its shard of the step's last micro-batch, as the mean over
         all ranks' shards (the value itself in a single process). For rules that take extra forwards."""
-        if not data_parallel():
+        if not data_parallel() or self._splits_directions():  # the whole batch on every rank
             return loss
         w = self.last_weight
         [[total, weight]] = all_reduce_sum([[w * loss if w else 0.0, w]])

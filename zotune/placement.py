@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Container
 import torch
 
 from zotune.eps import ROUND_TRIP_SAMPLE, round_trip_warning
@@ -35,20 +35,22 @@ class InPlace:
     def __init__(self, opt, schedule: str):
         self.opt, self.sequential = opt, schedule == "sequential"
 
-    def passes(self, step: int, loss_fn: Callable | None) -> list[tuple[float, float]]:
+    def passes(self, step: int, loss_fn: Callable | None, runs: Container[int]) -> list[tuple[float, float]]:
         """`loss_fn()` is the loss at the current weights, which move around it, one direction after
-        the other; None replays the moves without forwards."""
+        the other; None replays the moves without forwards. A direction not in `runs` gives (nan, nan),
+        its moves still made: the weights end where they would have (the round trips are not exact)."""
         opt, s = self.opt, step_seed(self.opt.seed, step)
         a, b = opt.offsets
         losses = []
         for k in range(opt.q):
+            measure = loss_fn if k in runs else None
             self.move(Point(s, k, a))
-            loss_a = loss_fn() if loss_fn else math.nan
+            loss_a = measure() if measure else math.nan
             if b == 0 and opt.estimator.loss_at_theta:  # the second point is θ, whose loss is taken
                 loss_b = opt.losses_at_theta[-1]
             else:
                 self.move(Point(s, k, b))
-                loss_b = loss_fn() if loss_fn else math.nan
+                loss_b = measure() if measure else math.nan
             if self.sequential:
                 self.move(None)
             losses.append((loss_a, loss_b))
@@ -136,14 +138,18 @@ class OutOfPlace:
     def __init__(self, opt):
         self.opt = opt
 
-    def passes(self, step: int, loss_fn: Callable | None) -> list[tuple[float, float]]:
+    def passes(self, step: int, loss_fn: Callable | None, runs: Container[int]) -> list[tuple[float, float]]:
         """`loss_fn(s, k)` returns (L_a, L_b), the engine running every module on its perturbed copies;
-        with `slice_directions`, `loss_fn(s, (0, .., q−1))` returns the q pairs of one forward. None
-        replays without forwards (θ does not move for them)."""
+        with `slice_directions`, `loss_fn(s, (k_1, .., k_m))` returns the pairs of the directions in
+        `runs` from one forward. A direction not in `runs`, or every one when `loss_fn` is None (replay),
+        gives (nan, nan): θ does not move for them."""
         opt, s = self.opt, step_seed(self.opt.seed, step)
-        if opt.slice_directions:  # all q directions from one forward
-            return loss_fn(s, tuple(range(opt.q))) if loss_fn else [(math.nan, math.nan)] * opt.q
-        return [loss_fn(s, k) if loss_fn else (math.nan, math.nan) for k in range(opt.q)]
+        ks = tuple(k for k in range(opt.q) if k in runs) if loss_fn else ()
+        if opt.slice_directions and ks:  # all of them from one forward
+            measured = dict(zip(ks, loss_fn(s, ks)))
+        else:
+            measured = {k: loss_fn(s, k) for k in ks}
+        return [measured.get(k, (math.nan, math.nan)) for k in range(opt.q)]
 
     def apply(self, g: list[float], step: int) -> None:
         """The update of a step: now, or with `lazy_update` owed until each weight's next perturbed copy."""

@@ -112,17 +112,13 @@ class PopulationRewards:
         self.scorer, self.zo, self.dual = scorer, zo, dual
 
     def sampling_seed(self) -> int | None:
-        """The sampling seed of the micro-batch being estimated, on this rank: one for every member
-        (common random numbers), another for each micro-batch and rank; None: greedy."""
-        import torch.distributed as dist
-
+        """The sampling seed of the micro-batch being estimated: one for every member (common random
+        numbers) and every rank (each has the whole batch), another for each micro-batch; None: greedy."""
         from zotune.noise import seed_for, step_seed
-        from zotune.optim import data_parallel
 
         if not self.scorer.generation.temperature:
             return None
-        rank = dist.get_rank() if data_parallel() else 0
-        where = f"sampling:{self.zo.micro_batches_estimated}:{rank}"
+        where = f"sampling:{self.zo.micro_batches_estimated}"
         return seed_for(step_seed(self.zo.seed, self.zo.current_step), SAMPLING, where)
 
     def loss_fn(self, model, inputs: dict) -> Callable:

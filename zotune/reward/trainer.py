@@ -11,6 +11,11 @@ arXiv:2509.24372): see docs/methods.md. The trajectory records every member's me
 
 A train dataset holds a `prompt` column (text, the template already applied) and any columns the
 reward functions read.
+
+Under `torchrun` or `accelerate launch` the ranks share out the population, not the prompts: each
+rank's batch is gathered into one on every rank, each rank generates for its directions only
+(k ≡ rank mod world size) and the ranks exchange the members' mean rewards (a few floats; Salimans et
+al. 2017 share them the same way), so a step costs 1/world of one process's and ends where it ends.
 """
 
 from __future__ import annotations
@@ -20,9 +25,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from zotune.batch import batch_rows
 from zotune.data.collate import PROMPT
+from zotune.errors import UserError
+from zotune.optim import data_parallel
 from zotune.reward.functions import RewardFunctions
 from zotune.reward.population import Generation, PopulationRewards, Scorer
 from zotune.trainer import ZOTrainer
@@ -58,6 +66,9 @@ class ZORewardTrainer(ZOTrainer):
                  reward_weights: Sequence[float] | None = None, generation: Generation | None = None, **kwargs):
         rewards = RewardFunctions(reward_funcs, reward_weights)
         super().__init__(*args, **kwargs)
+        if self.requested.shard != "none":
+            raise UserError(f"zo.shard={self.requested.shard!r}: ZORewardTrainer generates with whole weights on "
+                            "every rank (the ranks share out the population, not the weights); leave zo.shard unset")
         if self.processing_class is None:
             raise TypeError("ZORewardTrainer needs processing_class=tokenizer: it decodes what the model generates")
         self.scorer = Scorer(self.processing_class, rewards, generation or Generation())
@@ -69,7 +80,21 @@ class ZORewardTrainer(ZOTrainer):
             self.value.items = batch_rows  # a batch's objective is a mean over its prompts
             self.value.rows = None  # no per-example record: the objective is no row's loss
             self.losses = PopulationRewards(self.losses.dual, self.zo, self.scorer)  # the engine StepLosses made
+            self.zo.directions_split_across_ranks = True  # every rank has the whole batch: training_step
         return self.optimizer
+
+    def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        if data_parallel():  # every rank takes all ranks' prompts, and its share of the population
+            inputs = self._all_ranks_rows(inputs)
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def _all_ranks_rows(self, inputs: dict) -> dict:
+        """The batch of every rank's rows, in rank order, collated as one process collates them."""
+        columns = {key: value for key, value in inputs.items() if not torch.is_tensor(value)}
+        rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, rows)
+        return self.data_collator([row for rank_rows in gathered for row in rank_rows])
 
     def _remove_unused_columns(self, dataset, description=None):
         return dataset  # the prompt's text and the reward functions' columns are no forward's arguments
