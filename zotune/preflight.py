@@ -173,12 +173,14 @@ def _model_view(recipe: Recipe, run_user_code: bool):
         return _head(config, num_labels) is AutoModelForSequenceClassification, byte_tokenizer(), None
     if section.gguf_file is not None or section.gguf_package is not None:
         # a GGUF model is a causal LM; its tokenizer exists once the GGUF has been converted
+        checks_words = recipe.data.task == "classification"  # the only check that needs the tokenizer
         if section.gguf_package is not None and not run_user_code:
-            return False, None, "model.gguf_package: the tokenizer's checks (data.verbalizer) run when training starts"
+            return False, None, ("model.gguf_package: the tokenizer's checks (data.verbalizer) run when training "
+                                 "starts" if checks_words else None)
         path = gguf_cache_dir(section)
         if not path.is_dir():
             return False, None, ("model: the GGUF model is converted when it first loads; the tokenizer's checks "
-                                 "(data.verbalizer) run then")
+                                 "(data.verbalizer) run then" if checks_words else None)
         return False, AutoTokenizer.from_pretrained(path), None
     path, trust = str(expand_path(section.name_or_path)), section.trust_remote_code
     if trust and not run_user_code:
