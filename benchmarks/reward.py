@@ -1,15 +1,15 @@
 """Evolution strategies (zotune) against trl's GRPO on one reward: held-out mean reward against wall-clock,
 peak memory, and what each forgets.
 
-    python benchmarks/reward.py --configs es-lora,grpo-lora --seeds 0,1,2 --budget 600
-    python benchmarks/reward.py --plot benchmarks/results/reward.jsonl
+    python benchmarks/reward.py --configs es-lora,grpo-lora --seeds 0,1,2 --budget 300 --split test
+    python benchmarks/reward.py --plot benchmarks/results/reward_test.jsonl
 
 Protocol (fixed before the runs):
 - Gemma 3 270M and the task of the shipped `reward-es` recipe: rotten_tomatoes reviews, the reward
   `zotune.reward.sentiment:answer` (1 for the right sentiment word, 0.2 for the other); its prompts.
 - Every configuration trains for the same wall-clock budget (`--budget` seconds of training steps,
   evaluations not counted). The held-out mean reward (greedy decoding, the first `--eval-rows` reviews of
-  the validation split, the same scorer for both) is taken every `--eval-every` seconds and at the end.
+  the `--split`, validation or test, the same scorer for both) is taken every `--eval-every` seconds and at the end.
 - ES: `zotune train reward-es` with its settings (`es-lora`), all weights trained (`es-full`), or the
   population decoded member by member (`es-lora-sequential`). GRPO: trl's `GRPOTrainer` with the same
   prompts, reward and completion length, the same number of completions per step (population size =
@@ -21,7 +21,7 @@ Protocol (fixed before the runs):
   each); `generate` is the reference for memory: the model, unchanged, generating the batch a step
   generates (the recipe's prompts per step, repeated once per population member) for the budget.
 
-Each run appends a JSON line to benchmarks/results/reward.jsonl; `--plot FILE` draws the held-out reward
+Each run appends a JSON line to benchmarks/results/reward_<split>.jsonl; `--plot FILE` draws the held-out reward
 against training seconds.
 """
 
@@ -37,13 +37,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
-RESULTS = ROOT / "benchmarks" / "results" / "reward.jsonl"
+RESULTS = ROOT / "benchmarks" / "results"
 
 # name -> (trainer, recipe overrides of reward-es)
 CONFIGS = {
     "es-lora": ("es", []),
     "es-lora-sequential": ("es", ["zo.schedule=sequential", "zo.slice_directions=false"]),
-    "es-full": ("es", ["model.peft=null", "train.learning_rate=1e-6"]),
+    # all weights at the ES paper's sigma = 1e-3 and step alpha = 5e-4 (Qiu et al. 2025): lr = alpha * eps
+    "es-full": ("es", ["model.peft=null", "zo.eps=1e-3", "train.learning_rate=5e-7"]),
     "grpo-lora": ("grpo", ["train.learning_rate=1e-4"]),
     "grpo-full": ("grpo", ["model.peft=null", "train.learning_rate=1e-6"]),
     "generate": ("generate", ["model.peft=null"]),
@@ -86,7 +87,7 @@ def forgetting_accuracy(model, tokenizer, rows: int = 200) -> float:
     return right / rows
 
 
-def run_one(config: str, seed: int, budget: float, every: float, eval_rows: int) -> dict:
+def run_one(config: str, seed: int, budget: float, every: float, eval_rows: int, split: str) -> dict:
     import torch
     from transformers import TrainerCallback
 
@@ -101,7 +102,9 @@ def run_one(config: str, seed: int, budget: float, every: float, eval_rows: int)
     kind, overrides = CONFIGS[config]
     out = Path("/tmp") / f"zotune-reward-{config}-{seed}-{time.time_ns()}"
     recipe = load_recipe("reward-es", [*overrides, f"train.seed={seed}", "train.max_steps=100000",
-                                       f"data.eval.max_samples={eval_rows}", f"train.output_dir={out}"])
+                                       f"data.eval.path={DATA}/rotten_tomatoes/{split}.jsonl",
+                                       f"data.eval.split={split}", f"data.eval.max_samples={eval_rows}",
+                                       f"train.output_dir={out}"])
     model, tokenizer = build_model(recipe)
     scorer = Scorer(tokenizer, RewardFunctions(recipe.reward.functions),
                     Generation(recipe.reward.max_new_tokens, tuple(recipe.reward.stop)))
@@ -164,7 +167,7 @@ def run_one(config: str, seed: int, budget: float, every: float, eval_rows: int)
     peak.reset()
     trainer_of_run.train()
     steps = trainer_of_run.state.global_step
-    return {"config": config, "seed": seed, "budget_s": budget, "reward_before": reward_before,
+    return {"config": config, "seed": seed, "split": split, "budget_s": budget, "reward_before": reward_before,
             "points": budget_cb.points, "reward": budget_cb.points[-1]["reward"] if budget_cb.points else reward_before,
             "steps": steps, "seconds_per_step": round(budget_cb.spent / steps, 3) if steps else None,
             "forgetting_accuracy_before": forgot_before,
@@ -226,7 +229,9 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=600.0, help="training seconds per run")
     parser.add_argument("--eval-every", type=float, default=150.0)
     parser.add_argument("--eval-rows", type=int, default=200)
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--split", choices=("validation", "test"), default="validation",
+                        help="held-out prompts: settings are chosen on validation, test is scored once")
+    parser.add_argument("--out", type=Path, help="results file (default: benchmarks/results/reward_<split>.jsonl)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one configuration in this process
     parser.add_argument("--plot", type=Path, help="draw a results file and exit")
     args = parser.parse_args()
@@ -234,15 +239,17 @@ def main() -> None:
         print(f"wrote {plot(args.plot)}")
         return
     if args.one:
-        print("RESULT " + json.dumps(run_one(args.one, int(args.seeds), args.budget, args.eval_every, args.eval_rows)))
+        print("RESULT " + json.dumps(run_one(args.one, int(args.seeds), args.budget, args.eval_every, args.eval_rows,
+                                             args.split)))
         return
+    args.out = args.out or RESULTS / f"reward_{args.split}.jsonl"
     for config in args.configs.split(","):
         if config not in CONFIGS:
             parser.error(f"unknown configuration {config!r}; choose from {', '.join(CONFIGS)}")
     for seed in (int(s) for s in args.seeds.split(",")):
         for config in args.configs.split(","):
             command = [sys.executable, __file__, "--one", config, "--seeds", str(seed), "--budget", str(args.budget),
-                       "--eval-every", str(args.eval_every), "--eval-rows", str(args.eval_rows)]
+                       "--eval-every", str(args.eval_every), "--eval-rows", str(args.eval_rows), "--split", args.split]
             done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
             result = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
             if done.returncode or not result:
