@@ -29,11 +29,10 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
+
+from budgeted import Budget, print_means, run_in_child
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -106,27 +105,12 @@ def run_one(config: str, data: str, split: str, seed: int, budget: float, every:
                                        "train.lr_scheduler_type=constant", "train.save_strategy=no",
                                        f"train.output_dir={out}", *extra])
 
-    class Budget(TrainerCallback):
-        """Stops after `budget` seconds of training steps, or after `steps` steps when given; asks for an
-        evaluation every `every` seconds and at the stop."""
-
+    class Evaluations(TrainerCallback):
         def __init__(self):
-            self.spent, self.mark, self.points, self.started = 0.0, every, [], 0.0
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            self.started = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self.spent += time.perf_counter() - self.started
-            done = state.global_step >= steps if steps else self.spent >= budget
-            if self.spent >= self.mark or done:
-                control.should_evaluate = True
-                self.mark += every
-            if done:
-                control.should_training_stop = True
+            self.points = []
 
         def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-            self.points.append({"seconds": round(self.spent, 1), "step": state.global_step,
+            self.points.append({"seconds": round(budget_cb.spent, 1), "step": state.global_step,
                                 "accuracy": metrics.get("eval_accuracy")})
 
     import host
@@ -134,17 +118,24 @@ def run_one(config: str, data: str, split: str, seed: int, budget: float, every:
     model, tokenizer = build_model(recipe)
     trainer, metric = build_trainer(recipe, model, tokenizer)
     before = trainer.evaluate()[metric]
-    budget_cb = Budget()
+    budget_cb, evaluations = Budget(budget, every, lambda state, control: setattr(control, "should_evaluate", True),
+                                    steps), Evaluations()
     trainer.add_callback(budget_cb)
+    trainer.add_callback(evaluations)
     if config != "zero-shot":
         trainer.train()
     trained = trainer.state.global_step
     return {"config": config, "data": data, "split": split, "seed": seed, "budget_s": None if steps else budget,
-            "accuracy_before": before, "points": budget_cb.points,
-            "accuracy": budget_cb.points[-1]["accuracy"] if budget_cb.points else before, "steps": trained,
-            "seconds_per_step": round(budget_cb.spent / trained, 3) if trained else None,
+            "accuracy_before": before, "points": evaluations.points,
+            "accuracy": evaluations.points[-1]["accuracy"] if evaluations.points else before, "steps": trained,
+            "seconds_per_step": budget_cb.seconds_per_step(trained),
             "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
             "overrides": [*DATASETS[data], *overrides, *extra], "extra": extra, "host": host.describe()}
+
+
+def describe(row: dict) -> str:
+    return (f"{row['config']:<20} seed {row['seed']}  {row['accuracy_before']:.4f} -> {row['accuracy']:.4f}  "
+            f"{row['steps']} steps  {row['seconds_per_step']} s/step  peak {row['peak_rss_gib']} GiB")
 
 
 def label_of(row: dict) -> str:
@@ -190,25 +181,11 @@ def main() -> None:
             parser.error(f"unknown configuration {config!r}; choose from {', '.join(CONFIGS)}")
     for seed in (int(s) for s in args.seeds.split(",")):
         for config in args.configs.split(","):
-            command = [sys.executable, __file__, "--one", config, "--data", args.data, "--split", args.split,
-                       "--seeds", str(seed), "--budget", str(args.budget), "--eval-every", str(args.eval_every),
-                       *(["--steps", str(args.steps)] if args.steps else []),
-                       *(f"--set={s}" for s in args.set)]
-            done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
-            result = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-            if done.returncode or not result:
-                print(f"{config} seed {seed}: failed\n{done.stderr[-2000:]}", file=sys.stderr)
-                continue
-            row = json.loads(result[-1].removeprefix("RESULT "))
-            with out.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-            print(f"{config:<20} seed {seed}  {row['accuracy_before']:.4f} -> {row['accuracy']:.4f}  "
-                  f"{row['steps']} steps  {row['seconds_per_step']} s/step  peak {row['peak_rss_gib']} GiB", flush=True)
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
-    for label in dict.fromkeys(map(label_of, rows)):
-        accs = [r["accuracy"] for r in rows if label_of(r) == label]
-        spread = f" ± {statistics.stdev(accs):.4f} (n={len(accs)})" if len(accs) > 1 else ""
-        print(f"  {label:<40} {statistics.fmean(accs):.4f}{spread}")
+            arguments = ["--one", config, "--data", args.data, "--split", args.split, "--seeds", str(seed),
+                         "--budget", str(args.budget), "--eval-every", str(args.eval_every),
+                         *(["--steps", str(args.steps)] if args.steps else []), *(f"--set={s}" for s in args.set)]
+            run_in_child(__file__, arguments, out, f"{config} seed {seed}", describe)
+    print_means([json.loads(line) for line in out.read_text().splitlines()], label_of, "accuracy")
     print(f"wrote {out} and {plot(out)}")
 
 

@@ -29,11 +29,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
+
+from budgeted import Budget, print_means, run_in_child
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -43,6 +42,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 CONFIGS = {
     "es-lora": ("es", []),
     "es-lora-sequential": ("es", ["zo.schedule=sequential", "zo.slice_directions=false"]),
+    "es-lora-greedy": ("es", ["reward.temperature=null"]),  # members decode greedily, as the evaluation does
     # all weights at the ES paper's sigma = 1e-3 and step alpha = 5e-4 (Qiu et al. 2025): lr = alpha * eps
     "es-full": ("es", ["model.peft=null", "zo.eps=1e-3", "train.learning_rate=5e-7"]),
     "grpo-lora": ("grpo", ["train.learning_rate=1e-4"]),
@@ -89,7 +89,6 @@ def forgetting_accuracy(model, tokenizer, rows: int = 200) -> float:
 
 def run_one(config: str, seed: int, budget: float, every: float, eval_rows: int, split: str) -> dict:
     import torch
-    from transformers import TrainerCallback
 
     import host
     from zotune.data.files import load_task_rows
@@ -124,29 +123,20 @@ def run_one(config: str, seed: int, budget: float, every: float, eval_rows: int,
 
     peak = PeakRss()
 
-    class Budget(TrainerCallback):
-        def __init__(self):
-            self.spent, self.mark, self.points, self.started, self.train_peak = 0.0, every, [], 0.0, 0.0
+    points, train_peak = [], [0.0]
 
-        def on_step_begin(self, args, state, control, **kwargs):
-            self.started = time.perf_counter()
+    def mark(state, control) -> None:
+        """A held-out evaluation, the steps' peak memory read before it and reset after it."""
+        train_peak[0] = max(train_peak[0], peak.read())
+        points.append({"seconds": round(budget_cb.spent, 1), "step": state.global_step,
+                       "reward": held_out_reward() if kind != "generate" else None})
+        peak.reset()
 
-        def on_step_end(self, args, state, control, **kwargs):
-            self.spent += time.perf_counter() - self.started
-            done = self.spent >= budget
-            if self.spent >= self.mark or done:
-                self.train_peak = max(self.train_peak, peak.read())
-                self.points.append({"seconds": round(self.spent, 1), "step": state.global_step,
-                                    "reward": held_out_reward() if kind != "generate" else None})
-                peak.reset()
-                self.mark += every
-            if done:
-                control.should_training_stop = True
-
-    budget_cb = Budget()
+    budget_cb = Budget(budget, every, mark)
     if kind == "generate":
         return generate_only(recipe, model, tokenizer, scorer, train_rows, budget_cb, peak) | {
-            "config": config, "seed": seed, "budget_s": budget, "host": host.describe()}
+            "config": config, "seed": seed, "budget_s": budget, "train_peak_rss_gib": round(train_peak[0], 2),
+            "host": host.describe()}
     forgot_before, reward_before = forgetting_accuracy(model, tokenizer), held_out_reward()
     if kind == "es":
         trainer_of_run, _ = build_trainer(recipe, model, tokenizer)
@@ -168,12 +158,12 @@ def run_one(config: str, seed: int, budget: float, every: float, eval_rows: int,
     trainer_of_run.train()
     steps = trainer_of_run.state.global_step
     return {"config": config, "seed": seed, "split": split, "budget_s": budget, "reward_before": reward_before,
-            "points": budget_cb.points, "reward": budget_cb.points[-1]["reward"] if budget_cb.points else reward_before,
-            "steps": steps, "seconds_per_step": round(budget_cb.spent / steps, 3) if steps else None,
+            "points": points, "reward": points[-1]["reward"] if points else reward_before,
+            "steps": steps, "seconds_per_step": budget_cb.seconds_per_step(steps),
             "forgetting_accuracy_before": forgot_before,
             "forgetting_accuracy_after": forgetting_accuracy(model, tokenizer),
             "peak_rss_gib": round(peak.whole(), 2),
-            "train_peak_rss_gib": round(budget_cb.train_peak, 2), "overrides": overrides, "host": host.describe()}
+            "train_peak_rss_gib": round(train_peak[0], 2), "overrides": overrides, "host": host.describe()}
 
 
 def generate_only(recipe, model, tokenizer, scorer, train_rows, budget_cb, peak) -> dict:
@@ -198,9 +188,8 @@ def generate_only(recipe, model, tokenizer, scorer, train_rows, budget_cb, peak)
             scorer.completions(model, batch)
             state.global_step += 1
             budget_cb.on_step_end(None, state, control)
-    return {"steps": state.global_step, "seconds_per_step": round(budget_cb.spent / state.global_step, 3),
-            "peak_rss_gib": round(peak.whole(), 2),
-            "train_peak_rss_gib": round(budget_cb.train_peak, 2), "rows_per_generate": rows * members}
+    return {"steps": state.global_step, "seconds_per_step": budget_cb.seconds_per_step(state.global_step),
+            "peak_rss_gib": round(peak.whole(), 2), "rows_per_generate": rows * members}
 
 
 def plot(path: Path) -> Path:
@@ -248,23 +237,12 @@ def main() -> None:
             parser.error(f"unknown configuration {config!r}; choose from {', '.join(CONFIGS)}")
     for seed in (int(s) for s in args.seeds.split(",")):
         for config in args.configs.split(","):
-            command = [sys.executable, __file__, "--one", config, "--seeds", str(seed), "--budget", str(args.budget),
-                       "--eval-every", str(args.eval_every), "--eval-rows", str(args.eval_rows), "--split", args.split]
-            done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
-            result = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-            if done.returncode or not result:
-                print(f"{config} seed {seed}: failed\n{done.stderr[-3000:]}", file=sys.stderr)
-                continue
-            row = json.loads(result[-1].removeprefix("RESULT "))
-            with args.out.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-            print(summary_line(row), flush=True)
+            arguments = ["--one", config, "--seeds", str(seed), "--budget", str(args.budget), "--eval-every",
+                         str(args.eval_every), "--eval-rows", str(args.eval_rows), "--split", args.split]
+            run_in_child(__file__, arguments, args.out, f"{config} seed {seed}", summary_line)
     rows = [json.loads(line) for line in args.out.read_text().splitlines()]
-    rows = [r for r in rows if r.get("reward") is not None]  # the generate reference trains nothing
-    for config in dict.fromkeys(r["config"] for r in rows):
-        rewards = [r["reward"] for r in rows if r["config"] == config]
-        spread = f" ± {statistics.stdev(rewards):.4f} (n={len(rewards)})" if len(rewards) > 1 else ""
-        print(f"  {config:<24} {statistics.fmean(rewards):.4f}{spread}")
+    print_means([r for r in rows if r.get("reward") is not None],  # the generate reference trains nothing
+                lambda r: r["config"], "reward")
     print(f"wrote {args.out} and {plot(args.out)}")
 
 

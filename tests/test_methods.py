@@ -218,6 +218,14 @@ def test_fzoos_is_refused_with_rules_that_rescale_or_choose_among_the_projected_
                     estimator="fzoos")
 
 
+def test_es_is_refused_with_an_estimator_whose_pairs_are_not_antithetic():
+    w = torch.nn.Parameter(torch.zeros(4))
+    with pytest.raises(ValueError, match="rule 'es' takes the 2q losses for a population of antithetic members .* "
+                                         "estimator 'onesided' measures θ \\+ 1·eps·z and θ \\+ 0·eps·z"):
+        ZOOptimizer([("w", w)], lr=1e-3, eps=1e-3, num_directions=2, schedule="sequential", rule="es",
+                    estimator="onesided")
+
+
 def test_lazy_update_is_refused_for_methods_it_cannot_fold(tmp_path):
     folds = "lazy_update .* needs a rule that folds its update \\('sgd'\\) and estimator 'spsa'"
     with pytest.raises(ValueError, match=folds):

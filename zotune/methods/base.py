@@ -181,6 +181,9 @@ class Rule(Method):
     # its update along one direction is θ ← θ·decay + coef·z (`fold`): the dual schedule's lazy
     # update folds it into the next step's first perturbed copy of each weight (zotune.placement)
     folds_update: ClassVar[bool] = False
+    # it reads a step's 2q losses as a population of members θ ± c·z_k (es): the estimator's offsets
+    # must be antithetic, (c, −c)
+    antithetic_population: ClassVar[bool] = False
 
     def apply(self, u: ParamUpdate) -> None:
         raise NotImplementedError

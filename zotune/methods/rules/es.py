@@ -26,6 +26,7 @@ class ES(FZOO):
 
     name = "es"
     paper = "Salimans et al., 2017, arXiv:1703.03864; Qiu et al., 2025, arXiv:2509.24372"
+    antithetic_population = True
 
     def refusal(self, *, schedule, lazy_update, num_directions):
         return None
