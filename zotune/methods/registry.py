@@ -78,11 +78,12 @@ def check_compatible(rule: Rule, estimator: Estimator, *, schedule: str, lazy_up
         raise ValueError(f"estimator {estimator.name!r} corrects the estimate in the units of the projected "
                          f"gradients, which rule {rule.name!r} rescales or chooses among: use a rule that applies "
                          "them as they are (sgd, momentum, adam, sign)")
-    a, b = estimator.offsets(1.0)
-    if rule.antithetic_population and a != -b:
-        raise ValueError(f"rule {rule.name!r} takes the 2q losses for a population of antithetic members θ ± c·z, "
-                         f"but estimator {estimator.name!r} measures θ + {a:g}·eps·z and θ + {b:g}·eps·z: use one "
-                         "that measures both signs (spsa, the default)")
+    if rule.antithetic_population:
+        a, b = estimator.offsets(1.0)
+        if a != -b:
+            raise ValueError(f"rule {rule.name!r} takes the 2q losses for a population of antithetic members θ ± c·z, "
+                             f"but estimator {estimator.name!r} measures θ + {a:g}·eps·z and θ + {b:g}·eps·z: use "
+                             "one that measures both signs (spsa, the default)")
     for method in (rule, estimator):
         refusal = method.refusal(schedule=schedule, lazy_update=lazy_update, num_directions=num_directions)
         if refusal:
