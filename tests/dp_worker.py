@@ -5,7 +5,7 @@ for several runs), writes the trained weights and what each rank saw to OUT_DIR/
     torchrun --nproc_per_node N tests/dp_worker.py OUT_DIR RUN [RUN ...]
     RUN: NAME:batch=B[,shard=fsdp][,schedule=S][,save_steps=K][,resume=CHECKPOINT][,task=reward]
 
-`task=reward` trains tests/test_reward.py's reward run (`reward_run`) instead: the ranks share out its
+`task=reward` trains tests/helpers.py's reward run (`reward_run`) instead: the ranks share out its
 population.
 """
 
@@ -62,7 +62,7 @@ def parse_run(spec: str) -> tuple[str, dict]:
 def main(out: str, batch: int, *, shard: str, schedule: str, save_steps: int | None, resume: str | None,
          task: str) -> None:
     if task == "reward":
-        from test_reward import reward_run
+        from helpers import reward_run
 
         model, trainer = reward_run(out, schedule, per_device_train_batch_size=batch)
         trainer.train()

@@ -13,11 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import tiny_config
+from conftest import tiny_causal_lm, tiny_config
 from datasets import Dataset
 from safetensors.torch import load_file
 from transformers import default_data_collator
 
+from zotune.models import byte_tokenizer
+from zotune.reward.population import Generation
+from zotune.reward.trainer import ZORewardTrainer
 from zotune.trainer import ZOConfig, ZOTrainer
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -228,3 +231,45 @@ def ranks_of(out: Path, nproc: int) -> dict:
     """{rank: (facts, weights)} that tests/dp_worker.py wrote for one run."""
     return {r: (json.loads((out / f"rank{r}.json").read_text()), load_file(out / f"rank{r}.safetensors"))
             for r in range(nproc)}
+
+
+# -- a reward run (tests/test_reward.py; tests/dp_worker.py trains it on two ranks) --
+
+PROMPTS = ["say a", "abc", "the letter a, please:", "zz"]
+
+
+def a_share(completions, **columns):
+    """The share of a completion's characters that are its row's `letter` (trl's signature)."""
+    return [c.count(letter) / max(1, len(c)) for c, letter in zip(completions, columns["letter"])]
+
+
+def length_bonus(completions, prompts, **columns):
+    return [len(c) / 100 for c in completions]
+
+
+def prompts_dataset() -> Dataset:
+    return Dataset.from_dict({"prompt": PROMPTS * 2, "letter": ["a", "b", "a", "z"] * 2})
+
+
+def reward_trainer(out, schedule: str, seed: int = 0, functions=(a_share, length_bonus),
+                   generation=Generation(max_new_tokens=5), **overrides):
+    model = tiny_causal_lm("llama", seed=seed)
+    args = ZOConfig(**{**dict(output_dir=str(out), max_steps=4, per_device_train_batch_size=4, learning_rate=2e-3,
+                              zo_eps=2e-2, zo_rule="es", zo_num_directions=2, zo_schedule=schedule,
+                              lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to="none",
+                              use_cpu=True, disable_tqdm=True, train_sampling_strategy="sequential", seed=0),
+                       **overrides})
+    trainer = ZORewardTrainer(model=model, args=args, train_dataset=prompts_dataset(),
+                              processing_class=byte_tokenizer(), reward_funcs=list(functions),
+                              reward_weights=[1.0, 0.5][:len(functions)], generation=generation)
+    return model, trainer
+
+
+def reward_run(out, schedule: str, **overrides):
+    """The run that tests/dp_worker.py trains on two ranks (`task=reward`): a population of q = 4; under
+    dual all of it in one `generate`, sampled; in place (fused) greedy."""
+    if schedule == "dual":
+        overrides = {"zo_slice_directions": True, **overrides}
+    temperature = 0.7 if schedule == "dual" else None
+    return reward_trainer(out, schedule, zo_num_directions=4,
+                          generation=Generation(max_new_tokens=5, temperature=temperature), **overrides)

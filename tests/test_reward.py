@@ -8,8 +8,7 @@ import math
 import pytest
 import torch
 from conftest import CORE_ARCHS, tiny_causal_lm
-from datasets import Dataset
-from helpers import weights
+from helpers import PROMPTS, a_share, length_bonus, prompts_dataset, reward_run, reward_trainer, weights
 
 from zotune.dual import DualEngine
 from zotune.errors import UserError
@@ -19,25 +18,7 @@ from zotune.optim import ZOOptimizer
 from zotune.replay import optimizer_from_header
 from zotune.reward.functions import RewardFunctions
 from zotune.reward.population import Generation, PopulationRewards, Scorer, generate_ids
-from zotune.reward.trainer import ZORewardTrainer
-from zotune.trainer import ZOConfig
 from zotune.trajectory import read_trajectory
-
-PROMPTS = ["say a", "abc", "the letter a, please:", "zz"]
-
-
-def a_share(completions, **columns):
-    """The share of a completion's characters that are its row's `letter` (trl's signature)."""
-    return [c.count(letter) / max(1, len(c)) for c, letter in zip(completions, columns["letter"])]
-
-
-def length_bonus(completions, prompts, **columns):
-    return [len(c) / 100 for c in completions]
-
-
-def prompts_dataset() -> Dataset:
-    return Dataset.from_dict({"prompt": PROMPTS * 2, "letter": ["a", "b", "a", "z"] * 2})
-
 
 @pytest.mark.parametrize("temperature", [None, 0.7], ids=["greedy", "sampled"])
 @pytest.mark.parametrize("arch", CORE_ARCHS)
@@ -74,30 +55,6 @@ def test_the_population_in_one_generate_equals_each_member_generating_alone(arch
         greedy = generate_ids(member, batch["input_ids"], batch["attention_mask"], Generation(max_new_tokens=6),
                               tokenizer.pad_token_id, tokenizer.eos_token_id)
         assert greedy != members[-3:]
-
-
-def reward_trainer(out, schedule: str, seed: int = 0, functions=(a_share, length_bonus),
-                   generation=Generation(max_new_tokens=5), **overrides):
-    model = tiny_causal_lm("llama", seed=seed)
-    args = ZOConfig(**{**dict(output_dir=str(out), max_steps=4, per_device_train_batch_size=4, learning_rate=2e-3,
-                              zo_eps=2e-2, zo_rule="es", zo_num_directions=2, zo_schedule=schedule,
-                              lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to="none",
-                              use_cpu=True, disable_tqdm=True, train_sampling_strategy="sequential", seed=0),
-                       **overrides})
-    trainer = ZORewardTrainer(model=model, args=args, train_dataset=prompts_dataset(),
-                              processing_class=byte_tokenizer(), reward_funcs=list(functions),
-                              reward_weights=[1.0, 0.5][:len(functions)], generation=generation)
-    return model, trainer
-
-
-def reward_run(out, schedule: str, **overrides):
-    """The run that tests/dp_worker.py trains on two ranks (`task=reward`): a population of q = 4; under
-    dual all of it in one `generate`, sampled; in place (fused) greedy."""
-    if schedule == "dual":
-        overrides = {"zo_slice_directions": True, **overrides}
-    temperature = 0.7 if schedule == "dual" else None
-    return reward_trainer(out, schedule, zo_num_directions=4,
-                          generation=Generation(max_new_tokens=5, temperature=temperature), **overrides)
 
 
 @pytest.mark.parametrize("schedule", ["dual", "fused"])
