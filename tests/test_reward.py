@@ -243,3 +243,7 @@ def test_a_reward_recipe_that_cannot_run_is_refused_naming_why(change, said):
     with pytest.raises(ValidationError, match=said):
         Recipe.model_validate({k: v for k, v in recipe.items() if v is not None})
 
+
+def test_a_sharded_reward_run_is_refused_before_anything_is_sharded(tmp_path):
+    with pytest.raises(UserError, match="zo.shard='fsdp': ZORewardTrainer generates with whole weights on every rank"):
+        reward_trainer(tmp_path, "fused", zo_shard="fsdp")

@@ -176,7 +176,6 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.losses_at_theta: list[float] = []
         self._weights: list[float] = []  # per micro-batch: the examples or tokens its losses average over
         self._notes: dict = {}  # what the estimator recorded when the step began
-        self._exchanged_bytes = 0  # what this rank sent of its directions' pairs (directions_split_across_ranks)
         self.last_loss_fn: Callable | None = None
 
     @property
@@ -256,13 +255,15 @@ class ZOOptimizer(torch.optim.Optimizer):
             self.losses_at_theta.append(loss_fn() if loss_fn else math.nan)
         if not (self._splits_directions() and loss_fn):
             return self.placement.passes(step, loss_fn, range(self.q))
-        rank, world = dist.get_rank(), dist.get_world_size()
-        own = range(rank, self.q, world)
+        own, world = self._own_directions(), dist.get_world_size()
         pairs = self.placement.passes(step, loss_fn, own)
         gathered = [None] * world
         dist.all_gather_object(gathered, [pairs[k] for k in own])
-        self._exchanged_bytes += len(own) * 2 * 8
         return [gathered[k % world][k // world] for k in range(self.q)]
+
+    def _own_directions(self) -> range:
+        """The directions this rank measures when the ranks share them out: k ≡ rank (mod world size)."""
+        return range(dist.get_rank(), self.q, dist.get_world_size())
 
     def _splits_directions(self) -> bool:
         """Whether the ranks share out the directions of one batch (else each runs all of them on its shard)."""
@@ -365,8 +366,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         sent (0 in a single process)."""
         if not data_parallel():
             return 0
-        if self._splits_directions():  # every rank has every pair already (_perturbation_passes)
-            return self._exchanged_bytes
+        if self._splits_directions():  # every rank has every pair already (_perturbation_passes): it sent its own
+            return len(self._weights) * len(self._own_directions()) * 2 * 8  # per micro-batch, (L_a, L_b) float64
         rows = []
         for m, w in enumerate(self._weights):
             values = [v for pair in self.step_losses[m * self.q:(m + 1) * self.q] for v in pair]

@@ -65,10 +65,12 @@ class ZORewardTrainer(ZOTrainer):
     def __init__(self, *args, reward_funcs: Sequence[Callable | str] | Callable | str,
                  reward_weights: Sequence[float] | None = None, generation: Generation | None = None, **kwargs):
         rewards = RewardFunctions(reward_funcs, reward_weights)
+        config = kwargs.get("args", args[1] if len(args) > 1 else None)  # Trainer(model, args, ...)
+        shard = getattr(config, "zo_shard", "none")
+        if shard != "none":  # before ZOTrainer shards the weights
+            raise UserError(f"zo.shard={shard!r}: ZORewardTrainer generates with whole weights on every rank (the "
+                            "ranks share out the population, not the weights); leave zo.shard unset")
         super().__init__(*args, **kwargs)
-        if self.requested.shard != "none":
-            raise UserError(f"zo.shard={self.requested.shard!r}: ZORewardTrainer generates with whole weights on "
-                            "every rank (the ranks share out the population, not the weights); leave zo.shard unset")
         if self.processing_class is None:
             raise TypeError("ZORewardTrainer needs processing_class=tokenizer: it decodes what the model generates")
         self.scorer = Scorer(self.processing_class, rewards, generation or Generation())
