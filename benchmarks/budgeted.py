@@ -3,6 +3,7 @@ and the mean ± spread over seeds."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import subprocess
@@ -37,6 +38,13 @@ class Budget(TrainerCallback):
 
     def seconds_per_step(self, steps: int) -> float | None:
         return round(self.spent / steps, 3) if steps else None
+
+
+def add_run_arguments(parser) -> None:
+    """The options every budgeted benchmark takes besides its own: --one (internal: run one configuration in
+    this process, the child `run_in_child` starts) and --plot."""
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--plot", type=Path, help="draw a results file and exit")
 
 
 def run_in_child(script: str, arguments: list[str], out: Path, what: str, describe: Callable[[dict], str]) -> None:

@@ -32,7 +32,7 @@ import resource
 import time
 from pathlib import Path
 
-from budgeted import Budget, print_means, run_in_child
+from budgeted import Budget, add_run_arguments, print_means, run_in_child
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -164,8 +164,7 @@ def main() -> None:
                         "compares quality per step, whatever else runs on the machine")
     parser.add_argument("--eval-every", type=float, default=60.0)
     parser.add_argument("--set", action="append", default=[], help="one more recipe override for every run")
-    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one configuration in this process
-    parser.add_argument("--plot", type=Path, help="draw a results file and exit")
+    add_run_arguments(parser)
     args = parser.parse_args()
     if args.plot:
         print(f"wrote {plot(args.plot)}")

@@ -32,7 +32,7 @@ import json
 import time
 from pathlib import Path
 
-from budgeted import Budget, print_means, run_in_child
+from budgeted import Budget, add_run_arguments, print_means, run_in_child
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -221,8 +221,7 @@ def main() -> None:
     parser.add_argument("--split", choices=("validation", "test"), default="validation",
                         help="held-out prompts: settings are chosen on validation, test is scored once")
     parser.add_argument("--out", type=Path, help="results file (default: benchmarks/results/reward_<split>.jsonl)")
-    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one configuration in this process
-    parser.add_argument("--plot", type=Path, help="draw a results file and exit")
+    add_run_arguments(parser)
     args = parser.parse_args()
     if args.plot:
         print(f"wrote {plot(args.plot)}")
