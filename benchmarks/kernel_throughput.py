@@ -78,15 +78,15 @@ def main() -> None:
     parser.add_argument("--sizes", default="1e6,1e7,1e8", help="comma-separated element counts")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--impl", choices=["triton", "compiled", "eager"],
-                        help="only this implementation (default: compiled and eager on the CPU, triton on a GPU)")
+    parser.add_argument("--impl", choices=["triton", "native", "compiled", "eager"],
+                        help="only this implementation (default: native, compiled and eager on the CPU, triton on a GPU)")
     parser.add_argument("--json", metavar="PATH", help="also write the largest size's figures to PATH as JSON")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device cuda: torch {torch.__version__} sees no CUDA device")
     torch.set_num_threads(args.threads)
     sync = torch.cuda.synchronize if args.device == "cuda" else lambda: None
-    impls = [args.impl] if args.impl else ["triton"] if args.device == "cuda" else ["compiled", "eager"]
+    impls = [args.impl] if args.impl else ["triton"] if args.device == "cuda" else ["native", "compiled", "eager"]
     name = device_name(args.device)
     print(host.line())
     print(f"{name}, {args.threads} threads; M elements/s, GB/s and GB/s ÷ a plain copy's (higher is better)")

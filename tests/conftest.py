@@ -15,6 +15,8 @@ import signal  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from zotune.kernels import _native  # noqa: E402
+
 if os.environ.get("PYTEST_XDIST_WORKER"):  # make test runs one worker per core: one thread each, subprocesses too
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
@@ -40,8 +42,12 @@ TINY_CONFIGS = {
 }
 # zotune.kernels' test matrix, shared by tests/test_kernels.py and tests/test_kernels_out_of_place.py
 KERNEL_SEEDS = (2**40 + 3, 0x5EED_0000_0001)  # both past 2**32: the key's high word matters
-KERNEL_IMPLS = [pytest.param("triton", marks=pytest.mark.triton), "compiled", "eager"]
-FAST_KERNEL_IMPLS = [pytest.param("triton", marks=pytest.mark.triton), "compiled"]  # the ones held to the twin
+# the native noise where it can run (x86 with AVX2 or AVX-512; then it must build: a missing compiler fails)
+NATIVE = pytest.param("native", marks=pytest.mark.skipif(
+    _native.capability() is None, reason=f"no native noise for torch's CPU capability here "
+                                         f"({torch.backends.cpu.get_cpu_capability()})"))
+KERNEL_IMPLS = [pytest.param("triton", marks=pytest.mark.triton), NATIVE, "compiled", "eager"]
+FAST_KERNEL_IMPLS = [pytest.param("triton", marks=pytest.mark.triton), NATIVE, "compiled"]  # held to the twin
 # Triton compiled for a GPU, run on CUDA copies of a test's CPU tensors (`kernels_on`); an extra
 # parameter of the tests that hold the kernels to their twin
 TRITON_CUDA = "triton-cuda"

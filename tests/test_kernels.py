@@ -35,13 +35,14 @@ import torch
 from conftest import FAST_KERNEL_IMPLS as FAST_IMPLS
 from conftest import KERNEL_DTYPES as DTYPES
 from conftest import KERNEL_IMPLS as IMPLS
-from conftest import CUDA_KERNELS, KERNEL_SEEDS, TRITON_CUDA
+from conftest import CUDA_KERNELS, KERNEL_SEEDS, NATIVE, TRITON_CUDA
 from conftest import assert_kernel_close, fast_math_error, kernel_slack, kernels_on
 from conftest import forced_kernels as forced
 
 from zotune.kernels import (
     _dispatch,
     _fused,
+    _native,
     _philox,
     adam_update_,
     lazy_update_and_perturb_,
@@ -66,6 +67,8 @@ SHAPES = {  # name -> (shape, offset, transposed view)
 def needs(impl):
     if impl in ("triton", TRITON_CUDA):
         pytest.importorskip("triton")
+    if impl == "native" and _native.capability() is None:
+        pytest.skip(f"no native noise for torch's CPU capability {torch.backends.cpu.get_cpu_capability()}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -439,7 +442,7 @@ def test_arguments_are_checked():
 
 def test_default_dispatch(monkeypatch):
     monkeypatch.delenv(ENV, raising=False)
-    assert _dispatch.choose(torch.device("cpu")) == "compiled"
+    assert _dispatch.choose(torch.device("cpu")) == ("native" if _native.library() else "compiled")
     assert _dispatch.choose(torch.device("meta")) == "eager"
     monkeypatch.setattr(_dispatch, "triton_available", lambda: True)
     assert _dispatch.choose(torch.device("cuda")) == "triton"
@@ -457,15 +460,15 @@ def test_env_var_is_checked(monkeypatch):
         perturb_(torch.zeros(3), 0, 1.0, kind="gaussian")
 
 
-@pytest.mark.parametrize("setting", [None, "compiled", "eager", pytest.param("triton", marks=pytest.mark.triton)])
+@pytest.mark.parametrize("setting", [None, NATIVE, "compiled", "eager", pytest.param("triton", marks=pytest.mark.triton)])
 def test_ops_use_the_chosen_implementation(setting, monkeypatch):
     """The generators the PyTorch paths call show which path ran (gaussian: rademacher's ragged ends take
     the eager signs on every path, the same bits)."""
     needs(setting)
     calls = []
-    for name in ("noise_piece", "eager_piece"):
-        real = getattr(_philox, name)
-        monkeypatch.setattr(_philox, name, lambda *a, _n=name, _f=real: calls.append(_n) or _f(*a))
+    for module, name in ((_philox, "noise_piece"), (_philox, "eager_piece"), (_native, "piece")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _n=name, _f=real: calls.append(_n) or _f(*a))
     if setting is None:
         monkeypatch.delenv(ENV, raising=False)
     else:
@@ -473,7 +476,9 @@ def test_ops_use_the_chosen_implementation(setting, monkeypatch):
     p = torch.zeros(300)
     perturb_(p, SEED, 1.0, kind="gaussian")
     torch.testing.assert_close(p, noise(SEED, 300, "gaussian"))
-    expected = {None: {"noise_piece"}, "compiled": {"noise_piece"}, "eager": {"eager_piece"}, "triton": set()}
+    default = {"piece"} if _native.library() else {"noise_piece"}
+    expected = {None: default, "native": {"piece"}, "compiled": {"noise_piece"}, "eager": {"eager_piece"},
+                "triton": set()}
     assert set(calls) == expected[setting]
 
 
@@ -490,6 +495,64 @@ def test_compile_failure_falls_back_to_eager(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once only
         assert torch.equal(_philox.noise(SEED, 300, "rademacher", 5), noise(SEED, 300, "rademacher", 5))
+
+
+# ---------------------------------------------------------------------------------------
+# the native noise
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("seed,offset,n", [
+    (SEED, 77, 70_000),  # spans the compiled chunks, and the threads
+    (2**64 - 1, 2**39 - 300, 600),
+    (SEED2, 2**32 - 100, 600),  # the counter's low word wraps inside a vector of counters
+    (0, 0, 1), (SEED, 5, 0), (SEED, 2**33 + 5, 37),  # shorter than a vector, and empty
+])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_native_noise_equals_the_compiled_noise_bit_for_bit(kind, seed, offset, n, threads):
+    """Same Philox words, same float32 operations in the same order, the same Sleef log and cos: not
+    a tolerance but equality (the compiled noise is held to the reference in test_compiled_noise_matches_eager)."""
+    needs("native")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        z = _native.piece(seed, n, kind, offset, "cpu")
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(z, _philox.noise(seed, n, kind, offset))
+
+
+@pytest.fixture
+def native_in(tmp_path, monkeypatch):
+    """The native library built afresh into ``tmp_path``'s cache, and forgotten again afterwards."""
+    monkeypatch.setenv("ZOTUNE_CACHE", str(tmp_path))
+    _native.library.cache_clear()
+    yield tmp_path / "native"
+    _native.library.cache_clear()
+
+
+def test_the_native_library_is_built_once_and_reused(native_in):
+    needs("native")
+    assert _native.library() is not None
+    (built,) = native_in.iterdir()
+    stamp = built.stat().st_mtime_ns
+    _native.library.cache_clear()
+    assert _native.library() is not None
+    assert [p.name for p in native_in.iterdir()] == [built.name] and built.stat().st_mtime_ns == stamp
+
+
+def test_without_a_compiler_the_compiled_path_serves(native_in, monkeypatch):
+    needs("native")
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    monkeypatch.delenv(ENV, raising=False)
+    with pytest.warns(RuntimeWarning, match="no C compiler '/nonexistent/cc'"):
+        assert _native.library() is None
+    assert _dispatch.choose(torch.device("cpu")) == "compiled"
+    with pytest.raises(RuntimeError, match="native noise cannot run here"), forced("native"):
+        _dispatch.choose(torch.device("cpu"))
+    p = torch.zeros(300)
+    perturb_(p, SEED, 1.0, kind="gaussian")
+    assert torch.equal(p, _philox.noise(SEED, 300, "gaussian"))
 
 
 def test_import_and_eager_ops_do_not_import_triton():

@@ -82,12 +82,16 @@ def test_the_int32_philox_of_the_compiled_path_gives_the_same_bits(seed):
 COMPILED_UNDER_AVX2 = """
 import torch
 from zotune import noise as nz
-from zotune.kernels import _fused, _philox, _rounding, restore_and_update_
+from zotune.kernels import _fused, _native, _philox, _rounding, restore_and_update_
 assert not _philox.HAS_64BIT_VECTOR_MULTIPLY, torch.backends.cpu.get_cpu_capability()
 seed, start, n = 2**40 + 7, 2**33 - 1000, 3 * (1 << 15) + 77
 assert torch.equal(_philox.noise(seed, n, "rademacher", start), nz.noise(seed, n, "rademacher", start))
 torch.testing.assert_close(_philox.noise(seed, n, "gaussian", start), nz.noise(seed, n, "gaussian", start),
                            rtol=8 * torch.finfo(torch.float32).eps, atol=1e-6)
+# the native noise built for AVX2: the compiled noise's bits
+assert _native.capability() == "AVX2", _native.capability()
+for kind in ("gaussian", "rademacher"):
+    assert torch.equal(_native.piece(seed, n, kind, start, "cpu"), _philox.noise(seed, n, kind, start)), kind
 k = torch.tensor([seed & 0xFFFFFFFF, seed >> 32])
 bits = torch.compile(_philox._bits_chunk, fullgraph=True)(torch.tensor(start), k[0], k[1])
 assert torch.equal(bits, _rounding.bits(seed, 1 << 15, start, "cpu"))
@@ -109,14 +113,16 @@ assert not _philox._compile_failed, _philox._compile_failed
 def test_compiled_noise_under_avx2_equals_the_reference(tmp_path):
     """Where the CPU has no 64-bit vector multiply the compiled Philox is int32 (AVX2: forced here on an
     AVX-512 CPU too; there the kernel tests check the int64 one): the reference's integers, rademacher
-    and the rounding bits bit-equal, gaussian within its tolerance. Forced on an AVX-512 CPU, torch 2.13
+    and the rounding bits bit-equal, gaussian within its tolerance; the native noise built for AVX2
+    equals it bit for bit. Forced on an AVX-512 CPU, torch 2.13
     compiles >= and <= of int64 in a `where` wrong (AVX2 vector code under its -march=native): the int64
     uniform, and float16 stochastic rounding in a fused graph, stay bit-equal to the eager twin."""
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         pytest.skip(f"not an x86 CPU with AVX2 (torch's capability: {torch.backends.cpu.get_cpu_capability()})")
     # a compile cache of its own: torch 2.13 does not key its cache on ATEN_CPU_CAPABILITY, and a process
     # that loaded kernels compiled for the other capability corrupted its heap
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path)}
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path),
+           "ZOTUNE_CACHE": str(tmp_path)}
     done = subprocess.run([sys.executable, "-c", COMPILED_UNDER_AVX2], env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

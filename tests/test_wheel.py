@@ -22,8 +22,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(argv, cwd, **kw):
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+def _run(argv, cwd, env_extra=(), **kw):
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")} | dict(env_extra)
     done = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=600, **kw)
     assert done.returncode == 0, f"{' '.join(map(str, argv))} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
     return done.stdout
@@ -56,6 +56,16 @@ def test_the_wheel_imports_from_the_fresh_environment(installed, tmp_path):
     where = _run([installed / "python", "-c", "import zotune, zotune.trainer; from zotune import ZOTrainer; "
                   "print(zotune.__file__)"], tmp_path)
     assert Path(where.strip()).is_relative_to(installed.parent), f"zotune came from {where}, not the wheel"
+
+
+def test_the_wheel_builds_the_native_noise(installed, tmp_path):
+    """`_native.c` ships in the wheel and builds there: the CPU ops' fast path."""
+    code = ("import torch; from zotune.kernels import _native\n"
+            "if _native.capability(): assert _native.library() is not None\n"
+            "print(_native.SOURCE)")
+    source = _run([installed / "python", "-W", "error::RuntimeWarning", "-c", code], tmp_path,
+                  env_extra={"ZOTUNE_CACHE": str(tmp_path / "cache")})
+    assert Path(source.strip()).is_relative_to(installed.parent)
 
 
 def test_the_wheel_holds_every_subpackage_and_recipe(installed, tmp_path):

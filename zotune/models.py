@@ -48,6 +48,7 @@ from transformers.models.auto.modeling_auto import (
 )
 
 from zotune.errors import UserError
+from zotune.paths import cache_root
 from zotune.schema import ModelSection, QuantizationSection
 
 log = logging.getLogger("zotune")
@@ -205,10 +206,6 @@ def trainable_parameters(
     for _, param in dropped:
         param.requires_grad_(False)
     return chosen
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("ZOTUNE_CACHE") or Path.home() / ".cache" / "zotune").expanduser()
 
 
 def gguf_cache_dir(section: ModelSection) -> Path:

@@ -6,12 +6,18 @@ rows come from) ask these questions, so they are answered here once.
 
 from __future__ import annotations
 
+import os
 import stat
 from pathlib import Path
 from typing import Any
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
 LOCAL_PREFIXES = ("./", "../", "/", "~")
+
+
+def cache_root() -> Path:
+    """Where zotune keeps what it builds once per machine: `$ZOTUNE_CACHE`, else ~/.cache/zotune."""
+    return Path(os.environ.get("ZOTUNE_CACHE") or Path.home() / ".cache" / "zotune").expanduser()
 
 
 def expand_path(path: str) -> Path:

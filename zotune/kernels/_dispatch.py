@@ -4,12 +4,15 @@ Implementations (DESIGN §2):
 
 - ``triton``: the fused kernel. The default for CUDA tensors when triton is installed. Forcing
   it on CPU tensors is allowed only under ``TRITON_INTERPRET=1`` (how the tests run it).
+- ``native``: the op's PyTorch twin fed by `_native`'s noise (C built at first use, bit-equal
+  to the compiled path's), the arithmetic eager over cache-sized pieces. The default for CPU
+  tensors where it builds (x86 with AVX2 or AVX-512 and a C compiler).
 - ``compiled``: the op's PyTorch twin, ``torch.compile``'d whole (Philox noise + arithmetic +
   stores, one fused graph per aligned piece, see `_fused`); ragged ends use the compiled Philox
-  of `_philox` with eager arithmetic. The default for CPU tensors.
+  of `_philox` with eager arithmetic. The default for CPU tensors where ``native`` cannot run.
 - ``eager``: the op's PyTorch twin fed by `zotune.noise`; the reference, runs anywhere.
 
-``ZOTUNE_KERNELS=triton|compiled|eager`` forces one (read at every call).
+``ZOTUNE_KERNELS=triton|native|compiled|eager`` forces one (read at every call).
 
 Nothing here imports triton: `triton_jit` defers both the import and the decoration to the
 first launch, so importing `zotune.kernels` stays cheap and never touches a GPU driver.
@@ -28,20 +31,24 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from zotune.kernels import _native
 from zotune.noise import KINDS
 
 if TYPE_CHECKING:
     import triton.language as tl
 
-IMPLS = ("triton", "compiled", "eager")
+IMPLS = ("triton", "native", "compiled", "eager")
 ENV = "ZOTUNE_KERNELS"
 PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # Elements per piece in the PyTorch paths: CHUNK is also the fixed size of one call of the
-# compiled Philox; eager pieces are larger, as per-call overhead dominates eager Philox. Pieces
-# end on multiples of their size in the global index, so a piece never spans two compiled
-# chunks. Multiples of 128, so a rademacher counter is never split. Results do not depend on them.
+# compiled Philox; eager pieces are larger, as per-call overhead dominates eager Philox; native
+# pieces keep the eager arithmetic on them in the core's cache (1 << 16 ran perturb_ fastest of
+# 2**15 .. 2**20 on a Zen 4, 2 threads). Pieces end on multiples of their size in the global index,
+# so a piece never spans two compiled chunks. Multiples of 128, so a rademacher counter is never
+# split. Results do not depend on them.
 CHUNK = 1 << 15
+NATIVE_CHUNK = 1 << 16
 EAGER_CHUNK = 1 << 18
 
 # Triton tile: ROWS x 128 elements, one row per Philox counter of the rademacher stream.
@@ -76,11 +83,14 @@ def choose(device: torch.device, directions=None) -> str:
                 raise RuntimeError(
                     f"{ENV}=triton on {device.type} tensors needs TRITON_INTERPRET=1, set before triton is imported"
                 )
+        if forced == "native" and _native.library() is None:
+            raise RuntimeError(f"{ENV}=native but the native noise cannot run here (it needs an x86 CPU with AVX2 "
+                               "or AVX-512 and a C compiler)")
         return forced
     if device.type == "cuda" and triton_available():
         return "triton"
     if device.type == "cpu":
-        return "compiled"
+        return "native" if _native.library() is not None else "compiled"
     return "eager"
 
 

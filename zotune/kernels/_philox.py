@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from zotune import noise as _noise
-from zotune.kernels._dispatch import CHUNK, EAGER_CHUNK, triton_jit
+from zotune.kernels import _native
+from zotune.kernels._dispatch import CHUNK, EAGER_CHUNK, NATIVE_CHUNK, triton_jit
 
 if TYPE_CHECKING:
     import triton.language as tl
@@ -185,10 +186,13 @@ def noise(seed: int, numel: int, kind: str = "gaussian", offset: int = 0, device
 def pieces(numel: int, seed: int, kind: str, offset: int, impl: str, device):
     """(lo, hi, z) covering [0, numel): z = noise(seed, hi - lo, kind, offset + lo), float32.
 
-    ``impl`` picks the generator: ``eager`` is `zotune.noise`, ``compiled`` is `_philox`'s.
+    ``impl`` picks the generator: ``eager`` is `zotune.noise`, ``compiled`` is `_philox`'s,
+    ``native`` is `_native`'s.
     """
     if impl == "compiled":
         generate, size = noise_piece, CHUNK
+    elif impl == "native":
+        generate, size = _native.piece, NATIVE_CHUNK
     else:
         generate, size = eager_piece, EAGER_CHUNK
     lo = 0
