@@ -79,7 +79,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--impl", choices=["triton", "native", "compiled", "eager"],
-                        help="only this implementation (default: native, compiled and eager on the CPU, triton on a GPU)")
+                        help="only this implementation (default: native, compiled, eager on the CPU; triton on a GPU)")
     parser.add_argument("--json", metavar="PATH", help="also write the largest size's figures to PATH as JSON")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -460,7 +460,8 @@ def test_env_var_is_checked(monkeypatch):
         perturb_(torch.zeros(3), 0, 1.0, kind="gaussian")
 
 
-@pytest.mark.parametrize("setting", [None, NATIVE, "compiled", "eager", pytest.param("triton", marks=pytest.mark.triton)])
+@pytest.mark.parametrize("setting", [None, NATIVE, "compiled", "eager",
+                                     pytest.param("triton", marks=pytest.mark.triton)])
 def test_ops_use_the_chosen_implementation(setting, monkeypatch):
     """The generators the PyTorch paths call show which path ran (gaussian: rademacher's ragged ends take
     the eager signs on every path, the same bits)."""
