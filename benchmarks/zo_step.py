@@ -8,7 +8,7 @@ between ADJACENT measurements: each step is followed at once by a no-grad forwar
 (and, for the trainer, by a MeZO-style step on a copy of the model), and the figure is the median
 of the per-step ratios. Measured in this order:
 
-1. `ZOTrainer` with its defaults (out-of-place dual, gaussian), as a user runs it: STEPS steps, the
+1. `ZOTrainer` with its defaults (out-of-place dual, its default noise), as a user runs it: STEPS steps, the
    steady state is the median of the last half; the warm-up (compiling the CPU kernels, first in
    this process) is the first steps' excess over it, reported apart;
 2. the forward of the batch (B rows) and of the doubled batch (2B) that dual runs;

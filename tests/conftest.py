@@ -158,24 +158,27 @@ def kernels_on(impl: str, tensors: dict):
             t.copy_(on_gpu[name])
 
 
-def fast_math_error(seed: int, numel: int, offset: int) -> torch.Tensor:
-    """A bound on |z_gpu - z| for each element of noise(seed, numel, "gaussian", offset), z_gpu being
-    tl.randn compiled for a GPU, where Triton may take log, sqrt and cos from the approximate PTX
-    instructions (lg2.approx, sqrt.approx, cos.approx: errors within 2**-22 absolute on log2, 2**-22
-    relative on sqrt and 2**-20 absolute on cos, rounded up from their documented bounds).
+def fast_math_error(seed: int, numel: int, offset: int, kind: str = "gaussian") -> torch.Tensor:
+    """A bound on |z_gpu - z| for each element of noise(seed, numel, kind, offset) (gaussian or
+    gaussian4x), z_gpu being tl.randn (tl.randn4x) compiled for a GPU, where Triton may take log, sqrt,
+    cos and sin from the approximate PTX instructions (lg2.approx, sqrt.approx, cos.approx, sin.approx:
+    errors within 2**-22 absolute on log2, 2**-22 relative on sqrt and 2**-20 absolute on cos and sin,
+    rounded up from their documented bounds).
 
-    With z = r·cos(θ) and r = sqrt(-2·ln u), an absolute error δ in ln u moves r by δ/r: large where u
-    is near 1 and r small, so the bound is per element, from r. The eager reference's own error, a few
-    ulp of z, is the last term.
+    With z = r·cos(θ) (or r·sin(θ)) and r = sqrt(-2·ln u), an absolute error δ in ln u moves r by δ/r:
+    large where u is near 1 and r small, so the bound is per element, from r. The eager reference's own
+    error, a few ulp of z, is the last term.
     """
-    from zotune.noise import _MASK32, _key, _philox, _uniform
+    from zotune.noise import _MASK32, _key, _philox, _uniform, noise
 
     i = torch.arange(offset, offset + numel, dtype=torch.int64)
+    counter = i if kind == "gaussian" else i >> 2
     zero = torch.zeros_like(i)
-    x0, x1, _, _ = _philox(i & _MASK32, i >> 32, zero, zero, *_key(seed))
-    u1 = torch.clamp(_uniform(x0).double(), min=1e-7)
-    r = (-2 * u1.log()).sqrt()
-    z = r * torch.cos(2 * torch.pi * _uniform(x1).double())
+    x0, _, x2, _ = _philox(counter & _MASK32, counter >> 32, zero, zero, *_key(seed))
+    radius_word = x0 if kind == "gaussian" else torch.where((i & 3) < 2, x0, x2)  # gaussian4x: words 0, 2
+    u = torch.clamp(_uniform(radius_word).double(), min=1e-7)
+    r = (-2 * u.log()).sqrt()
+    z = noise(seed, numel, kind, offset).double()
     return 2**-21 / r + 2**-21 * r + 2**-20 * r + 16 * torch.finfo(torch.float32).eps * z.abs()
 
 
@@ -183,9 +186,9 @@ def kernel_slack(impl: str, kind: str, numel: int, offset: int) -> torch.Tensor 
     """Absolute tolerance to add to `assert_kernel_close`'s for a kernel test's outputs, element by element
     in row-major order: for Triton on a GPU with gaussian noise, the largest coefficient on z times the
     fast-math bound of both seeds' z; nothing elsewhere."""
-    if impl != TRITON_CUDA or kind != "gaussian":
+    if impl != TRITON_CUDA or kind == "rademacher":
         return 0.0
-    return LARGEST_Z_COEFFICIENT * sum(fast_math_error(seed, numel, offset) for seed in KERNEL_SEEDS)
+    return LARGEST_Z_COEFFICIENT * sum(fast_math_error(seed, numel, offset, kind) for seed in KERNEL_SEEDS)
 
 
 def assert_kernel_close(actual, expected, kind: str, name: str = "", slack: torch.Tensor | float = 0.0) -> None:

@@ -21,9 +21,11 @@ from transformers import default_data_collator
 from zotune.models import byte_tokenizer
 from zotune.reward.population import Generation
 from zotune.reward.trainer import ZORewardTrainer
+from zotune.settings import ZOSettings
 from zotune.trainer import ZOConfig, ZOTrainer
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+NOISE = ZOSettings().perturbation  # the noise kind of a run that sets none
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="needs ../shared/data")
 
 # -- recipes -------------------------------------------------------------------------------------

@@ -69,7 +69,10 @@ def attribution(arch, out, lr):
 
 @pytest.mark.parametrize("arch", CORE_ARCHS)
 def test_the_terms_add_up_to_the_measured_change_of_each_test_loss(arch, tmp_path):
-    measured, attributed, steps = attribution(arch, tmp_path / "small", 2.5e-5)
+    # lr 1e-5 and 4e-4: the first small enough that the curvature the terms leave out stays well below the
+    # steps (gemma3's error at 2.5e-5 was a third of a typical step on some noise streams), the second large
+    # enough that its curvature stands well above float32's resolution of the measured losses (~1e-6 here)
+    measured, attributed, steps = attribution(arch, tmp_path / "small", 1e-5)
     error = (attributed - measured).norm()
     typical = steps.norm(dim=1).median()
     assert error < 0.25 * typical, (error, typical)
@@ -78,7 +81,7 @@ def test_the_terms_add_up_to_the_measured_change_of_each_test_loss(arch, tmp_pat
         assert (attributed - step - measured).norm() > 0.25 * typical
         assert (attributed - 2 * step - measured).norm() > 0.25 * typical
     # what the terms leave out is the curvature along the steps: O(lr²), against terms O(lr)
-    measured_big, attributed_big, _ = attribution(arch, tmp_path / "big", 1e-4)
+    measured_big, attributed_big, _ = attribution(arch, tmp_path / "big", 4e-4)
     assert error < (attributed_big - measured_big).norm() / 2
 
 

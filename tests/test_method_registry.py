@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers import NOISE
 
 from zotune.methods import registry
 from zotune.methods.base import Estimator, Noise, StepView
@@ -56,7 +57,7 @@ def test_a_registered_rule_is_a_recipe_name_and_sees_the_step():
     _, plain, _ = train("sgd", "spsa")
     assert all(torch.equal(a.detach(), b.detach()) for a, b in zip(trained, plain))  # the view changed nothing
     for view, record in zip(views, records, strict=True):
-        assert isinstance(view, StepView) and view.noise == Noise(7, "gaussian")
+        assert isinstance(view, StepView) and view.noise == Noise(7, NOISE)
         assert (view.step, view.seed, view.lr) == (record["step"], record["seed"], record["lr"])
         assert view.losses == tuple(zip(record["loss_plus"], record["loss_minus"]))
         assert [(p.name, p.param, p.state) for p in view.params] == [(n, t, opt.state[t])
@@ -86,4 +87,4 @@ def test_a_registered_estimator_sees_each_parameter_and_the_step():
     assert all(torch.equal(a.detach(), b.detach()) for a, b in zip(trained, plain))
     assert records[0]["began"] == 0
     assert seen[0] == ("begin", 0, (), ["w", "b"]) and seen[-1] == ("end", 0, True)
-    assert {entry[1:] for entry in seen if entry[0] == "directions"} == {(n, 0, Noise(7, "gaussian")) for n in "wb"}
+    assert {entry[1:] for entry in seen if entry[0] == "directions"} == {(n, 0, Noise(7, NOISE)) for n in "wb"}

@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import tiny_causal_lm
 from datasets import Dataset
-from helpers import make_trainer, mean_loss, weights
+from helpers import NOISE, make_trainer, mean_loss, weights
 
 from zotune.errors import UserError
 from zotune.first_order import load_gradients
@@ -180,14 +180,14 @@ def test_sliced_directions_two_steps_match_the_hand_computed_reference():
     opt = ZOOptimizer([("w", w)], lr=LR, weight_decay=WD, eps=EPS, num_directions=2, slice_directions=True)
 
     def loss_fn(s, ks):
-        zs = [noise(seed_for(s, k, "w"), 10) for k in ks]
+        zs = [noise(seed_for(s, k, "w"), 10, NOISE) for k in ks]
         return [(slice_loss(w.detach() + EPS * z, i), slice_loss(w.detach() - EPS * z, i)) for i, z in enumerate(zs)]
 
     theta = THETA0.double()
     for step in range(2):
         opt.estimate(loss_fn, step)
         opt.step()
-        zs = [noise(seed_for(step_seed(0, step), k, "w"), 10).double() for k in range(2)]
+        zs = [noise(seed_for(step_seed(0, step), k, "w"), 10, NOISE).double() for k in range(2)]
         g = [(slice_loss(theta + EPS * z, i) - slice_loss(theta - EPS * z, i)) / (2 * EPS) for i, z in enumerate(zs)]
         theta = theta * (1 - LR * WD) - LR * (g[0] * zs[0] + g[1] * zs[1]) / 2
     torch.testing.assert_close(w.detach().double(), theta, rtol=1e-4, atol=1e-5)
@@ -247,7 +247,7 @@ def quadratic(theta: torch.Tensor) -> float:
 def reference_z(estimator: dict, state: dict, step: int, k: int) -> torch.Tensor:
     """z_k of the estimator for the parameter "w", rebuilt from the noise function and the docs."""
     seed = seed_for(step_seed(0, step), k, "w")
-    z = noise(seed, 10).double()
+    z = noise(seed, 10, NOISE).double()
     name = estimator["name"]
     if name == "sparse" and estimator.get("mask") == "magnitude":
         return z * state["mask"]
@@ -261,11 +261,11 @@ def reference_z(estimator: dict, state: dict, step: int, k: int) -> torch.Tensor
     if name == "guided" and state.get("guide"):  # U: the polar factor of Hᵀ (its symmetric orthonormal basis)
         history, alpha = torch.stack(state["guide"]), estimator["alpha"]
         left, _, right = torch.linalg.svd(history.T, full_matrices=False)
-        k, e = len(history), noise(seed, 10 + len(history)).double()
+        k, e = len(history), noise(seed, 10 + len(history), NOISE).double()
         return math.sqrt(alpha) * e[:10] + math.sqrt((1 - alpha) * 10 / k) * (left @ right) @ e[10:]
     if name == "lowrank":  # w is 2×5, rank 2, a new V every 5 steps
-        u = noise(seed, 2 * 2).double().view(2, 2)
-        v = noise(seed_for(step_seed(0, step // 5), 0, "w#lowrank-V"), 5 * 2).double().view(5, 2)
+        u = noise(seed, 2 * 2, NOISE).double().view(2, 2)
+        v = noise(seed_for(step_seed(0, step // 5), 0, "w#lowrank-V"), 5 * 2, NOISE).double().view(5, 2)
         return (u @ v.T).reshape(-1) / math.sqrt(2)
     return z
 
@@ -312,7 +312,7 @@ def reference_steps(rule: dict, estimator: dict, q: int, steps: int = 2) -> torc
         if estimator["name"] == "hizoo":
             loss_zero = quadratic(theta)
             observed = sum(abs(la + lb - 2 * loss_zero) / (2 * EPS**2) * noise(seed_for(step_seed(0, step), k, "w"),
-                                                                               10).double() ** 2
+                                                                               10, NOISE).double() ** 2
                            for k, (la, lb) in enumerate(pairs)) / q
             state["h"] = (1 - ALPHA) * state["h"] + ALPHA * state["h"] * observed
         if estimator["name"] == "fzoos":
@@ -330,7 +330,7 @@ def fzoos_ghat(estimator: dict, state: dict, theta, step: int, zs: list, g: list
     queries join the history afterwards."""
     M, eps, gamma = estimator["features"], EPS, estimator.get("gamma", 1.0)
     base = step_seed(0, -3)
-    w = torch.stack([noise(seed_for(base, m, "w"), 10).double() for m in range(M)]) / estimator["lengthscale"]
+    w = torch.stack([noise(seed_for(base, m, "w"), 10, NOISE).double() for m in range(M)]) / estimator["lengthscale"]
     b = 2 * math.pi * torch.special.ndtr(noise(seed_for(base, 0, "fzoos-phase"), M).double())
 
     def phi(x):
@@ -384,10 +384,13 @@ def test_two_steps_match_the_hand_computed_reference(rule, estimator):
             (CURVATURE * (w.double().reshape(-1) - TARGET) ** 2).sum().backward()
         opt.estimate(lambda: quadratic(w.detach()), step)
         opt.step()
-    # HiZOO's curvature is a second difference of float32 losses: ~1e-3 relative error at this ε
+    # HiZOO's curvature is a second difference of float32 losses: ~1e-3 relative error at this ε. FZOO divides
+    # by the spread of q = 2 float32 losses (~1e-2 apart, rounded to ~2e-6) and FZooS solves a small linear
+    # system on differences of them: ~2e-4 relative, depending on the draw
     atol = 2e-4 if estimator["name"] == "hizoo" else 1e-5
+    rtol = 5e-4 if rule["name"] == "fzoo" or estimator["name"] == "fzoos" else 1e-4
     torch.testing.assert_close(w.detach().double().reshape(-1), reference_steps(rule, estimator, q, steps),
-                               rtol=1e-4, atol=atol)
+                               rtol=rtol, atol=atol)
     assert not torch.equal(w.detach().reshape(-1), THETA0)
 
 
@@ -398,20 +401,26 @@ def test_every_method_has_a_hand_computed_case():
 
 @pytest.mark.parametrize("schedule", ["sequential", "fused"])
 def test_conservative_never_moves_to_a_worse_point(schedule):
-    """With a learning rate far too large, ZO-SGD diverges on the quadratic; the conservative
-    rule only accepts a candidate whose loss is below L(θ) (up to the O(ε²) of its estimate)."""
-    losses = {}
-    for rule in ("sgd", "conservative"):
-        w = torch.nn.Parameter(THETA0.clone())
-        opt = ZOOptimizer([("w", w)], lr=0.1, eps=EPS, schedule=schedule, rule=rule)
-        losses[rule] = [quadratic(w.detach())]
-        for step in range(6):
-            opt.estimate(lambda: quadratic(w.detach()), step)
-            record = opt.step()
-            losses[rule].append(quadratic(w.detach()))
-            if rule == "conservative":
-                candidates = record["candidate_losses"]
-                assert candidates[record["candidate"]] == min(candidates.values())
-    assert losses["sgd"][-1] > 10 * losses["sgd"][0]
-    assert all(after <= before + 1e-3 for before, after in zip(losses["conservative"], losses["conservative"][1:]))
-    assert losses["conservative"][-1] < losses["conservative"][0]
+    """With a learning rate far too large (0.1), ZO-SGD diverges on the quadratic; with a large one (0.05) it
+    goes up at some steps. The conservative rule only accepts a candidate whose loss is below L(θ) (up to the
+    O(ε²) of its estimate), and at 0.05 it still makes progress."""
+    for lr in (0.1, 0.05):
+        losses = {}
+        for rule in ("sgd", "conservative"):
+            w = torch.nn.Parameter(THETA0.clone())
+            opt = ZOOptimizer([("w", w)], lr=lr, eps=EPS, schedule=schedule, rule=rule)
+            losses[rule] = [quadratic(w.detach())]
+            for step in range(6):
+                opt.estimate(lambda: quadratic(w.detach()), step)
+                record = opt.step()
+                losses[rule].append(quadratic(w.detach()))
+                if rule == "conservative":
+                    candidates = record["candidate_losses"]
+                    assert candidates[record["candidate"]] == min(candidates.values())
+        pairs = {rule: list(zip(values, values[1:])) for rule, values in losses.items()}
+        assert all(after <= before + 1e-3 for before, after in pairs["conservative"])
+        if lr == 0.1:
+            assert losses["sgd"][-1] > 10 * losses["sgd"][0]
+        else:
+            assert any(after > before for before, after in pairs["sgd"])
+            assert losses["conservative"][-1] < losses["conservative"][0]

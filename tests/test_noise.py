@@ -167,6 +167,16 @@ if triton is not None:
         tl.store(normal_ptr + j, tl.randn(seed, offs))
 
 
+    @triton.jit
+    def _randn4x_kernel(seed, base, out_ptr, N: tl.constexpr):
+        j = tl.arange(0, N)
+        n0, n1, n2, n3 = tl.randn4x(seed, base.to(tl.int64) + j)
+        tl.store(out_ptr + 4 * j, n0)
+        tl.store(out_ptr + 4 * j + 1, n1)
+        tl.store(out_ptr + 4 * j + 2, n2)
+        tl.store(out_ptr + 4 * j + 3, n3)
+
+
 def triton_streams(seed, base, n):
     """tl.randint4x and tl.randn at offsets base .. base+n-1, as (n, 4) int64 and (n,) float32."""
     block = triton.next_power_of_2(n)  # tl.arange needs a power of two
@@ -217,6 +227,18 @@ def test_triton_randint4x_and_randn_match(seed, base):
     # runs SLEEF's (1 ulp). Measured: at most 3 eps relative over 6e6 samples, so 8 eps
     # relative, and no absolute slack, still catches any change to the formula.
     torch.testing.assert_close(noise(seed, n, "gaussian", offset=base), normals, rtol=8 * EPS32, atol=0)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("seed,base", STREAM_CASES)
+def test_gaussian4x_is_triton_randn4x(seed, base):
+    """Element 4c + j is output j of tl.randn4x(seed, c): counters base .. base + 1023, their low word
+    wrapping in one case; the same float tolerance as gaussian against tl.randn."""
+    pytest.importorskip("triton")
+    n = 1024
+    out = torch.zeros(4 * n, dtype=torch.float32)
+    _randn4x_kernel[(1,)](seed, base, out, N=n)
+    torch.testing.assert_close(noise(seed, 4 * n, "gaussian4x", offset=4 * base), out, rtol=8 * EPS32, atol=0)
 
 
 @pytest.mark.triton
@@ -273,7 +295,22 @@ def test_gaussian_uses_words_0_and_1_of_its_counter():
     as_int32 = torch.where(x >= 2**31, x - 2**32, x)
     u = torch.where(as_int32 < 0, ~as_int32, as_int32).to(torch.float64) * 4.6566127342e-10
     z = torch.sqrt(-2 * torch.log(u[:, 0].clamp_min(1e-7))) * torch.cos(2 * torch.pi * u[:, 1])
-    torch.testing.assert_close(noise(seed, n, offset=offset).double(), z, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(noise(seed, n, "gaussian", offset=offset).double(), z, rtol=1e-5, atol=1e-5)
+
+
+def test_gaussian4x_takes_cosine_and_sine_of_words_0_1_then_2_3():
+    """Element 4c + j of counter c's words (x0, x1, x2, x3): r(x0)·cos θ(x1), r(x0)·sin θ(x1), r(x2)·cos θ(x3),
+    r(x2)·sin θ(x3), written out in float64 here."""
+    seed, offset, n = 2**50 + 1, 2**34 + 6, 1001  # starts and ends inside a counter
+    first = offset >> 2
+    x = philox4x32(counters_of(torch.arange(first, ((offset + n - 1) >> 2) + 1)), seed)
+    as_int32 = torch.where(x >= 2**31, x - 2**32, x)
+    u = torch.where(as_int32 < 0, ~as_int32, as_int32).to(torch.float64) * 4.6566127342e-10
+    r01, r23 = (torch.sqrt(-2 * torch.log(u[:, w].clamp_min(1e-7))) for w in (0, 2))
+    t01, t23 = 2 * torch.pi * u[:, 1], 2 * torch.pi * u[:, 3]
+    z = torch.stack([r01 * t01.cos(), r01 * t01.sin(), r23 * t23.cos(), r23 * t23.sin()], dim=-1).flatten()
+    expected = z[offset - 4 * first : offset - 4 * first + n]
+    torch.testing.assert_close(noise(seed, n, "gaussian4x", offset=offset).double(), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_gaussian_clamps_tiny_uniforms():
@@ -282,7 +319,7 @@ def test_gaussian_clamps_tiny_uniforms():
     u2 = (0xFFFFFFFF - x[1].item() if x[1].item() >= 2**31 else x[1].item()) * 4.6566127342e-10
     radius = (-2 * torch.log(torch.tensor(1e-7, dtype=torch.float64))).sqrt()  # not from 3.1e-8
     expected = radius * torch.cos(2 * torch.pi * torch.tensor(u2, dtype=torch.float64))
-    z = noise(CLAMPED_SEED, 3, offset=CLAMPED_INDEX - 1)[1]
+    z = noise(CLAMPED_SEED, 3, "gaussian", offset=CLAMPED_INDEX - 1)[1]
     torch.testing.assert_close(z.double(), expected, rtol=1e-5, atol=1e-5)
 
 
@@ -336,12 +373,19 @@ def test_seed_arguments_are_checked():
 # statistics and API
 
 
-def test_gaussian_statistics():
-    z = noise(2024, 100_000)
+@pytest.mark.parametrize("kind", ["gaussian", "gaussian4x"])
+def test_gaussian_statistics(kind):
+    z = noise(2024, 100_000, kind)
     assert z.dtype == torch.float32 and torch.isfinite(z).all()
     assert abs(z.mean().item()) < 0.02  # standard error 0.003
     assert abs(z.std().item() - 1) < 0.02
     assert 0.035 < (z.abs() > 2).float().mean().item() < 0.056  # 4.55% for N(0, 1)
+    # neighbours uncorrelated, within a counter (gaussian4x's cosine and sine of one angle) and across
+    pairs = z.view(-1, 4)
+    for a, b in [(0, 1), (2, 3), (0, 2), (1, 3)]:
+        assert abs(torch.corrcoef(torch.stack([pairs[:, a], pairs[:, b]]))[0, 1].item()) < 0.03  # s.e. 0.006
+    # ... and squares too: the cosine and sine share a radius, uncorrelated only as independent normals are
+    assert abs(torch.corrcoef(torch.stack([pairs[:, 0] ** 2, pairs[:, 1] ** 2]))[0, 1].item()) < 0.03
 
 
 def test_rademacher_statistics():

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 from conftest import tiny_causal_lm, tiny_config
-from helpers import make_trainer
+from helpers import NOISE, make_trainer
 from typer.testing import CliRunner
 
 from zotune.cli import app
@@ -93,7 +93,7 @@ def test_logged_values_are_one_minus_the_metric_at_the_perturbed_weights(tmp_pat
         with torch.no_grad():
             for name in header["params"]:
                 p = shifted.get_parameter(name)
-                p.add_(sign * eps * noise_like(p, seed_for(s, 0, name)))
+                p.add_(sign * eps * noise_like(p, seed_for(s, 0, name), NOISE))
         expected.append(1 - metric(predictions(shifted, tokenizer)))
     assert expected[0] != expected[1]  # else a run that ignored the perturbation could pass
     assert (records[0]["loss_plus"], records[0]["loss_minus"]) == ([expected[0]], [expected[1]])

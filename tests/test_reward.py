@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 from conftest import CORE_ARCHS, tiny_causal_lm
-from helpers import PROMPTS, a_share, length_bonus, prompts_dataset, reward_run, reward_trainer, weights
+from helpers import NOISE, PROMPTS, a_share, length_bonus, prompts_dataset, reward_run, reward_trainer, weights
 
 from zotune.dual import DualEngine
 from zotune.errors import UserError
@@ -46,7 +46,7 @@ def test_the_population_in_one_generate_equals_each_member_generating_alone(arch
             member = copy.deepcopy(model)
             with torch.no_grad():
                 for (name, _), (_, p) in zip(named, trainable_parameters(member, [], [])):
-                    p.add_(noise(seed_for(s, k, name), p.numel()).view(p.shape), alpha=coef)
+                    p.add_(noise(seed_for(s, k, name), p.numel(), NOISE).view(p.shape), alpha=coef)
                 members += generate_ids(member, batch["input_ids"], batch["attention_mask"], generation,
                                         tokenizer.pad_token_id, tokenizer.eos_token_id, sampling)
     assert rows == members

@@ -61,6 +61,13 @@ def test_a_trajectory_written_before_the_settings_model_replays_to_the_same_weig
     assert params_digest(sorted(weights.items())) == expected["weights_sha256"]
 
 
+def test_the_perturbations_are_the_noise_kinds():
+    from zotune.noise import KINDS
+    from zotune.settings import PERTURBATIONS
+
+    assert PERTURBATIONS == KINDS
+
+
 # a setting added in one place: a subclass of the model with one more field, put in its place
 # before anything else imports it
 WITH_A_DUMMY_SETTING = """

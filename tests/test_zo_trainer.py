@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import CORE_ARCHS, tiny_causal_lm
-from helpers import counting_dataset, make_trainer, mean_loss, weights
+from helpers import NOISE, counting_dataset, make_trainer, mean_loss, weights
 from datasets import Dataset
 from transformers import default_data_collator
 
@@ -122,7 +122,7 @@ def test_one_step_matches_the_formula(tmp_path, arch):
     make_trainer(model, tmp_path, data, max_steps=1, learning_rate=lr, zo_eps=eps).train()
 
     s = step_seed(0, 0)
-    z = {n: noise_like(p, seed_for(s, 0, n)) for n, p in reference.named_parameters()}
+    z = {n: noise_like(p, seed_for(s, 0, n), NOISE) for n, p in reference.named_parameters()}
     losses = []
     for sign in (1, -1):
         shifted = tiny_causal_lm(arch)

@@ -15,6 +15,10 @@ the 64-bit seed is the key (low word, high word).
 
 - ``gaussian``: element i uses counter (i_lo, i_hi, 0, 0) and is the Box-Muller cosine
   of the first two output words, in float32. This is Triton's ``tl.randn(seed, i)``.
+- ``gaussian4x``: the same N(0, 1), four elements per Philox call: element i is output
+  ``i & 3`` of Triton's ``tl.randn4x(seed, i >> 2)``, i.e. of counter i >> 2, the Box-Muller
+  cosine and sine of words 0 and 1 (elements 4c, 4c+1) and of words 2 and 3 (4c+2, 4c+3).
+  A quarter of gaussian's Philox calls and half its logarithms: about twice as fast on a CPU.
 - ``rademacher``: one Philox call gives 128 bits; element i takes bit ``i & 31`` of word
   ``(i >> 5) & 3`` of counter ``i >> 7`` as -1/+1. Exact on every device and ~128x
   fewer Philox calls than gaussian.
@@ -32,7 +36,9 @@ import torch
 
 __all__ = ["step_seed", "seed_for", "philox4x32", "noise", "noise_at", "noise_like", "KINDS"]
 
-KINDS = ("gaussian", "rademacher")
+KINDS = ("gaussian", "gaussian4x", "rademacher")
+# Elements that share one Philox counter, by kind: element i uses counter i // PER_COUNTER[kind].
+PER_COUNTER = {"gaussian": 1, "gaussian4x": 4, "rademacher": 128}
 
 _MASK32 = 0xFFFFFFFF
 _ROUND_A = 0xD2511F53  # multiplies counter word 0
@@ -40,9 +46,9 @@ _ROUND_B = 0xCD9E8D57  # multiplies counter word 2
 _KEY_A = 0x9E3779B9  # golden ratio, added to key word 0 after every round
 _KEY_B = 0xBB67AE85  # sqrt(3) - 1, added to key word 1
 
-# Elements generated per internal chunk, to bound temporary memory. Multiples of 128, so a
-# rademacher counter is never split between chunks. Results do not depend on them.
-_CHUNK = {"gaussian": 1 << 16, "rademacher": 1 << 20}
+# Elements generated per internal chunk, to bound temporary memory. Multiples of 128, so no
+# counter is split between chunks. Results do not depend on them.
+_CHUNK = {"gaussian": 1 << 16, "gaussian4x": 1 << 16, "rademacher": 1 << 20}
 
 # ---------------------------------------------------------------------------------------
 # seeds
@@ -124,18 +130,37 @@ def _uniform(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
 
 
-def _box_muller(u0: torch.Tensor, u1: torch.Tensor) -> torch.Tensor:
-    """The Box-Muller cosine of two float32 uniforms, every operation in float32 like tl.randn
-    (constants rounded to float32)."""
+def _polar(u0: torch.Tensor, u1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Box-Muller's radius and angle of two float32 uniforms, every operation in float32 like
+    tl.randn (constants rounded to float32)."""
     f32 = dict(dtype=torch.float32, device=u0.device)
     u0 = torch.maximum(u0, torch.tensor(1e-7, **f32))
-    theta = torch.tensor(6.283185307179586, **f32) * u1
-    return torch.sqrt(-2.0 * torch.log(u0)) * torch.cos(theta)
+    return torch.sqrt(-2.0 * torch.log(u0)), torch.tensor(6.283185307179586, **f32) * u1
+
+
+def _box_muller(u0: torch.Tensor, u1: torch.Tensor) -> torch.Tensor:
+    """The Box-Muller cosine of two float32 uniforms (tl.randn)."""
+    radius, theta = _polar(u0, u1)
+    return radius * torch.cos(theta)
 
 
 def _normals(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
     """tl.randn from two Philox words."""
     return _box_muller(_uniform(x0), _uniform(x1))
+
+
+def _box_muller4x(u0, u1, u2, u3) -> torch.Tensor:
+    """tl.randn4x from the uniforms of a counter's four Philox words (m each): the (m, 4) normals,
+    in element order (cosine and sine of words 0 and 1, then of words 2 and 3)."""
+    r01, t01 = _polar(u0, u1)
+    r23, t23 = _polar(u2, u3)
+    return torch.stack([r01 * torch.cos(t01), r01 * torch.sin(t01), r23 * torch.cos(t23), r23 * torch.sin(t23)],
+                       dim=-1)
+
+
+def _normals4x(x0, x1, x2, x3) -> torch.Tensor:
+    """tl.randn4x from a counter's four Philox words."""
+    return _box_muller4x(_uniform(x0), _uniform(x1), _uniform(x2), _uniform(x3))
 
 
 def _signs(words: torch.Tensor) -> torch.Tensor:
@@ -152,6 +177,14 @@ def _gaussian(start: int, stop: int, seed: int, device) -> torch.Tensor:
     return _normals(x0, x1)
 
 
+def _gaussian4x(start: int, stop: int, seed: int, device) -> torch.Tensor:
+    first, last = start >> 2, (stop - 1) >> 2  # the counters covering [start, stop)
+    c = torch.arange(first, last + 1, dtype=torch.int64, device=device)
+    zero = torch.zeros_like(c)
+    normals = _normals4x(*_philox(c & _MASK32, c >> 32, zero, zero, *_key(seed))).flatten()
+    return normals[start - (first << 2) : stop - (first << 2)]
+
+
 def _rademacher(start: int, stop: int, seed: int, device) -> torch.Tensor:
     first, last = start >> 7, (stop - 1) >> 7  # the counters covering [start, stop)
     c = torch.arange(first, last + 1, dtype=torch.int64, device=device)
@@ -160,14 +193,15 @@ def _rademacher(start: int, stop: int, seed: int, device) -> torch.Tensor:
     return _signs(words)[start - (first << 7) : stop - (first << 7)]
 
 
-_GENERATORS = {"gaussian": _gaussian, "rademacher": _rademacher}
+_GENERATORS = {"gaussian": _gaussian, "gaussian4x": _gaussian4x, "rademacher": _rademacher}
 
 
 def noise(seed: int, numel: int, kind: str = "gaussian", offset: int = 0, device=None) -> torch.Tensor:
     """Flat float32 z for elements ``offset .. offset+numel-1`` of a flattened tensor.
 
-    ``kind`` is "gaussian" (N(0, 1), as tl.randn) or "rademacher" (-1/+1). The result does
-    not depend on how a tensor is cut into calls: any slice equals the same call's slice.
+    ``kind`` is "gaussian" (N(0, 1), as tl.randn), "gaussian4x" (N(0, 1), as tl.randn4x) or
+    "rademacher" (-1/+1). The result does not depend on how a tensor is cut into calls: any slice
+    equals the same call's slice.
     """
     if kind not in _GENERATORS:
         raise ValueError(f"unknown noise kind {kind!r}; expected one of {KINDS}")
@@ -191,9 +225,10 @@ def noise_at(seed: int, index: torch.Tensor, kind: str = "gaussian") -> torch.Te
     """float32 z of the elements at the int64 ``index`` (any shape, any order, repeats allowed).
 
     ``noise_at(seed, index, kind)[j] == noise(seed, 1, kind, offset=index[j])[0]``: gaussian from
-    counter (i_lo, i_hi, 0, 0); rademacher from bit ``i & 31`` of word ``(i >> 5) & 3`` of
-    counter ``i >> 7``. For gathers such as an embedding's looked-up rows: one Philox call per
-    element, whatever the kind. On ``index``'s device, shaped like it.
+    counter (i_lo, i_hi, 0, 0); gaussian4x normal ``i & 3`` of counter ``i >> 2``; rademacher
+    from bit ``i & 31`` of word ``(i >> 5) & 3`` of counter ``i >> 7``. For gathers such as an
+    embedding's looked-up rows: one Philox call per element, whatever the kind. On ``index``'s
+    device, shaped like it.
     """
     if kind not in _GENERATORS:
         raise ValueError(f"unknown noise kind {kind!r}; expected one of {KINDS}")
@@ -211,6 +246,10 @@ def noise_at(seed: int, index: torch.Tensor, kind: str = "gaussian") -> torch.Te
         if kind == "gaussian":
             x0, x1, _, _ = _philox(i & _MASK32, i >> 32, zero, zero, k0, k1)
             out[lo : lo + chunk] = _normals(x0, x1)
+        elif kind == "gaussian4x":
+            c = i >> 2
+            normals = _normals4x(*_philox(c & _MASK32, c >> 32, zero, zero, k0, k1))  # (m, 4)
+            out[lo : lo + chunk] = normals.gather(-1, (i & 3).unsqueeze(-1)).squeeze(-1)
         else:
             c = i >> 7
             words = torch.stack(_philox(c & _MASK32, c >> 32, zero, zero, k0, k1), dim=-1)  # (m, 4)

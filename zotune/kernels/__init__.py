@@ -15,7 +15,7 @@ public function, which picks an implementation with `_dispatch.choose`:
 
 Every op takes float32, bfloat16 or float16 params, an optional float32 ``master`` copy of
 θ for 16-bit params, any shape (non-contiguous ones are worked on as a contiguous copy) and
-``kind`` "gaussian" or "rademacher". An optional ``directions`` (seed -> the whole tensor's z)
+``kind`` "gaussian", "gaussian4x" or "rademacher". An optional ``directions`` (seed -> the whole tensor's z)
 replaces the noise for structured perturbations (masked, preconditioned, low-rank; see
 zotune.methods); the op then runs its eager twin on z = directions(seed). Importing this package does not import triton.
 

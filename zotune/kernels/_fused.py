@@ -14,7 +14,7 @@ what it stores into the param with `_rounding.to_param`. `run` applies it:
   or not, size), whatever the tensor sizes, offsets, seeds and coefficients (those are graph
   inputs); the rounding bits are generated inside the graph too (`_philox._bits_chunk`). The
   ragged ends (and tensors smaller than a piece) take `_philox.pieces` with the compiled
-  noise of `_philox.noise_piece` (gaussian) or the eager noise (rademacher: the same bits, and
+  noise of `_philox.noise_piece` (gaussian, gaussian4x) or the eager noise (rademacher: the same bits, and
   no graph to compile), the eager rounding bits of `_rounding.bits` (an integer stream: the
   same bits) and eager arithmetic.
 
@@ -32,6 +32,7 @@ import warnings
 import torch
 
 from zotune.kernels import _dispatch, _philox, _rounding
+from zotune.noise import PER_COUNTER
 
 # Sizes of the fused pieces, largest first; each a multiple of 128 (a rademacher counter) and
 # of the next. A piece [a, a + S) is fused when a % S == 0 and it lies inside the tensor.
@@ -57,7 +58,7 @@ def _graph(op, math, kind, all_names, names, dtypes, nseeds, size, rounding=Fals
     key = (op, kind, names, dtypes, nseeds, size, rounding)
     fn = _graphs.get(key)
     if fn is None:
-        chunk = {"gaussian": _philox._gaussian_chunk, "rademacher": _philox._rademacher_chunk}[kind]
+        chunk = _philox.CHUNK_FNS[kind]
 
         def body(firsts, keys, coefs, *tensors):
             zs = [chunk(firsts[i], keys[2 * i], keys[2 * i + 1], size) for i in range(nseeds)]
@@ -109,7 +110,7 @@ def run(op, math, tensors, seeds, kind, offset, coefs, impl, directions=None, ro
     coef_t = torch.tensor(coefs, dtype=torch.float32, device=device)
     smallest = FUSED_SIZES[-1]
     # the ragged ends' noise: rademacher's eager signs are its compiled ones bit for bit and need no graph
-    ragged_impl = impl if kind == "gaussian" else "eager"
+    ragged_impl = "eager" if kind == "rademacher" else impl
     pos, end = offset, offset + n
     while pos < end:
         size = next((s for s in FUSED_SIZES if pos % s == 0 and pos + s <= end), None)
@@ -120,7 +121,7 @@ def run(op, math, tensors, seeds, kind, offset, coefs, impl, directions=None, ro
             pos = stop
             continue
         lo = pos - offset
-        first = pos if kind == "gaussian" else pos >> 7
+        first = pos // PER_COUNTER[kind]
         firsts = torch.tensor([first] * len(seeds) + [pos], **i64)  # the rounding bits' counter: pos
         try:
             _graph(op, math, kind, tuple(tensors), names, dtypes, len(seeds), size, rounding_seed is not None)(

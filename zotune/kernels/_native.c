@@ -1,10 +1,10 @@
 /* zotune's noise on x86 CPUs, compiled at first use by zotune/kernels/_native.py.
 
-The numbers of zotune.noise (Philox4x32-10, Triton's tl.randn convention; see its docstring), with
-the arithmetic of torch's compiled path (zotune/kernels/_philox.py) operation for operation: the
-same Sleef functions that torch's vectorized log and cos call, no fused multiply-add. So a
-gaussian here is bit-equal to the compiled path's on the same CPU capability, and rademacher is
-exact. What this adds is speed: 32x32->64 products as two even/odd vector multiplies, which x86 has
+The numbers of zotune.noise (Philox4x32-10 in Triton's tl.randn, tl.randn4x and randint4x
+conventions; see its docstring), with the arithmetic of torch's compiled path
+(zotune/kernels/_philox.py) operation for operation: the same Sleef functions that torch's
+vectorized log, cos and sin call, no fused multiply-add. So the normals here are bit-equal to the
+compiled path's on the same CPU capability, and rademacher is exact. What this adds is speed: 32x32->64 products as two even/odd vector multiplies, which x86 has
 in AVX2 and AVX-512 alike, and no code generated at run time beyond this file. */
 #include <stdint.h>
 #include <string.h>
@@ -16,8 +16,10 @@ typedef __m512i vi;
 typedef __m512 vf;
 extern __m512 Sleef_logf16_u10(__m512);
 extern __m512 Sleef_cosf16_u35(__m512);
+extern __m512 Sleef_sinf16_u35(__m512);
 #define LOG Sleef_logf16_u10
 #define COS Sleef_cosf16_u35
+#define SIN Sleef_sinf16_u35
 #define VI_LOADU(p) _mm512_loadu_si512((const void *)(p))
 #define VI_STOREU(p, v) _mm512_storeu_si512((void *)(p), v)
 #define VI_SET1(x) _mm512_set1_epi32((int)(x))
@@ -41,8 +43,10 @@ typedef __m256i vi;
 typedef __m256 vf;
 extern __m256 Sleef_logf8_u10(__m256);
 extern __m256 Sleef_cosf8_u35(__m256);
+extern __m256 Sleef_sinf8_u35(__m256);
 #define LOG Sleef_logf8_u10
 #define COS Sleef_cosf8_u35
+#define SIN Sleef_sinf8_u35
 #define VI_LOADU(p) _mm256_loadu_si256((const __m256i *)(p))
 #define VI_STOREU(p, v) _mm256_storeu_si256((__m256i *)(p), v)
 #define VI_SET1(x) _mm256_set1_epi32((int)(x))
@@ -111,13 +115,20 @@ static inline vf uniform(vi x) {
   return VF_MUL(VF_FROM_INT(VI_XOR(x, VI_SRAI(x, 31))), VF_SET1(4.6566127342e-10f));
 }
 
+/* Box-Muller's radius and angle of two words' uniforms */
+static inline void polar(vi x0, vi x1, vf *radius, vf *theta) {
+  vf u0 = VF_MAX(uniform(x0), VF_SET1(1e-7f));
+  *radius = VF_SQRT(VF_MUL(VF_SET1(-2.0f), LOG(u0)));
+  *theta = VF_MUL(VF_SET1(6.283185307179586f), uniform(x1));
+}
+
 static inline void gaussian_group(uint64_t first, uint32_t k0, uint32_t k1, float *out) {
   vi c0, c1, c2, c3;
+  vf radius, theta;
   counters(first, &c0, &c1);
   philox(&c0, &c1, &c2, &c3, k0, k1);
-  vf u0 = VF_MAX(uniform(c0), VF_SET1(1e-7f));
-  vf theta = VF_MUL(VF_SET1(6.283185307179586f), uniform(c1));
-  VF_STOREU(out, VF_MUL(VF_SQRT(VF_MUL(VF_SET1(-2.0f), LOG(u0))), COS(theta)));
+  polar(c0, c1, &radius, &theta);
+  VF_STOREU(out, VF_MUL(radius, COS(theta)));
 }
 
 /* out[j] = the gaussian z of element first + j, j < n */
@@ -130,6 +141,42 @@ void zotune_gaussian(uint64_t seed, uint64_t first, int64_t n, float *out) {
     float tail[W];
     gaussian_group(first + j, k0, k1, tail);
     memcpy(out + j, tail, (size_t)(n - j) * sizeof(float));
+  }
+}
+
+/* the 4 * W normals of counters first .. first + W - 1, in element order */
+static inline void gaussian4x_group(uint64_t first, uint32_t k0, uint32_t k1, float *out) {
+  vi c0, c1, c2, c3;
+  vf r01, t01, r23, t23;
+  float n[4][W];
+  counters(first, &c0, &c1);
+  philox(&c0, &c1, &c2, &c3, k0, k1);
+  polar(c0, c1, &r01, &t01);
+  polar(c2, c3, &r23, &t23);
+  VF_STOREU(n[0], VF_MUL(r01, COS(t01)));
+  VF_STOREU(n[1], VF_MUL(r01, SIN(t01)));
+  VF_STOREU(n[2], VF_MUL(r23, COS(t23)));
+  VF_STOREU(n[3], VF_MUL(r23, SIN(t23)));
+  for (int k = 0; k < W; k++)
+    for (int j = 0; j < 4; j++) out[4 * k + j] = n[j][k];
+}
+
+/* out[j] = the gaussian4x z of element start + j, j < n: output (start + j) & 3 of counter (start + j) >> 2 */
+void zotune_gaussian4x(uint64_t seed, uint64_t start, int64_t n, float *out) {
+  uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
+  if (n <= 0) return;
+  uint64_t end = start + (uint64_t)n, first = start >> 2, groups = (((end - 1) >> 2) - first) / W + 1;
+#pragma omp parallel for schedule(static) if (n >= 32768)
+  for (uint64_t g = 0; g < groups; g++) {
+    uint64_t lo = (first + g * W) << 2, hi = lo + 4 * W;
+    if (lo >= start && hi <= end) {
+      gaussian4x_group(first + g * W, k0, k1, out + (lo - start));
+    } else { /* a group cut by the range */
+      float normals[4 * W];
+      uint64_t a = lo > start ? lo : start, z = hi < end ? hi : end;
+      gaussian4x_group(first + g * W, k0, k1, normals);
+      memcpy(out + (a - start), normals + (a - lo), (size_t)(z - a) * sizeof(float));
+    }
   }
 }
 

@@ -85,7 +85,7 @@ def library() -> ctypes.CDLL | None:
                       "using the torch.compile'd noise (same numbers, slower, longer first steps)",
                       RuntimeWarning, stacklevel=3)
         return None
-    for name in ("zotune_gaussian", "zotune_rademacher"):
+    for name in ("zotune_gaussian", "zotune_gaussian4x", "zotune_rademacher"):
         fn = getattr(lib, name)
         fn.argtypes = [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_int64, ctypes.c_void_p]
         fn.restype = None

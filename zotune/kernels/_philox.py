@@ -3,8 +3,10 @@
 Triton: `noise_tile` (deferred by `_dispatch.triton_jit`) gives z on a program's tile of
 `_dispatch.tile`, whose row r holds elements 128*r .. 128*r + 127 of the global index: exactly
 the elements of rademacher counter r. gaussian is ``tl.randn(seed, i)`` with int64 i (counter
-(i_lo, i_hi, 0, 0)); rademacher computes one ``tl.randint4x`` per row and spreads its 128
-bits over the row's columns (column c takes bit c & 31 of word c >> 5).
+(i_lo, i_hi, 0, 0)); gaussian4x takes ``tl.randn4x`` of the row's 32 counters and interleaves
+its four outputs (column c is output c & 3 of counter 32*r + (c >> 2)); rademacher computes one
+``tl.randint4x`` per row and spreads its 128 bits over the row's columns (column c takes bit
+c & 31 of word c >> 5).
 
 Compiled PyTorch: `noise_piece` runs a ``torch.compile``'d Philox on FIXED-size chunks of
 `_dispatch.CHUNK` elements (a piece is a slice of one full chunk; a short tensor pays for a
@@ -30,8 +32,7 @@ from zotune.kernels._dispatch import CHUNK, EAGER_CHUNK, NATIVE_CHUNK, triton_ji
 if TYPE_CHECKING:
     import triton.language as tl
 
-GAUSSIAN, RADEMACHER = 0, 1  # the KIND constexpr of the kernels
-KIND_ID = {"gaussian": GAUSSIAN, "rademacher": RADEMACHER}
+KIND_ID = {"gaussian": 0, "rademacher": 1, "gaussian4x": 2}  # the KIND constexpr of the kernels
 
 # ---------------------------------------------------------------------------------------
 # Triton
@@ -43,6 +44,10 @@ def noise_tile(seed, rows, KIND: tl.constexpr):
     col = tl.arange(0, 128)[None, :]
     if KIND == 0:
         z = tl.randn(seed, rows[:, None] * 128 + col)
+    elif KIND == 2:
+        n0, n1, n2, n3 = tl.randn4x(seed, rows[:, None] * 32 + tl.arange(0, 32)[None, :])
+        # [ROWS, 32, 2, 2] with [r, k, a, b] = output 2a + b of counter 32r + k: row-major, column 4k + 2a + b
+        z = tl.reshape(tl.join(tl.join(n0, n2), tl.join(n1, n3)), (rows.shape[0], 128))
     else:
         w0, w1, w2, w3 = tl.randint4x(seed, rows)
         word_of = col >> 5
@@ -120,6 +125,11 @@ def _gaussian_chunk(start, k0, k1, size=CHUNK):
     return _noise._box_muller(_uniform(x0), _uniform(x1))
 
 
+def _gaussian4x_chunk(counter, k0, k1, size=CHUNK):
+    """Normals of elements 4*counter .. 4*counter + size - 1, from counters counter .. counter + size/4 - 1."""
+    return _noise._box_muller4x(*map(_uniform, _words(counter, k0, k1, size // 4))).flatten()
+
+
 def _rademacher_chunk(row, k0, k1, size=CHUNK):
     """Signs of elements 128*row .. 128*row + size - 1, from counters row .. row + size/128 - 1."""
     return _noise._signs(torch.stack(_words(row, k0, k1, size // 128), dim=-1))
@@ -137,14 +147,14 @@ def _bits_chunk(start, k0, k1, size=CHUNK):
 # 2 cores; cached on disk, but a cold start is what a new user meets); the CPU's flags, which
 # inductor still reads, already say which sets run here.
 INDUCTOR_OPTIONS = {"cpp.enable_floating_point_contract_flag": "off", "cpp.vec_isa_ok": True}
-_CHUNK_FNS = {"gaussian": _gaussian_chunk, "rademacher": _rademacher_chunk}
+CHUNK_FNS = {"gaussian": _gaussian_chunk, "gaussian4x": _gaussian4x_chunk, "rademacher": _rademacher_chunk}
 _compiled: dict[str, object] = {}
 _compile_failed: list[str] = []  # the error, once compiling has failed
 
 
 def _compiled_chunk(kind: str):
     if kind not in _compiled:
-        _compiled[kind] = torch.compile(_CHUNK_FNS[kind], dynamic=False, fullgraph=True, options=INDUCTOR_OPTIONS)
+        _compiled[kind] = torch.compile(CHUNK_FNS[kind], dynamic=False, fullgraph=True, options=INDUCTOR_OPTIONS)
     return _compiled[kind]
 
 
@@ -159,8 +169,7 @@ def noise_piece(seed: int, numel: int, kind: str, start: int, device) -> torch.T
         return eager_piece(seed, numel, kind, start, device)
     as_tensor = lambda v: torch.tensor(v, dtype=torch.int64, device=device)  # noqa: E731
     k0, k1 = as_tensor(seed & _MASK32), as_tensor(seed >> 32)
-    skip = 0 if kind == "gaussian" else start & 127
-    first = start if kind == "gaussian" else start >> 7
+    first, skip = divmod(start, _noise.PER_COUNTER[kind])
     try:
         chunk = _compiled_chunk(kind)(as_tensor(first), k0, k1)
     except Exception as err:  # no C++ compiler, an unsupported Python or platform, ...

@@ -10,7 +10,8 @@ rounded once from float32. ``rows`` is any int64 1-D tensor of row indices, in a
 repeats (an embedding's lookups); they are checked to lie in [0, param.shape[0]).
 
 Implementations: the Triton kernel gathers a block of (rows × columns) per program, generating z
-at the gathered global indices (gaussian ``tl.randn(seed, i)``; rademacher one ``tl.randint4x``
+at the gathered global indices (gaussian ``tl.randn(seed, i)``; gaussian4x output i & 3 of
+``tl.randn4x(seed, i >> 2)``; rademacher one ``tl.randint4x``
 at counter i >> 7 per element, taking bit i & 31 of word (i >> 5) & 3). The PyTorch twin uses
 `zotune.noise.noise_at`, and "compiled" runs that eager twin too: a gather of arbitrary rows has
 no fixed-size piece to compile once, and only the looked-up rows are generated anyway.
@@ -49,6 +50,10 @@ def _perturb_rows_kernel(p_ptr, rows_ptr, o_ptr, seed, scale, nrows, row_numel, 
     i = offset.to(tl.int64) + src  # global index: the noise counter
     if KIND == 0:
         z = tl.randn(seed, i)
+    elif KIND == 2:
+        n0, n1, n2, n3 = tl.randn4x(seed, i >> 2)
+        which = i & 3
+        z = tl.where(which == 0, n0, tl.where(which == 1, n1, tl.where(which == 2, n2, n3)))
     else:
         w0, w1, w2, w3 = tl.randint4x(seed, i >> 7)
         word_of = (i >> 5) & 3

@@ -29,7 +29,7 @@ class Noise:
     """The run's noise, from which a method regenerates any z: its seed and its kind."""
 
     run_seed: int
-    kind: str  # "gaussian" or "rademacher"
+    kind: str  # a zotune.noise kind: "gaussian", "gaussian4x" or "rademacher"
 
     def step_seed(self, step: int) -> int:
         from zotune.noise import step_seed

@@ -28,7 +28,7 @@ class FZooS(Estimator):
     """The trajectory-informed surrogate gradient of FZooS (Shu et al., 2023, "Federated Zeroth-Order
     Optimization using Trajectory-Informed Surrogate Gradients", arXiv:2308.04077), in one process.
 
-    A Gaussian process with an RBF kernel of lengthscale l (Gaussian `zo.perturbation`; with Rademacher
+    A Gaussian process with an RBF kernel of lengthscale l (a Gaussian `zo.perturbation`; with Rademacher
     noise the features give a product-of-cosines kernel instead), in random Fourier features
     φ_m(θ) = √(2/M)·cos(w_m·θ + b_m) (w_m = e_m/l, e_m the run's noise of feature m's seed, b_m uniform
     in [0, 2π)), is fitted to the last τ steps' queries. Each direction k of a step is one observation:
