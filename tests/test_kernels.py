@@ -467,7 +467,7 @@ def test_ops_use_the_chosen_implementation(setting, monkeypatch):
     the eager signs on every path, the same bits)."""
     needs(setting)
     calls = []
-    for module, name in ((_philox, "noise_piece"), (_philox, "eager_piece"), (_native, "piece")):
+    for module, name in ((_philox, "noise_piece"), (_philox, "eager_piece"), (_native, "piece"), (_native, "run")):
         real = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, _n=name, _f=real: calls.append(_n) or _f(*a))
     if setting is None:
@@ -477,8 +477,8 @@ def test_ops_use_the_chosen_implementation(setting, monkeypatch):
     p = torch.zeros(300)
     perturb_(p, SEED, 1.0, kind="gaussian")
     torch.testing.assert_close(p, noise(SEED, 300, "gaussian"))
-    default = {"piece"} if _native.library() else {"noise_piece"}
-    expected = {None: default, "native": {"piece"}, "compiled": {"noise_piece"}, "eager": {"eager_piece"},
+    default = {"run"} if _native.library() else {"noise_piece"}  # float32: the native op's one pass
+    expected = {None: default, "native": {"run"}, "compiled": {"noise_piece"}, "eager": {"eager_piece"},
                 "triton": set()}
     assert set(calls) == expected[setting]
 
@@ -521,6 +521,41 @@ def test_native_noise_equals_the_compiled_noise_bit_for_bit(kind, seed, offset, 
     finally:
         torch.set_num_threads(before)
     assert torch.equal(z, _philox.noise(seed, n, kind, offset))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("shape_key", ["41x53@3000", "130@2^33+5", "1@0"])
+@pytest.mark.parametrize("with_out", [False, True])
+@pytest.mark.parametrize("op", ["perturb", "restore_and_update", "lazy_update_and_perturb"])
+def test_native_one_pass_ops_equal_their_twin_on_the_same_noise(op, with_out, shape_key, kind, monkeypatch):
+    """float32 without a master: `_native.run` applies the op in one pass; its arithmetic is the twin's,
+    so fed the same z (the twin here takes the native noise piece by piece) every bit agrees."""
+    needs("native")
+    if with_out and op == "restore_and_update":
+        pytest.skip("restore_and_update_ has no out=")
+    offset = SHAPES[shape_key][1]
+    tensors = make(op, "fp32", shape_key)
+    if with_out:
+        tensors["out"] = torch.full_like(tensors["param"], float("nan"))
+    twin = {k: v.clone() for k, v in tensors.items()}
+    with forced("native"):
+        OPS[op](tensors, kind, offset, **({"out": tensors["out"]} if with_out else {}))
+        monkeypatch.setattr(_native, "run", lambda *args: False)  # the twin's eager arithmetic, native noise
+        OPS[op](twin, kind, offset, **({"out": twin["out"]} if with_out else {}))
+    for name in tensors:
+        assert torch.equal(tensors[name], twin[name]), name
+
+
+def test_native_one_pass_ops_take_float32_without_a_master_only():
+    needs("native")
+    p = torch.zeros(300)
+    assert _native.run("perturb", {"param": p, "master": None, "out": None}, (SEED,), "gaussian", 0, (0.5,))
+    assert torch.equal(p, 0.5 * _philox.noise(SEED, 300, "gaussian"))
+    for tensors in ({"param": p.bfloat16(), "master": None, "out": None},
+                    {"param": p.bfloat16(), "master": p.clone(), "out": None},
+                    {"param": p, "master": None, "out": p.half()}):
+        assert not _native.run("perturb", tensors, (SEED,), "gaussian", 0, (0.5,))
+    assert not _native.run("adam", {"param": p, "master": None}, (SEED,), "gaussian", 0, (0.5,))
 
 
 @pytest.fixture

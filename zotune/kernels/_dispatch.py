@@ -4,9 +4,11 @@ Implementations (DESIGN §2):
 
 - ``triton``: the fused kernel. The default for CUDA tensors when triton is installed. Forcing
   it on CPU tensors is allowed only under ``TRITON_INTERPRET=1`` (how the tests run it).
-- ``native``: the op's PyTorch twin fed by `_native`'s noise (C built at first use, bit-equal
-  to the compiled path's), the arithmetic eager over cache-sized pieces. The default for CPU
-  tensors where it builds (x86 with AVX2 or AVX-512 and a C compiler).
+- ``native``: `_native`'s C (built at first use): its noise is bit-equal to the compiled path's;
+  `perturb_`, `lazy_update_and_perturb_` and `restore_and_update_` on float32 tensors without a
+  master run in one pass with the twin's arithmetic, every other case is the twin fed by that
+  noise over cache-sized pieces. The default for CPU tensors where it builds (x86 with AVX2 or
+  AVX-512 and a C compiler).
 - ``compiled``: the op's PyTorch twin, ``torch.compile``'d whole (Philox noise + arithmetic +
   stores, one fused graph per aligned piece, see `_fused`); ragged ends use the compiled Philox
   of `_philox` with eager arithmetic. The default for CPU tensors where ``native`` cannot run.

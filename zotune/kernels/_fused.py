@@ -31,7 +31,7 @@ import warnings
 
 import torch
 
-from zotune.kernels import _dispatch, _philox, _rounding
+from zotune.kernels import _dispatch, _native, _philox, _rounding
 from zotune.noise import PER_COUNTER
 
 # Sizes of the fused pieces, largest first; each a multiple of 128 (a rademacher counter) and
@@ -97,6 +97,8 @@ def run(op, math, tensors, seeds, kind, offset, coefs, impl, directions=None, ro
             sliced["round_bits"] = None if rounding_seed is None else _rounding.bits(rounding_seed, b - a, a, device)
             for name, value in math([z[a:b] for z in zs], sliced, coefs).items():
                 sliced[name].copy_(value)
+        return
+    if impl == "native" and rounding_seed is None and _native.run(op, tensors, seeds, kind, offset, coefs):
         return
     if impl != "compiled" or _philox._compile_failed:
         _eager_range(math, tensors, seeds, kind, offset, coefs, impl, 0, n, rounding_seed)

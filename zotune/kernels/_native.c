@@ -4,8 +4,10 @@ The numbers of zotune.noise (Philox4x32-10 in Triton's tl.randn, tl.randn4x and 
 conventions; see its docstring), with the arithmetic of torch's compiled path
 (zotune/kernels/_philox.py) operation for operation: the same Sleef functions that torch's
 vectorized log, cos and sin call, no fused multiply-add. So the normals here are bit-equal to the
-compiled path's on the same CPU capability, and rademacher is exact. What this adds is speed: 32x32->64 products as two even/odd vector multiplies, which x86 has
-in AVX2 and AVX-512 alike, and no code generated at run time beyond this file. */
+compiled path's on the same CPU capability, and rademacher is exact. What this adds is speed:
+32x32->64 products as two even/odd vector multiplies, which x86 has in AVX2 and AVX-512 alike; the
+three ops of the default step in one pass for float32 (at the end, with the arithmetic of their
+PyTorch twins); and no code generated at run time beyond this file. */
 #include <stdint.h>
 #include <string.h>
 #include <immintrin.h>
@@ -131,12 +133,10 @@ static inline void gaussian_group(uint64_t first, uint32_t k0, uint32_t k1, floa
   VF_STOREU(out, VF_MUL(radius, COS(theta)));
 }
 
-/* out[j] = the gaussian z of element first + j, j < n */
-void zotune_gaussian(uint64_t seed, uint64_t first, int64_t n, float *out) {
-  uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
-  int64_t full = n / W * W, j = full;
-#pragma omp parallel for schedule(static) if (n >= 32768)
-  for (int64_t i = 0; i < full; i += W) gaussian_group(first + i, k0, k1, out + i);
+/* out[j] = the gaussian z of element first + j, j < n (one thread; so are the other fills) */
+static void fill_gaussian(uint32_t k0, uint32_t k1, uint64_t first, int64_t n, float *out) {
+  int64_t j = 0;
+  for (; j + W <= n; j += W) gaussian_group(first + j, k0, k1, out + j);
   if (j < n) {
     float tail[W];
     gaussian_group(first + j, k0, k1, tail);
@@ -162,11 +162,9 @@ static inline void gaussian4x_group(uint64_t first, uint32_t k0, uint32_t k1, fl
 }
 
 /* out[j] = the gaussian4x z of element start + j, j < n: output (start + j) & 3 of counter (start + j) >> 2 */
-void zotune_gaussian4x(uint64_t seed, uint64_t start, int64_t n, float *out) {
-  uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
+static void fill_gaussian4x(uint32_t k0, uint32_t k1, uint64_t start, int64_t n, float *out) {
   if (n <= 0) return;
   uint64_t end = start + (uint64_t)n, first = start >> 2, groups = (((end - 1) >> 2) - first) / W + 1;
-#pragma omp parallel for schedule(static) if (n >= 32768)
   for (uint64_t g = 0; g < groups; g++) {
     uint64_t lo = (first + g * W) << 2, hi = lo + 4 * W;
     if (lo >= start && hi <= end) {
@@ -187,11 +185,9 @@ static inline void expand(const uint32_t words[4], float *out) {
 }
 
 /* out[j] = the rademacher z of element start + j, j < n */
-void zotune_rademacher(uint64_t seed, uint64_t start, int64_t n, float *out) {
-  uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
-  uint64_t end = start + (uint64_t)n, first = start >> 7, last = (end - 1) >> 7;
+static void fill_rademacher(uint32_t k0, uint32_t k1, uint64_t start, int64_t n, float *out) {
   if (n <= 0) return;
-#pragma omp parallel for schedule(static) if (n >= 32768)
+  uint64_t end = start + (uint64_t)n, first = start >> 7, last = (end - 1) >> 7;
   for (uint64_t r = first; r <= last; r += W) {
     vi c0, c1, c2, c3;
     uint32_t words[4][W];
@@ -212,6 +208,78 @@ void zotune_rademacher(uint64_t seed, uint64_t start, int64_t n, float *out) {
         expand(own, signs);
         memcpy(out + (a - start), signs + (a - lo), (size_t)(z - a) * sizeof(float));
       }
+    }
+  }
+}
+
+/* kinds, numbered as zotune/kernels/_philox.py's KIND_ID */
+enum { GAUSSIAN = 0, RADEMACHER = 1, GAUSSIAN4X = 2 };
+
+static void fill(int kind, uint64_t seed, uint64_t start, int64_t n, float *out) {
+  uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
+  if (kind == GAUSSIAN) fill_gaussian(k0, k1, start, n, out);
+  else if (kind == GAUSSIAN4X) fill_gaussian4x(k0, k1, start, n, out);
+  else fill_rademacher(k0, k1, start, n, out);
+}
+
+/* Elements per block: the unit the threads share out, and the ops' z buffers (8 KB each, in L1). */
+#define BLOCK 2048
+#define BLOCKS(n) for (int64_t b = 0; b < (n); b += BLOCK)
+#define BLOCK_LENGTH(n, b) ((n) - (b) < BLOCK ? (n) - (b) : BLOCK)
+
+/* out[j] = z of element start + j, j < n */
+void zotune_noise(int kind, uint64_t seed, uint64_t start, int64_t n, float *out) {
+#pragma omp parallel for schedule(static) if (n >= 8 * BLOCK)
+  BLOCKS(n) fill(kind, seed, start + (uint64_t)b, BLOCK_LENGTH(n, b), out + b);
+}
+
+/* The ops for float32 tensors without a master copy or stochastic rounding, each in one pass with
+   the arithmetic of its PyTorch twin (zotune/kernels/<op>.py, `*_math`) operation for operation. */
+
+/* perturb_: y = x + scale * z (y == x in place) */
+void zotune_perturb(int kind, uint64_t seed, uint64_t start, int64_t n, const float *x, float *y, float scale) {
+#pragma omp parallel for schedule(static) if (n >= 8 * BLOCK)
+  BLOCKS(n) {
+    float z[BLOCK];
+    int64_t m = BLOCK_LENGTH(n, b);
+    fill(kind, seed, start + (uint64_t)b, m, z);
+    for (int64_t i = 0; i < m; i++) y[b + i] = x[b + i] + scale * z[i];
+  }
+}
+
+/* lazy_update_and_perturb_: θ' = θ * decay + prev_coef * z_prev; with out: param = θ', out = θ' + next_scale * z_next;
+   without: param = θ' + next_scale * z_next */
+void zotune_lazy_update_and_perturb(int kind, uint64_t prev_seed, uint64_t next_seed, uint64_t start, int64_t n,
+                                    float *param, float *out, float prev_coef, float next_scale, float decay) {
+#pragma omp parallel for schedule(static) if (n >= 8 * BLOCK)
+  BLOCKS(n) {
+    float z_prev[BLOCK], z_next[BLOCK];
+    int64_t m = BLOCK_LENGTH(n, b);
+    fill(kind, prev_seed, start + (uint64_t)b, m, z_prev);
+    fill(kind, next_seed, start + (uint64_t)b, m, z_next);
+    for (int64_t i = 0; i < m; i++) {
+      float theta = param[b + i] * decay + prev_coef * z_prev[i];
+      if (out) {
+        param[b + i] = theta;
+        out[b + i] = theta + next_scale * z_next[i];
+      } else {
+        param[b + i] = theta + next_scale * z_next[i];
+      }
+    }
+  }
+}
+
+/* restore_and_update_: θ = (param + eps * z) * decay - coef * z */
+void zotune_restore_and_update(int kind, uint64_t seed, uint64_t start, int64_t n, float *param, float eps,
+                               float decay, float coef) {
+#pragma omp parallel for schedule(static) if (n >= 8 * BLOCK)
+  BLOCKS(n) {
+    float z[BLOCK];
+    int64_t m = BLOCK_LENGTH(n, b);
+    fill(kind, seed, start + (uint64_t)b, m, z);
+    for (int64_t i = 0; i < m; i++) {
+      float theta = param[b + i] + eps * z[i];
+      param[b + i] = theta * decay - coef * z[i];
     }
   }
 }

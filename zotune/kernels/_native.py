@@ -9,8 +9,12 @@ path's bit for bit on the same capability (and so stays within `zotune.noise`'s 
 rademacher is exact. Where it cannot run (no AVX2, not x86, no compiler) `library()` is None, with
 one warning when a compiler failed, and the CPU ops take the compiled path (`_dispatch.choose`).
 
-`piece` fills one range of z; `_native.c` shares it out over torch's intra-op threads (OpenMP, linked
-to the libgomp torch loaded, so both use one pool of threads).
+`piece` fills one range of z. `run` applies `perturb_`, `lazy_update_and_perturb_` or
+`restore_and_update_` in one pass where the tensors are float32 without a master copy or stochastic
+rounding (the default step's case), with its twin's arithmetic operation for operation, so its
+results equal the twin fed by the same noise bit for bit; other cases return False and take the
+twin. `_native.c` shares the work out over torch's intra-op threads (OpenMP, linked to the libgomp
+torch loaded, so both use one pool of threads).
 """
 
 from __future__ import annotations
@@ -36,6 +40,21 @@ SOURCE = Path(__file__).with_name("_native.c")
 ISA_FLAGS = {"AVX512": ("-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw"), "AVX2": ("-mavx2",)}
 # No fused multiply-add: every product rounded, as in the eager and compiled paths.
 FLAGS = ("-O3", "-shared", "-fPIC", "-ffp-contract=off", "-fopenmp")
+
+
+# the kinds as `_native.c` numbers them; also the Triton kernels' KIND constexpr (`_philox.noise_tile`)
+KIND_ID = {"gaussian": 0, "rademacher": 1, "gaussian4x": 2}
+_U64, _I64, _F32, _PTR, _INT = ctypes.c_uint64, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_int
+# exported function -> its argument types after (kind, seed..., start, n)
+_SIGNATURES = {
+    "zotune_noise": ((_U64,), (_PTR,)),
+    "zotune_perturb": ((_U64,), (_PTR, _PTR, _F32)),
+    "zotune_lazy_update_and_perturb": ((_U64, _U64), (_PTR, _PTR, _F32, _F32, _F32)),
+    "zotune_restore_and_update": ((_U64,), (_PTR, _F32, _F32, _F32)),
+}
+
+
+FUSED_OPS = ("perturb", "lazy_update_and_perturb", "restore_and_update")  # the ops `run` takes
 
 
 def capability() -> str | None:
@@ -85,9 +104,9 @@ def library() -> ctypes.CDLL | None:
                       "using the torch.compile'd noise (same numbers, slower, longer first steps)",
                       RuntimeWarning, stacklevel=3)
         return None
-    for name in ("zotune_gaussian", "zotune_gaussian4x", "zotune_rademacher"):
+    for name, (seeds, rest) in _SIGNATURES.items():
         fn = getattr(lib, name)
-        fn.argtypes = [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_int64, ctypes.c_void_p]
+        fn.argtypes = [_INT, *seeds, _U64, _I64, *rest]
         fn.restype = None
     return lib
 
@@ -95,5 +114,28 @@ def library() -> ctypes.CDLL | None:
 def piece(seed: int, numel: int, kind: str, start: int, device) -> torch.Tensor:
     """noise(seed, numel, kind, offset=start) as float32 on the CPU (``device`` must be the CPU)."""
     out = torch.empty(numel, dtype=torch.float32, device=device)
-    getattr(library(), f"zotune_{kind}")(seed, start, numel, out.data_ptr())
+    library().zotune_noise(KIND_ID[kind], seed, start, numel, out.data_ptr())
     return out
+
+
+def _address(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def run(op: str, tensors: dict, seeds: tuple, kind: str, offset: int, coefs: tuple) -> bool:
+    """Apply ``op`` to the flat contiguous ``tensors`` in one native pass, if it is one this file runs
+    and every tensor present is float32 without a master; False (nothing done) otherwise."""
+    present = [t for t in tensors.values() if t is not None]
+    if op not in FUSED_OPS or tensors.get("master") is not None or any(
+            t.dtype != torch.float32 or t.device.type != "cpu" for t in present):
+        return False
+    param, n, lib = tensors["param"], tensors["param"].numel(), library()
+    head = (KIND_ID[kind], *seeds, offset, n)
+    if op == "perturb":
+        out = tensors["out"] if tensors["out"] is not None else param
+        lib.zotune_perturb(*head, param.data_ptr(), out.data_ptr(), *coefs)
+    elif op == "lazy_update_and_perturb":
+        lib.zotune_lazy_update_and_perturb(*head, param.data_ptr(), _address(tensors["out"]), *coefs)
+    else:
+        lib.zotune_restore_and_update(*head, param.data_ptr(), *coefs)
+    return True

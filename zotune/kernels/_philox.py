@@ -32,7 +32,7 @@ from zotune.kernels._dispatch import CHUNK, EAGER_CHUNK, NATIVE_CHUNK, triton_ji
 if TYPE_CHECKING:
     import triton.language as tl
 
-KIND_ID = {"gaussian": 0, "rademacher": 1, "gaussian4x": 2}  # the KIND constexpr of the kernels
+KIND_ID = _native.KIND_ID  # the KIND constexpr of the kernels
 
 # ---------------------------------------------------------------------------------------
 # Triton
