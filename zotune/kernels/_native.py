@@ -38,6 +38,8 @@ SOURCE = Path(__file__).with_name("_native.c")
 # Instruction sets by torch's CPU capability: the Sleef variants `_native.c` calls are the ones
 # torch's own vectorized code of that capability calls.
 ISA_FLAGS = {"AVX512": ("-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw"), "AVX2": ("-mavx2",)}
+# A compile that takes longer is given up on (the compiled path serves): it takes about a second.
+COMPILE_SECONDS = 120
 # No fused multiply-add: every product rounded, as in the eager and compiled paths.
 FLAGS = ("-O3", "-shared", "-fPIC", "-ffp-contract=off", "-fopenmp")
 
@@ -82,7 +84,7 @@ def _build(isa: str) -> Path:
     # compiled beside the target and renamed onto it: processes building at once never load half a file
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
-        subprocess.run(_command(isa, built), check=True, capture_output=True, text=True)
+        subprocess.run(_command(isa, built), check=True, capture_output=True, text=True, timeout=COMPILE_SECONDS)
         os.replace(built, target)
     return target
 
@@ -95,8 +97,8 @@ def library() -> ctypes.CDLL | None:
         return None
     try:
         lib = ctypes.CDLL(str(_build(isa)))
-    except (OSError, subprocess.CalledProcessError) as err:
-        detail = getattr(err, "stderr", None) or str(err)
+    except (OSError, subprocess.SubprocessError) as err:  # no compiler, a failed or hung compile, no cache
+        detail = str(getattr(err, "stderr", None) or err)
         compiler = os.environ.get("CC") or "cc"
         if shutil.which(compiler) is None:
             detail = f"no C compiler {compiler!r} on PATH"
