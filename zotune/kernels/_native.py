@@ -3,8 +3,8 @@
 `library()` compiles `_native.c` once per (source, CPU capability, torch version, compiler) into
 ``$ZOTUNE_CACHE/native`` with the system C compiler (``$CC``, else ``cc``) and loads it: under a
 second cold, where torch.compile's graphs of the same noise took tens of seconds (issue 28). Its
-gaussian calls the Sleef functions in torch's own library that torch's vectorized ``log`` and
-``cos`` call, with the compiled path's operations in its order, so its z equals the compiled
+normals call the Sleef functions in torch's own library that torch's vectorized ``log``, ``cos``
+and ``sin`` call, with the compiled path's operations in its order, so its z equals the compiled
 path's bit for bit on the same capability (and so stays within `zotune.noise`'s stated few ulp);
 rademacher is exact. Where it cannot run (no AVX2, not x86, no compiler) `library()` is None, with
 one warning when a compiler failed, and the CPU ops take the compiled path (`_dispatch.choose`).
@@ -42,8 +42,6 @@ ISA_FLAGS = {"AVX512": ("-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw"), 
 COMPILE_SECONDS = 120
 # No fused multiply-add: every product rounded, as in the eager and compiled paths.
 FLAGS = ("-O3", "-shared", "-fPIC", "-ffp-contract=off", "-fopenmp")
-
-
 # the kinds as `_native.c` numbers them; also the Triton kernels' KIND constexpr (`_philox.noise_tile`)
 KIND_ID = {"gaussian": 0, "rademacher": 1, "gaussian4x": 2}
 _U64, _I64, _F32, _PTR, _INT = ctypes.c_uint64, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_int
@@ -54,8 +52,6 @@ _SIGNATURES = {
     "zotune_lazy_update_and_perturb": ((_U64, _U64), (_PTR, _PTR, _F32, _F32, _F32)),
     "zotune_restore_and_update": ((_U64,), (_PTR, _F32, _F32, _F32)),
 }
-
-
 FUSED_OPS = ("perturb", "lazy_update_and_perturb", "restore_and_update")  # the ops `run` takes
 
 
