@@ -170,30 +170,22 @@ def _signs(words: torch.Tensor) -> torch.Tensor:
     return bits.to(torch.float32) * 2.0 - 1.0
 
 
-def _gaussian(start: int, stop: int, seed: int, device) -> torch.Tensor:
-    i = torch.arange(start, stop, dtype=torch.int64, device=device)
-    zero = torch.zeros_like(i)
-    x0, x1, _, _ = _philox(i & _MASK32, i >> 32, zero, zero, *_key(seed))
-    return _normals(x0, x1)
+# kind -> the elements of counters' four Philox words (m each), PER_COUNTER[kind] a counter, in element order
+_ELEMENTS = {
+    "gaussian": lambda words: _normals(words[0], words[1]),
+    "gaussian4x": lambda words: _normals4x(*words).flatten(),
+    "rademacher": lambda words: _signs(torch.stack(words, dim=-1)),
+}
 
 
-def _gaussian4x(start: int, stop: int, seed: int, device) -> torch.Tensor:
-    first, last = start >> 2, (stop - 1) >> 2  # the counters covering [start, stop)
+def _elements(kind: str, start: int, stop: int, seed: int, device) -> torch.Tensor:
+    """z of elements start .. stop - 1, from the counters covering them."""
+    per = PER_COUNTER[kind]
+    first, last = start // per, (stop - 1) // per
     c = torch.arange(first, last + 1, dtype=torch.int64, device=device)
     zero = torch.zeros_like(c)
-    normals = _normals4x(*_philox(c & _MASK32, c >> 32, zero, zero, *_key(seed))).flatten()
-    return normals[start - (first << 2) : stop - (first << 2)]
-
-
-def _rademacher(start: int, stop: int, seed: int, device) -> torch.Tensor:
-    first, last = start >> 7, (stop - 1) >> 7  # the counters covering [start, stop)
-    c = torch.arange(first, last + 1, dtype=torch.int64, device=device)
-    zero = torch.zeros_like(c)
-    words = torch.stack(_philox(c & _MASK32, c >> 32, zero, zero, *_key(seed)), dim=-1)  # (m, 4)
-    return _signs(words)[start - (first << 7) : stop - (first << 7)]
-
-
-_GENERATORS = {"gaussian": _gaussian, "gaussian4x": _gaussian4x, "rademacher": _rademacher}
+    z = _ELEMENTS[kind](_philox(c & _MASK32, c >> 32, zero, zero, *_key(seed)))
+    return z[start - first * per : stop - first * per]
 
 
 def noise(seed: int, numel: int, kind: str = "gaussian", offset: int = 0, device=None) -> torch.Tensor:
@@ -203,20 +195,20 @@ def noise(seed: int, numel: int, kind: str = "gaussian", offset: int = 0, device
     "rademacher" (-1/+1). The result does not depend on how a tensor is cut into calls: any slice
     equals the same call's slice.
     """
-    if kind not in _GENERATORS:
+    if kind not in _ELEMENTS:
         raise ValueError(f"unknown noise kind {kind!r}; expected one of {KINDS}")
     numel, offset = operator.index(numel), operator.index(offset)
     if numel < 0 or offset < 0:
         raise ValueError(f"numel and offset must be >= 0, got numel={numel}, offset={offset}")
     _key(seed)  # validate the seed even when numel == 0
-    generate, chunk = _GENERATORS[kind], _CHUNK[kind]
+    chunk = _CHUNK[kind]
     out = torch.empty(numel, dtype=torch.float32, device=device)
     stop = offset + numel
     # Pieces end on multiples of the chunk in the global index: no counter is generated twice.
     start = offset
     while start < stop:
         end = min(stop, (start // chunk + 1) * chunk)
-        out[start - offset : end - offset] = generate(start, end, seed, out.device)
+        out[start - offset : end - offset] = _elements(kind, start, end, seed, out.device)
         start = end
     return out
 
@@ -230,7 +222,7 @@ def noise_at(seed: int, index: torch.Tensor, kind: str = "gaussian") -> torch.Te
     embedding's looked-up rows: one Philox call per element, whatever the kind. On ``index``'s
     device, shaped like it.
     """
-    if kind not in _GENERATORS:
+    if kind not in _ELEMENTS:
         raise ValueError(f"unknown noise kind {kind!r}; expected one of {KINDS}")
     if index.dtype != torch.int64:
         raise TypeError(f"index must be an int64 tensor, got {index.dtype}")
