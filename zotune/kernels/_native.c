@@ -133,17 +133,6 @@ static inline void gaussian_group(uint64_t first, uint32_t k0, uint32_t k1, floa
   VF_STOREU(out, VF_MUL(radius, COS(theta)));
 }
 
-/* out[j] = the gaussian z of element first + j, j < n (one thread; so are the other fills) */
-static void fill_gaussian(uint32_t k0, uint32_t k1, uint64_t first, int64_t n, float *out) {
-  int64_t j = 0;
-  for (; j + W <= n; j += W) gaussian_group(first + j, k0, k1, out + j);
-  if (j < n) {
-    float tail[W];
-    gaussian_group(first + j, k0, k1, tail);
-    memcpy(out + j, tail, (size_t)(n - j) * sizeof(float));
-  }
-}
-
 /* the 4 * W normals of counters first .. first + W - 1, in element order */
 static inline void gaussian4x_group(uint64_t first, uint32_t k0, uint32_t k1, float *out) {
   vi c0, c1, c2, c3;
@@ -161,65 +150,47 @@ static inline void gaussian4x_group(uint64_t first, uint32_t k0, uint32_t k1, fl
     for (int j = 0; j < 4; j++) out[4 * k + j] = n[j][k];
 }
 
-/* out[j] = the gaussian4x z of element start + j, j < n: output (start + j) & 3 of counter (start + j) >> 2 */
-static void fill_gaussian4x(uint32_t k0, uint32_t k1, uint64_t start, int64_t n, float *out) {
-  if (n <= 0) return;
-  uint64_t end = start + (uint64_t)n, first = start >> 2, groups = (((end - 1) >> 2) - first) / W + 1;
-  for (uint64_t g = 0; g < groups; g++) {
-    uint64_t lo = (first + g * W) << 2, hi = lo + 4 * W;
-    if (lo >= start && hi <= end) {
-      gaussian4x_group(first + g * W, k0, k1, out + (lo - start));
-    } else { /* a group cut by the range */
-      float normals[4 * W];
-      uint64_t a = lo > start ? lo : start, z = hi < end ? hi : end;
-      gaussian4x_group(first + g * W, k0, k1, normals);
-      memcpy(out + (a - start), normals + (a - lo), (size_t)(z - a) * sizeof(float));
+/* the 128 * W signs of counters first .. first + W - 1: element 128k + 32w + b takes bit b of word w of counter first + k */
+static inline void rademacher_group(uint64_t first, uint32_t k0, uint32_t k1, float *out) {
+  vi c0, c1, c2, c3;
+  uint32_t words[4][W];
+  counters(first, &c0, &c1);
+  philox(&c0, &c1, &c2, &c3, k0, k1);
+  VI_STOREU(words[0], c0);
+  VI_STOREU(words[1], c1);
+  VI_STOREU(words[2], c2);
+  VI_STOREU(words[3], c3);
+  for (int k = 0; k < W; k++)
+    for (int w = 0; w < 4; w++)
+      for (int b = 0; b < 32; b++) out[128 * k + 32 * w + b] = (float)((words[w][k] >> b) & 1u) * 2.0f - 1.0f;
+}
+
+/* out[j] = z of element start + j, j < n (one thread), from `group`, which writes the elements of W counters
+   from its first (per_counter each); a group the range cuts goes through a buffer */
+static inline void fill_groups(void (*group)(uint64_t, uint32_t, uint32_t, float *), uint64_t per_counter,
+                               uint32_t k0, uint32_t k1, uint64_t start, int64_t n, float *out) {
+  uint64_t span = per_counter * W, end = start + (uint64_t)n;
+  for (uint64_t lo = start / span * span; lo < end; lo += span) {
+    if (lo >= start && lo + span <= end) {
+      group(lo / per_counter, k0, k1, out + (lo - start));
+    } else {
+      float cut[128 * W];
+      uint64_t a = lo > start ? lo : start, z = lo + span < end ? lo + span : end;
+      group(lo / per_counter, k0, k1, cut);
+      memcpy(out + (a - start), cut + (a - lo), (size_t)(z - a) * sizeof(float));
     }
   }
 }
 
-/* the 128 signs of counter r, element 32*w + b taking bit b of word w */
-static inline void expand(const uint32_t words[4], float *out) {
-  for (int w = 0; w < 4; w++)
-    for (int b = 0; b < 32; b++) out[32 * w + b] = (float)((words[w] >> b) & 1u) * 2.0f - 1.0f;
-}
-
-/* out[j] = the rademacher z of element start + j, j < n */
-static void fill_rademacher(uint32_t k0, uint32_t k1, uint64_t start, int64_t n, float *out) {
-  if (n <= 0) return;
-  uint64_t end = start + (uint64_t)n, first = start >> 7, last = (end - 1) >> 7;
-  for (uint64_t r = first; r <= last; r += W) {
-    vi c0, c1, c2, c3;
-    uint32_t words[4][W];
-    counters(r, &c0, &c1);
-    philox(&c0, &c1, &c2, &c3, k0, k1);
-    VI_STOREU(words[0], c0);
-    VI_STOREU(words[1], c1);
-    VI_STOREU(words[2], c2);
-    VI_STOREU(words[3], c3);
-    for (int k = 0; k < W && r + k <= last; k++) {
-      uint32_t own[4] = {words[0][k], words[1][k], words[2][k], words[3][k]};
-      uint64_t lo = (r + k) << 7, hi = lo + 128;
-      if (lo >= start && hi <= end) {
-        expand(own, out + (lo - start));
-      } else { /* the first or last counter, cut by the range */
-        float signs[128];
-        uint64_t a = lo > start ? lo : start, z = hi < end ? hi : end;
-        expand(own, signs);
-        memcpy(out + (a - start), signs + (a - lo), (size_t)(z - a) * sizeof(float));
-      }
-    }
-  }
-}
-
-/* kinds, numbered as zotune/kernels/_philox.py's KIND_ID */
+/* kinds, numbered as zotune/kernels/_native.py's KIND_ID */
 enum { GAUSSIAN = 0, RADEMACHER = 1, GAUSSIAN4X = 2 };
 
+/* elements per counter: zotune.noise.PER_COUNTER */
 static void fill(int kind, uint64_t seed, uint64_t start, int64_t n, float *out) {
   uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
-  if (kind == GAUSSIAN) fill_gaussian(k0, k1, start, n, out);
-  else if (kind == GAUSSIAN4X) fill_gaussian4x(k0, k1, start, n, out);
-  else fill_rademacher(k0, k1, start, n, out);
+  if (kind == GAUSSIAN) fill_groups(gaussian_group, 1, k0, k1, start, n, out);
+  else if (kind == GAUSSIAN4X) fill_groups(gaussian4x_group, 4, k0, k1, start, n, out);
+  else fill_groups(rademacher_group, 128, k0, k1, start, n, out);
 }
 
 /* Elements per block: the unit the threads share out, and the ops' z buffers (8 KB each, in L1). */
