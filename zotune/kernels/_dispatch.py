@@ -45,8 +45,9 @@ PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # Elements per piece in the PyTorch paths: CHUNK is also the fixed size of one call of the
 # compiled Philox; eager pieces are larger, as per-call overhead dominates eager Philox; native
-# pieces keep the eager arithmetic on them in the core's cache (1 << 16 ran perturb_ fastest of
-# 2**15 .. 2**20 on a Zen 4, 2 threads). Pieces end on multiples of their size in the global index,
+# pieces (the cases `_native.run` does not take in one pass) keep the eager arithmetic on them in
+# the core's cache (1 << 16 ran a float32 perturb_ that way fastest of 2**15 .. 2**20 on a Zen 4,
+# 2 threads). Pieces end on multiples of their size in the global index,
 # so a piece never spans two compiled chunks. Multiples of 128, so a rademacher counter is never
 # split. Results do not depend on them.
 CHUNK = 1 << 15
