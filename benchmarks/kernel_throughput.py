@@ -26,8 +26,8 @@ import host
 from zotune.noise import KINDS
 from zotune.kernels import (
     adam_update_,
-    lazy_update_and_perturb_,
     momentum_update_,
+    move_perturbation_,
     perturb_,
     perturb_rows,
     restore_and_update_,
@@ -46,8 +46,7 @@ def ops(n: int, device: str) -> dict:
         "perturb_rows": (8, lambda kind: perturb_rows(p[: rows.numel() * 1024].view(-1, 1024), rows, 1, 1e-3,
                                                       kind=kind)),
         "restore_and_update_": (8, lambda kind: restore_and_update_(p, 1, 1e-3, 0.5, 1e-4, 0.0, kind=kind)),
-        "lazy_update_and_perturb_ out=": (12, lambda kind: lazy_update_and_perturb_(p, 1, 1e-3, 2, 1e-3, kind=kind,
-                                                                                   out=out)),
+        "move_perturbation_": (8, lambda kind: move_perturbation_(p, 1, 1e-3, 2, 1e-3, kind=kind)),
         "momentum_update_": (16, lambda kind: momentum_update_(p, buf, 1, 0.5, 1e-4, 0.0, 0.9, kind=kind)),
         "adam_update_": (24, lambda kind: adam_update_(p, m, v, 1, 0.5, 1e-4, 0.0, 0.9, 0.999, 1e-8, 1, kind=kind)),
     }

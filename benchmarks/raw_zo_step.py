@@ -9,12 +9,11 @@ from zotune.dual import DualEngine, call_halves
 from zotune.optim import ZOOptimizer
 
 
-def zo_step_fn(model, batch, schedule: str, perturbation: str = "gaussian", lazy: bool = False, **methods):
+def zo_step_fn(model, batch, schedule: str, perturbation: str = "gaussian", **methods):
     """One ZO step (estimate + update) as a function of the step number, and the dual engine if any.
     Trains the parameters that require grad. `methods` go to the optimizer: `rule`, `estimator`, `num_directions`."""
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    opt = ZOOptimizer(trainable, lr=1e-7, eps=1e-3, perturbation=perturbation, schedule=schedule,
-                      lazy_update=lazy, **methods)
+    opt = ZOOptimizer(trainable, lr=1e-7, eps=1e-3, perturbation=perturbation, schedule=schedule, **methods)
     engine = None
     if schedule == "dual":
         engine = DualEngine(model, opt)

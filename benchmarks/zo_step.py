@@ -45,7 +45,7 @@ from zotune.plan import KNOWN_CONFIGS, known_config
 from zotune.trainer import ZOConfig, ZOTrainer
 
 DEFAULT_NOISE = ZOSettings().perturbation
-WARM_STEPS = 3  # the kernels compile in the first two (the lazy update's pass first runs in the second)
+WARM_STEPS = 3  # the first steps build the native noise or compile the kernels
 
 
 def sync() -> None:
@@ -237,16 +237,16 @@ def main() -> None:
     print(f"{'ZOTrainer, defaults':<50}{steady:>9.2f}{statistics.median(step_ratios):>11.2f}{steps[0]:>9.2f}")
     dual_step = None
     for perturbation in KINDS:
-        for schedule, lazy in (("dual", False), ("dual", True), ("sequential", False), ("fused", False)):
-            step, engine = zo_step_fn(model, batch, schedule, perturbation, lazy)
+        for schedule in ("dual", "sequential", "fused"):
+            step, engine = zo_step_fn(model, batch, schedule, perturbation)
             counter = iter(range(10**9))
             first, t, ratio = paired(lambda: step(next(counter)), loss_fn, args.repeats)
             if engine is not None:
-                if (schedule, lazy, perturbation) == ("dual", False, DEFAULT_NOISE):
+                if (schedule, perturbation) == ("dual", DEFAULT_NOISE):
                     dual_step = (step, engine, t)
                 else:
                     engine.remove()
-            label = f"raw {schedule}{' lazy' if lazy else ''}, {perturbation}"
+            label = f"raw {schedule}, {perturbation}"
             noise_note = "" if perturbation == DEFAULT_NOISE else " (noise switched)"
             print(f"{label:<50}{t:>9.2f}{ratio:>11.2f}{first:>9.2f}   vs MeZO-style {mezo / ratio:.2f}x{noise_note}")
             figures[f"{label}_over_forward"] = ratio

@@ -1,6 +1,6 @@
 """The dual schedule and block offloading, each held to an independent reference.
 
-- dual (and dual with the lazy update) against `sequential`, MeZO's two forwards, on the CPU and
+- dual against `sequential`, MeZO's two forwards, on the CPU and
   (marked cuda) on a GPU;
 - offloaded against resident, bit for bit, with the compute-side parameter bytes bounded; on a GPU
   through the offloader's CUDA streams and pinned memory, its residency tracker held to the
@@ -28,7 +28,9 @@ from zotune.dual import DualRefused, _split
 from zotune.errors import UserError
 from zotune.optim import Point, ZOOptimizer
 from zotune.replay import optimizer_from_header
+from zotune.settings import ZOSettings
 from zotune.step_losses import StepLosses
+from zotune.trainer import ZOConfig
 from zotune.trajectory import read_trajectory
 
 ALL_ARCHS = [*TINY_CONFIGS, "bert_classifier"]
@@ -84,28 +86,15 @@ def test_dual_equals_sequential(arch, device, tmp_path, monkeypatch):
     assert any(not torch.equal(w, p.cpu()) for w, p in zip(weights(build(arch)).values(), weights(dual_model).values()))
 
 
-@pytest.mark.parametrize("arch", CORE_ARCHS)
-def test_lazy_update_equals_sequential_and_is_flushed_for_evaluation(arch, tmp_path):
-    evaluating = dict(eval_strategy="steps", eval_steps=2, per_device_eval_batch_size=8, eval_dataset=data_for(arch))
-    seq_model, seq = train(arch, tmp_path / "seq", zo_schedule="sequential", **evaluating)
-    lazy_model, lazy = train(arch, tmp_path / "lazy", zo_schedule="dual", zo_lazy_update=True, **evaluating)
-    assert_close(weights(lazy_model), weights(seq_model))
-    assert not any("owed" in state or state.get("at") for state in lazy.zo.state.values()), "not flushed at the end"
-    evals = [[log["eval_loss"] for log in t.state.log_history if "eval_loss" in log] for t in (seq, lazy)]
-    assert evals[0] and evals[1] == pytest.approx(evals[0], abs=1e-5)  # an unflushed eval sees θ − εz
-
-
 PRECISIONS = {"fp32": (torch.float32, "auto"), "bf16-none": (torch.bfloat16, "none")}
 # bf16 without master copies on every core architecture; fp32 on a tied and an untied one
 BIT_EXACT_CASES = [(arch, "bf16-none") for arch in CORE_ARCHS] + [("gpt2", "fp32"), ("llama", "fp32")]
 
 
 @pytest.mark.parametrize("arch,precision", BIT_EXACT_CASES)
-@pytest.mark.parametrize("lazy", [False, True])
-def test_replay_of_dual_equals_trained(arch, lazy, precision, tmp_path):
-    # an evaluation mid-run flushes the lazy update: replay applies every update at once
+def test_replay_of_dual_equals_trained(arch, precision, tmp_path):
     dtype, master_weights = PRECISIONS[precision]
-    model, trainer = train(arch, tmp_path, zo_schedule="dual", zo_lazy_update=lazy, max_steps=4, dtype=dtype,
+    model, trainer = train(arch, tmp_path, zo_schedule="dual", max_steps=4, dtype=dtype,
                            zo_master_weights=master_weights, learning_rate=1e-2,
                            eval_strategy="steps", eval_steps=2, eval_dataset=data_for(arch))
     header, records = read_trajectory(tmp_path / "zo_trajectory.jsonl")
@@ -121,15 +110,14 @@ def test_replay_of_dual_equals_trained(arch, lazy, precision, tmp_path):
         assert torch.equal(p, named[name]), name
 
 
-# a resume from a checkpoint flushes the lazy update: the harder case, on every core architecture
-RESUME_CASES = [(arch, "bf16-none", True) for arch in CORE_ARCHS] + [("gpt2", "bf16-none", False),
-                                                                     ("gpt2", "fp32", False), ("gpt2", "fp32", True)]
+# bf16 without masters (stochastically rounded updates) on every core architecture; fp32 on one
+RESUME_CASES = [(arch, "bf16-none") for arch in CORE_ARCHS] + [("gpt2", "fp32")]
 
 
-@pytest.mark.parametrize("arch,precision,lazy", RESUME_CASES)
-def test_resume_of_dual_equals_uninterrupted(arch, lazy, precision, tmp_path):
+@pytest.mark.parametrize("arch,precision", RESUME_CASES)
+def test_resume_of_dual_equals_uninterrupted(arch, precision, tmp_path):
     dtype, master_weights = PRECISIONS[precision]
-    common = dict(zo_schedule="dual", zo_lazy_update=lazy, max_steps=6, save_strategy="steps", save_steps=3,
+    common = dict(zo_schedule="dual", max_steps=6, save_strategy="steps", save_steps=3,
                   lr_scheduler_type="linear", zo_master_weights=master_weights, learning_rate=1e-2)
     straight, _ = train(arch, tmp_path, dtype=dtype, **common)
     resumed = build(arch, seed=1, dtype=dtype)  # different init: everything must come from the checkpoint
@@ -144,10 +132,10 @@ def test_resume_of_dual_equals_uninterrupted(arch, lazy, precision, tmp_path):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("arch", CORE_ARCHS)
-@pytest.mark.parametrize("schedule", ["dual", "dual-lazy", "fused"])
+@pytest.mark.parametrize("schedule", ["dual", "fused"])
 def test_offloaded_equals_resident_with_bounded_residency(arch, schedule, device, tmp_path):
-    kw = dict(zo_schedule=schedule.removesuffix("-lazy"), zo_lazy_update=schedule.endswith("-lazy"),
-              eval_strategy="steps", eval_steps=2, eval_dataset=data_for(arch), use_cpu=device == "cpu")
+    kw = dict(zo_schedule=schedule, eval_strategy="steps", eval_steps=2, eval_dataset=data_for(arch),
+              use_cpu=device == "cpu")
     if device == "cuda":
         # an offloaded block's update pass runs on its home (host) weights with the CPU kernels, a
         # resident one's on the GPU with Triton: gaussian z differ there in their last bits, rademacher
@@ -174,10 +162,9 @@ def test_offloaded_equals_resident_with_bounded_residency(arch, schedule, device
                    zip(block.parameters(), off_trainer.offloader.blocks[list(blocks).index(block)].homes))
 
 
-@pytest.mark.parametrize("lazy", [False, True])
 @pytest.mark.parametrize("master_weights", ["auto", "fp32"])
-def test_offloaded_bf16_weights_carry_only_the_masters_they_have(lazy, master_weights, tmp_path):
-    kw = dict(zo_lazy_update=lazy, dtype=torch.bfloat16, learning_rate=1e-2, zo_master_weights=master_weights)
+def test_offloaded_bf16_weights_carry_only_the_masters_they_have(master_weights, tmp_path):
+    kw = dict(dtype=torch.bfloat16, learning_rate=1e-2, zo_master_weights=master_weights)
     resident, _ = train("llama", tmp_path / "resident", **kw)
     offloaded, trainer = train("llama", tmp_path / "offload", zo_offload="cpu", **kw)
     for (name, a), b in zip(resident.named_parameters(), offloaded.parameters()):
@@ -392,26 +379,17 @@ def test_find_blocks_finds_the_layers_a_forward_runs(arch):
     assert find_blocks(model, called=set(called))[0] == name
 
 
-def test_checkpoints_hold_flushed_weights(tmp_path):
-    """With the lazy update a save must flush: the checkpoint is θ, not θ − εz with an update owed."""
-    from safetensors.torch import load_file
-
-    model, _ = train("llama", tmp_path, zo_schedule="dual", zo_lazy_update=True, max_steps=3, save_strategy="steps",
-                     save_steps=3)
-    saved = load_file(tmp_path / "checkpoint-3" / "model.safetensors")
-    for name, p in model.named_parameters():
-        assert torch.equal(saved[name], p), name
-
-
-@pytest.mark.parametrize("zo, lazy", [({}, True), ({"zo_rule": "momentum"}, False),
-                                      ({"zo_schedule": "fused"}, False), ({"zo_lazy_update": False}, False)])
-def test_the_trainer_folds_the_update_into_the_next_copy_wherever_the_step_allows(zo, lazy, tmp_path):
-    _, trainer = train("llama", tmp_path, max_steps=1, **zo)
-    assert trainer.zo.lazy_update is lazy and trainer.settings.lazy_update is lazy
-    header, _ = read_trajectory(tmp_path / "zo_trajectory.jsonl")
-    assert header["optimizer"]["lazy_update"] is lazy
-    raw = ZOOptimizer([("w", torch.nn.Parameter(torch.zeros(3)))], lr=0.1)
-    assert raw.lazy_update is False  # nothing flushes for a raw optimizer's caller
+def test_the_removed_lazy_update_is_refused_by_name_and_its_logs_replay():
+    """`lazy_update` (folding each update into the next step's copies) was removed: asking for it names the
+    removal; a log that recorded it (`tests/data/trajectories_v0/dual_lazy.jsonl` replays in test_settings)
+    holds steps whose updates replay at once with the same numbers."""
+    removed = "`lazy_update` was removed on 2026-12-07"
+    with pytest.raises(ValueError, match=removed):
+        ZOSettings(lazy_update=True)
+    with pytest.raises(TypeError, match=removed):
+        ZOOptimizer([("w", torch.nn.Parameter(torch.zeros(3)))], lr=0.1, lazy_update=False)
+    with pytest.raises(TypeError, match="zo_lazy_update"):
+        ZOConfig(output_dir="unused", zo_lazy_update=True)
 
 
 def _lora(model):

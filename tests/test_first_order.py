@@ -93,7 +93,6 @@ def test_replay_refuses_a_missing_or_altered_gradient(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"zo_lazy_update": True}, "lazy_update .* \\('sgd'\\) .* not 'addax'"),
     ({"zo_objective": "accuracy"}, "rule 'addax' .* needs `zo_objective: loss` and `zo_offload: none`"),
     ({"zo_offload": "cpu"}, "rule 'addax' .* needs `zo_objective: loss` and `zo_offload: none`"),
 ])

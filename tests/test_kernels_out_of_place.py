@@ -1,5 +1,5 @@
 """zotune.kernels out of place (DESIGN §3, "θ never moves except by its update"): ``out=`` of
-perturb_ and lazy_update_and_perturb_, perturb_rows, zotune.noise.noise_at, and stochastic
+perturb_, perturb_rows, zotune.noise.noise_at, and stochastic
 rounding (``rounding_seed``) of 16-bit updates.
 
 Tolerances are test_kernels.py's table: rademacher bit-equal everywhere; gaussian abs 1e-5 for
@@ -20,8 +20,7 @@ from conftest import CUDA_KERNELS, KERNEL_SEEDS, TRITON_CUDA
 from conftest import assert_kernel_close, kernel_slack, kernels_on
 from conftest import forced_kernels as forced
 
-from zotune.kernels import _dispatch, _fused, _rounding, lazy_update_and_perturb_, perturb_, perturb_rows, \
-    restore_and_update_
+from zotune.kernels import _dispatch, _fused, _rounding, perturb_, perturb_rows, restore_and_update_
 from zotune.noise import KINDS, noise, noise_at, noise_like
 
 SEED, SEED2 = KERNEL_SEEDS
@@ -170,8 +169,6 @@ def test_out_is_checked():
             perturb_(p, 0, 1.0, kind="gaussian", out=torch.zeros(3, 4))
         with pytest.raises(TypeError, match="out"):
             perturb_(p, 0, 1.0, kind="gaussian", out=torch.zeros(4, 3, dtype=torch.float64))
-        with pytest.raises(ValueError, match="out"):
-            lazy_update_and_perturb_(p, 0, 1.0, 1, 1.0, kind="gaussian", out=torch.zeros(12))
 
 
 # ---------------------------------------------------------------------------------------
@@ -245,12 +242,7 @@ def test_perturb_rows_arguments_are_checked():
 
 
 # ---------------------------------------------------------------------------------------
-# lazy_update_and_perturb_(..., out=), with and without stochastic rounding
-
-
-def lazy(t, kind, offset, out=None, rounding_seed=None):
-    return lazy_update_and_perturb_(t["param"], SEED, 0.6, SEED2, 0.4, decay=0.95, kind=kind, offset=offset,
-                                    master=t.get("master"), out=out, rounding_seed=rounding_seed)
+# stochastic rounding
 
 
 def restore(t, kind, offset, rounding_seed=None):  # eps, g, lr, wd
@@ -258,78 +250,19 @@ def restore(t, kind, offset, rounding_seed=None):  # eps, g, lr, wd
                                rounding_seed=rounding_seed)
 
 
-@pytest.mark.parametrize("rounding", [False, True], ids=["nearest", "stochastic"])
-@pytest.mark.parametrize("shape_key", ["41x53@3000", "130@2^33+5", "9x5.T@1000"])
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("dtype_key", DTYPES)
-@pytest.mark.parametrize("impl", [*IMPLS, CUDA_KERNELS])
-def test_lazy_out_matches_twin(impl, dtype_key, kind, shape_key, rounding):
-    needs(impl)
-    dtype, with_master = DTYPES[dtype_key]
-    if rounding and (dtype == torch.float32 or with_master):
-        pytest.skip("stochastic rounding is for 16-bit params without a master")
-    rseed = RSEED if rounding else None
-    offset = SHAPES[shape_key][1]
-    t = make(dtype_key, shape_key)
-    out_dtype = torch.float16 if dtype == torch.bfloat16 else torch.bfloat16
-    ref = clone({k: v.contiguous() for k, v in t.items()})
-    with forced("eager"):
-        expected_out = lazy(ref, kind, offset, torch.empty(ref["param"].shape, dtype=out_dtype), rseed)
-    out = torch.empty(t["param"].shape, dtype=out_dtype)
-    with kernels_on(impl, {**t, "out": out}) as on:
-        lazy(on, kind, offset, on["out"], rseed)
-    slack = kernel_slack(impl, kind, out.numel(), offset)
-    for name in t:
-        assert_kernel_close(t[name], ref[name], kind, slack=slack)
-    assert_kernel_close(out, expected_out, kind, slack=slack)
-
-
-@pytest.mark.parametrize("rounding", [False, True], ids=["nearest", "stochastic"])
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("dtype_key", DTYPES)
-@pytest.mark.parametrize("impl", IMPLS)
-def test_lazy_out_is_the_update_then_an_out_of_place_perturbation(impl, dtype_key, kind, rounding):
-    """θ takes only the update (restore_and_update_ with ε = 0 computes the same float32 ops:
-    θ·decay − (−0.6)·z), and out is perturb_(..., out=) of the updated θ: bit for bit, in every
-    implementation (the same z, the same rounding bits)."""
-    needs(impl)
-    dtype, with_master = DTYPES[dtype_key]
-    if rounding and (dtype == torch.float32 or with_master):
-        pytest.skip("stochastic rounding is for 16-bit params without a master")
-    rseed = RSEED if rounding else None
-    offset = SHAPES["41x53@3000"][1]
-    t = make(dtype_key, "41x53@3000")
-    two_ops = clone(t)
-    with forced(impl):
-        out = lazy(t, kind, offset, torch.empty(41, 53), rseed)
-        restore_and_update_(two_ops["param"], SEED, 0.0, -0.6, 1.0, 0.05, kind=kind, offset=offset,
-                            master=two_ops.get("master"), rounding_seed=rseed)
-        expected_out = perturb_(two_ops["param"], SEED2, 0.4, kind=kind, offset=offset, master=two_ops.get("master"),
-                                out=torch.empty(41, 53))
-    for name in t:
-        assert torch.equal(t[name], two_ops[name]), name
-    assert torch.equal(out, expected_out)
-
-
-# ---------------------------------------------------------------------------------------
-# stochastic rounding
-
-
-@pytest.mark.parametrize("op", ["restore_and_update", "lazy_update_and_perturb"])
 @pytest.mark.parametrize("shape_key", ["41x53@3000", "130@2^33+5", "9x5.T@1000"])
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("dtype_key", ["bf16", "fp16"])
 @pytest.mark.parametrize("impl", [*IMPLS, CUDA_KERNELS])
-def test_stochastic_rounding_matches_twin(impl, dtype_key, kind, shape_key, op):
+def test_stochastic_rounding_matches_twin(impl, dtype_key, kind, shape_key):
     needs(impl)
     offset = SHAPES[shape_key][1]
     t = make(dtype_key, shape_key)
     ref = clone({k: v.contiguous() for k, v in t.items()})
-    fn = restore if op == "restore_and_update" else lazy
     with forced("eager"):
-        fn(ref, kind, offset, rounding_seed=RSEED)
+        restore(ref, kind, offset, rounding_seed=RSEED)
     with kernels_on(impl, t) as on:
-        fn(on, kind, offset, rounding_seed=RSEED)
+        restore(on, kind, offset, rounding_seed=RSEED)
     assert_kernel_close(t["param"], ref["param"], kind, slack=kernel_slack(impl, kind, t["param"].numel(), offset))
 
 
@@ -501,8 +434,8 @@ def test_rounding_seed_is_refused_where_it_does_not_apply():
     with pytest.raises(ValueError, match="16-bit params without a master"):
         restore_and_update_(torch.zeros(4), SEED, 0.1, 1.0, 0.1, 0.0, kind="gaussian", rounding_seed=1)
     with pytest.raises(ValueError, match="16-bit params without a master"):
-        lazy_update_and_perturb_(torch.zeros(4, dtype=torch.bfloat16), SEED, 0.1, SEED2, 0.1, kind="gaussian",
-                                 master=torch.zeros(4), rounding_seed=1)
+        restore_and_update_(torch.zeros(4, dtype=torch.bfloat16), SEED, 0.1, 1.0, 0.1, 0.0, kind="gaussian",
+                            master=torch.zeros(4), rounding_seed=1)
     with pytest.raises(ValueError, match="rounding_seed"):
         restore_and_update_(torch.zeros(4, dtype=torch.float16), SEED, 0.1, 1.0, 0.1, 0.0, kind="gaussian",
                             rounding_seed=-1)

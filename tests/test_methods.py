@@ -226,12 +226,6 @@ def test_es_is_refused_with_an_estimator_whose_pairs_are_not_antithetic():
                     estimator="onesided")
 
 
-def test_lazy_update_is_refused_for_methods_it_cannot_fold(tmp_path):
-    folds = "lazy_update .* needs a rule that folds its update \\('sgd'\\) and estimator 'spsa'"
-    with pytest.raises(ValueError, match=folds):
-        train("momentum", "dual", tmp_path, zo_lazy_update=True)
-
-
 # -- two steps by hand -------------------------------------------------------------------------
 
 TARGET = torch.linspace(-1, 1, 10, dtype=torch.float64)

@@ -29,7 +29,7 @@ def test_the_population_in_one_generate_equals_each_member_generating_alone(arch
     model = tiny_causal_lm(arch).eval()
     named = trainable_parameters(model, [], [])
     eps, ks, s = 0.05, (0, 1), step_seed(0, 3)
-    zo = ZOOptimizer(named, lr=0.0, eps=eps, num_directions=2, schedule="dual", lazy_update=False)
+    zo = ZOOptimizer(named, lr=0.0, eps=eps, num_directions=2, schedule="dual")
     zo.current_step = 3
     tokenizer = byte_tokenizer()
     batch = tokenizer(PROMPTS[:3], padding=True, padding_side="left", return_tensors="pt")

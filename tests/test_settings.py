@@ -177,10 +177,10 @@ def test_each_settings_default_is_written_in_one_definition():
 def test_a_default_written_out_again_is_found(tmp_path):
     copy = tmp_path / "copy.py"
     copy.write_text("def build(params, *, eps=1e-3, schedule=None):\n    pass\n"
-                    "class Args:\n    zo_lazy_update: bool = False\n"
+                    "class Args:\n    zo_master_weights: str = 'auto'\n"
                     "def derived(num_directions=ZOSettings.model_fields['num_directions'].default):\n    pass\n")
     assert default_definitions([copy], setting_names()) == {("copy.py", "build", "eps"),
-                                                            ("copy.py", "Args", "zo_lazy_update")}
+                                                            ("copy.py", "Args", "zo_master_weights")}
 
 
 def test_a_recipe_refuses_a_setting_the_model_does_not_have(tmp_path):
@@ -199,9 +199,8 @@ def test_zoconfig_and_the_optimizer_take_their_defaults_and_help_from_the_model(
         assert helps[f"zo_{name}"] == info.description, name
     opt = ZOOptimizer([("w", torch.nn.Parameter(torch.zeros(3)))], lr=0.1)
     default = ZOSettings()
-    assert (opt.eps, opt.q, opt.kind, opt.schedule, opt.lazy_update, opt.master_weights) == (
-        default.eps, default.num_directions, default.perturbation, default.schedule, bool(default.lazy_update),
-        default.master_weights)
+    assert (opt.eps, opt.q, opt.kind, opt.schedule, opt.master_weights) == (
+        default.eps, default.num_directions, default.perturbation, default.schedule, default.master_weights)
     assert (opt.rule.name, opt.estimator.name) == (default.rule, default.estimator)
 
 

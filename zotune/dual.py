@@ -245,7 +245,6 @@ class DualEngine:
             self._rows_ok[module] = self._renumbering_holds(module, p, original, args, kwargs)
         if not self._rows_ok[module]:
             return self._run_whole([weight, *rest], original, at, args, kwargs, buffers)
-        self.optimizer.placement.settle(name, p)
         rows, args, kwargs = _renumbered(args, kwargs)
         table = self.tracker.track(self.optimizer.placement.perturbed_rows(name, p, rows, at))
         with _embedding_table(module, p, table):
@@ -279,9 +278,6 @@ class DualEngine:
         features = w.shape[0] if form == "linear" else w.shape[1]
         out = x.new_empty((*x.shape[:-1], features))
         xs, ys = x.reshape(len(points), -1, x.shape[-1]), out.view(len(points), -1, features)
-        if rows is not None:
-            for n, p in [weight, *rest]:
-                self.optimizer.placement.settle(n, p)
         for lo in range(0, features, rows or features):
             hi = min(lo + (rows or features), features)
             span = None if rows is None else (lo, hi, rows)

@@ -24,8 +24,8 @@ done with it. On the CPU both devices are the CPU and the copies are real copies
 
 `transfer_dtype` sends blocks in 16 bits (half the transfer), cast back to the weights'
 dtype on the compute device. The home copy keeps full precision, and the copies that
-ran are not written back: the out-of-place dual schedule never changes them (a lazy update,
-which would, is refused with a transfer dtype), and the update passes work on the home weights.
+ran are not written back: the out-of-place dual schedule never changes them, and the update
+passes work on the home weights.
 """
 
 from __future__ import annotations

@@ -10,9 +10,9 @@ name) with the counter-based noise of `zotune.noise`, inside the kernels of `zot
 
 Two ways to take the losses at θ + a·z_k and θ + b·z_k (`offsets`: ±ε for two-sided SPSA), one
 object each with one interface (`zotune.placement`): out of place (`dual`, the default: modules run
-on perturbed copies of their weights made for each call, and with `lazy_update` the update rides on
-the next step's first copy) and in place (`sequential`, `fused`: MeZO's way, the weights themselves
-move). `flush()` applies whatever is still owed before anything reads the weights.
+on perturbed copies of their weights made for each call) and in place (`sequential`, `fused`:
+MeZO's way, the weights themselves move). `flush()` brings displaced weights back to θ before
+anything reads them.
 
 16-bit weights: out of place, they need no fp32 master copy; their updates are rounded
 stochastically with the step's rounding stream (direction `ROUNDING` of the step seed, per
@@ -50,7 +50,7 @@ from zotune.methods import (
 from zotune.noise import seed_for, step_seed
 from zotune.placement import InPlace, OutOfPlace
 from zotune.points import Point, Update  # noqa: F401 - Point is imported from here too
-from zotune.settings import SCHEDULES, ZOSettings, check_schedule  # noqa: F401 - SCHEDULES is imported from here too
+from zotune.settings import REMOVED, SCHEDULES, ZOSettings, check_schedule  # noqa: F401 - SCHEDULES is imported from here too
 
 ROUNDING = -1  # the direction index of a step's stochastic-rounding stream: never a perturbation's
 
@@ -96,14 +96,14 @@ class ZOOptimizer(torch.optim.Optimizer):
         checked here; the limits on what a user may ask (eps's bound) are the model's validation."""
         unknown = sorted(overrides.keys() - ZOSettings.model_fields.keys())
         if unknown:
-            raise TypeError(f"ZOOptimizer got unknown settings {unknown}; the settings are ZOSettings' fields")
+            removed = "".join(f"; `{key}` was {REMOVED[key]}" for key in unknown if key in REMOVED)
+            raise TypeError(f"ZOOptimizer got unknown settings {unknown}; the settings are ZOSettings' fields{removed}")
         s = (settings or ZOSettings.model_construct()).model_copy(update=overrides)
-        eps, num_directions, schedule, lazy_update = s.eps, s.num_directions, s.schedule, s.lazy_update
-        check_schedule(schedule, lazy_update)
+        eps, num_directions, schedule = s.eps, s.num_directions, s.schedule
+        check_schedule(schedule)
         self.rule = s.rule if isinstance(s.rule, Rule) else build_rule(s.rule)
         self.estimator = s.estimator if isinstance(s.estimator, Estimator) else build_estimator(s.estimator)
-        check_compatible(self.rule, self.estimator, schedule=schedule, lazy_update=lazy_update,
-                         num_directions=num_directions)
+        check_compatible(self.rule, self.estimator, schedule=schedule, num_directions=num_directions)
         # sharded parameters (FSDP-style): each rank holds a flat slice of a parameter, starting at
         # this element of the whole; it perturbs and updates only that slice, with the whole's z
         self.shards = dict(shards or {})
@@ -124,7 +124,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             group["params"] = [by_name[n] for n in group["names"]]
         super().__init__([g for g in groups if g["params"]], {"lr": lr, "weight_decay": weight_decay})
         self.eps, self.q, self.kind, self.schedule, self.seed = eps, num_directions, s.perturbation, schedule, seed
-        self.lazy_update, self.master_weights = bool(lazy_update), s.master_weights  # unset: at once
+        self.master_weights = s.master_weights
         self.slice_directions = s.slice_directions
         # set by a trainer that gives every rank the same batch (zotune.reward): under torch.distributed
         # each rank then measures only its share of the directions and the ranks exchange their pairs
@@ -154,7 +154,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         if schedule not in precision.IN_PLACE_SCHEDULES or self.current_step is not None:
             raise ValueError(f"run_in_place({schedule!r}) needs an in-place schedule, before the first step")
         self.flush()
-        self.schedule, self.lazy_update, self.slice_directions = schedule, False, False
+        self.schedule, self.slice_directions = schedule, False
         self._keep_masters([(name, p) for name, p, _ in self.named_params()])
 
     @property
@@ -340,8 +340,6 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.last_first_order = first_order
         if comm_bytes:
             record["comm_bytes"] = comm_bytes
-        if self.out_of_place:
-            record["lazy_update"] = self.lazy_update
         if finite:
             self.estimator.end_step(self._view(self.current_step), record)
         self._reset_step()
@@ -415,8 +413,8 @@ class ZOOptimizer(torch.optim.Optimizer):
     def replay(self, record: dict, first_order: dict[str, torch.Tensor] | None = None) -> None:
         """Repeat a recorded step without forwards: θ ends bit-equal to training's.
 
-        Out of place, a step is its update alone (a lazy update folded into the next perturbed
-        copy writes the same θ as the plain update pass, so it is applied at once here). In place,
+        Out of place, a step is its update alone (so is one logged with the lazy update of
+        runs before 2026-12-07, which folded it into the next perturbed copy with the same numbers). In place,
         the perturbation passes are repeated too: +εz −2εz +εz may leave an ulp behind.
         `first_order`: the step's saved backprop gradients by name, for a first-order rule
         (`zotune.first_order.load_gradients`)."""
@@ -426,7 +424,6 @@ class ZOOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             group["lr"] = record["lr"]
         self.schedule = record["schedule"]  # each record says how its step ran
-        self.lazy_update = False
         step = self.current_step = record["step"]
         self.estimator.begin_step(self._view(step))
         for _ in range(record["micro_batches"]):

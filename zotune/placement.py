@@ -6,13 +6,12 @@
     OutOfPlace (dual): θ never moves except by its update. `zotune.dual` runs each module that
         owns trainable parameters on perturbed copies of them made for its call (`perturbed`,
         `perturbed_rows`, `perturbed_range`); the copy at θ − c·z is the one at θ + c·z reflected
-        through θ (`reflect`). With `lazy_update` each weight's update is owed until its next
-        perturbed copy, which applies it in the same pass when the rule can fold it (`Rule.fold`).
+        through θ (`reflect`).
 
 Both give `passes(step, loss_fn)` (the pairs of one micro-batch), `apply(g, step)` (a step's
-update) and `flush()` (θ current, all updates applied). They hold no state of their own: what a
-weight owes or where it sits is in the optimizer's per-parameter state (`owed`, `at`), so the
-optimizer can switch between them (`ZOOptimizer.schedule`) before a step.
+update) and `flush()` (θ current, all updates applied). They hold no state of their own: where a
+weight sits is in the optimizer's per-parameter state (`at`), so the optimizer can switch
+between them (`ZOOptimizer.schedule`) before a step.
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ from collections.abc import Callable, Container
 import torch
 
 from zotune.eps import ROUND_TRIP_SAMPLE, round_trip_warning
-from zotune.kernels import lazy_update_and_perturb_, perturb_, perturb_rows
+from zotune.kernels import move_perturbation_, perturb_, perturb_rows
 from zotune.noise import seed_for, step_seed
 from zotune.points import Point, Update
 
@@ -89,8 +88,8 @@ class InPlace:
         if at is not None and to is not None and (at.seed, at.k) == (to.seed, to.k):
             perturb_(data, seed_for(to.seed, to.k, name), to.coef - at.coef, **kw)
         elif at is not None and to is not None:
-            lazy_update_and_perturb_(data, seed_for(at.seed, at.k, name), -at.coef, seed_for(to.seed, to.k, name),
-                                     to.coef, **kw)
+            move_perturbation_(data, seed_for(at.seed, at.k, name), -at.coef, seed_for(to.seed, to.k, name), to.coef,
+                               **kw)
         elif at is not None:
             perturb_(data, seed_for(at.seed, at.k, name), -at.coef, **kw)
         elif to is not None:
@@ -152,52 +151,17 @@ class OutOfPlace:
         return [measured.get(k, (math.nan, math.nan)) for k in range(opt.q)]
 
     def apply(self, g: list[float], step: int) -> None:
-        """The update of a step: now, or with `lazy_update` owed until each weight's next perturbed copy."""
-        opt = self.opt
-        for name, p, group in opt.named_params():
-            state = opt.state[p]
-            if "owed" in state:  # not run since its previous update
-                opt.update_param(name, p, state.pop("owed"))
-            update = Update(g, step, group["lr"], group["weight_decay"])
-            if opt.lazy_update:
-                state["owed"] = update
-            else:
-                opt.update_param(name, p, update)
+        for name, p, group in self.opt.named_params():
+            self.opt.update_param(name, p, Update(g, step, group["lr"], group["weight_decay"]))
 
     def flush(self) -> bool:
-        dirty = False
-        for name, p, _ in self.opt.named_params():
-            if "owed" in self.opt.state[p]:
-                self.settle(name, p)
-                dirty = True
-        return dirty
-
-    def settle(self, name: str, p: torch.nn.Parameter) -> None:
-        """Apply the update `p` still owes (lazy_update), so that θ is current."""
-        owed = self.opt.state[p].pop("owed", None)
-        if owed is not None:
-            self.opt.update_param(name, p, owed)
+        return False  # θ is always current
 
     def perturbed(self, name: str, p: torch.nn.Parameter, at: Point, out: torch.Tensor) -> torch.Tensor:
-        """`out` = θ + coef·z_k for parameter `p`, θ untouched (an owed update is applied on the way)."""
+        """`out` = θ + coef·z_k for parameter `p`, θ untouched."""
         opt = self.opt
-        state = opt.state[p]
-        kw = opt.kernel_kw(name, p, opt.current_step)
-        owed = state.pop("owed", None)
-        seed = seed_for(at.seed, at.k, name)
-        plain = kw["directions"] is None
-        if opt.lazy_update and owed is None and at.k == 0 and plain:
-            # nothing owed (the first step, or after a flush): a zero update rides along, which leaves θ
-            # exactly as it is, so that one compiled graph serves every step (a cold start compiles fewer)
-            owed = Update([0.0], opt.current_step, 0.0, 0.0)
-        if owed is None or len(owed.g) != 1 or not plain:
-            if owed is not None:
-                opt.update_param(name, p, owed)
-            return perturb_(p.data, seed, at.coef, master=state.get("master"), out=out, **kw)
-        coef, decay = opt.rule.fold(owed.lr, owed.wd, owed.g[0])
-        return lazy_update_and_perturb_(p.data, seed_for(step_seed(opt.seed, owed.step), 0, name), coef, seed,
-                                        at.coef, decay=decay, master=state.get("master"), out=out,
-                                        rounding_seed=opt.rounding_seed(p, name, owed.step), **kw)
+        return perturb_(p.data, seed_for(at.seed, at.k, name), at.coef, master=opt.state[p].get("master"), out=out,
+                        **opt.kernel_kw(name, p, opt.current_step))
 
     def reflects(self, at: Point, p: torch.nn.Parameter) -> bool:
         """Whether `p`'s copy at `at` is taken as the reflection through θ of its copy at the pair's
@@ -212,13 +176,13 @@ class OutOfPlace:
 
     def perturbed_range(self, name: str, p: torch.nn.Parameter, lo: int, hi: int, at: Point,
                         out: torch.Tensor) -> torch.Tensor:
-        """`out` = rows lo..hi−1 of θ + coef·z_k; θ must be settled (`settle`)."""
+        """`out` = rows lo..hi−1 of θ + coef·z_k."""
         master = self.opt.state[p].get("master")
         return perturb_(p.data[lo:hi], seed_for(at.seed, at.k, name), at.coef, kind=self.opt.kind,
                         offset=lo * p[0].numel(), master=None if master is None else master[lo:hi], out=out)
 
     def perturbed_rows(self, name: str, p: torch.nn.Parameter, rows: torch.Tensor, at: Point) -> torch.Tensor:
-        """Rows `rows` of θ + coef·z_k, in p's dtype; θ must be settled (`settle`)."""
+        """Rows `rows` of θ + coef·z_k, in p's dtype."""
         opt = self.opt
         theta = opt.state[p].get("master", p.data)
         kw = opt.kernel_kw(name, p, opt.current_step)

@@ -71,7 +71,7 @@ def replay(base: str, trajectory: str, out_dir: str, *, force: bool = False) -> 
     log_dir = log if log.is_dir() else log.parent
     for record in track(records, description="replaying"):
         zo.replay(record, load_gradients(log_dir, record))
-    zo.flush()  # training flushed a pending lazy update before saving
+    zo.flush()  # every weight at θ, as training saved it
     with finish_writing(f"the replayed model to {out}") as deferred:
         model.save_pretrained(str(out))
         if tokenizer is not None:

@@ -52,17 +52,22 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
-def check_schedule(schedule: str, lazy_update: bool) -> None:
-    """The schedule is known, and `lazy_update` runs only under dual (it rides on dual's perturbed copies)."""
+def check_schedule(schedule: str) -> None:
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
-    if lazy_update and schedule != "dual":
-        raise ValueError("`lazy_update` needs `schedule: dual`")
 
 
 def _function_or_name(value: Any, handler: Callable) -> Any:
     # a function is for Python callers (ZOConfig(zo_objective=fn)); a recipe gives a name or an import path
     return value if callable(value) else handler(value)
+
+
+# settings that were removed -> why, and what a recipe that still sets one should do
+REMOVED = {
+    "lazy_update": "removed on 2026-12-07: folding each update into the next step's perturbed copies saved one read "
+    "of the weights, nothing measurable (docs/benchmarks.md), and gave the same numbers as applying it at once, "
+    "which every run now does; delete the key",
+}
 
 
 class ZOSettings(Section):
@@ -101,14 +106,6 @@ class ZOSettings(Section):
         "dual",
         description="dual: one forward of the doubled batch, each module perturbed around its own call; "
         "sequential: MeZO's two forwards; fused: sequential with one noise pass fewer.",
-    )
-    lazy_update: bool | None = Field(
-        None,
-        description="dual only: apply each step's update inside the next step's perturbed-copy pass (one pass over "
-        "the weights fewer, the same numbers). Unset: ZOTrainer and `zotune train` do wherever the step allows it "
-        "(dual, rule sgd with a plain estimator, no offload_transfer_dtype) and flush before anything reads the "
-        "weights (evaluation, saving, the end of training; a callback between steps sees them one update behind); "
-        "the raw ZOOptimizer applies each update at once.",
     )
     master_weights: Literal[MASTER_WEIGHTS] = Field(
         "auto",
@@ -162,14 +159,18 @@ class ZOSettings(Section):
         build_estimator(spec)
         return spec
 
+    @model_validator(mode="before")
+    @classmethod
+    def _not_removed(cls, values: Any) -> Any:
+        for key in set(REMOVED).intersection(values if isinstance(values, dict) else ()):
+            raise ValueError(f"`{key}` was {REMOVED[key]}")
+        return values
+
     @model_validator(mode="after")
     def _compatible(self) -> "ZOSettings":
-        check_schedule(self.schedule, self.lazy_update)
+        check_schedule(self.schedule)
         if self.offload_transfer_dtype is not None and self.offload == "none":
             raise ValueError("`offload_transfer_dtype` needs `offload: cpu`")
-        if self.offload_transfer_dtype is not None and self.lazy_update:
-            raise ValueError("`offload_transfer_dtype` drops the 16-bit copies after each block: "
-                             "not with `lazy_update`")
         if self.shard == "fsdp" and (self.schedule == "dual" or self.offload != "none"
                                      or not build_estimator(self.estimator).plain):
             raise ValueError("`shard: fsdp` perturbs each rank's slice of the weights in place: it needs `schedule: "
@@ -181,25 +182,12 @@ class ZOSettings(Section):
                              f"{self.num_directions})")
         rule = build_rule(self.rule)
         check_compatible(rule, build_estimator(self.estimator), schedule=self.schedule,
-                         lazy_update=self.lazy_update, num_directions=self.num_directions)
+                         num_directions=self.num_directions)
         if rule.first_order and (self.objective != "loss" or self.offload != "none"):
             raise ValueError(f"rule {rule.name!r} backpropagates the task's loss through the resident model: it "
                              f"needs `objective: loss` and `offload: none` (here {self.objective!r} and "
                              f"{self.offload!r})")
         return self
-
-
-def with_lazy_update_decided(settings: ZOSettings) -> ZOSettings:
-    """`settings` with an unset `lazy_update` decided for a caller that flushes before every read of the
-    weights (ZOTrainer): on wherever the model's own checks allow it."""
-    if settings.lazy_update is not None:
-        return settings
-    lazy = settings.model_copy(update={"lazy_update": True})
-    try:
-        lazy._compatible()
-    except ValueError:
-        return settings.model_copy(update={"lazy_update": False})
-    return lazy
 
 
 # -- ZOConfig's zo_* fields ---------------------------------------------------------------------
@@ -277,6 +265,7 @@ def header_fields(settings: ZOSettings) -> dict[str, Any]:
 
 def from_header(optimizer: dict) -> ZOSettings:
     """The settings a header's `optimizer` recorded; one written before this model (no offload,
-    max_nonfinite, objective; earlier still no lazy_update, master_weights, rule or estimator) gets the defaults."""
+    max_nonfinite, objective; earlier still no master_weights, rule or estimator) gets the defaults, and a
+    setting since removed (`REMOVED`) is dropped: its runs replay with the same numbers without it."""
     return ZOSettings(**{k: v for k, v in optimizer.items() if k in ZOSettings.model_fields})
 

@@ -5,7 +5,7 @@ The training loop, LR schedulers, callbacks, evaluation, checkpoint format and
 - `create_optimizer` builds `ZOOptimizer` and the parts of a step (below);
 - `training_step` runs the ± forwards instead of forward + backward;
 - `log` adds the ZO statistics; `_get_grad_norm` gives none (there is no gradient);
-- `evaluate`, `predict` and `save_model` first apply any update still owed (lazy update);
+- `evaluate`, `predict` and `save_model` first bring displaced weights back to θ (in-place schedules);
 - `_save_checkpoint` makes the trajectory durable first and publishes atomically (zotune.checkpoints);
 - `_run_epoch` takes no step past max_steps in a run resumed at its last step;
 - `_move_model_to_device` leaves offloaded blocks on the host (zotune.offload);
@@ -44,7 +44,7 @@ from zotune.nonfinite import NonFiniteLossError  # noqa: F401 - imported from he
 from zotune.objectives import load_objective
 from zotune.offload import BlockOffloader
 from zotune.optim import ZOOptimizer
-from zotune.settings import ZOSettings, config_fields, from_config, with_lazy_update_decided
+from zotune.settings import ZOSettings, config_fields, from_config
 from zotune.step_losses import StepLosses, StepValue
 from zotune.step_stats import StepStats
 from zotune.trajectory_callback import TrajectoryCallback
@@ -106,7 +106,7 @@ class ZOTrainer(ShardedCheckpoints, Trainer):
         if not isinstance(self.args, ZOConfig):
             raise TypeError(f"ZOTrainer needs args=ZOConfig(...), which adds the zo_* settings; got a "
                             f"{type(self.args).__name__} (given no args, the Trainer makes a plain TrainingArguments)")
-        self.requested = with_lazy_update_decided(self.args.zo_settings())
+        self.requested = self.args.zo_settings()
         if self.args.zo_offload == "cpu" and self.offloader is None:
             self._attach_offloader(self.model, self.args.device)
         _check_run(self.args, self.requested, self.model, self.slices_rows)
@@ -137,7 +137,7 @@ class ZOTrainer(ShardedCheckpoints, Trainer):
         with the schedule the optimizer settled on (the dual check may move it in place)."""
         if self.zo is None:
             return self.requested
-        return self.requested.model_copy(update={"schedule": self.zo.schedule, "lazy_update": self.zo.lazy_update,
+        return self.requested.model_copy(update={"schedule": self.zo.schedule,
                                                  "slice_directions": self.zo.slice_directions})
 
     def create_optimizer(self, model=None):

@@ -88,7 +88,7 @@ class ScaleBiO:
             if zo.schedule == "dual":
                 log.info("zotune scalebio: zo.schedule dual runs as fused here (same numbers as sequential): "
                          "w and u share the model's modules")
-                self.zo_settings = zo.model_copy(update={"schedule": "fused", "lazy_update": False})
+                self.zo_settings = zo.model_copy(update={"schedule": "fused"})
 
     # -- optimizers (rebuilt when LISA switches blocks; state kept for blocks that stay) ------
 

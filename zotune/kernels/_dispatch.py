@@ -5,7 +5,7 @@ Implementations (DESIGN §2):
 - ``triton``: the fused kernel. The default for CUDA tensors when triton is installed. Forcing
   it on CPU tensors is allowed only under ``TRITON_INTERPRET=1`` (how the tests run it).
 - ``native``: `_native`'s C (built at first use): its noise is bit-equal to the compiled path's;
-  `perturb_`, `lazy_update_and_perturb_` and `restore_and_update_` on float32 tensors without a
+  `perturb_`, `move_perturbation_` and `restore_and_update_` on float32 tensors without a
   master run in one pass with the twin's arithmetic, every other case is the twin fed by that
   noise over cache-sized pieces. The default for CPU tensors where it builds (x86 with AVX2 or
   AVX-512 and a C compiler).
@@ -246,16 +246,3 @@ def store(ptr, x, mask):
     tl.store(ptr, y, mask=mask)
 
 
-@triton_jit
-def nearest(x, ptr):
-    """float32 ``x`` rounded to nearest even onto ``ptr``'s dtype, as float32: the value `store`
-    writes (for ops that go on computing with a param's stored value)."""
-    if ptr.dtype.element_ty == tl.bfloat16:
-        u = x.to(tl.uint32, bitcast=True)
-        u = u + 0x7FFF + ((u >> 16) & 1)
-        y = tl.where(x != x, x, ((u >> 16) << 16).to(tl.float32, bitcast=True))
-    elif ptr.dtype.element_ty == tl.float16:
-        y = x.to(tl.float16).to(tl.float32)
-    else:
-        y = x
-    return y

@@ -218,25 +218,16 @@ void zotune_perturb(int kind, uint64_t seed, uint64_t start, int64_t n, const fl
   }
 }
 
-/* lazy_update_and_perturb_: θ' = θ * decay + prev_coef * z_prev; with out: param = θ', out = θ' + next_scale * z_next;
-   without: param = θ' + next_scale * z_next */
-void zotune_lazy_update_and_perturb(int kind, uint64_t prev_seed, uint64_t next_seed, uint64_t start, int64_t n,
-                                    float *param, float *out, float prev_coef, float next_scale, float decay) {
+/* move_perturbation_: param = (param + prev_coef * z_prev) + next_scale * z_next */
+void zotune_move_perturbation(int kind, uint64_t prev_seed, uint64_t next_seed, uint64_t start, int64_t n,
+                              float *param, float prev_coef, float next_scale) {
 #pragma omp parallel for schedule(static) if (n >= 8 * BLOCK)
   BLOCKS(n) {
     float z_prev[BLOCK], z_next[BLOCK];
     int64_t m = BLOCK_LENGTH(n, b);
     fill(kind, prev_seed, start + (uint64_t)b, m, z_prev);
     fill(kind, next_seed, start + (uint64_t)b, m, z_next);
-    for (int64_t i = 0; i < m; i++) {
-      float theta = param[b + i] * decay + prev_coef * z_prev[i];
-      if (out) {
-        param[b + i] = theta;
-        out[b + i] = theta + next_scale * z_next[i];
-      } else {
-        param[b + i] = theta + next_scale * z_next[i];
-      }
-    }
+    for (int64_t i = 0; i < m; i++) param[b + i] = (param[b + i] + prev_coef * z_prev[i]) + next_scale * z_next[i];
   }
 }
 

@@ -9,7 +9,7 @@ path's bit for bit on the same capability (and so stays within `zotune.noise`'s 
 rademacher is exact. Where it cannot run (no AVX2, not x86, no compiler) `library()` is None, with
 one warning when a compiler failed, and the CPU ops take the compiled path (`_dispatch.choose`).
 
-`piece` fills one range of z. `run` applies `perturb_`, `lazy_update_and_perturb_` or
+`piece` fills one range of z. `run` applies `perturb_`, `move_perturbation_` or
 `restore_and_update_` in one pass where the tensors are float32 without a master copy or stochastic
 rounding (the default step's case), with its twin's arithmetic operation for operation, so its
 results equal the twin fed by the same noise bit for bit; other cases return False and take the
@@ -49,10 +49,10 @@ _U64, _I64, _F32, _PTR, _INT = ctypes.c_uint64, ctypes.c_int64, ctypes.c_float, 
 _SIGNATURES = {
     "zotune_noise": ((_U64,), (_PTR,)),
     "zotune_perturb": ((_U64,), (_PTR, _PTR, _F32)),
-    "zotune_lazy_update_and_perturb": ((_U64, _U64), (_PTR, _PTR, _F32, _F32, _F32)),
+    "zotune_move_perturbation": ((_U64, _U64), (_PTR, _F32, _F32)),
     "zotune_restore_and_update": ((_U64,), (_PTR, _F32, _F32, _F32)),
 }
-FUSED_OPS = ("perturb", "lazy_update_and_perturb", "restore_and_update")  # the ops `run` takes
+FUSED_OPS = ("perturb", "move_perturbation", "restore_and_update")  # the ops `run` takes
 
 
 def capability() -> str | None:
@@ -116,10 +116,6 @@ def piece(seed: int, numel: int, kind: str, start: int, device) -> torch.Tensor:
     return out
 
 
-def _address(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
-
-
 def run(op: str, tensors: dict, seeds: tuple, kind: str, offset: int, coefs: tuple) -> bool:
     """Apply ``op`` to the flat contiguous ``tensors`` in one native pass, if it is one this file runs
     and every tensor present is float32 without a master; False (nothing done) otherwise."""
@@ -132,8 +128,8 @@ def run(op: str, tensors: dict, seeds: tuple, kind: str, offset: int, coefs: tup
     if op == "perturb":
         out = tensors["out"] if tensors["out"] is not None else param
         lib.zotune_perturb(*head, param.data_ptr(), out.data_ptr(), *coefs)
-    elif op == "lazy_update_and_perturb":
-        lib.zotune_lazy_update_and_perturb(*head, param.data_ptr(), _address(tensors["out"]), *coefs)
+    elif op == "move_perturbation":
+        lib.zotune_move_perturbation(*head, param.data_ptr(), *coefs)
     else:
         lib.zotune_restore_and_update(*head, param.data_ptr(), *coefs)
     return True

@@ -109,16 +109,6 @@ def to_param(value: torch.Tensor, t: dict) -> torch.Tensor:
     return stochastic(value, t["round_bits"], t["param"].dtype)
 
 
-def stored(value: torch.Tensor, t: dict) -> torch.Tensor:
-    """The float32 value ``t["param"]`` holds once ``value`` is stored into it (rounded
-    stochastically or to nearest)."""
-    if t.get("round_bits") is not None:
-        return stochastic(value, t["round_bits"], t["param"].dtype)
-    if t["param"].dtype == torch.float32:
-        return value
-    return value.to(t["param"].dtype).float()
-
-
 # ---------------------------------------------------------------------------------------
 # Triton
 

@@ -163,7 +163,7 @@ class Method:
         """The name and settings, as recorded in the trajectory header."""
         return {"name": self.name, **self.config.model_dump()}
 
-    def refusal(self, *, schedule: str, lazy_update: bool, num_directions: int) -> str | None:
+    def refusal(self, *, schedule: str, num_directions: int) -> str | None:
         """Why this method cannot run with these settings, or None."""
         return None
 
@@ -178,19 +178,11 @@ class Rule(Method):
     # backward on some of each batch's rows for it (`zotune.first_order`)
     first_order: ClassVar[bool] = False
 
-    # its update along one direction is θ ← θ·decay + coef·z (`fold`): the dual schedule's lazy
-    # update folds it into the next step's first perturbed copy of each weight (zotune.placement)
-    folds_update: ClassVar[bool] = False
     # it reads a step's 2q losses as a population of members θ ± c·z_k (es): the estimator's offsets
     # must be antithetic, (c, −c)
     antithetic_population: ClassVar[bool] = False
 
     def apply(self, u: ParamUpdate) -> None:
-        raise NotImplementedError
-
-    def fold(self, lr: float, wd: float, g: float) -> tuple[float, float]:
-        """(coef, decay) of this rule's update θ ← θ·decay + coef·z along one direction with projected
-        gradient g (rules with `folds_update`)."""
         raise NotImplementedError
 
     def choose(self, view: StepView, g: list[float], recorded: dict | None) -> tuple[list[float] | None, dict]:

@@ -66,14 +66,8 @@ def build_estimator(spec: str | dict[str, Any]) -> Estimator:
     return _build(ESTIMATORS, "estimator", spec)
 
 
-def check_compatible(rule: Rule, estimator: Estimator, *, schedule: str, lazy_update: bool,
-                     num_directions: int) -> None:
+def check_compatible(rule: Rule, estimator: Estimator, *, schedule: str, num_directions: int) -> None:
     """Raise ValueError when the rule or the estimator cannot run with these settings."""
-    if lazy_update and not (rule.folds_update and estimator.plain):
-        folding = sorted(name for name, r in RULES.items() if r.folds_update)
-        raise ValueError(f"lazy_update folds an update into the next step's noise pass: it needs a rule that folds "
-                         f"its update ({', '.join(map(repr, folding))}) and estimator 'spsa', not {rule.name!r} and "
-                         f"{estimator.name!r}")
     if estimator.corrects_estimate and type(rule).choose is not Rule.choose:
         raise ValueError(f"estimator {estimator.name!r} corrects the estimate in the units of the projected "
                          f"gradients, which rule {rule.name!r} rescales or chooses among: use a rule that applies "
@@ -85,6 +79,6 @@ def check_compatible(rule: Rule, estimator: Estimator, *, schedule: str, lazy_up
                              f"but estimator {estimator.name!r} measures θ + {a:g}·eps·z and θ + {b:g}·eps·z: use "
                              "one that measures both signs (spsa, the default)")
     for method in (rule, estimator):
-        refusal = method.refusal(schedule=schedule, lazy_update=lazy_update, num_directions=num_directions)
+        refusal = method.refusal(schedule=schedule, num_directions=num_directions)
         if refusal:
             raise ValueError(refusal)

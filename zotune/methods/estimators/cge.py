@@ -43,7 +43,7 @@ class CGE(Estimator):
         self.d = 0  # trained elements in all, set by `num_directions`
         self._index: tuple[int, dict[str, dict[int, int]]] = (-1, {})  # step seed -> name -> {seed: element}
 
-    def refusal(self, *, schedule, lazy_update, num_directions):
+    def refusal(self, *, schedule, num_directions):
         if num_directions != 1:
             return (f"estimator 'cge' takes one direction per trained element: leave zo.num_directions at 1 "
                     f"(it is {num_directions})")

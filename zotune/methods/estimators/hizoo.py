@@ -38,7 +38,7 @@ class HiZOO(Estimator):
     state_copies = 1
     extra_forwards = 1
 
-    def refusal(self, *, schedule, lazy_update, num_directions):
+    def refusal(self, *, schedule, num_directions):
         if schedule == "dual":
             return "estimator 'hizoo' needs a plain forward at θ each step: use schedule sequential or fused"
         return None

@@ -27,7 +27,7 @@ class OneSided(Estimator):
     def offsets(self, eps):
         return eps, 0.0
 
-    def refusal(self, *, schedule, lazy_update, num_directions):
+    def refusal(self, *, schedule, num_directions):
         if schedule == "dual":
             return "estimator 'onesided' shares a plain forward at θ between its directions: use schedule " \
                    "sequential or fused"

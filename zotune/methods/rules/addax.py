@@ -30,8 +30,7 @@ class Addax(Rule):
     trajectory log (in the gradient's dtype, 4 bytes per trained element per step for fp32
     weights: replay needs it). The update
     materialises α·ĝ⁰ + (1 − α)·g¹ in fp32, one parameter at a time. g¹ must be taken at θ, so
-    not with `fused` (which leaves θ displaced between micro-batches); `lazy_update`, which would
-    leave θ one update behind, is ZO-SGD's alone.
+    not with `fused` (which leaves θ displaced between micro-batches).
     """
 
     name = "addax"
@@ -40,7 +39,7 @@ class Addax(Rule):
     stochastic_rounding = True
     first_order = True
 
-    def refusal(self, *, schedule, lazy_update, num_directions):
+    def refusal(self, *, schedule, num_directions):
         if schedule == "fused":
             return ("rule 'addax' takes its first-order gradient at θ, which schedule 'fused' leaves displaced "
                     "between micro-batches: use schedule dual or sequential")

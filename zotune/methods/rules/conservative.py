@@ -27,9 +27,8 @@ class Conservative(SGD):
     name = "conservative"
     paper = "Zhang et al., 2024, arXiv:2402.11592"
     extra_forwards = 2
-    folds_update = False  # in place only: no perturbed copy to fold into
 
-    def refusal(self, *, schedule, lazy_update, num_directions):
+    def refusal(self, *, schedule, num_directions):
         if schedule == "dual":
             return ("rule 'conservative' evaluates its candidate points with plain forwards: "
                     "use schedule sequential or fused")

@@ -26,9 +26,8 @@ class FZOO(SGD):
 
     name = "fzoo"
     paper = "Dang et al., 2025, arXiv:2506.09034"
-    folds_update = False  # its q >= 2 directions: a fold carries one
 
-    def refusal(self, *, schedule, lazy_update, num_directions):
+    def refusal(self, *, schedule, num_directions):
         if num_directions < 2:
             return "rule 'fzoo' divides by the standard deviation of the directions' losses: use num_directions >= 2"
         return None

@@ -14,18 +14,12 @@ class SGD(Rule):
         θ ← θ·(1 − lr·wd) − lr·ĝ
 
     No state. The restore from the fused schedule's last − offset rides in the same pass
-    (`restore_and_update_`); with `lazy_update` the whole update is folded (`fold`) into the next
-    step's first perturbed copy instead.
+    (`restore_and_update_`).
     """
 
     name = "sgd"
     paper = "Malladi et al., 2023, arXiv:2305.17333"
     stochastic_rounding = True
-    folds_update = True
-
-    def fold(self, lr: float, wd: float, g: float) -> tuple[float, float]:
-        return -lr * g, 1.0 - lr * wd
-
     def apply(self, u: ParamUpdate) -> None:
         from zotune.kernels import perturb_, restore_and_update_
 
