@@ -50,7 +50,7 @@ from zotune.methods import (
 from zotune.noise import seed_for, step_seed
 from zotune.placement import InPlace, OutOfPlace
 from zotune.points import Point, Update  # noqa: F401 - Point is imported from here too
-from zotune.settings import REMOVED, SCHEDULES, ZOSettings, check_schedule  # noqa: F401 - SCHEDULES is imported from here too
+from zotune.settings import REMOVED, SCHEDULES, ZOSettings, check_schedule  # noqa: F401 - SCHEDULES is re-exported
 
 ROUNDING = -1  # the direction index of a step's stochastic-rounding stream: never a perturbation's
 
