@@ -1,8 +1,8 @@
 """The CPU noise built from C (`_native.c`) at first use: the fast path on x86 CPUs.
 
 `library()` compiles `_native.c` once per (source, CPU capability, torch version, compiler) into
-``$ZOTUNE_CACHE/native`` with the system C compiler (``$CC``, else ``cc``) and loads it: under a
-second cold, where torch.compile's graphs of the same noise took tens of seconds (issue 28). Its
+``$ZOTUNE_CACHE/native`` with the system C compiler (``$CC``, else ``cc``) and loads it: 0.5-3 s
+cold, where torch.compile's graphs of the same noise took tens of seconds (issue 28). Its
 normals call the Sleef functions in torch's own library that torch's vectorized ``log``, ``cos``
 and ``sin`` call, with the compiled path's operations in its order, so its z equals the compiled
 path's bit for bit on the same capability (and so stays within `zotune.noise`'s stated few ulp);
@@ -38,7 +38,7 @@ SOURCE = Path(__file__).with_name("_native.c")
 # Instruction sets by torch's CPU capability: the Sleef variants `_native.c` calls are the ones
 # torch's own vectorized code of that capability calls.
 ISA_FLAGS = {"AVX512": ("-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw"), "AVX2": ("-mavx2",)}
-# A compile that takes longer is given up on (the compiled path serves): it takes about a second.
+# A compile that takes longer is given up on (the compiled path serves): it takes 0.5-3 s.
 COMPILE_SECONDS = 120
 # No fused multiply-add: every product rounded, as in the eager and compiled paths.
 FLAGS = ("-O3", "-shared", "-fPIC", "-ffp-contract=off", "-fopenmp")
