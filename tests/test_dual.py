@@ -379,7 +379,7 @@ def test_find_blocks_finds_the_layers_a_forward_runs(arch):
     assert find_blocks(model, called=set(called))[0] == name
 
 
-def test_the_removed_lazy_update_is_refused_by_name_and_its_logs_replay():
+def test_the_removed_lazy_update_is_refused_by_name():
     """`lazy_update` (folding each update into the next step's copies) was removed: asking for it names the
     removal; a log that recorded it (`tests/data/trajectories_v0/dual_lazy.jsonl` replays in test_settings)
     holds steps whose updates replay at once with the same numbers."""

@@ -52,7 +52,7 @@ _SIGNATURES = {
     "zotune_move_perturbation": ((_U64, _U64), (_PTR, _F32, _F32)),
     "zotune_restore_and_update": ((_U64,), (_PTR, _F32, _F32, _F32)),
 }
-FUSED_OPS = ("perturb", "move_perturbation", "restore_and_update")  # the ops `run` takes
+FUSED_OPS = tuple(name.removeprefix("zotune_") for name in _SIGNATURES if name != "zotune_noise")  # `run`'s ops
 
 
 def capability() -> str | None:
@@ -124,12 +124,8 @@ def run(op: str, tensors: dict, seeds: tuple, kind: str, offset: int, coefs: tup
             t.dtype != torch.float32 or t.device.type != "cpu" for t in present):
         return False
     param, n, lib = tensors["param"], tensors["param"].numel(), library()
-    head = (KIND_ID[kind], *seeds, offset, n)
-    if op == "perturb":
-        out = tensors["out"] if tensors["out"] is not None else param
-        lib.zotune_perturb(*head, param.data_ptr(), out.data_ptr(), *coefs)
-    elif op == "move_perturbation":
-        lib.zotune_move_perturbation(*head, param.data_ptr(), *coefs)
-    else:
-        lib.zotune_restore_and_update(*head, param.data_ptr(), *coefs)
+    pointers = [param.data_ptr()]
+    if op == "perturb":  # its output: out, or param itself in place
+        pointers.append((tensors["out"] if tensors["out"] is not None else param).data_ptr())
+    getattr(lib, f"zotune_{op}")(KIND_ID[kind], *seeds, offset, n, *pointers, *coefs)
     return True
