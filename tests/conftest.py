@@ -10,6 +10,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import contextlib  # noqa: E402
+import gc  # noqa: E402
 import signal  # noqa: E402
 
 import pytest  # noqa: E402
@@ -116,6 +117,15 @@ def cuda_missing() -> str | None:
         return ("TRITON_INTERPRET=1 (this conftest's default) would interpret the Triton kernels, not compile them: "
                 "run TRITON_INTERPRET=0 pytest -m cuda (make gpu-check does)")
     return None
+
+
+def pytest_collection_finish(session):
+    """Every Trainer.train() runs a full garbage collection (accelerate's free_memory), which walks every
+    object alive, after collection every test module's imports too. Those live to the end, so they are
+    frozen out of the walk (gc.freeze): test_methods, test_zo_trainer and test_dual on two workers took
+    144 s with the walk, 90 s without."""
+    gc.collect()
+    gc.freeze()
 
 
 def pytest_runtest_setup(item):

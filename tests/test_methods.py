@@ -97,13 +97,16 @@ def test_loss_goes_down(case, tmp_path):
 @pytest.mark.parametrize("case", CASES)
 def test_each_schedule_replays_resumes_and_agrees(case, tmp_path):
     """Under each schedule the case accepts: the 4-step run's trajectory, replayed onto the base weights,
-    gives its weights bit for bit; a run checkpointed at step 2 and resumed there (on a model of another
-    seed: all state from the checkpoint) ends on them bit for bit too; and every schedule ends within
-    1e-5 of sequential (sliced runs only under dual: tests/test_dual.py holds it to each direction taken
-    on its slice)."""
+    gives its weights bit for bit; resumed from its checkpoint at step 2 (on a model of another seed: all
+    state from the checkpoint) it ends on them bit for bit too; and every schedule ends within 1e-5 of
+    sequential (sliced runs only under dual: tests/test_dual.py holds it to each direction taken on its
+    slice). The run that checkpoints is the one replayed, so a checkpoint that disturbed the run's weights
+    or state would part it from its replay (tests/test_zo_trainer.py resumes against a run that never
+    saved)."""
     trained = {}
+    saving = dict(max_steps=4, save_strategy="steps", save_steps=2)
     for schedule in [s for s in SCHEDULES if (case, s) not in REFUSED]:
-        model, trainer = train(case, schedule, tmp_path / schedule, max_steps=4)
+        model, trainer = train(case, schedule, tmp_path / schedule, **saving)
         trainer.train()
         trained[schedule] = weights(model)
         header, records = read_trajectory(tmp_path / schedule / "zo_trajectory.jsonl")
@@ -117,10 +120,8 @@ def test_each_schedule_replays_resumes_and_agrees(case, tmp_path):
         for name, p in trained[schedule].items():
             assert torch.equal(p, named[name]), f"{schedule} replay: {name}"
 
-        saving = dict(max_steps=4, save_strategy="steps", save_steps=2)
-        train(case, schedule, tmp_path / f"{schedule}-resumed", **saving)[1].train()
-        resumed, trainer = train(case, schedule, tmp_path / f"{schedule}-resumed", seed=1, **saving)
-        trainer.train(resume_from_checkpoint=str(tmp_path / f"{schedule}-resumed" / "checkpoint-2"))
+        resumed, trainer = train(case, schedule, tmp_path / schedule, seed=1, **saving)
+        trainer.train(resume_from_checkpoint=str(tmp_path / schedule / "checkpoint-2"))
         for (name, p), q in zip(trained[schedule].items(), resumed.parameters()):
             assert torch.equal(p, q), f"{schedule} resume: {name}"
     for schedule, got in trained.items() if "sequential" in trained else ():
