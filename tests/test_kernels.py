@@ -154,9 +154,12 @@ def test_op_matches_twin(op, impl, dtype_key, kind, shape_key):
     compare(actual, expected, kind, kernel_slack(impl, kind, tensors["param"].numel(), offset))
 
 
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("dtype_key", ["fp32", "bf16+master"])
-@pytest.mark.parametrize("op", OPS)
+# each op in float32 and with a master; and float16's stochastic rounding (its int64 wheres) in a fused graph
+FUSED_CASES = [*((op, dtype_key, kind) for op in OPS for dtype_key in ("fp32", "bf16+master") for kind in KINDS),
+               ("restore_and_update", "fp16", "rademacher")]
+
+
+@pytest.mark.parametrize("op,dtype_key,kind", FUSED_CASES)
 def test_fused_compiled_pieces_match_twin(op, dtype_key, kind, monkeypatch):
     """The compiled path's fused graphs (noise + arithmetic + stores, one per full aligned piece),
     made small enough that 41x53@3000 has full pieces between ragged ends: same tolerances, so

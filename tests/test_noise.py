@@ -118,7 +118,8 @@ def test_compiled_noise_under_avx2_equals_the_reference(tmp_path):
     compiles >= and <= of int64 in a `where` wrong (AVX2 vector code under its -march=native): the int64
     uniform, and float16 stochastic rounding in a fused graph, stay bit-equal to the eager twin.
     On an AVX2 CPU the kernel tests run all of this in process (tests/test_kernels.py: the int32 Philox
-    compiled, the native AVX2 noise against it), so the forced run is left to AVX-512 CPUs."""
+    compiled, the native AVX2 noise against it, float16's rounding in a fused graph), so the forced run is
+    left to AVX-512 CPUs."""
     capability = torch.backends.cpu.get_cpu_capability()
     if capability != "AVX512":
         pytest.skip(f"AVX2 is forced from AVX-512 only (torch's capability here: {capability}; on AVX2 the kernel "
