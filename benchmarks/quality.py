@@ -56,6 +56,12 @@ DATASETS = {
 # pure ZO-SGD, the quickstart's (and from 2026-12-03 to 12-06, while it ran Addax, its override): kept explicit
 ZO_SGD = ["zo.rule=sgd", "train.learning_rate=3e-4"]
 
+# every weight trained, with MeZO's full-parameter settings (Malladi et al. 2023, arXiv:2305.17333: eps 1e-3,
+# learning rate 1e-6 or 1e-7 for OPT); not tuned here
+FULL = ["model.peft=null", "zo.eps=1e-3", "train.learning_rate=1e-6"]
+GUIDED = "zo.estimator={name: guided, history: 8, alpha: 0.5}"  # guided ES, settings chosen on LoRA's validation
+FZOOS = "zo.estimator={name: fzoos, features: 32, history: 8, lengthscale: 10}"
+
 # Addax's hybrid as the quickstart shipped it from 2026-12-03 to 2026-12-06 (its alpha set by each configuration)
 ADDAX = ["zo.rule={name: addax, max_tokens: 64}", "train.learning_rate=1e-2"]
 
@@ -65,8 +71,8 @@ CONFIGS = {
     "zo-sgd": ("quickstart", ZO_SGD),
     "zo-sgd-rademacher": ("quickstart", [*ZO_SGD, "zo.perturbation=rademacher"]),
     "zo-momentum": ("quickstart", [*ZO_SGD, "zo.rule=momentum"]),
-    "zo-guided": ("quickstart", [*ZO_SGD, "zo.estimator={name: guided, history: 8, alpha: 0.5}"]),  # guided ES
-    "zo-fzoos": ("quickstart", [*ZO_SGD, "zo.estimator={name: fzoos, features: 32, history: 8, lengthscale: 10}"]),
+    "zo-guided": ("quickstart", [*ZO_SGD, GUIDED]),
+    "zo-fzoos": ("quickstart", [*ZO_SGD, FZOOS]),
     "zo-sliced": ("quickstart", [*ZO_SGD, "zo.num_directions=4", "zo.slice_directions=true"]),  # MobiZO's split
     "fzoo": ("quickstart", ["zo.rule=fzoo", "zo.estimator=onesided", "zo.num_directions=4",
                             "zo.perturbation=rademacher", "zo.schedule=fused", "train.learning_rate=2e-5"]),
@@ -77,7 +83,10 @@ CONFIGS = {
     # ZO forwards still run: equal time buys equal steps, and any gain of zo-addax over it is the ZO part's)
     "zo-addax-alpha0": ("quickstart", [*ADDAX, "zo.rule.alpha=0"]),
     "zo-prefix": ("prefix-tuning", []),
-    "zo-full-bf16": ("quickstart", [*ZO_SGD, "model.peft=null", "model.dtype=bfloat16", "train.learning_rate=1e-6"]),
+    "zo-full": ("quickstart", [*ZO_SGD, *FULL]),
+    "zo-guided-full": ("quickstart", [*ZO_SGD, GUIDED, *FULL]),
+    "zo-fzoos-full": ("quickstart", [*ZO_SGD, FZOOS, *FULL]),
+    "zo-full-bf16": ("quickstart", [*ZO_SGD, *FULL, "model.dtype=bfloat16"]),
     "fo-lora": ("quickstart-fo", []),
     "fo-lora-ckpt": ("quickstart-fo", ["train.activation_checkpointing=true"]),
     "fo-qlora": ("quickstart-fo", ["model.quantization={bits: 4, quant_type: nf4, compute_dtype: float32}"]),
