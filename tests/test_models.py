@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from conftest import TINY_CONFIGS, tiny_config
+from conftest import CORE_ARCHS, TINY_CONFIGS, tiny_config
 
 from zotune import models
 from zotune.errors import UserError
@@ -37,6 +37,25 @@ def test_every_tiny_type_loads_and_gives_a_finite_loss(model_type):
     assert math.isfinite(out.loss.item())
     # random init gives a loss near log(vocab); a broken model or tokenizer would not
     assert abs(out.loss.item() - math.log(model.config.vocab_size)) < 1.5
+
+
+@pytest.mark.parametrize("model_type", CORE_ARCHS)
+def test_the_lm_head_gets_its_last_positions_contiguous_with_the_same_logits(model_type):
+    """`logits_to_keep` slices the hidden states; the head must get them contiguous (a strided slice runs one
+    matrix-vector product per row on CPU: models.contiguous_head_input) and give the logits it gives unsliced."""
+    model, tok = tiny(model_type)
+    model.eval()  # no dropout: the two forwards compare
+    head = model.get_output_embeddings()
+    contiguous = []
+    head.register_forward_hook(lambda module, args, out: contiguous.append(args[0].is_contiguous()))
+    batch = tok(["Hello, world!", "héllo", "a third row"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        last = model(**batch, logits_to_keep=1).logits[:, -1]
+        every = model(**batch).logits[:, -1]
+    assert contiguous == [True, True]
+    torch.testing.assert_close(last, every)
+    models.contiguous_head_input(model)  # ZOTrainer installs it for models loaded elsewhere: once per head
+    assert len(head._forward_pre_hooks) == 1
 
 
 def test_same_seed_same_weights_different_seed_different():

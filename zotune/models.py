@@ -88,6 +88,7 @@ def load_model(
         raise UserError("params.unfreeze: only with model.peft; without an adapter every unquantized parameter trains")
     if section.peft is not None:
         model = _add_adapter(model, section.peft, seed, unfrozen_modules(model, unfreeze))
+    contiguous_head_input(model)
     return model, tokenizer
 
 
@@ -99,6 +100,24 @@ def unwrapped(model):
 def forward_accepts(model, name: str) -> bool:
     """Whether the model's forward takes argument `name` (asked of the unwrapped model: peft's take **kwargs)."""
     return name in inspect.signature(unwrapped(model).forward).parameters
+
+
+def contiguous_head_input(model) -> None:
+    """Hand the LM head (the output embeddings) a contiguous input; installed once per head.
+
+    A causal LM that scores only its last positions (`logits_to_keep`, which `generate` and the
+    classification collator pass) gives its head the slice `hidden[:, -k:]`. On CPU `torch.matmul`
+    does not fold such a 3-D slice into one matrix product: it runs one matrix-vector product per row,
+    each reading the whole head (pytorch/pytorch#186148). Gemma 3's head has 262k rows: 64 rows took
+    2.5 s against 0.4 s contiguous on an AVX2 EPYC; copying the slice costs next to nothing.
+    """
+    head = unwrapped(model).get_output_embeddings()
+    if head is not None and _contiguous_input not in head._forward_pre_hooks.values():
+        head.register_forward_pre_hook(_contiguous_input)
+
+
+def _contiguous_input(module, args: tuple):
+    return (args[0].contiguous(), *args[1:]) if args and torch.is_tensor(args[0]) else None
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:

@@ -39,7 +39,7 @@ from zotune.first_order_step import FirstOrderRows
 from zotune.fsdp_checkpoints import ShardedCheckpoints
 from zotune.influence.rows import RowRecorder, attributable, row_items
 from zotune.methods import Estimator, build_estimator, build_rule
-from zotune.models import forward_accepts, stable_name, trainable_parameters
+from zotune.models import contiguous_head_input, forward_accepts, stable_name, trainable_parameters
 from zotune.nonfinite import NonFiniteLossError  # noqa: F401 - imported from here too
 from zotune.objectives import load_objective
 from zotune.offload import BlockOffloader
@@ -107,6 +107,7 @@ class ZOTrainer(ShardedCheckpoints, Trainer):
             raise TypeError(f"ZOTrainer needs args=ZOConfig(...), which adds the zo_* settings; got a "
                             f"{type(self.args).__name__} (given no args, the Trainer makes a plain TrainingArguments)")
         self.requested = self.args.zo_settings()
+        contiguous_head_input(self.model)  # a model loaded outside zotune too
         if self.args.zo_offload == "cpu" and self.offloader is None:
             self._attach_offloader(self.model, self.args.device)
         _check_run(self.args, self.requested, self.model, self.slices_rows)
