@@ -10,6 +10,7 @@ calls made into it. The first step is left out: it settles the schedule and comp
 
 from __future__ import annotations
 
+import argparse
 import collections
 import sys
 import tempfile
@@ -45,6 +46,7 @@ class Trace(TrainerCallback):
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     torch.manual_seed(0)
     config = AutoConfig.for_model("llama", vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                                   num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
