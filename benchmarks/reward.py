@@ -197,8 +197,8 @@ def plot(path: Path) -> Path:
 
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     rows = [r for r in rows if "reward" in r]
-    return plot_against_seconds(path, rows, label=lambda r: r["config"], before="reward_before", value="reward",
-                                ylabel="held-out mean reward (greedy)",
+    return plot_against_seconds(path, rows, label=lambda r: f"{r['config']}, {r['host']['cpu_capability']} host",
+                                before="reward_before", value="reward", ylabel="held-out mean reward (greedy)",
                                 title="Gemma 3 270M, reward-es's task: ES (zotune) against GRPO (trl)")
 
 
