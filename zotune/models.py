@@ -111,8 +111,8 @@ def contiguous_head_input(model) -> None:
     each reading the whole head (pytorch/pytorch#186148). Gemma 3's head has 262k rows: 64 rows took
     2.5 s against 0.4 s contiguous on an AVX2 EPYC; copying the slice costs next to nothing.
     """
-    base = unwrapped(model)
-    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None  # ZOTrainer takes any nn.Module
+    base = unwrapped(model)  # ZOTrainer takes any nn.Module: only transformers models name their head
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     if isinstance(head, torch.nn.Module) and _contiguous_input not in head._forward_pre_hooks.values():
         head.register_forward_pre_hook(_contiguous_input)
 
