@@ -11,7 +11,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import tiny_causal_lm
-from helpers import assert_same, assert_same_run, free_port, launch
+from dp_worker import main as run_alone
+from dp_worker import parse_run
+from helpers import assert_same, assert_same_run, free_port, ranks_of
 
 from zotune.optim import ZOOptimizer
 
@@ -21,6 +23,9 @@ SHARDS = [range(0, 3), range(3, 8)]  # uneven on purpose: 3 rows on rank 0, 5 on
 CASES = [("sgd", "spsa", "fused", 1), ("adam", "spsa", "sequential", 2), ("conservative", "spsa", "fused", 1),
          ("sgd", "hizoo", "sequential", 1)]
 STEPS = 3
+# what two spawned ranks train, one kind after the other in the same processes: data-parallel shards of
+# the batch, then sharded parameters
+KINDS = ("data", "sharded")
 
 
 def batch(rows) -> dict:
@@ -60,17 +65,18 @@ def train(case, rows, *, shards=None, model=None, full=None):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def _rank(rank: int, world: int, port: int, out: str, kind: str) -> None:
+def _rank(rank: int, world: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     torch.set_num_threads(1)
     try:
-        results = {}
-        for i, case in enumerate(CASES if kind == "data" else [("sgd", "spsa", "fused", 1)]):
-            if kind == "data":
-                results[str(i)] = train(case, SHARDS[rank])
-            else:
-                results[str(i)] = train_sharded(case, rank, world)
-        torch.save(results, f"{out}/rank{rank}.pt")
+        for kind in KINDS:
+            results = {}
+            for i, case in enumerate(CASES if kind == "data" else [("sgd", "spsa", "fused", 1)]):
+                if kind == "data":
+                    results[str(i)] = train(case, SHARDS[rank])
+                else:
+                    results[str(i)] = train_sharded(case, rank, world)
+            torch.save(results, f"{out}/{kind}-rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -94,21 +100,24 @@ def train_sharded(case, rank: int, world: int):
     return train(case, range(ROWS), shards=shards, model=model, full=gather)
 
 
-def run_ranks(tmp_path, kind: str, world: int = 2) -> list[dict]:
-    mp.spawn(_rank, args=(world, free_port(), str(tmp_path), kind), nprocs=world, join=True)
-    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
+@pytest.fixture(scope="module")
+def spawned(tmp_path_factory) -> dict[str, list[dict]]:
+    """{kind: [rank 0's results, rank 1's]}, from one spawn of two processes."""
+    out, world = tmp_path_factory.mktemp("ranks"), 2
+    mp.spawn(_rank, args=(world, free_port(), str(out)), nprocs=world, join=True)
+    return {kind: [torch.load(out / f"{kind}-rank{r}.pt", weights_only=True) for r in range(world)] for kind in KINDS}
 
 
-def test_two_ranks_on_uneven_shards_equal_one_process_on_their_union(tmp_path):
-    ranks = run_ranks(tmp_path, "data")
+def test_two_ranks_on_uneven_shards_equal_one_process_on_their_union(spawned):
+    ranks = spawned["data"]
     start = dict(tiny_causal_lm("gpt2").named_parameters())
     for i, case in enumerate(CASES):
         assert_same(ranks[0][str(i)], ranks[1][str(i)], rtol=0, atol=0)  # every rank applied the same update
         assert_same_run(ranks[0][str(i)], train(case, range(ROWS)), start)
 
 
-def test_sharded_parameters_equal_unsharded(tmp_path):
-    ranks = run_ranks(tmp_path, "sharded")
+def test_sharded_parameters_equal_unsharded(spawned):
+    ranks = spawned["sharded"]
     alone = train(("sgd", "spsa", "fused", 1), range(ROWS))
     for rank in ranks:
         assert_same(rank["0"], alone, rtol=0, atol=0)
@@ -121,9 +130,10 @@ def test_sharding_refuses_whole_parameter_directions():
 
 
 def test_zotrainer_under_torchrun_equals_one_process(launched, tmp_path):
-    one = launch(tmp_path, 1, {"one": dict(batch=4)})["one"]
+    # the same worker, in this process without a launcher: one process on the batch both ranks share out
+    run_alone(str(tmp_path), **parse_run("one:batch=4")[1])
+    (facts, weights), = ranks_of(tmp_path, 1).values()
     (facts0, weights0), (facts1, weights1) = launched[1]["torchrun"]["dual"].values()
-    facts, weights = one[0]
     assert facts0["world"] == 2 and not facts0["ddp"]  # no DDP wrapper: there is no backward to sync
     assert facts0["g"] == facts1["g"]
     assert_same(weights0, weights1, rtol=0, atol=0)

@@ -18,6 +18,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 FOLDERS_FIRST_ON_PATH = (ROOT, ROOT / "benchmarks", ROOT / "tests", ROOT / "examples")
 OWN_DISTRIBUTION = "zotune"
@@ -76,13 +78,9 @@ def run_from_root(*argv: str, timeout: float = 180) -> subprocess.CompletedProce
     return subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
-def test_transformers_and_zotune_import_from_the_repository_root():
-    code = ("import importlib.util, transformers, zotune; from transformers import Trainer; "
-            "spec = importlib.util.find_spec('kernels'); print(spec and spec.origin)")
-    done = run_from_root("-c", code)
-    assert done.returncode == 0, done.stderr
+def test_transformers_and_zotune_import_from_the_repository_root(from_root):
     installed = importlib.util.find_spec("kernels")  # in this process the root is not on sys.path
-    assert done.stdout.splitlines()[-1] == str(installed and installed.origin)
+    assert from_root["kernels"] == str(installed and installed.origin)
 
 
 def test_the_cli_runs_as_a_module_from_the_root():
@@ -97,8 +95,12 @@ def test_pytest_collects_from_the_root():
     assert "tests/test_recipe.py::" in done.stdout
 
 
-HELP_OF_EACH = """
-import contextlib, io, json, runpy, sys, traceback
+# run from the root: what `kernels` resolves to once transformers and zotune are imported, then each benchmark's --help
+FROM_ROOT = """
+import contextlib, importlib.util, io, json, runpy, sys, traceback
+import transformers, zotune
+from transformers import Trainer
+spec = importlib.util.find_spec("kernels")
 results = {}
 for path in sys.argv[1:]:
     sys.argv, out = [path, "--help"], io.StringIO()
@@ -113,19 +115,23 @@ for path in sys.argv[1:]:
         code = traceback.format_exc()[-500:]
     sys.path.remove("benchmarks")
     results[path] = {"code": code, "usage": "usage:" in out.getvalue()}
-print(json.dumps(results))
+print(json.dumps({"kernels": str(spec and spec.origin), "benchmarks": results}))
 """
 
 
-def test_every_benchmark_starts_from_the_root():
-    """Each script prints its usage for --help, run as `python benchmarks/NAME.py` runs it (its folder first
-    on sys.path, from the root); a helper module the scripts share (no __main__) imports cleanly. One
-    process runs them all, one after the other: they mostly wait on the same imports."""
+@pytest.fixture(scope="module")
+def from_root() -> dict:
+    """FROM_ROOT's findings, from one process: the scripts mostly wait on the same imports."""
     paths = [str(path.relative_to(ROOT)) for path in BENCHMARKS]
-    done = subprocess.run([sys.executable, "-c", HELP_OF_EACH, *paths], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+    done = run_from_root("-c", FROM_ROOT, *paths, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    results = json.loads(done.stdout.splitlines()[-1])
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def test_every_benchmark_starts_from_the_root(from_root):
+    """Each script prints its usage for --help, run as `python benchmarks/NAME.py` runs it (its folder first
+    on sys.path, from the root); a helper module the scripts share (no __main__) imports cleanly."""
+    results = from_root["benchmarks"]
     failures = {path: result["code"] for path, result in results.items()
                 if result["code"] != 0 or ("__main__" in (ROOT / path).read_text() and not result["usage"])}
     assert len(results) > 5

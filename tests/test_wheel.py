@@ -9,6 +9,7 @@ installed dependencies through a `.pth` line (site-packages added that way run n
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -52,31 +53,47 @@ def installed(tmp_path_factory) -> Path:
     return bin_dir
 
 
-def test_the_wheel_imports_from_the_fresh_environment(installed, tmp_path):
-    where = _run([installed / "python", "-c", "import zotune, zotune.trainer; from zotune import ZOTrainer; "
-                  "print(zotune.__file__)"], tmp_path)
-    assert Path(where.strip()).is_relative_to(installed.parent), f"zotune came from {where}, not the wheel"
+# what the installed wheel holds and does, asked in one process of the fresh environment (each question would
+# pay the same imports)
+PROBE = """
+import json, pkgutil, sys
+import torch, zotune, zotune.trainer
+from zotune import ZOTrainer
+from zotune.kernels import _native
+from zotune.recipe import shipped_recipes
+json.dump({"zotune": zotune.__file__,
+           "native": {"source": str(_native.SOURCE),
+                      "builds": not _native.capability() or _native.library() is not None},
+           "packages": sorted(m.name for m in pkgutil.walk_packages(zotune.__path__, "zotune.") if m.ispkg),
+           "recipes": sorted(shipped_recipes())}, sys.stdout)
+"""
 
 
-def test_the_wheel_builds_the_native_noise(installed, tmp_path):
+@pytest.fixture(scope="module")
+def probed(installed, tmp_path_factory) -> dict:
+    """PROBE's findings; a RuntimeWarning (the native noise failing to build) is an error."""
+    cache = tmp_path_factory.mktemp("cache")
+    return json.loads(_run([installed / "python", "-W", "error::RuntimeWarning", "-c", PROBE], cache,
+                           env_extra={"ZOTUNE_CACHE": str(cache)}))
+
+
+def test_the_wheel_imports_from_the_fresh_environment(installed, probed):
+    where = probed["zotune"]
+    assert Path(where).is_relative_to(installed.parent), f"zotune came from {where}, not the wheel"
+
+
+def test_the_wheel_builds_the_native_noise(installed, probed):
     """`_native.c` ships in the wheel and builds there: the CPU ops' fast path."""
-    code = ("import torch; from zotune.kernels import _native\n"
-            "if _native.capability(): assert _native.library() is not None\n"
-            "print(_native.SOURCE)")
-    source = _run([installed / "python", "-W", "error::RuntimeWarning", "-c", code], tmp_path,
-                  env_extra={"ZOTUNE_CACHE": str(tmp_path / "cache")})
-    assert Path(source.strip()).is_relative_to(installed.parent)
+    assert probed["native"]["builds"]
+    assert Path(probed["native"]["source"]).is_relative_to(installed.parent)
 
 
-def test_the_wheel_holds_every_subpackage_and_recipe(installed, tmp_path):
-    listing = _run([installed / "python", "-c", "import pkgutil, zotune; from zotune.recipe import shipped_recipes; "
-                    "print(*sorted(m.name for m in pkgutil.walk_packages(zotune.__path__, 'zotune.') if m.ispkg)); "
-                    "print(*sorted(shipped_recipes()))"], tmp_path).splitlines()
+def test_the_wheel_holds_every_subpackage_and_recipe(probed):
     source = ROOT / "zotune"
     packages = sorted("zotune." + ".".join(p.parent.relative_to(source).parts)
                       for p in source.rglob("__init__.py") if p.parent != source)
     recipes = sorted(p.stem for p in (source / "recipes").glob("*.yaml"))
-    assert listing == [" ".join(packages), " ".join(recipes)]
+    assert (probed["packages"], probed["recipes"]) == (packages, recipes)
 
 
 def test_the_cli_runs_from_the_wheel(installed):
