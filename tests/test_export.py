@@ -47,8 +47,8 @@ def train_run(folder: Path, monkeypatch, peft: dict | None, **train) -> tuple[Pa
     built = []
     original = zotune.run.build_model
 
-    def keep(r):
-        built.append(original(r))
+    def keep(*args):
+        built.append(original(*args))
         return built[-1]
 
     monkeypatch.setattr(zotune.run, "build_model", keep)

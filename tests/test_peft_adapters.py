@@ -50,7 +50,7 @@ def test_adapter_trains_only_itself_and_replays_bit_for_bit(adapter, schedule, t
     start = {n: p.detach().clone() for n, p in initial.named_parameters()}
     built = []
     original = zotune.run.build_model
-    monkeypatch.setattr(zotune.run, "build_model", lambda r: built.append(original(r)) or built[-1])
+    monkeypatch.setattr(zotune.run, "build_model", lambda *a: built.append(original(*a)) or built[-1])
     zotune.run.train(recipe, str(path))
     trained = built[0][0]
 

@@ -203,7 +203,7 @@ def quantized_run(tmp_path_factory):
     built = []
     with pytest.MonkeyPatch.context() as mp:
         original = zotune.run.build_model
-        mp.setattr(zotune.run, "build_model", lambda r: built.append(original(r)) or built[-1])
+        mp.setattr(zotune.run, "build_model", lambda *a: built.append(original(*a)) or built[-1])
         zotune.run.train(load_recipe(str(folder / "recipe.yaml")), str(folder / "recipe.yaml"))
     return folder / "run", built[0][0].eval()
 

@@ -26,8 +26,8 @@ def two_steps(name: str, out, monkeypatch):
     built, before = [], {}
     original = zotune.run.build_model
 
-    def keep(r):
-        model, tokenizer = original(r)
+    def keep(*args):
+        model, tokenizer = original(*args)
         before.update({k: v.clone() for k, v in model.state_dict().items()})
         built.append(model)
         return model, tokenizer

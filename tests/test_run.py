@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import tiny_causal_lm, tiny_config
 from helpers import DATA, needs_data, write_recipe
 from safetensors.torch import load_file
 from typer.testing import CliRunner, Result
@@ -166,3 +166,19 @@ def test_a_zo_run_plots_its_steps_and_the_plot_command_redraws_them(tmp_path):
     assert done.exit_code == 0 and (tmp_path / "again.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     done = cli("plot", str(tmp_path))
     assert done.exit_code == 2 and "no zo_trajectory.jsonl" in done.stderr
+
+
+def test_train_loads_the_tokenizer_once(tmp_path, monkeypatch):
+    """The tokenizer `zotune train`'s checks load (the label words) is the one the run trains with: a large
+    vocabulary's takes seconds to load."""
+    from transformers import AutoTokenizer
+
+    from zotune.models import byte_tokenizer
+
+    tiny_causal_lm("llama").save_pretrained(tmp_path / "model")
+    byte_tokenizer().save_pretrained(tmp_path / "model")
+    path = write_recipe(tmp_path, model={"config": None, "name_or_path": str(tmp_path / "model")})
+    loads, load = [], AutoTokenizer.from_pretrained
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", lambda *a, **k: loads.append(a) or load(*a, **k))
+    summary = train(load_recipe(str(path)), str(path))
+    assert summary["steps"] == 4 and len(loads) == 1

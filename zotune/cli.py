@@ -94,7 +94,7 @@ def validate(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
         r = load_recipe(recipe, overrides or [])
         from zotune.preflight import preflight  # imports transformers: only for a recipe of the right form
 
-        notes = preflight(r, run_user_code=False)
+        notes = preflight(r, run_user_code=False).notes
     model = r.model
     if model.name_or_path is not None:
         source = model.name_or_path + (f" ({model.gguf_file})" if model.gguf_file else "")

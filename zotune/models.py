@@ -60,13 +60,15 @@ BYTE_SPECIALS = ("<bos>", "<eos>", "<pad>", "<unk>")  # ids 256..259 of the byte
 
 def load_model(
     section: ModelSection, *, num_labels: int | None = None, seed: int = 0, unfreeze: list[str] = (),
-    needs_tokenizer: bool = True,
+    needs_tokenizer: bool = True, tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
     """The model (with its peft adapter, if any) and tokenizer that `section` describes.
 
     `unfreeze` (a recipe's `params.unfreeze`) names base parameters that train beside the adapter.
     Without `needs_tokenizer` (replay: the weights are all it needs), a model folder without a
-    tokenizer gives None for it instead of an error.
+    tokenizer gives None for it instead of an error. `tokenizer`: one loaded from the same model folder
+    already (`zotune.preflight.Checked`), taken instead of loading it again; a model built from
+    `config` makes its byte tokenizer itself.
     """
     dtype = DTYPES[section.dtype]
     quantization = _bnb_config(section.quantization, dtype) if section.quantization is not None else None
@@ -77,7 +79,7 @@ def load_model(
             path, trust = str(_converted_gguf(section)), False
         else:
             path, trust = _check_name_or_path(section.name_or_path), section.trust_remote_code
-        model, tokenizer = _from_pretrained(path, dtype, num_labels, trust, quantization, needs_tokenizer)
+        model, tokenizer = _from_pretrained(path, dtype, num_labels, trust, quantization, needs_tokenizer, tokenizer)
     if quantization is not None:
         _use_reference_4bit_matmul(model)
     if tokenizer is not None and tokenizer.pad_token is None:
@@ -275,13 +277,14 @@ def _from_config(fields: dict[str, Any], dtype, num_labels, seed, quantization=N
 
 
 def _from_pretrained(path: str, dtype, num_labels, trust_remote_code: bool, quantization=None,
-                     needs_tokenizer: bool = True):
+                     needs_tokenizer: bool = True, tokenizer: PreTrainedTokenizerBase | None = None):
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise UserError(f"model.name_or_path: cannot load a model config from {path!r}: {e}") from e
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         if needs_tokenizer:
             raise UserError(f"model.name_or_path: cannot load a tokenizer from {path!r}: {e}") from e

@@ -17,9 +17,11 @@ checked before the weights load is returned as a note rather than passed over in
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainingArguments
+from transformers import (AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase,
+                          Trainer, TrainingArguments)
 from transformers.integrations import get_reporting_integration_callbacks
 from transformers.optimization import get_scheduler
 
@@ -70,14 +72,24 @@ def training_arguments(recipe: Recipe, task=None) -> TrainingArguments:
                     zo_exclude=recipe.params.exclude)
 
 
-def preflight(recipe: Recipe, *, run_user_code: bool) -> list[str]:
+class Checked(NamedTuple):
+    """What `preflight` found the recipe to leave: notes on what is checked only when the weights load, and
+    the tokenizer it loaded (None where it loaded none). The model's loading takes that tokenizer over
+    (`load_model(tokenizer=...)`): a large vocabulary's takes seconds to load (Gemma 3's, ~5 s here)."""
+
+    notes: list[str]
+    tokenizer: PreTrainedTokenizerBase | None = None
+
+
+def preflight(recipe: Recipe, *, run_user_code: bool) -> Checked:
     """Check `recipe` before any weights load: raise `RecipeError` listing every problem found, else
-    return notes on what is checked only when the weights load.
+    return what is left (`Checked`).
 
     `run_user_code`: import the `zo.objective` module and load a tokenizer that needs
     `model.trust_remote_code`. `zotune validate` runs no code of the recipe's; `zotune train` does."""
     if recipe.method == "scalebio":
-        return ["method scalebio: the training arguments and the data sources are checked when training starts"]
+        return Checked(["method scalebio: the training arguments and the data sources are checked when training "
+                        "starts"])
     checked = recipe if run_user_code else recipe.model_copy(update={"zo": recipe.zo.model_copy(
         update={"objective": "loss"})})  # ZOConfig imports the objective's module
     problems = [locate(recipe, p) for p in _setup_problems(checked)]
@@ -89,6 +101,7 @@ def preflight(recipe: Recipe, *, run_user_code: bool) -> list[str]:
         except UserError as e:
             problems.append(locate(recipe, str(e)))
     notes: list[str] = []
+    tokenizer = None
     try:
         encoder, tokenizer, note = _model_view(recipe, run_user_code)
         notes += [note] if note else []
@@ -97,7 +110,7 @@ def preflight(recipe: Recipe, *, run_user_code: bool) -> list[str]:
         problems += [locate(recipe, p) for p in getattr(e, "problems", None) or [str(e)]]
     if problems:
         raise RecipeError(problems)
-    return notes
+    return Checked(notes, tokenizer)
 
 
 # ---------------------------------------------------------------- training arguments

@@ -34,13 +34,14 @@ from zotune.trainer import ZOTrainer
 console = Console()
 
 
-def build_model(recipe: Recipe):
-    """The model and tokenizer of a recipe, with only the recipe's parameters left trainable."""
+def build_model(recipe: Recipe, tokenizer=None):
+    """The model and tokenizer of a recipe, with only the recipe's parameters left trainable (`tokenizer`:
+    one its checks loaded, see `load_model`)."""
     verbalizer = recipe.data.verbalizer
     params = recipe.params
     model, tokenizer = load_model(
         recipe.model, num_labels=len(verbalizer) if verbalizer else None, seed=recipe.train.seed,
-        unfreeze=params.unfreeze,
+        unfreeze=params.unfreeze, tokenizer=tokenizer,
     )
     unfrozen = [stable_name(n) for n, p in model.named_parameters() if p.requires_grad and ".modules_to_save." in n]
     chosen = {name for name, _ in trainable_parameters(model, params.include, params.exclude)}
@@ -108,7 +109,7 @@ def train(recipe: Recipe, source: str, *, overwrite: bool = False) -> dict:
     """Run a recipe end to end in the output folder it claims; returns the summary it prints.
 
     A full disk or an unwritable folder, wherever it strikes, is a `UserError` saying how to resume."""
-    preflight(recipe, run_user_code=True)  # every check that needs no weights, before any load
+    checked = preflight(recipe, run_user_code=True)  # every check that needs no weights, before any load
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     hf_logging.set_verbosity_warning()
     out = Path(recipe.train.output_dir)
@@ -118,7 +119,7 @@ def train(recipe: Recipe, source: str, *, overwrite: bool = False) -> dict:
         folder = _claim_once(out, dump_recipe(_without_resume(recipe)), seed=recipe.train.seed,
                              resuming=resume is not None, overwrite=overwrite)
         try:
-            return _train_in(folder, recipe, source, phase)
+            return _train_in(folder, recipe, source, phase, checked.tokenizer)
         finally:
             folder.release()
     except Exception as e:
@@ -153,7 +154,7 @@ def _without_resume(recipe: Recipe) -> Recipe:
     return recipe.model_copy(update={"train": recipe.train.model_copy(update={"resume_from_checkpoint": None})})
 
 
-def _train_in(folder: RunFolder, recipe: Recipe, source: str, phase: Phase) -> dict:
+def _train_in(folder: RunFolder, recipe: Recipe, source: str, phase: Phase, tokenizer) -> dict:
     out = folder.path
     phase.now = f"writing {out / RECIPE}"
     if folder.main:
@@ -167,14 +168,14 @@ def _train_in(folder: RunFolder, recipe: Recipe, source: str, phase: Phase) -> d
 
         verbalizer = recipe.data.verbalizer  # w and u are chosen from params.include/exclude there
         model, tokenizer = load_model(recipe.model, num_labels=len(verbalizer) if verbalizer else None,
-                                      seed=recipe.train.seed, unfreeze=recipe.params.unfreeze)
+                                      seed=recipe.train.seed, unfreeze=recipe.params.unfreeze, tokenizer=tokenizer)
         checkpoint = _checkpoint_to_resume(folder, recipe.train.resume_from_checkpoint, STATE_FILE)
         phase.now = "training"
         summary = run_scalebio(recipe, model, tokenizer, checkpoint=checkpoint, console=console)
         summary["peak_memory_gib"] = round(peak_memory_gib(), 2)
         _print_summary(summary)
         return summary
-    model, tokenizer = build_model(recipe)
+    model, tokenizer = build_model(recipe, tokenizer)
     trainer, metric = build_trainer(recipe, model, tokenizer)
     if not isinstance(trainer, ZOTrainer):  # ZOTrainer's checkpoints are atomic and stamped already
         trainer._save_checkpoint = functools.partial(save_checkpoint_atomically, trainer, trainer._save_checkpoint)
