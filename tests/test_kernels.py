@@ -156,8 +156,8 @@ def test_op_matches_twin(op, impl, dtype_key, kind, shape_key):
 
 # Each op with each noise kind, in float32 or with a master taken in turn, so that every pair of (op, dtype, kind)
 # is covered: each op meets both dtypes, each kind both dtypes across the ops. Every case compiles graphs of its own
-# (5-40 s each here, the most of a cold inductor cache), so the 30 triples are not all run. And float16's stochastic
-# rounding (its int64 wheres) in a fused graph.
+# (1-5 s each here with a warm inductor cache, 15-45 s with a cold one), so the 30 triples are not all run. And
+# float16's stochastic rounding (its int64 wheres) in a fused graph.
 FUSED_DTYPES = ("fp32", "bf16+master")
 FUSED_CASES = [*((op, FUSED_DTYPES[(i + j) % 2], kind) for i, op in enumerate(OPS) for j, kind in enumerate(KINDS)),
                ("restore_and_update", "fp16", "rademacher")]
