@@ -357,6 +357,16 @@ def test_0_dim_parameters_train_in_every_schedule(tmp_path):
     assert trained["dual"][0] > 0.1 and trained["dual"][1] > 0.1  # towards a = 2, b = 3
 
 
+def test_the_step_forwards_keep_no_kv_cache(tmp_path):
+    """transformers keeps every layer's keys and values unless told not to; a loss forward is (the model
+    above, whose forward takes no use_cache, trains without being given one)."""
+    model, asked = tiny_causal_lm("llama"), []
+    model.register_forward_pre_hook(lambda module, args, kwargs: asked.append(kwargs.get("use_cache")),
+                                    with_kwargs=True)
+    make_trainer(model, tmp_path, max_steps=2).train()
+    assert asked and set(asked) == {False}
+
+
 def test_zotune_replay_of_a_drop_in_run_needs_no_tokenizer(tmp_path):
     """A run trained through ZOTrainer from Python: its base folder (save_pretrained, no tokenizer) and its
     log replay with the CLI to the trained weights; replay needs the weights and the log, not a tokenizer."""

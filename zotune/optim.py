@@ -108,7 +108,9 @@ class ZOOptimizer(torch.optim.Optimizer):
         # this element of the whole; it perturbs and updates only that slice, with the whole's z
         self.shards = dict(shards or {})
         named = list(named_params)
-        if (self.shards or any(is_sharded(p) for _, p in named)) and (not self.estimator.plain or schedule == "dual"):
+        # FSDP2's parameters (DTensors) by name: known once here, asked on every pass over a weight (`held`)
+        self.dtensors = {n for n, p in named if is_sharded(p)}
+        if (self.shards or self.dtensors) and (not self.estimator.plain or schedule == "dual"):
             raise ValueError("sharded parameters need estimator 'spsa' and an in-place schedule (sequential or fused):"
                              " a module runs on whole parameters")
         num_directions = self.estimator.num_directions({n: p.numel() for n, p in named}, num_directions)
@@ -216,7 +218,7 @@ class ZOOptimizer(torch.optim.Optimizer):
     def held(self, name: str, p: torch.nn.Parameter) -> tuple[torch.Tensor, int]:
         """The elements of `p` this process holds and where the first sits in the whole weight (flat
         index): all of it at 0, a slice at its `shards` offset, or an FSDP2 DTensor's local shard."""
-        if is_sharded(p):
+        if name in self.dtensors:
             return local_shard(p)
         return p.data, self.shards.get(name, 0)
 

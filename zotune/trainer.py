@@ -116,6 +116,7 @@ class ZOTrainer(ShardedCheckpoints, Trainer):
         self.value: StepValue | None = None
         self.losses: StepLosses | None = None
         self.first_order: FirstOrderRows | None = None
+        self.forward_kwargs: dict = {}  # what every loss forward is also given
         self.fsdp_units = self.shard() if self.requested.shard == "fsdp" else None
         # only the main process writes the log (every rank can replay it)
         self.trajectory = TrajectoryCallback(self, writes=self.args.zo_trajectory and self.args.should_save)
@@ -152,6 +153,8 @@ class ZOTrainer(ShardedCheckpoints, Trainer):
                                   no_decay=no_decay_names(named, self.get_decay_parameter_names(model)),
                                   seed=self.args.seed)
             self.optimizer = self.zo
+            # a loss forward needs no KV cache; unasked, transformers keeps every layer's keys and values
+            self.forward_kwargs = {"use_cache": False} if forward_accepts(model, "use_cache") else {}
             if self.offloader is not None:
                 # looked up per call: accelerate reloads the optimizer's state into new dicts
                 self.offloader.state_of = lambda param: self.zo.state[param]
@@ -195,7 +198,7 @@ class ZOTrainer(ShardedCheckpoints, Trainer):
         and logs that follow (trl files its metrics by it)."""
         model.eval()
         try:
-            inputs = without_kv_cache(model, self._prepare_inputs(inputs))
+            inputs = {**self._prepare_inputs(inputs), **self.forward_kwargs}
             backprop = None
             if self.first_order is not None:  # backprop on the rows the budget allows, the ZO forwards on the rest
                 inputs, backprop = self.first_order.backprop(model, inputs)
@@ -293,10 +296,3 @@ def no_decay_names(named: Iterable[tuple[str, torch.nn.Parameter]], decay_names:
     the full names `Trainer.get_decay_parameter_names` gives (HF's rule: biases and norms)."""
     decay = {stable_name(n) for n in decay_names}
     return [n for n, _ in named if n not in decay]
-
-
-def without_kv_cache(model, inputs: dict) -> dict:
-    """A loss forward needs no KV cache; unasked, transformers keeps every layer's keys and values."""
-    if forward_accepts(model, "use_cache"):
-        return {**inputs, "use_cache": False}
-    return inputs
