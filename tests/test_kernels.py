@@ -155,20 +155,26 @@ def test_op_matches_twin(op, impl, dtype_key, kind, shape_key):
 
 
 # Each op with each noise kind, in float32 or with a master taken in turn, so that every pair of (op, dtype, kind)
-# is covered: each op meets both dtypes, each kind both dtypes across the ops. Every case compiles graphs of its own
-# (1-5 s each here with a warm inductor cache, 15-45 s with a cold one), so the 30 triples are not all run. And
-# float16's stochastic rounding (its int64 wheres) in a fused graph.
+# is covered: each op meets both dtypes, each kind both dtypes across the ops. Every case compiles graphs of its own,
+# so the 30 triples are not all run; and these take the Philox that multiplies in int64 (AVX-512's), whose graphs
+# have a third of the int32 one's operations and compile about 3x faster (8 s against 25 s a graph, cold, on an AVX2
+# EPYC). The int32 Philox (AVX2's and ARM's) in fused graphs: one case per kind, a float16 param without a master
+# among them (its stochastic rounding, compiled: tests/test_kernels_out_of_place.py). torch.compile guards on the
+# flag: a graph of the other width is compiled, not reused.
 FUSED_DTYPES = ("fp32", "bf16+master")
-FUSED_CASES = [*((op, FUSED_DTYPES[(i + j) % 2], kind) for i, op in enumerate(OPS) for j, kind in enumerate(KINDS)),
-               ("restore_and_update", "fp16", "rademacher")]
+FUSED_CASES = [*((op, FUSED_DTYPES[(i + j) % 2], kind, "int64") for i, op in enumerate(OPS)
+                 for j, kind in enumerate(KINDS)),
+               ("perturb", "fp32", "gaussian", "int32"), ("move_perturbation", "bf16+master", "gaussian4x", "int32"),
+               ("restore_and_update", "fp16", "rademacher", "int32")]
 
 
-@pytest.mark.parametrize("op,dtype_key,kind", FUSED_CASES)
-def test_fused_compiled_pieces_match_twin(op, dtype_key, kind, monkeypatch):
+@pytest.mark.parametrize("op,dtype_key,kind,philox", FUSED_CASES)
+def test_fused_compiled_pieces_match_twin(op, dtype_key, kind, philox, monkeypatch):
     """The compiled path's fused graphs (noise + arithmetic + stores, one per full aligned piece),
     made small enough that 41x53@3000 has full pieces between ragged ends: same tolerances, so
     rademacher bit-equal (no FMA contraction in inductor's C++)."""
     monkeypatch.setattr(_fused, "FUSED_SIZES", (256,))
+    monkeypatch.setattr(_philox, "HAS_64BIT_VECTOR_MULTIPLY", philox == "int64")
     offset = SHAPES["41x53@3000"][1]
     tensors = make(op, dtype_key, "41x53@3000")
     expected = run(op, "eager", {k: v.clone() for k, v in tensors.items()}, kind, offset)
@@ -178,8 +184,11 @@ def test_fused_compiled_pieces_match_twin(op, dtype_key, kind, monkeypatch):
 
 def test_fused_graphs_compile_once_per_combination(monkeypatch):
     """A recompile raises here; the compiled path would catch it and fall back to eager, so the
-    fallback's record must stay empty too."""
+    fallback's record must stay empty too. Graphs of its own (a graph another test compiled with the other
+    Philox would be compiled again here); the int64 Philox, whose graphs compile fastest (see FUSED_CASES)."""
     monkeypatch.setattr(_fused, "FUSED_SIZES", (1024, 256))
+    monkeypatch.setattr(_fused, "_graphs", {})
+    monkeypatch.setattr(_philox, "HAS_64BIT_VECTOR_MULTIPLY", True)
     monkeypatch.setattr(_philox, "_compile_failed", [])
     t = torch.randn(5000)
     with forced("compiled"), torch._dynamo.config.patch(error_on_recompile=True):

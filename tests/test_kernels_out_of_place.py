@@ -20,7 +20,7 @@ from conftest import CUDA_KERNELS, KERNEL_SEEDS, TRITON_CUDA
 from conftest import assert_kernel_close, kernel_slack, kernels_on
 from conftest import forced_kernels as forced
 
-from zotune.kernels import _dispatch, _fused, _rounding, perturb_, perturb_rows, restore_and_update_
+from zotune.kernels import _dispatch, _fused, _philox, _rounding, perturb_, perturb_rows, restore_and_update_
 from zotune.noise import KINDS, noise, noise_at, noise_like
 
 SEED, SEED2 = KERNEL_SEEDS
@@ -149,8 +149,10 @@ def test_perturb_out_row_slices_equal_the_whole(impl, dtype_key, kind):
 
 
 def test_fused_compiled_pieces_with_out_match_twin(monkeypatch):
-    """The compiled path's fused graphs with an out tensor (small pieces so that full ones occur)."""
+    """The compiled path's fused graphs with an out tensor (small pieces so that full ones occur); the
+    int64 Philox, whose graphs compile fastest (tests/test_kernels.py's FUSED_CASES)."""
     monkeypatch.setattr(_fused, "FUSED_SIZES", (256,))
+    monkeypatch.setattr(_philox, "HAS_64BIT_VECTOR_MULTIPLY", True)
     offset = SHAPES["41x53@3000"][1]
     t = make("bf16+master", "41x53@3000")
     before = clone(t)
