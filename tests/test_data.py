@@ -32,14 +32,6 @@ ROWS = [
 VERBALIZER = {"0": "n", "1": "y"}  # one byte each, so one token each for the byte tokenizer
 
 
-@pytest.fixture(scope="module", autouse=True)
-def datasets_cache(tmp_path_factory):
-    """Keep datasets' caches of these tests out of the user's cache."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path_factory.mktemp("hf_datasets_cache"))
-        yield
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
     from zotune.models import byte_tokenizer

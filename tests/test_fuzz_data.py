@@ -31,14 +31,7 @@ from zotune.schema import DataSection, DataSource
 FUZZ = settings(max_examples=40, deadline=timedelta(seconds=10), database=None, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 VERBALIZER = {"0": "n", "1": "y"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def datasets_cache(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path_factory.mktemp("hf_datasets_cache"))
-        datasets.disable_progress_bars()
-        yield
+datasets.disable_progress_bars()  # 40 examples a property: one bar each would bury the report
 
 
 @pytest.fixture(scope="module")
