@@ -4,8 +4,10 @@ TRITON_INTERPRET must be set before anything imports triton (torch.compile does)
 so it is set here, at the top of the first module pytest imports. So is HF_DATASETS_CACHE
 (read when `datasets` is first imported): the data files the tests write into fresh folders
 would otherwise leave a prepared copy and a lock file each in the user's
-~/.cache/huggingface/datasets, about 29 MB and 260 files a run; each pytest process (and the
-subprocesses it starts) gets a temporary one, removed when the process ends.
+~/.cache/huggingface/datasets, about 29 MB and 260 files a run. A pytest run gets a temporary
+one, made by its first process and shared by its xdist workers (which inherit the environment:
+the integration tests tokenize the same rotten_tomatoes once) and by the subprocesses the tests
+start; the first process removes it when it ends.
 """
 
 import atexit
@@ -15,8 +17,9 @@ import tempfile
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="zotune-tests-datasets-")
-atexit.register(shutil.rmtree, os.environ["HF_DATASETS_CACHE"], ignore_errors=True)
+if not os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="zotune-tests-datasets-")
+    atexit.register(shutil.rmtree, os.environ["HF_DATASETS_CACHE"], ignore_errors=True)
 
 import contextlib  # noqa: E402
 import gc  # noqa: E402
