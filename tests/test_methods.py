@@ -199,6 +199,17 @@ def test_fzoo_with_one_direction_is_refused_naming_the_setting(tmp_path):
         train("fzoo", "fused", tmp_path, zo_num_directions=1)
 
 
+def test_es_with_one_direction_matches_the_hand_computed_reference():
+    """es, unlike the fzoo it extends, takes its spread over both members of each pair: q = 1 is allowed."""
+    w = torch.nn.Parameter(THETA0.clone())
+    opt = ZOOptimizer([("w", w)], lr=LR, weight_decay=WD, eps=EPS, num_directions=1, schedule="sequential", rule="es")
+    for step in range(2):
+        opt.estimate(lambda: quadratic(w.detach()), step)
+        opt.step()
+    torch.testing.assert_close(w.detach().double(), reference_steps({"name": "es"}, {"name": "spsa"}, q=1),
+                               rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("estimator, forwards", [({"name": "onesided"}, 4 + 1), ({"name": "spsa", "sided": "one"}, 8)])
 def test_the_batched_one_sided_estimator_takes_the_loss_at_theta_once(estimator, forwards):
     w = torch.nn.Parameter(THETA0.clone())

@@ -28,6 +28,9 @@ class ES(FZOO):
     paper = "Salimans et al., 2017, arXiv:1703.03864; Qiu et al., 2025, arXiv:2509.24372"
     antithetic_population = True
 
+    def refusal(self, *, schedule, num_directions):
+        return None  # one direction is a population of two members: its spread is defined
+
     def spread(self, losses, q):
         members = [statistics.fmean(side[k::q]) for side in zip(*losses) for k in range(q)]
         return statistics.pstdev(members)
