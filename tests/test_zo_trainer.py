@@ -384,3 +384,16 @@ def test_zotune_replay_of_a_drop_in_run_needs_no_tokenizer(tmp_path):
     replayed = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     for (n, a), b in zip(trained.named_parameters(), replayed.parameters()):
         assert torch.equal(a, b), n
+
+
+def test_the_trainers_keep_no_state_on_their_classes():
+    """A class attribute of a ZO trainer is a constant that a subclass may override (a bool, a string, a
+    tuple), never per-run state with a class-level default (None, a dict, a list) that an instance shadows."""
+    from zotune.integrations import trl
+    from zotune.reward.trainer import ZORewardTrainer
+
+    for cls in (ZOTrainer, ZORewardTrainer, trl._ZOStepOfTrl, trl.ZOSFTTrainer, trl.ZODPOTrainer, trl.ZOGRPOTrainer):
+        state = {name: value for name, value in vars(cls).items()
+                 if not (name.startswith("__") or callable(value) or isinstance(value, (property, bool, str, tuple)))}
+        assert not state, f"{cls.__name__} keeps {state} on the class"
+

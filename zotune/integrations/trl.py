@@ -44,7 +44,10 @@ class _ZOStepOfTrl:
     """Between ZOTrainer and a trl trainer: trl's loss sees a training step, and counts its batch once."""
 
     _counted_once = ("_total_train_tokens",)  # per-call counters of trl's compute_loss
-    _counters: dict | None = None  # their values when the running ZO step began; None outside one
+
+    def __init__(self, *args, **kwargs):
+        self._counters: dict | None = None  # their values when the running ZO step began; None outside one
+        super().__init__(*args, **kwargs)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         self._counters = {k: getattr(self, k) for k in self._counted_once if hasattr(self, k)}
