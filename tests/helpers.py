@@ -220,7 +220,10 @@ def launch(out: Path, nproc: int, runs: dict[str, dict], launcher: str = "torchr
     specs = [run_spec(name, fields) for name, fields in runs.items()]
     done = subprocess.run([*command, *port, str(WORKER), str(out), *specs], env=env, capture_output=True, text=True,
                           timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    if done.returncode != 0:  # the launcher's summary ends its stderr; a rank's own message comes before it
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "launch.log").write_text(done.stdout + done.stderr)
+    assert done.returncode == 0, f"{done.stderr[-3000:]}\n(the whole output: {out / 'launch.log'})"
     return {name: ranks_of(out / name, nproc) for name in runs}
 
 
