@@ -5,9 +5,9 @@ so it is set here, at the top of the first module pytest imports. So is HF_DATAS
 (read when `datasets` is first imported): the data files the tests write into fresh folders
 would otherwise leave a prepared copy and a lock file each in the user's
 ~/.cache/huggingface/datasets, about 29 MB and 260 files a run. A pytest run gets a temporary
-one, made by its first process and shared by its xdist workers (which inherit the environment:
-the integration tests tokenize the same rotten_tomatoes once) and by the subprocesses the tests
-start; the first process removes it when it ends.
+one, made by its first process and named in $ZOTUNE_TESTS_DATASETS_CACHE, which its xdist workers
+and every subprocess the tests start inherit: they all share it (the integration tests tokenize
+the same rotten_tomatoes once); the first process removes it when it ends.
 """
 
 import atexit
@@ -17,9 +17,11 @@ import tempfile
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-if not os.environ.get("PYTEST_XDIST_WORKER"):
-    os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="zotune-tests-datasets-")
-    atexit.register(shutil.rmtree, os.environ["HF_DATASETS_CACHE"], ignore_errors=True)
+DATASETS_CACHE_OF_RUN = "ZOTUNE_TESTS_DATASETS_CACHE"
+if DATASETS_CACHE_OF_RUN not in os.environ:
+    os.environ[DATASETS_CACHE_OF_RUN] = tempfile.mkdtemp(prefix="zotune-tests-datasets-")
+    atexit.register(shutil.rmtree, os.environ[DATASETS_CACHE_OF_RUN], ignore_errors=True)
+os.environ["HF_DATASETS_CACHE"] = os.environ[DATASETS_CACHE_OF_RUN]
 
 import contextlib  # noqa: E402
 import gc  # noqa: E402

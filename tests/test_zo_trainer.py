@@ -396,4 +396,3 @@ def test_the_trainers_keep_no_state_on_their_classes():
         state = {name: value for name, value in vars(cls).items()
                  if not (name.startswith("__") or callable(value) or isinstance(value, (property, bool, str, tuple)))}
         assert not state, f"{cls.__name__} keeps {state} on the class"
-
