@@ -358,8 +358,8 @@ def test_0_dim_parameters_train_in_every_schedule(tmp_path):
 
 
 def test_the_step_forwards_keep_no_kv_cache(tmp_path):
-    """transformers keeps every layer's keys and values unless told not to; a loss forward is (the model
-    above, whose forward takes no use_cache, trains without being given one)."""
+    """transformers keeps every layer's keys and values unless told not to; every loss forward of a step is told
+    (use_cache=False). A model whose forward takes no use_cache is given none: the 0-dim model above trains."""
     model, asked = tiny_causal_lm("llama"), []
     model.register_forward_pre_hook(lambda module, args, kwargs: asked.append(kwargs.get("use_cache")),
                                     with_kwargs=True)
