@@ -250,7 +250,7 @@ FSDP_RUN = dict(batch=2, shard="fsdp", schedule="fused")
 
 @pytest.fixture(scope="session")
 def launched(tmp_path_factory, worker_id):
-    """The two-rank ZOTrainer runs that tests/test_data_parallel.py and tests/test_fsdp.py compare: one
+    """The two-rank runs that tests/test_data_parallel.py and tests/test_fsdp.py compare: one
     launch per launcher, run once per pytest run (xdist's workers share it through a lock on their
     common temporary folder): {launcher: {run: {rank: (facts, weights)}}}, and the folder of the runs."""
     from filelock import FileLock
@@ -265,7 +265,9 @@ def launched(tmp_path_factory, worker_id):
                      "fsdp-resumed": dict(FSDP_RUN, resume=fsdp / "checkpoint-2"),
                      # tests/test_reward.py: the ranks share out a reward run's population
                      "reward-dual": dict(batch=2, task="reward"),
-                     "reward-fused": dict(batch=2, task="reward", schedule="fused")},
+                     "reward-fused": dict(batch=2, task="reward", schedule="fused"),
+                     # the raw optimizer (tests/optimizer_ranks.py): data-parallel and sharded, then FSDP2
+                     "optimizer": dict(task="optimizer"), "fsdp-optimizer": dict(task="fsdp-optimizer")},
         "accelerate": {"dual": dict(batch=2), "fsdp": FSDP_RUN},
     }
     with FileLock(f"{out}.lock"):

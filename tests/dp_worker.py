@@ -4,9 +4,10 @@ for several runs), writes the trained weights and what each rank saw to OUT_DIR/
 
     torchrun --nproc_per_node N tests/dp_worker.py OUT_DIR RUN [RUN ...]
     RUN: NAME:batch=B[,shard=fsdp][,schedule=S][,save_steps=K][,resume=CHECKPOINT][,task=reward]
+         NAME:task=optimizer | NAME:task=fsdp-optimizer
 
 `task=reward` trains tests/helpers.py's reward run (`reward_run`) instead: the ranks share out its
-population.
+population. `task=optimizer` and `task=fsdp-optimizer` train the raw ZOOptimizer (tests/optimizer_ranks.py).
 """
 
 import json
@@ -18,6 +19,8 @@ from conftest import tiny_causal_lm  # (this script's folder is on sys.path)
 from datasets import Dataset
 from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel
+
+from optimizer_ranks import ranks as optimizer_ranks
 
 from zotune import ZOConfig, ZOTrainer
 from zotune.fsdp import ResidentParameters, whole
@@ -48,19 +51,24 @@ def collate(batch):
 # a run's fields, with their types and defaults
 FIELDS = {"batch": (int, None), "shard": (str, "none"), "schedule": (str, "dual"), "save_steps": (int, None),
           "resume": (str, None), "task": (str, "lm")}
+OPTIMIZER_TASKS = ("optimizer", "fsdp-optimizer")  # the raw optimizer's runs: no Trainer, no batch size
 
 
 def parse_run(spec: str) -> tuple[str, dict]:
     name, _, fields = spec.partition(":")
     given = dict(field.split("=", 1) for field in fields.split(",") if field)
     unknown = set(given) - set(FIELDS)
-    if unknown or "batch" not in given:
+    if unknown or ("batch" not in given and given.get("task") not in OPTIMIZER_TASKS):
         raise SystemExit(f"{spec}: unknown fields {sorted(unknown)} or no batch")
     return name, {key: kind(given[key]) if key in given else default for key, (kind, default) in FIELDS.items()}
 
 
 def main(out: str, batch: int, *, shard: str, schedule: str, save_steps: int | None, resume: str | None,
          task: str) -> None:
+    if task in OPTIMIZER_TASKS:
+        facts, weights = optimizer_ranks(task)
+        save(out, facts, weights)
+        return
     if task == "reward":
         from helpers import reward_run
 
@@ -82,13 +90,17 @@ def main(out: str, batch: int, *, shard: str, schedule: str, save_steps: int | N
 
 def write(out: str, model, trainer, resident) -> None:
     """What this rank saw, and the trained weights (whole: a sharded run's gathered on every rank)."""
-    rank = int(os.environ.get("RANK", 0))
     comm = [log["comm_bytes_per_step"] for log in trainer.state.log_history if "comm_bytes_per_step" in log]
     facts = {"ddp": isinstance(trainer.model_wrapped, DistributedDataParallel), "comm_bytes": comm,
              "world": int(os.environ.get("WORLD_SIZE", 1)), "g": trainer.zo.last_record["g"],
              "rows": {key: trainer.zo.last_record.get(key) for key in ("row_index", "row_weight", "row_g")},
              "resident": {"peak": resident.peak, "slices": resident.slices} if resident else None}
-    weights = {n: whole(p) for n, p in model.named_parameters()}  # sharded: gathered, on every rank
+    save(out, facts, {n: whole(p) for n, p in model.named_parameters()})  # sharded: gathered, on every rank
+
+
+def save(out: str, facts: dict, weights: dict) -> None:
+    """This rank's facts and weights, as tests/helpers.py's `ranks_of` reads them."""
+    rank = int(os.environ.get("RANK", 0))
     (open(f"{out}/rank{rank}.json", "w")).write(json.dumps(facts))
     save_file({n: p.detach().contiguous() for n, p in weights.items()}, f"{out}/rank{rank}.safetensors")
 

@@ -16,42 +16,15 @@ import subprocess
 import sys
 
 import pytest
-import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-from conftest import FSDP_RUN, TINY_CONFIGS, tiny_causal_lm
+from conftest import FSDP_RUN, tiny_causal_lm
 from helpers import WORKER, assert_same, free_port, make_trainer, needs_data, ranks_of, run_spec, write_recipe
+from optimizer_ranks import FSDP_CASES, run_of, train_fsdp, uneven_llama
 from safetensors.torch import load_file
-from transformers import AutoConfig, AutoModelForCausalLM
 
 from zotune.blocks import find_blocks
 from zotune.errors import UserError
-from zotune.fsdp import SHARDED_MODEL, ResidentParameters, check_metadata, shard_model, whole
-from zotune.optim import ZOOptimizer
+from zotune.fsdp import SHARDED_MODEL, check_metadata
 from zotune.settings import ZOSettings
-
-STEPS = 3
-# (rule, perturbation, schedule, q): the in-place schedules, a stateful rule, both noises
-CASES = [("sgd", "gaussian", "fused", 1), ("momentum", "rademacher", "sequential", 2)]
-
-
-def uneven_llama():
-    """A tiny llama whose MLP has 37 rows: FSDP cuts it 19 + 18 over two ranks."""
-    config = AutoConfig.for_model("llama", **{**TINY_CONFIGS["llama"], "intermediate_size": 37})
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config).eval()
-
-
-def train(model, case) -> None:
-    rule, kind, schedule, q = case
-    opt = ZOOptimizer(list(model.named_parameters()), lr=1e-2, eps=1e-2, num_directions=q, schedule=schedule,
-                      rule=rule, perturbation=kind)
-    ids = (torch.arange(4)[:, None] * 7 + 3 * torch.arange(12)) % 256
-    with torch.no_grad():
-        for step in range(STEPS):
-            opt.estimate(lambda: model(input_ids=ids, labels=ids).loss.item(), step)
-            opt.step()
-
 
 def unit_bytes(model) -> list[int]:
     """The bytes of each FSDP unit `shard_model` makes, from the unsharded model's shapes."""
@@ -63,56 +36,32 @@ def unit_bytes(model) -> list[int]:
     return [*units, size(model) - sum(units)]
 
 
-def _rank(rank: int, world: int, port: int, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    try:
-        results = {}
-        for i, case in enumerate(CASES):
-            model = uneven_llama()
-            units = shard_model(model)
-            resident = ResidentParameters(model, units)
-            train(model, case)
-            results[str(i)] = {n: whole(p).detach().clone() for n, p in model.named_parameters()}
-            results[f"peak{i}"], results[f"slices{i}"] = torch.tensor(resident.peak), torch.tensor(resident.slices)
-        model = uneven_llama()  # the control: units left gathered after their forward
-        resident = ResidentParameters(model, shard_model(model, reshard_after_forward=False))
-        train(model, CASES[0])
-        results["peak_gathered"] = torch.tensor(resident.peak)
-        torch.save(results, f"{out}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-@pytest.fixture(scope="module")
-def sharded_ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sharded")
-    mp.spawn(_rank, args=(2, free_port(), str(out)), nprocs=2, join=True)
-    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
-
-
-def test_sharded_optimizer_equals_one_process_bit_for_bit(sharded_ranks):
+def test_sharded_optimizer_equals_one_process_bit_for_bit(launched):
+    """The raw optimizer's ranks (tests/optimizer_ranks.py, in conftest's `launched`), the same batch on each."""
+    ranks = [weights for _, weights in launched[1]["torchrun"]["fsdp-optimizer"].values()]
     start = dict(uneven_llama().named_parameters())
-    for i, case in enumerate(CASES):
+    for i, case in enumerate(FSDP_CASES):
         model = uneven_llama()
-        train(model, case)
+        train_fsdp(model, case)
         alone = dict(model.named_parameters())
         assert max((alone[n] - p).abs().max().item() for n, p in start.items()) > 1e-3  # it trained
-        for rank in sharded_ranks:
-            assert_same(rank[str(i)], alone, rtol=0, atol=0)
+        for weights in ranks:
+            got = run_of(weights, "fsdp", i)
+            assert got.keys() == alone.keys()
+            assert_same(got, alone, rtol=0, atol=0)
 
 
-def test_a_rank_holds_its_slices_and_one_gathered_unit(sharded_ranks):
+def test_a_rank_holds_its_slices_and_one_gathered_unit(launched):
     units = unit_bytes(uneven_llama())
     total = sum(units)
-    for rank in sharded_ranks:
-        for i in range(len(CASES)):
-            slices, peak = rank[f"slices{i}"].item(), rank[f"peak{i}"].item()
+    for facts, _ in launched[1]["torchrun"]["fsdp-optimizer"].values():
+        for i in range(len(FSDP_CASES)):
+            slices, peak = facts[f"fsdp/{i}"]["slices"], facts[f"fsdp/{i}"]["peak"]
             assert abs(slices - total / 2) <= 0.02 * total  # 19 + 18 rows: nearly half
             # the root unit (final norm) stays gathered through the forward, one other unit at a time
             assert slices + max(units[:-1]) <= peak <= slices + max(units[:-1]) + units[-1]
             assert peak < 0.8 * total
-        assert rank["peak_gathered"].item() >= total  # the tracker sees it when units stay gathered
+        assert facts["gathered/0"]["peak"] >= total  # the tracker sees it when units stay gathered
 
 
 def test_sharding_refuses_the_dual_schedule_naming_both_keys():

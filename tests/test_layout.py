@@ -89,18 +89,24 @@ def test_the_cli_runs_as_a_module_from_the_root():
     assert "train" in done.stdout
 
 
-def test_pytest_collects_from_the_root():
-    done = run_from_root("-m", "pytest", "--collect-only", "-q", "tests/test_recipe.py")
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "tests/test_recipe.py::" in done.stdout
+def test_pytest_collects_from_the_root(from_root):
+    """`python -m pytest` from the root, as FROM_ROOT runs it: the root first on sys.path."""
+    collected = from_root["pytest"]
+    assert collected["code"] == 0, collected["output"]
+    assert "tests/test_recipe.py::" in collected["output"]
 
 
-# run from the root: what `kernels` resolves to once transformers and zotune are imported, then each benchmark's --help
+# run from the root: what `kernels` resolves to once transformers and zotune are imported, pytest's collection
+# of one test file (`python -m pytest` puts the root first on sys.path, as `python -c` does), then each
+# benchmark's --help
 FROM_ROOT = """
 import contextlib, importlib.util, io, json, runpy, sys, traceback
-import transformers, zotune
+import pytest, transformers, zotune
 from transformers import Trainer
 spec = importlib.util.find_spec("kernels")
+with contextlib.redirect_stdout(io.StringIO()) as out:
+    code = pytest.main(["--collect-only", "-q", "-p", "no:cacheprovider", "tests/test_recipe.py"])
+collected = {"code": int(code), "output": out.getvalue()[-3000:]}
 results = {}
 for path in sys.argv[1:]:
     sys.argv, out = [path, "--help"], io.StringIO()
@@ -115,13 +121,13 @@ for path in sys.argv[1:]:
         code = traceback.format_exc()[-500:]
     sys.path.remove("benchmarks")
     results[path] = {"code": code, "usage": "usage:" in out.getvalue()}
-print(json.dumps({"kernels": str(spec and spec.origin), "benchmarks": results}))
+print(json.dumps({"kernels": str(spec and spec.origin), "pytest": collected, "benchmarks": results}))
 """
 
 
 @pytest.fixture(scope="module")
 def from_root() -> dict:
-    """FROM_ROOT's findings, from one process: the scripts mostly wait on the same imports."""
+    """FROM_ROOT's findings, from one process: pytest and the scripts mostly wait on the same imports."""
     paths = [str(path.relative_to(ROOT)) for path in BENCHMARKS]
     done = run_from_root("-c", FROM_ROOT, *paths, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -21,7 +21,8 @@ def test_quickstart_trains_the_adapter_and_measures_accuracy(tmp_path, monkeypat
     monkeypatch.chdir(ROOT)  # the recipe names ../shared/data relative to the repository root
     recipe = load_recipe(
         "quickstart",
-        ["train.max_steps=3", "data.eval.max_samples=32", f"train.output_dir={tmp_path}"],
+        ["train.max_steps=3", "train.per_device_train_batch_size=4", "data.eval.max_samples=32",
+         f"train.output_dir={tmp_path}"],
     )
     summary = train(recipe, "quickstart")
     assert summary["steps"] == 3 and summary["nonfinite_steps"] == 0
