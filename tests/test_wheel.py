@@ -54,18 +54,34 @@ def installed(tmp_path_factory) -> Path:
 
 
 # what the installed wheel holds and does, asked in one process of the fresh environment (each question would
-# pay the same imports)
+# pay the same imports). Last, `zotune validate quickstart` through the console script's `main`, from the
+# repository root (argv[1]), where the quickstart finds ../shared/data: the folder the process started in
+# leaves sys.path first, so nothing of the source tree can be imported from there.
 PROBE = """
-import json, pkgutil, sys
+import contextlib, io, json, os, pkgutil, sys, traceback
+sys.path.remove("")
 import torch, zotune, zotune.trainer
 from zotune import ZOTrainer
+from zotune.cli import main
 from zotune.kernels import _native
 from zotune.recipe import shipped_recipes
-json.dump({"zotune": zotune.__file__,
-           "native": {"source": str(_native.SOURCE),
-                      "builds": not _native.capability() or _native.library() is not None},
-           "packages": sorted(m.name for m in pkgutil.walk_packages(zotune.__path__, "zotune.") if m.ispkg),
-           "recipes": sorted(shipped_recipes())}, sys.stdout)
+found = {"zotune": zotune.__file__,
+         "native": {"source": str(_native.SOURCE),
+                    "builds": not _native.capability() or _native.library() is not None},
+         "packages": sorted(m.name for m in pkgutil.walk_packages(zotune.__path__, "zotune.") if m.ispkg),
+         "recipes": sorted(shipped_recipes())}
+os.chdir(sys.argv[1])
+sys.argv = ["zotune", "validate", "quickstart"]
+with contextlib.redirect_stdout(io.StringIO()) as out:
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    except Exception:
+        code = traceback.format_exc()[-2000:]
+found["validate"] = {"code": code, "stdout": out.getvalue()}
+json.dump(found, sys.stdout)
 """
 
 
@@ -73,7 +89,7 @@ json.dump({"zotune": zotune.__file__,
 def probed(installed, tmp_path_factory) -> dict:
     """PROBE's findings; a RuntimeWarning (the native noise failing to build) is an error."""
     cache = tmp_path_factory.mktemp("cache")
-    return json.loads(_run([installed / "python", "-W", "error::RuntimeWarning", "-c", PROBE], cache,
+    return json.loads(_run([installed / "python", "-W", "error::RuntimeWarning", "-c", PROBE, ROOT], cache,
                            env_extra={"ZOTUNE_CACHE": str(cache)}))
 
 
@@ -96,8 +112,7 @@ def test_the_wheel_holds_every_subpackage_and_recipe(probed):
     assert (probed["packages"], probed["recipes"]) == (packages, recipes)
 
 
-def test_the_cli_runs_from_the_wheel(installed):
-    # from the repository root, where the quickstart finds ../shared/data; a console script puts its
-    # own folder, not the working directory, first on sys.path, so the source tree stays unimported
-    assert "Usage: zotune" in _run([installed / "zotune", "--help"], ROOT)
-    _run([installed / "zotune", "validate", "quickstart"], ROOT)
+def test_the_cli_runs_from_the_wheel(installed, probed):
+    assert "Usage: zotune" in _run([installed / "zotune", "--help"], ROOT)  # the console script itself
+    validated = probed["validate"]
+    assert validated["code"] == 0 and validated["stdout"].startswith("ok: quickstart"), validated
