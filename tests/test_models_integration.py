@@ -60,6 +60,7 @@ def test_zero_shot_sentiment(gemma):
 
 
 def test_bfloat16_from_the_cache(gemma):
-    model, tok = load_model(SECTION.model_copy(update={"dtype": "bfloat16"}))
+    _, tok = gemma
+    model, _ = load_model(SECTION.model_copy(update={"dtype": "bfloat16"}), tokenizer=tok)  # the same folder's
     assert model.model.embed_tokens.weight.dtype == torch.bfloat16
     assert score(model.eval(), tok, "A wonderful, moving film. It was") > 0
