@@ -96,17 +96,14 @@ def test_pytest_collects_from_the_root(from_root):
     assert "tests/test_recipe.py::" in collected["output"]
 
 
-# run from the root: what `kernels` resolves to once transformers and zotune are imported, pytest's collection
-# of one test file (`python -m pytest` puts the root first on sys.path, as `python -c` does), then each
-# benchmark's --help
+# run from the root: what `kernels` resolves to once transformers and zotune are imported, each benchmark's
+# --help, then pytest's collection of one test file (`python -m pytest` puts the root first on sys.path, as
+# `python -c` does)
 FROM_ROOT = """
 import contextlib, importlib.util, io, json, runpy, sys, traceback
 import pytest, transformers, zotune
 from transformers import Trainer
 spec = importlib.util.find_spec("kernels")
-with contextlib.redirect_stdout(io.StringIO()) as out:
-    code = pytest.main(["--collect-only", "-q", "-p", "no:cacheprovider", "tests/test_recipe.py"])
-collected = {"code": int(code), "output": out.getvalue()[-3000:]}
 results = {}
 for path in sys.argv[1:]:
     sys.argv, out = [path, "--help"], io.StringIO()
@@ -121,6 +118,10 @@ for path in sys.argv[1:]:
         code = traceback.format_exc()[-500:]
     sys.path.remove("benchmarks")
     results[path] = {"code": code, "usage": "usage:" in out.getvalue()}
+# last: pytest puts tests/ on sys.path and its modules in sys.modules, where a benchmark could find them
+with contextlib.redirect_stdout(io.StringIO()) as out:
+    code = pytest.main(["--collect-only", "-q", "-p", "no:cacheprovider", "tests/test_recipe.py"])
+collected = {"code": int(code), "output": out.getvalue()[-3000:]}
 print(json.dumps({"kernels": str(spec and spec.origin), "pytest": collected, "benchmarks": results}))
 """
 
