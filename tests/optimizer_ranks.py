@@ -95,10 +95,10 @@ def train_fsdp(model, case) -> None:
     rule, kind, schedule, q = case
     opt = ZOOptimizer(list(model.named_parameters()), lr=1e-2, eps=1e-2, num_directions=q, schedule=schedule,
                       rule=rule, perturbation=kind)
-    ids = (torch.arange(4)[:, None] * 7 + 3 * torch.arange(12)) % 256
+    data = batch(range(4))
     with torch.no_grad():
         for step in range(STEPS):
-            opt.estimate(lambda: model(input_ids=ids, labels=ids).loss.item(), step)
+            opt.estimate(lambda: model(**data).loss.item(), step)
             opt.step()
 
 
@@ -111,20 +111,25 @@ def ranks(task: str) -> tuple[dict, dict[str, torch.Tensor]]:
     facts, weights = {"world": world}, {}
     if task == "optimizer":
         for i, case in enumerate(DP_CASES):
-            weights |= {f"data/{i}/{n}": p for n, p in train_rows(case, SHARDS[rank]).items()}
-        weights |= {f"sharded/0/{n}": p for n, p in train_sharded(SHARDED_CASE, rank, world).items()}
+            weights |= keyed("data", i, train_rows(case, SHARDS[rank]))
+        weights |= keyed("sharded", 0, train_sharded(SHARDED_CASE, rank, world))
         return facts, weights
     for i, case in enumerate(FSDP_CASES):
         model = uneven_llama()
         resident = ResidentParameters(model, shard_model(model))
         train_fsdp(model, case)
-        weights |= {f"fsdp/{i}/{n}": whole(p).detach().clone() for n, p in model.named_parameters()}
+        weights |= keyed("fsdp", i, {n: whole(p).detach().clone() for n, p in model.named_parameters()})
         facts[f"fsdp/{i}"] = {"peak": resident.peak, "slices": resident.slices}
     model = uneven_llama()  # the control: units left gathered after their forward
     resident = ResidentParameters(model, shard_model(model, reshard_after_forward=False))
     train_fsdp(model, FSDP_CASES[0])
     facts["gathered/0"] = {"peak": resident.peak, "slices": resident.slices}
     return facts, weights
+
+
+def keyed(run: str, case: int, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One run and case's weights under the names `ranks` returns them by; `run_of` takes them back out."""
+    return {f"{run}/{case}/{n}": p for n, p in weights.items()}
 
 
 def run_of(weights: dict[str, torch.Tensor], run: str, case: int) -> dict[str, torch.Tensor]:
